@@ -1,0 +1,221 @@
+"""The whole edit: stage A per seed, stage B once, stage C for every (seed, K, eta) — with the stage cache.
+
+``edit`` is what the CLI calls; it validates its arguments, reuses cached stage results where it can (and says so
+in ``EditResult.cache``), times each stage, and returns everything needed to write or inspect the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from .cache import StageCache, stage_key
+from .errors import UsageError
+from .inversion import DEFAULT_GUIDANCE, METHODS, Inversion, invert
+from .loading import image_digest, latent_multiple, load_image, model_fingerprint
+from .sampling import sample, variant_grid
+from .text_optimization import TextOptimization, optimize_text_batch
+
+logger = logging.getLogger("nonrigid")
+
+DEFAULT_ETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_INJECT = (0.2,)
+
+
+@dataclass
+class EditSettings:
+    """Every parameter of an edit, with the paper's defaults."""
+
+    target_prompt: str
+    source_prompt: str = ""
+    seeds: tuple[int, ...] = (0,)
+    etas: tuple[float, ...] = DEFAULT_ETAS
+    inject: tuple[float, ...] = DEFAULT_INJECT
+    num_steps: int = 50
+    opt_steps: int = 200
+    opt_lr: float = 1e-3
+    inversion: str = "nti"
+    guidance_scale: float | None = None
+    inner_steps: int = 10
+    early_stop: float = 1e-5
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.seeds = tuple(int(s) for s in self.seeds)
+        self.etas = tuple(float(e) for e in self.etas)
+        self.inject = tuple(float(r) for r in self.inject)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` for values that make no sense, before any work starts."""
+        checks = [
+            (self.num_steps >= 1, f"--steps must be a positive number of sampling steps, got {self.num_steps}"),
+            (1 <= self.num_steps <= 1000, f"--steps must be at most 1000, got {self.num_steps}"),
+            (self.opt_steps >= 0, f"--opt-steps must be >= 0 (0 skips text optimization), got {self.opt_steps}"),
+            (self.opt_lr > 0, f"--opt-lr must be positive, got {self.opt_lr}"),
+            (self.inner_steps >= 0, f"--inner-steps must be >= 0, got {self.inner_steps}"),
+            (self.inversion in METHODS, f"--inversion must be one of {', '.join(METHODS)}, got {self.inversion!r}"),
+            (bool(self.seeds), "give at least one --seed"),
+            (bool(self.etas), "give at least one --eta"),
+            (bool(self.inject), "give at least one --inject ratio"),
+            (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+        ]
+        checks += [(0.0 <= e <= 1.0, f"--eta values must be in [0, 1], got {e}") for e in self.etas]
+        checks += [(0.0 <= r <= 1.0, f"--inject ratios must be in [0, 1], got {r}") for r in self.inject]
+        if self.guidance_scale is not None:
+            checks.append((self.guidance_scale >= 1.0, f"--guidance must be >= 1, got {self.guidance_scale}"))
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    @property
+    def guidance(self) -> float:
+        return DEFAULT_GUIDANCE[self.inversion] if self.guidance_scale is None else float(self.guidance_scale)
+
+    def inject_steps(self) -> tuple[int, ...]:
+        """Injection ratios as step counts K = round(ratio * N), without duplicates, in the given order."""
+        return tuple(dict.fromkeys(round(r * self.num_steps) for r in self.inject))
+
+
+@dataclass
+class Variant:
+    """One edited image and the knobs that made it."""
+
+    seed: int
+    eta: float
+    inject_steps: int
+    inject_ratio: float
+    image: Image.Image
+
+
+@dataclass
+class EditResult:
+    """What :func:`edit` returns: the input, the variants, the stage results and how long each stage took."""
+
+    input_image: Image.Image
+    settings: EditSettings
+    variants: list[Variant]
+    text_optimizations: list[TextOptimization]
+    inversion: Inversion
+    timings: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, object] = field(default_factory=dict)
+    model_fingerprint: str = ""
+
+
+def edit(
+    pipe: StableDiffusionPipeline,
+    image: str | os.PathLike | Image.Image,
+    target_prompt: str,
+    *,
+    size: int = 512,
+    cache: StageCache | None = None,
+    progress: bool = False,
+    **settings,
+) -> EditResult:
+    """Edit ``image`` toward ``target_prompt``: text optimization per seed, one inversion, every variant.
+
+    Keyword ``settings`` are the fields of :class:`EditSettings` (``source_prompt``, ``seeds``, ``etas``,
+    ``inject`` ratios, ``num_steps``, ``opt_steps``, ``inversion``, ``guidance_scale`` …). With a ``cache``, stage
+    results are read from and written to it.
+    """
+    config = EditSettings(target_prompt=target_prompt, **settings)
+    multiple = latent_multiple(pipe)
+    if size % multiple:
+        raise UsageError(f"--size must be a multiple of {multiple} for this model, got {size}")
+    picture = load_image(image, size)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    cache_report: dict[str, object] = {}
+    fingerprint = model_fingerprint(pipe)
+    common = {
+        "model": fingerprint,
+        "image": image_digest(picture),
+        "dtype": str(pipe.unet.dtype),
+        "device": pipe.unet.device.type,
+    }
+
+    tick = time.perf_counter()
+    texts, reused = _text_stage(pipe, picture, config, cache, common, progress)
+    timings["text_optimization"] = time.perf_counter() - tick
+    cache_report["text_optimization"] = reused
+
+    tick = time.perf_counter()
+    inversion, hit = _inversion_stage(pipe, picture, config, cache, common, progress)
+    timings["inversion"] = time.perf_counter() - tick
+    cache_report["inversion"] = hit
+
+    tick = time.perf_counter()
+    steps = config.inject_steps()
+    images = sample(pipe, inversion, texts, config.etas, steps, batch_size=config.batch_size, progress=progress)
+    timings["sampling"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - started
+
+    ratio_of = {round(r * config.num_steps): r for r in reversed(config.inject)}
+    specs = variant_grid(len(texts), config.etas, steps)
+    variants = [
+        Variant(texts[s.text_index].seed, s.eta, s.inject_steps, ratio_of[s.inject_steps], img)
+        for s, img in zip(specs, images, strict=True)
+    ]
+    return EditResult(picture, config, variants, texts, inversion, timings, cache_report, fingerprint)
+
+
+def _text_stage(
+    pipe, picture, config: EditSettings, cache, common, progress
+) -> tuple[list[TextOptimization], list[int]]:
+    """Stage A for every seed: cached seeds are loaded, the rest optimised together in one batch."""
+    keys = {
+        seed: stage_key("text", **common, prompt=config.target_prompt, steps=config.opt_steps, lr=config.opt_lr,
+                        seed=seed)
+        for seed in config.seeds
+    }
+    found: dict[int, TextOptimization] = {}
+    if cache is not None:
+        for seed, key in keys.items():
+            record = cache.load("text", key, device=pipe.unet.device)
+            if record is not None:
+                found[seed] = TextOptimization.from_record(*record)
+    missing = [s for s in dict.fromkeys(config.seeds) if s not in found]
+    if missing:
+        fresh = optimize_text_batch(pipe, picture, config.target_prompt, config.opt_steps, config.opt_lr, missing,
+                                    progress=progress)
+        for result in fresh:
+            found[result.seed] = result
+            if cache is not None:
+                cache.save("text", keys[result.seed], *result.to_record())
+    reused = [s for s in dict.fromkeys(config.seeds) if s not in missing]
+    if reused:
+        logger.info("reusing cached text optimization for seed(s) %s", ", ".join(map(str, reused)))
+    return [found[s] for s in dict.fromkeys(config.seeds)], reused
+
+
+def _inversion_stage(pipe, picture, config: EditSettings, cache, common, progress) -> tuple[Inversion, bool]:
+    """Stage B, from the cache when an inversion with the same inputs exists."""
+    key = stage_key(
+        "inversion", **common, prompt=config.source_prompt, method=config.inversion, steps=config.num_steps,
+        guidance=config.guidance, inner_steps=config.inner_steps, early_stop=config.early_stop,
+    )
+    if cache is not None:
+        record = cache.load("inversion", key, device=pipe.unet.device)
+        if record is not None:
+            logger.info("reusing cached %s inversion", config.inversion)
+            return Inversion.from_record(*record), True
+    inversion = invert(
+        pipe, picture, config.source_prompt, config.inversion, config.num_steps, config.guidance,
+        config.inner_steps, config.early_stop, progress=progress,
+    )
+    if cache is not None:
+        cache.save("inversion", key, *inversion.to_record())
+    return inversion, False
+
+
+def describe_device(pipe: StableDiffusionPipeline) -> dict[str, str]:
+    """Device and precision, for the record."""
+    device = pipe.unet.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": str(device), "device_name": name, "dtype": str(pipe.unet.dtype).replace("torch.", "")}

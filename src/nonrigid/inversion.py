@@ -1,0 +1,195 @@
+"""Stage B: latent inversion — DDIM inversion, and Null-text inversion (NTI, Mokady et al.) on top of it.
+
+DDIM inversion walks the deterministic DDIM update backwards from ``x0 = s * E(image)`` (the posterior mean) with
+the source condition at guidance 1, giving the pivot trajectory ``x*_0 .. x*_N``. Sampled back at guidance 1 it
+returns close to the input, but classifier-free guidance (needed to edit) amplifies its small errors. NTI fixes
+that: sampling back from ``x*_N`` at guidance w, it optimises one unconditional embedding ``u_i`` per step so
+that each guided DDIM step lands on the pivot ``x*_{i-1}``. The guided sampling path it leaves behind (the
+"reconstruction") is stored: an edit injecting the source for K steps starts from its step K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .diffusion import (
+    check_finite,
+    encode_image,
+    encode_text,
+    inversion_scheduler,
+    predict_noise,
+    sampling_scheduler,
+)
+
+METHODS = ("nti", "ddim")
+DEFAULT_GUIDANCE = {"nti": 7.5, "ddim": 1.0}
+
+
+@dataclass
+class Inversion:
+    """Result of stage B. Latents are fp32 (…, 4, H/8, W/8); embeddings fp32 (…, 77, D).
+
+    - ``latent``: x_T = x*_N, where sampling starts.
+    - ``trajectory``: the DDIM inversion path x*_0 (the image) .. x*_N, shape (N + 1, 4, h, w).
+    - ``null_embeddings``: NTI's u_i for sampling step i = 0..N-1 (noisiest first), shape (N, 77, D); None for DDIM,
+      whose unconditional embedding is ``unconditional_embedding`` = tau("") at every step.
+    - ``reconstruction``: for NTI, the guided sampling path from x_T with the source prompt and u_i, in sampling
+      order (index i = the latent before sampling step i; index N = the final x_0), shape (N + 1, 4, h, w). None for
+      DDIM, whose sampling path is not computed by the inversion.
+    - ``losses``: NTI's last inner-loop loss per step.
+    """
+
+    method: str
+    source_prompt: str
+    num_steps: int
+    guidance_scale: float
+    latent: torch.Tensor
+    trajectory: torch.Tensor
+    source_embedding: torch.Tensor
+    unconditional_embedding: torch.Tensor
+    null_embeddings: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    losses: list[float] | None = None
+
+    def uncond_at(self, step: int) -> torch.Tensor:
+        """The unconditional embedding for sampling step ``step`` (0 = noisiest), shape (1, 77, D)."""
+        if self.null_embeddings is None:
+            return self.unconditional_embedding
+        return self.null_embeddings[step : step + 1]
+
+    def to_record(self) -> tuple[dict[str, torch.Tensor], dict]:
+        names = ("latent", "trajectory", "source_embedding", "unconditional_embedding", "null_embeddings",
+                 "reconstruction")
+        tensors = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        meta = {"method": self.method, "source_prompt": self.source_prompt, "num_steps": self.num_steps,
+                "guidance_scale": self.guidance_scale, "losses": self.losses}
+        return tensors, meta
+
+    @classmethod
+    def from_record(cls, tensors: dict[str, torch.Tensor], meta: dict) -> Inversion:
+        return cls(
+            method=meta["method"],
+            source_prompt=meta["source_prompt"],
+            num_steps=int(meta["num_steps"]),
+            guidance_scale=float(meta["guidance_scale"]),
+            losses=meta.get("losses"),
+            **tensors,
+        )
+
+
+def invert(
+    pipe: StableDiffusionPipeline,
+    image: Image.Image,
+    source_prompt: str = "",
+    method: str = "nti",
+    num_steps: int = 50,
+    guidance_scale: float | None = None,
+    inner_steps: int = 10,
+    early_stop: float = 1e-5,
+    *,
+    progress: bool = False,
+) -> Inversion:
+    """Invert ``image`` with ``method`` ("nti" or "ddim") over ``num_steps`` DDIM steps.
+
+    ``guidance_scale`` is the scale the result is meant to be sampled at (default 7.5 for NTI, 1 for DDIM).
+    NTI's inner loop runs at most ``inner_steps`` Adam steps per sampling step and stops early once the loss is
+    below ``early_stop + i * 2e-5`` (the reference's rule).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    guidance_scale = DEFAULT_GUIDANCE[method] if guidance_scale is None else float(guidance_scale)
+    source = encode_text(pipe, source_prompt)
+    empty = source if source_prompt == "" else encode_text(pipe, "")
+    x0 = encode_image(pipe, image)
+    trajectory = ddim_invert(pipe, x0, source, num_steps, progress=progress)
+    result = Inversion(method, source_prompt, num_steps, guidance_scale, trajectory[-1:].clone(), trajectory,
+                       source, empty)
+    if method == "nti":
+        nulls, reconstruction, losses = null_text_optimization(
+            pipe, trajectory, source, empty, guidance_scale, inner_steps, early_stop, progress=progress
+        )
+        result.null_embeddings, result.reconstruction, result.losses = nulls, reconstruction, losses
+    return result
+
+
+@torch.no_grad()
+def ddim_invert(
+    pipe: StableDiffusionPipeline, x0: torch.Tensor, cond: torch.Tensor, num_steps: int, *, progress: bool = False
+) -> torch.Tensor:
+    """The DDIM inversion path x*_0 .. x*_N at guidance 1, shape (N + 1, 4, h, w)."""
+    scheduler = inversion_scheduler(pipe, num_steps)
+    latents = [x0]
+    x = x0
+    for t in tqdm(scheduler.timesteps, desc="DDIM inversion", disable=not progress, leave=False):
+        eps = predict_noise(pipe.unet, x, t, cond)
+        x = scheduler.step(eps, t, x).prev_sample
+        latents.append(x)
+    trajectory = torch.cat(latents)
+    check_finite(trajectory, "DDIM inversion")
+    return trajectory
+
+
+def null_text_optimization(
+    pipe: StableDiffusionPipeline,
+    trajectory: torch.Tensor,
+    cond: torch.Tensor,
+    empty: torch.Tensor,
+    guidance_scale: float,
+    inner_steps: int = 10,
+    early_stop: float = 1e-5,
+    *,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Optimise one unconditional embedding per sampling step so guided sampling retraces ``trajectory``.
+
+    Returns the embeddings (N, 77, D), the guided reconstruction path in sampling order (N + 1, 4, h, w) and the
+    last inner loss of each step. ``u`` starts at tau("") and each step starts from the previous step's result;
+    Adam's learning rate decays as 1e-2 * (1 - i / 100); the conditional prediction is computed once per step.
+    """
+    unet = pipe.unet
+    num_steps = trajectory.shape[0] - 1
+    scheduler = sampling_scheduler(pipe, num_steps)
+    loss_scale = float(trajectory[0].numel()) if unet.dtype == torch.float16 else 1.0  # see text_optimization
+    x = trajectory[-1:]
+    uncond = empty.clone()
+    nulls, path, losses = [], [x], []
+    bar = tqdm(total=num_steps * inner_steps, desc="null-text inversion", disable=not progress, leave=False)
+    for i, t in enumerate(scheduler.timesteps):
+        target = trajectory[num_steps - 1 - i : num_steps - i]
+        with torch.no_grad():
+            eps_cond = predict_noise(unet, x, t, cond)
+        uncond = uncond.detach().clone().requires_grad_(True)  # nulls[i - 1] must not move with it
+        optimizer = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
+        loss_value = float("nan")
+        for j in range(inner_steps):
+            eps_uncond = predict_noise(unet, x, t, uncond)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            loss = F.mse_loss(scheduler.step(eps, t, x).prev_sample, target)
+            optimizer.zero_grad(set_to_none=True)
+            (loss * loss_scale).backward()
+            optimizer.step()
+            loss_value = loss.item()
+            bar.update(1)
+            if loss_value < early_stop + i * 2e-5:
+                bar.update(inner_steps - j - 1)
+                break
+        uncond = uncond.detach()
+        with torch.no_grad():
+            eps_uncond = predict_noise(unet, x, t, uncond)
+            x = scheduler.step(eps_uncond + guidance_scale * (eps_cond - eps_uncond), t, x).prev_sample
+        nulls.append(uncond)
+        path.append(x)
+        losses.append(loss_value)
+    bar.close()
+    null_embeddings, reconstruction = torch.cat(nulls), torch.cat(path)
+    check_finite(null_embeddings, "null-text inversion")
+    check_finite(reconstruction, "null-text inversion")
+    return null_embeddings, reconstruction, losses

@@ -1,0 +1,57 @@
+"""Quality properties: they need a model that denoises, so they run on the trained miniature model.
+
+Until that model exists (miniature-world issue) the ``model`` fixture skips them with that reason; they are never
+loosened to pass on random weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nonrigid import invert, optimize_text, sample
+from nonrigid.diffusion import encode_image, predict_noise, sampling_scheduler
+from nonrigid.text_optimization import TextOptimization
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def no_edit(inversion, prompt_embedding) -> TextOptimization:
+    return TextOptimization("", prompt_embedding, prompt_embedding, [], 0, 0, 0.0)
+
+
+def test_ddim_round_trip_at_guidance_1_returns_to_the_input_latent(model, model_image):
+    inversion = invert(model, model_image, method="ddim", num_steps=50)
+    x0 = encode_image(model, model_image)
+    back = sample(model, inversion, no_edit(inversion, inversion.source_embedding), (0.0,), (50,),
+                  output_type="latent")
+    spread = float(x0.std())
+    assert float((back[0] - x0[0]).abs().mean()) < 0.1 * spread
+    assert relative_error(back[0], x0[0]) < 0.1
+
+
+def test_nti_at_guidance_7_5_reconstructs_far_better_than_ddim_sampled_at_7_5(model, model_image):
+    x0 = encode_image(model, model_image)
+    nti = invert(model, model_image, method="nti", num_steps=50, guidance_scale=7.5)
+    ddim = invert(model, model_image, method="ddim", num_steps=50, guidance_scale=7.5)
+    keep = no_edit(nti, nti.source_embedding)
+    nti_error = relative_error(sample(model, nti, keep, (0.0,), (50,), output_type="latent")[0], x0[0])
+    ddim_error = relative_error(sample(model, ddim, keep, (0.0,), (50,), output_type="latent")[0], x0[0])
+    assert nti_error < 0.5 * ddim_error
+
+
+def test_text_optimization_lowers_the_denoising_loss_on_fixed_draws(model, model_image):
+    result = optimize_text(model, model_image, "a photo", steps=100, seed=0)
+    x0 = encode_image(model, model_image)
+    scheduler = sampling_scheduler(model, 50)
+    generator = torch.Generator().manual_seed(1234)
+    timesteps = torch.randint(0, 1000, (64,), generator=generator)
+    noise = torch.randn((64, *x0.shape[1:]), generator=generator)
+    noisy = scheduler.add_noise(x0.expand(64, -1, -1, -1), noise, timesteps)
+
+    def loss(embedding):
+        with torch.no_grad():
+            return float(((predict_noise(model.unet, noisy, timesteps, embedding) - noise) ** 2).mean())
+
+    assert loss(result.optimized_embedding) < 0.95 * loss(result.target_embedding)
