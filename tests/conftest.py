@@ -51,6 +51,6 @@ def model():
 @pytest.fixture(scope="session")
 def model_image(model):
     """An image the trained model can represent: one of its own world's scenes."""
-    from nonrigid.mini import render_example  # lands with the miniature-world issue
+    from nonrigid.mini.world import render_example
 
     return render_example(seed=0)

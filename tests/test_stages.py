@@ -146,3 +146,17 @@ def test_sample_returns_images_of_the_input_size(tiny_pipe, texts, nti):
     images = sample(tiny_pipe, nti, texts[0], (0.0, 0.3), (2,))
     assert [im.size for im in images] == [(64, 64), (64, 64)]
     assert all(im.mode == "RGB" for im in images)
+
+
+def test_half_precision_networks_keep_embeddings_losses_and_latents_in_fp32(dog_image):
+    """The CUDA default (half-precision UNet and VAE) checked on the CPU with bf16: leaves and DDIM math stay fp32."""
+    from nonrigid import load_pipeline
+
+    pipe = load_pipeline("tiny", device="cpu", dtype="bf16")
+    text = optimize_text(pipe, dog_image, "a photo of a jumping dog", steps=2)
+    inversion = invert(pipe, dog_image, method="nti", num_steps=4, inner_steps=1)
+    latents = sample(pipe, inversion, text, (0.0, 0.5), (1,), output_type="latent")
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+    assert text.optimized_embedding.dtype == torch.float32 and isinstance(text.losses[0], float)
+    assert inversion.latent.dtype == inversion.null_embeddings.dtype == latents.dtype == torch.float32
+    assert torch.isfinite(latents).all()

@@ -15,11 +15,9 @@ from pathlib import Path
 
 from . import __version__
 from .errors import NonrigidError, UsageError
-from .inversion import METHODS
+from .options import DEFAULT_ETAS, DEFAULT_INJECT, DEFAULT_MODEL, INVERSION_METHODS
 
 logger = logging.getLogger("nonrigid")
-
-ETAS_HELP = "0.0 0.1 0.2 0.3 0.4 0.5"
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nonrigid {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_edit_parser(commands)
+    add_mini_parser(commands)
     return parser
 
 
@@ -59,18 +58,18 @@ def add_edit_parser(commands) -> None:
                    help="output folder (default: out/<image name>-<prompt>); an earlier edit there is replaced")
     p.add_argument("--source", default="", help="source prompt describing the input; empty is the paper's "
                    "recommended default (best structure preservation with NTI)")
-    p.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id, local diffusers folder, single-file .safetensors checkpoint, or 'tiny' "
                    "(random weights, no download: output is noise, for smoke tests)")
     p.add_argument("--config", default=None,
                    help="for a single-file checkpoint: diffusers folder or hub id to read its configs from")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pickle checkpoints (.ckpt/.bin), which can run arbitrary code")
-    p.add_argument("--inversion", choices=METHODS, default="nti",
+    p.add_argument("--inversion", choices=INVERSION_METHODS, default="nti",
                    help="nti: null-text inversion at guidance 7.5; ddim: plain DDIM inversion at guidance 1")
-    p.add_argument("--eta", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5], metavar="ETA",
+    p.add_argument("--eta", type=float, nargs="+", default=list(DEFAULT_ETAS), metavar="ETA",
                    help="interpolation weights in [0, 1]: e = eta*target + (1-eta)*optimized; higher edits more")
-    p.add_argument("--inject", type=float, nargs="+", default=[0.2], metavar="RATIO",
+    p.add_argument("--inject", type=float, nargs="+", default=list(DEFAULT_INJECT), metavar="RATIO",
                    help="share of sampling steps conditioned on the source prompt first, in [0, 1]; "
                    "the paper finds 0.1-0.4 works, higher keeps more structure")
     p.add_argument("--steps", type=int, default=50, help="DDIM sampling (and inversion) steps")
@@ -96,16 +95,142 @@ def add_edit_parser(commands) -> None:
     p.set_defaults(func=run_edit)
 
 
+def add_mini_parser(commands) -> None:
+    from .mini.config import TrainConfig
+
+    mini = commands.add_parser(
+        "mini", help="the miniature world: train its model, write its benchmark",
+        description="A procedural world with known identity and pose, and a small SD-1.x-layout model trained on "
+        "it, so editing methods can be checked on any CPU (docs/MINIATURE.md).",
+    )
+    sub = mini.add_subparsers(dest="mini_command", metavar="COMMAND", parser_class=Parser, required=True)
+    train = sub.add_parser(
+        "train", help="train the miniature model (about 45 min on 2 CPU cores)",
+        description="Train the VAE, then the UNet and text encoder, reproducibly from --seed. Resumable: run the "
+        "same command again after an interruption and it continues from the last checkpoint in OUT/work.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = TrainConfig()
+    train.add_argument("--out", type=Path, default=Path("runs/mini-train"), help="work folder")
+    train.add_argument("--seed", type=int, default=defaults.seed, help="seed of data, initialisation and noise")
+    train.add_argument("--vae-steps", type=int, default=defaults.vae_steps, help="VAE training steps")
+    train.add_argument("--unet-steps", type=int, default=defaults.unet_steps, help="UNet training steps")
+    train.add_argument("--dataset-size", type=int, default=defaults.dataset_size, help="scenes for the UNet")
+    train.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (fixed, for reproducibility)")
+    train.add_argument("--install", action="store_true",
+                       help="copy the trained model into the package, where load_pipeline('mini') finds it")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    train.set_defaults(func=run_mini_train)
+
+    judge = sub.add_parser("judge", help="train the pose classifier that scores edit success (about a minute)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    judge.add_argument("--steps", type=int, default=400, help="training steps")
+    judge.add_argument("--seed", type=int, default=0, help="seed")
+    judge.add_argument("--out", type=Path, default=None, help="where to save it (default: the package's weights)")
+    judge.set_defaults(func=run_mini_judge)
+
+    data = sub.add_parser("dataset", help="write the world's benchmark in TEdBench's layout, with ground truth",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data.add_argument("--out", type=Path, required=True, help="folder to write (originals/, input_list.json, "
+                      "ground_truth.json)")
+    data.add_argument("--count", type=int, default=24, help="number of scenes")
+    data.add_argument("--edits-per-image", type=int, default=1, help="target poses per scene (1-3)")
+    data.add_argument("--seed", type=int, default=0, help="seed of the scenes")
+    data.set_defaults(func=run_mini_dataset)
+
+    ev = sub.add_parser(
+        "evaluate", help="run the method, NTI-only editing and the paper's ablations on a world dataset",
+        description="Resumable: results are stored per pair in OUT/results and stage results in OUT/cache; run "
+        "the same command again after an interruption and it continues. Then writes docs with --docs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ev.add_argument("--data", type=Path, required=True, help="a folder written by `nonrigid mini dataset`")
+    ev.add_argument("--out", type=Path, default=Path("runs/mini-eval"), help="run folder")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    ev.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    ev.add_argument("--opt-steps", type=int, default=200, help="text optimization steps")
+    ev.add_argument("--docs", type=Path, default=None, help="write MINIATURE.md and its figures into this folder")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=run_mini_evaluate)
+
+
+def run_mini_train(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .mini.config import TrainConfig
+    from .mini.model import weights_dir
+    from .mini.train import Log, train
+
+    for name in ("vae_steps", "unet_steps", "dataset_size", "threads"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                         dataset_size=args.dataset_size, threads=args.threads)
+    log = Log(args.out / "train_log.txt", echo=None if args.quiet else logger.info)
+    log("command: nonrigid " + " ".join(sys.argv[1:]))
+    model = train(args.out, config, progress=not args.quiet, log=log)
+    if args.install:
+        target = weights_dir()
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(model, target)
+        shutil.copy(args.out / "train_log.txt", target / "train_log.txt")
+        log(f"installed into {target}")
+    print(model)
+    return 0
+
+
+def run_mini_judge(args: argparse.Namespace) -> int:
+    from .mini.judge import save_judge, train_judge
+    from .mini.model import weights_dir
+
+    if args.steps < 1:
+        raise UsageError(f"--steps must be positive, got {args.steps}")
+    judge = train_judge(args.steps, seed=args.seed, log=logger.info)
+    path = args.out or weights_dir() / "judge.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_judge(judge, path)
+    print(path)
+    return 0
+
+
+def run_mini_dataset(args: argparse.Namespace) -> int:
+    from .mini.benchmark import write_dataset
+
+    print(write_dataset(args.out, args.count, args.edits_per_image, args.seed))
+    return 0
+
+
+def run_mini_evaluate(args: argparse.Namespace) -> int:
+    from .mini.benchmark import read_dataset
+    from .mini.evaluate import evaluate
+    from .mini.judge import load_judge
+
+    pairs = read_dataset(args.data)[: args.limit]
+    quiet_libraries(args.quiet)
+    from .loading import load_pipeline
+
+    pipe = load_pipeline("mini", device="cpu", dtype="fp32")
+    rows = evaluate(pipe, load_judge(), pairs, args.out, num_steps=args.steps, opt_steps=args.opt_steps,
+                    progress=not args.quiet)
+    if args.docs:
+        from .mini.miniature_doc import write_miniature_doc
+
+        write_miniature_doc(pipe, args.out, args.docs, command="nonrigid " + " ".join(sys.argv[1:]))
+    logger.info(f"{len(rows)} rows in {args.out}")
+    print(args.out)
+    return 0
+
+
 def default_out(image: Path, prompt: str) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "edit"
     return Path("out") / f"{image.stem}-{slug}"
 
 
 def run_edit(args: argparse.Namespace) -> int:
-    from .cache import StageCache
-    from .editing import EditSettings, describe_device, edit
-    from .loading import load_image, load_pipeline
-    from .output import check_output_dir, save_edit
+    from .images import load_image
+    from .options import EditSettings
+    from .output import check_output_dir
 
     settings = dict(
         source_prompt=args.source, seeds=args.seed, etas=args.eta, inject=args.inject, num_steps=args.steps,
@@ -118,6 +243,13 @@ def run_edit(args: argparse.Namespace) -> int:
     out = args.out or default_out(Path(args.image), args.prompt)
     check_output_dir(out)
     picture = load_image(args.image, args.size)
+
+    from .cache import StageCache  # the heavy imports (torch, diffusers) only once the input is known good
+    from .editing import describe_device, edit
+    from .loading import load_pipeline
+    from .output import save_edit
+
+    quiet_libraries(args.quiet)
     say(args, f"loading model {args.model}")
     pipe = load_pipeline(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.config)
     cache = None if args.no_cache else StageCache(args.cache_dir)
@@ -143,20 +275,28 @@ def say(args: argparse.Namespace, message: str) -> None:
 
 
 def configure_logging(quiet: bool) -> None:
-    """Our messages as ``nonrigid: ...`` on stderr; the libraries' chatter only when it is an error."""
+    """Our messages as ``nonrigid: ...`` on stderr (warnings only with --quiet)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("nonrigid: %(message)s"))
     logger.handlers[:] = [handler]
     logger.propagate = False
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    try:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
 
-        diffusers_logging.set_verbosity_error()
-        transformers_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - both are hard requirements
-        pass
+
+def quiet_libraries(quiet: bool) -> None:
+    """diffusers' and transformers' chatter and loading bars off (errors still show). Imports them: call it only
+    once a command is about to use them."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from .errors import NonFiniteError
-from .loading import image_to_tensor
 
 logger = logging.getLogger("nonrigid")
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor in [-1, 1], shape (1, 3, H, W)."""
+    array = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
 
 
 def encode_text(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:

@@ -28,3 +28,9 @@ class NonFiniteError(NonrigidError):
             f"{stage} produced NaN or inf values; half precision can overflow here, try again with --dtype fp32"
         )
         self.stage = stage
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (libraries' errors can be pages long)."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]

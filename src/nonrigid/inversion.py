@@ -26,9 +26,8 @@ from .diffusion import (
     predict_noise,
     sampling_scheduler,
 )
-
-METHODS = ("nti", "ddim")
-DEFAULT_GUIDANCE = {"nti": 7.5, "ddim": 1.0}
+from .options import DEFAULT_GUIDANCE
+from .options import INVERSION_METHODS as METHODS
 
 
 @dataclass

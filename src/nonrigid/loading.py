@@ -11,17 +11,17 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .errors import UsageError
+from .errors import UsageError, first_line
+from .images import image_digest, load_image  # noqa: F401 - part of the loading API
+from .options import DEFAULT_MODEL
 
-DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -80,6 +80,8 @@ def load_pipeline(
     name = str(model)
     if name == "tiny":
         pipe = build_tiny_pipeline()
+    elif name == "mini":
+        pipe = _load_mini(allow_pickle)
     else:
         pipe = _load_from_disk_or_hub(name, allow_pickle=allow_pickle, config=config)
     pipe.scheduler = ddim_scheduler_for(pipe.scheduler.config)
@@ -116,7 +118,7 @@ def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None)
         try:
             return StableDiffusionPipeline.from_single_file(str(path), **no_safety, **kwargs)
         except Exception as err:  # the single-file loader raises many types for unreadable files
-            raise UsageError(f"could not read checkpoint {name}: {_first_line(err)}") from err
+            raise UsageError(f"could not read checkpoint {name}: {first_line(err)}") from err
     if path.is_dir():
         _require_safetensors_or_opt_in(path, allow_pickle)
         try:
@@ -124,7 +126,7 @@ def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None)
                 str(path), use_safetensors=None if allow_pickle else True, **no_safety
             )
         except Exception as err:
-            raise UsageError(f"could not load diffusers folder {name}: {_first_line(err)}") from err
+            raise UsageError(f"could not load diffusers folder {name}: {first_line(err)}") from err
     if _looks_like_path(name):
         raise UsageError(f"model path {name} does not exist")
     try:
@@ -134,8 +136,18 @@ def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None)
     except Exception as err:
         raise UsageError(
             f"could not load model {name!r}: not a local file or folder, and the hub did not provide it "
-            f"({_first_line(err)}); check the id, connect once to download it, or pass a local path"
+            f"({first_line(err)}); check the id, connect once to download it, or pass a local path"
         ) from err
+
+
+def _load_mini(allow_pickle: bool) -> StableDiffusionPipeline:
+    """The trained miniature model shipped as package data (see ``nonrigid.mini``)."""
+    from .mini.model import weights_dir
+
+    folder = weights_dir()
+    if not (folder / "model_index.json").is_file():
+        raise UsageError(f"the miniature model is not in {folder}; train it with `nonrigid mini train --install`")
+    return _load_from_disk_or_hub(str(folder), allow_pickle=allow_pickle, config=None)
 
 
 def _require_safetensors_or_opt_in(folder: Path, allow_pickle: bool) -> None:
@@ -152,11 +164,6 @@ def _require_safetensors_or_opt_in(folder: Path, allow_pickle: bool) -> None:
 def _looks_like_path(name: str) -> bool:
     suffixes = (*PICKLE_SUFFIXES, ".safetensors")
     return name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith(suffixes)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
 
 
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
@@ -235,11 +242,44 @@ _TINY_VOCAB_SIZE = 2 * 256 + 2
 
 def build_character_tokenizer() -> CLIPTokenizer:
     """A CLIP tokenizer with no merges: every character is a token (enough for tests, no download)."""
+    return build_clip_tokenizer(())
+
+
+def build_clip_tokenizer(words: Sequence[str] = ()) -> CLIPTokenizer:
+    """A CLIP byte-level BPE tokenizer whose merges make each of ``words`` a single token.
+
+    Its base vocabulary is the 256 byte characters (alone and word-final), so any text still tokenizes; the
+    merges build every given word left to right. A merge of one word can pre-empt another's (BPE applies the
+    best-ranked pair first), so words that come out split are moved ahead and the merges rebuilt until each
+    word is one token.
+    """
+    order = list(dict.fromkeys(words))
+    for _ in range(len(order) + 1):
+        tokenizer = _tokenizer_with_merges(order)
+        split = [w for w in order if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+        if not split:
+            return tokenizer
+        order = split + [w for w in order if w not in split]
+    raise ValueError(f"could not make these words single tokens: {split}")
+
+
+def _tokenizer_with_merges(words: Sequence[str]) -> CLIPTokenizer:
     chars = _byte_characters()
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            pair = (current, piece)
+            current = current + piece
+            if pair not in merges:
+                merges.append(pair)
+                vocab.append(current)
+    vocab = [*dict.fromkeys(vocab), "<|startoftext|>", "<|endoftext|>"]
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-        Path(folder, "merges.txt").write_text("#version: 0.2\n")
+        Path(folder, "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
         return CLIPTokenizer(
             str(Path(folder, "vocab.json")), str(Path(folder, "merges.txt")), model_max_length=77
         )
@@ -266,68 +306,3 @@ def model_fingerprint(pipe: StableDiffusionPipeline) -> str:
 def latent_multiple(pipe: StableDiffusionPipeline) -> int:
     """Image sizes must be a multiple of this: the VAE's factor times the UNet's downsampling."""
     return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-
-
-# --------------------------------------------------------------------------------------------------- images
-
-
-def load_image(image: str | os.PathLike | Image.Image, size: int = 512) -> Image.Image:
-    """Read an image the way the stages expect it: RGB, center-cropped to a square, resized to ``size``.
-
-    Any mode Pillow reads is handled: EXIF rotation is applied, transparency is composited on white, 16-bit
-    and float images are rescaled rather than clipped, CMYK and palettes are converted.
-    """
-    if size <= 0:
-        raise UsageError(f"image size must be positive, got {size}")
-    img = _open_image(image) if not isinstance(image, Image.Image) else image
-    img = to_rgb(ImageOps.exif_transpose(img))
-    width, height = img.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    img = img.crop((left, top, left + side, top + side))
-    return img.resize((size, size), Image.Resampling.BICUBIC)
-
-
-def _open_image(path: str | os.PathLike) -> Image.Image:
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"image {path} does not exist")
-    if path.is_dir():
-        raise UsageError(f"image {path} is a folder, not an image file")
-    try:
-        img = Image.open(path)
-        img.load()
-    except UnidentifiedImageError as err:
-        raise UsageError(f"{path} is not an image Pillow can read") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise UsageError(f"image {path} is damaged or truncated ({_first_line(err)})") from err
-    return img
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB without clipping wide formats or leaving alpha garbage."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        values = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if values.max(initial=0) > 255 else 255.0
-        if img.mode == "F" and values.max(initial=0) <= 1.0:
-            top = 1.0
-        img = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
-
-
-def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float tensor in [-1, 1], shape (1, 3, H, W)."""
-    array = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
-
-
-def image_digest(img: Image.Image) -> str:
-    """Hash of the preprocessed pixels: the image part of every cache key."""
-    rgb = img.convert("RGB")
-    return hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()[:16]

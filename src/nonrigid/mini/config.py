@@ -1,0 +1,23 @@
+"""Training settings of the miniature model (torch-free, so the CLI can show them at once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    threads: int = 2
+    vae_steps: int = 700
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    dataset_size: int = 20000
+    unet_steps: int = 1200
+    unet_batch: int = 64
+    unet_lr: float = 8e-4
+    warmup: int = 100
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.995
+    checkpoint_every: int = 100

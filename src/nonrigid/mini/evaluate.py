@@ -1,0 +1,164 @@
+"""Evaluate editing settings on the miniature world's benchmark, resumably, and plot the results.
+
+For every pair it runs stage A once (seed 0), the three inversions the paper ablates (DDIM; NTI with the source
+caption; NTI without a source prompt), and then every setting as one batched sampling call per inversion:
+
+- ``ours``: NTI without source prompt, injection 20%, eta swept;
+- ``NTI-only``: NTI with the source caption, then the target prompt (eta 1, no injection, no text optimization);
+- inversion ablation: DDIM / NTI-src / NTI-w/o-src at injection 20%, eta swept;
+- injection ablation: NTI-w/o-src at 0, 10, ..., 50%, eta swept.
+
+Each pair's rows are written to ``OUT/results/<pair>.json`` atomically once the pair is done, and a rerun skips
+done pairs, so an interrupted evaluation loses at most the pair in progress. Stage results go to the stage cache
+in ``OUT/cache``, so even that pair's finished stages are not redone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..cache import StageCache, write_atomic
+from ..editing import edit
+from ..sampling import sample
+from ..text_optimization import TextOptimization
+from .benchmark import Pair
+from .judge import PoseJudge, score_edit
+
+ETAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+INJECT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+INVERSIONS = {"DDIM": ("ddim", False), "NTI-src": ("nti", True), "NTI-w/o-src": ("nti", False)}
+
+
+def evaluate(pipe, judge: PoseJudge, pairs: list[Pair], out: Path, *, num_steps: int = 50, opt_steps: int = 200,
+             progress: bool = True) -> list[dict]:
+    """Run every setting on every pair (skipping pairs already done) and return all rows."""
+    results = out / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    cache = StageCache(out / "cache")
+    if pairs:
+        data = str(pairs[0].image.parent.parent.resolve())
+        write_atomic(out / "meta.json", (json.dumps({"data": data}) + "\n").encode())
+    for index, pair in enumerate(tqdm(pairs, desc="pairs", disable=not progress)):
+        path = results / f"{index:03d}.json"
+        if path.exists():
+            continue
+        rows, strip = _evaluate_pair(pipe, judge, pair, index, cache, num_steps, opt_steps)
+        strip.save(results / f"{index:03d}.png")
+        write_atomic(path, (json.dumps(rows) + "\n").encode())
+    return load_rows(out)
+
+
+def load_rows(out: Path) -> list[dict]:
+    return [row for path in sorted((out / "results").glob("*.json")) for row in json.loads(path.read_text())]
+
+
+def _evaluate_pair(pipe, judge, pair: Pair, index: int, cache, num_steps: int, opt_steps: int):
+    image = Image.open(pair.image).convert("RGB")
+    size = image.size[0]
+    rows: list[dict] = []
+    gallery: dict[str, Image.Image] = {}
+    text = None
+    for name, (method, with_source) in INVERSIONS.items():
+        injects = INJECT_RATIOS if name == "NTI-w/o-src" else (0.2,)
+        result = edit(
+            pipe, image, pair.target_text, size=size, cache=cache, source_prompt=pair.source_text if with_source
+            else "", seeds=(0,), etas=ETAS, inject=injects, num_steps=num_steps, opt_steps=opt_steps,
+            inversion=method,
+        )
+        text = result.text_optimizations[0]
+        for variant in result.variants:
+            row = _row(judge, pair, index, variant.image, name, variant.eta, variant.inject_ratio)
+            if name != "NTI-w/o-src":
+                rows.append({**row, "group": "inversion", "setting": name})
+                continue
+            rows.append({**row, "group": "injection", "setting": f"inject {round(variant.inject_ratio * 100)}%"})
+            if variant.inject_ratio == 0.2:
+                rows.append({**row, "group": "inversion", "setting": name})
+                rows.append({**row, "group": "methods", "setting": "ours"})
+                gallery[f"ours eta {variant.eta:g}"] = variant.image
+        if name == "NTI-src":
+            nti_only = _nti_only(pipe, result.inversion, text)
+            rows.append({**_row(judge, pair, index, nti_only, name, 1.0, 0.0), "group": "methods",
+                         "setting": "NTI-only"})
+            gallery["NTI-only"] = nti_only
+    return rows, _strip(image, pair, gallery)
+
+
+def _nti_only(pipe, inversion, text: TextOptimization) -> Image.Image:
+    """Null-text inversion editing: the target prompt from x_T, no injection, no text optimization."""
+    plain = replace(text, optimized_embedding=text.target_embedding)
+    return sample(pipe, inversion, plain, (1.0,), (0,))[0]
+
+
+def _row(judge, pair: Pair, index: int, image, inversion: str, eta: float, inject: float) -> dict:
+    return {
+        "pair": index, "image": pair.image.name, "target_pose": pair.target_pose, "inversion": inversion,
+        "eta": eta, "inject": inject,
+        **score_edit(judge, pair.scene, pair.target_pose, image),
+    }
+
+
+def _strip(image: Image.Image, pair: Pair, gallery: dict[str, Image.Image]) -> Image.Image:
+    from .world import render
+
+    tiles = [image, render(pair.scene.with_pose(pair.target_pose)), *gallery.values()]
+    strip = Image.new("RGB", (64 * len(tiles), 64), "white")
+    for i, tile in enumerate(tiles):
+        strip.paste(tile.resize((64, 64)), (64 * i, 0))
+    return strip
+
+
+@torch.no_grad()
+def summarize(rows: list[dict]) -> dict[tuple[str, str, float], dict[str, float]]:
+    """Mean and standard error of each metric per (group, setting, eta)."""
+    groups: dict[tuple[str, str, float], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["group"], row["setting"], row["eta"]), []).append(row)
+    summary = {}
+    for key, members in groups.items():
+        stats = {"n": float(len(members))}
+        for metric in ("identity_error", "background_error", "subject_error", "edit_success", "pose_correct"):
+            values = torch.tensor([m[metric] for m in members], dtype=torch.float64)
+            stats[metric] = float(values.mean())
+            stats[metric + "_se"] = float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
+        summary[key] = stats
+    return summary
+
+
+def plot(summary, group: str, title: str, path: Path) -> None:
+    """Identity error (x, lower is better) against edit success (y, higher is better), one line per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    settings = sorted({s for g, s, _ in summary if g == group}, key=_setting_order)
+    for setting in settings:
+        points = sorted((eta, stats) for (g, s, eta), stats in summary.items() if g == group and s == setting)
+        xs = [p[1]["identity_error"] for p in points]
+        ys = [p[1]["edit_success"] for p in points]
+        ax.errorbar(xs, ys, xerr=[p[1]["identity_error_se"] for p in points],
+                    yerr=[p[1]["edit_success_se"] for p in points], marker="o", capsize=2, label=setting)
+        if len(points) > 1:
+            for eta, x, y in zip([p[0] for p in points], xs, ys, strict=True):
+                ax.annotate(f"{eta:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xlabel("identity error (lower is better)")
+    ax.set_ylabel("edit success: P(target pose) (higher is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _setting_order(setting: str) -> tuple[int, str]:
+    order = ["ours", "NTI-only", "DDIM", "NTI-src", "NTI-w/o-src", *(f"inject {r}%" for r in range(0, 60, 10))]
+    return (order.index(setting) if setting in order else len(order), setting)

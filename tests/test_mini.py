@@ -1,0 +1,99 @@
+"""The miniature world: renderer, ground-truth metrics, dataset layout, training's reproducibility and resume."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nonrigid.loading import build_clip_tokenizer
+from nonrigid.mini.benchmark import read_dataset, write_dataset
+from nonrigid.mini.judge import identity_errors
+from nonrigid.mini.world import POSES, random_scene, render, render_with_mask, vocabulary
+
+
+def test_rendering_is_deterministic_and_pose_changes_only_the_subject():
+    scene = random_scene(random.Random(7))
+    assert np.array_equal(np.asarray(render(scene)), np.asarray(render(scene)))
+    base, base_mask = render_with_mask(scene)
+    for pose in POSES:
+        other, other_mask = render_with_mask(scene.with_pose(pose))
+        background = (base_mask == 0) & (other_mask == 0)
+        assert background.mean() > 0.7
+        assert np.array_equal(np.asarray(base)[background], np.asarray(other)[background])
+        if pose != scene.pose:
+            assert np.abs(base_mask - other_mask).sum() > 20, "each pose must look different"
+
+
+def test_every_caption_word_is_one_token_of_the_world_tokenizer():
+    tokenizer = build_clip_tokenizer(vocabulary())
+    for word in vocabulary():
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    scene = random_scene(random.Random(1))
+    assert len(tokenizer(scene.caption).input_ids) == len(scene.caption.split()) + 2
+
+
+def test_identity_errors_are_zero_for_the_ideal_edit_and_grow_with_damage():
+    scene = random_scene(random.Random(3), pose="standing")
+    ideal = render(scene.with_pose("jumping"))
+    exact = identity_errors(scene, "jumping", ideal)
+    assert exact["background_error"] == 0 and exact["ideal_error"] == 0
+    assert exact["subject_error"] < 0.02
+    unchanged = identity_errors(scene, "jumping", render(scene))
+    assert unchanged["background_error"] == 0, "the input itself keeps the background"
+    noisy = np.asarray(ideal, dtype=np.float32) + np.random.default_rng(0).normal(0, 30, (64, 64, 3))
+    damaged = identity_errors(scene, "jumping", Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
+    assert damaged["background_error"] > 0.05 and damaged["identity_error"] > exact["identity_error"]
+    recoloured = scene.__class__(**{**scene.to_dict(), "colour": "blue" if scene.colour != "blue" else "red"})
+    other = identity_errors(scene, "jumping", render(recoloured.with_pose("jumping")))
+    assert other["subject_error"] > 0.1 and other["background_error"] == 0
+
+
+def test_dataset_has_tedbench_layout_and_consistent_ground_truth(tmp_path):
+    write_dataset(tmp_path, count=5, edits_per_image=2, seed=3)
+    pairs = json.loads((tmp_path / "input_list.json").read_text())
+    assert len(pairs) == 10 and set(pairs[0]) == {"img_name", "target_text"}
+    for pair in read_dataset(tmp_path):
+        assert pair.image.is_file() and Image.open(pair.image).size == (64, 64)
+        assert pair.target_pose != pair.scene.pose
+        assert pair.target_text.rstrip(".") == pair.scene.with_pose(pair.target_pose).caption
+        assert np.array_equal(np.asarray(Image.open(pair.image).convert("RGB")), np.asarray(render(pair.scene)))
+    write_dataset(tmp_path / "again", count=5, edits_per_image=2, seed=3)
+    assert (tmp_path / "again" / "input_list.json").read_text() == (tmp_path / "input_list.json").read_text()
+
+
+def test_judge_recognises_rendered_poses():
+    from nonrigid.mini.judge import load_judge, pose_probabilities
+    from nonrigid.mini.model import weights_dir
+
+    if not (weights_dir() / "judge.safetensors").exists():
+        pytest.skip("judge weights not trained yet (nonrigid mini judge)")
+    rng = random.Random(12345)
+    scenes = [random_scene(rng) for _ in range(64)]
+    probs = pose_probabilities(load_judge(), [render(s) for s in scenes])
+    accuracy = float((probs.argmax(-1) == torch.tensor([POSES.index(s.pose) for s in scenes])).float().mean())
+    assert accuracy > 0.9
+
+
+def test_training_is_reproducible_and_resumes_where_it_stopped(tmp_path):
+    from nonrigid.mini.config import TrainConfig
+    from nonrigid.mini.train import Log, train
+
+    small = dict(vae_steps=2, vae_batch=4, dataset_size=16, unet_batch=4, warmup=1, checkpoint_every=1, threads=1)
+    quiet = dict(progress=False)
+    straight = train(tmp_path / "a", TrainConfig(unet_steps=3, **small),
+                     log=Log(tmp_path / "a.log", echo=None), **quiet)
+    train(tmp_path / "b", TrainConfig(unet_steps=1, **small), log=Log(tmp_path / "b.log", echo=None), **quiet)
+    resumed = train(tmp_path / "b", TrainConfig(unet_steps=3, **small), log=Log(tmp_path / "b.log", echo=None),
+                    **quiet)
+    assert "unet: resuming at step 1" in (tmp_path / "b.log").read_text()
+    from safetensors.torch import load_file
+
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(str(straight / part)), load_file(str(resumed / part))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
