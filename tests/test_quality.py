@@ -41,8 +41,18 @@ def test_nti_at_guidance_7_5_reconstructs_far_better_than_ddim_sampled_at_7_5(mo
     assert nti_error < 0.5 * ddim_error
 
 
+def target_prompt() -> str:
+    """A pose edit of the scene ``model_image`` shows (render_example(seed=0))."""
+    import random
+
+    from nonrigid.mini.world import POSES, random_scene
+
+    scene = random_scene(random.Random(0))
+    return scene.with_pose(next(p for p in POSES if p != scene.pose)).caption
+
+
 def test_text_optimization_lowers_the_denoising_loss_on_fixed_draws(model, model_image):
-    result = optimize_text(model, model_image, "a photo", steps=100, seed=0)
+    result = optimize_text(model, model_image, target_prompt(), steps=200, seed=0)
     x0 = encode_image(model, model_image)
     scheduler = sampling_scheduler(model, 50)
     generator = torch.Generator().manual_seed(1234)
@@ -55,3 +65,12 @@ def test_text_optimization_lowers_the_denoising_loss_on_fixed_draws(model, model
             return float(((predict_noise(model.unet, noisy, timesteps, embedding) - noise) ** 2).mean())
 
     assert loss(result.optimized_embedding) < 0.95 * loss(result.target_embedding)
+
+
+def test_text_optimization_moves_the_output_toward_the_input(model, model_image):
+    """From the same NTI inversion, the optimized embedding (eta 0) lands nearer the input than the target text."""
+    text = optimize_text(model, model_image, target_prompt(), steps=200, seed=0)
+    inversion = invert(model, model_image, method="nti")
+    x0 = encode_image(model, model_image)[0]
+    optimized, target = sample(model, inversion, text, (0.0, 1.0), (0,), output_type="latent")
+    assert relative_error(optimized, x0) < relative_error(target, x0)

@@ -172,8 +172,10 @@ def run_mini_train(args: argparse.Namespace) -> int:
     model = train(args.out, config, progress=not args.quiet, log=log)
     if args.install:
         target = weights_dir()
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(model, target)
+        for part in model.iterdir():  # replace the model's parts, keep what else lives there (the judge)
+            if (target / part.name).is_dir():
+                shutil.rmtree(target / part.name)
+        shutil.copytree(model, target, dirs_exist_ok=True)
         shutil.copy(args.out / "train_log.txt", target / "train_log.txt")
         log(f"installed into {target}")
     print(model)

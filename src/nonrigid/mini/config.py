@@ -9,9 +9,10 @@ from dataclasses import dataclass
 class TrainConfig:
     seed: int = 0
     threads: int = 2
-    vae_steps: int = 700
+    vae_steps: int = 1000
     vae_batch: int = 32
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
+    subject_weight: float = 8.0
     kl_weight: float = 1e-6
     dataset_size: int = 20000
     unet_steps: int = 1200

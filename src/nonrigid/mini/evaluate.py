@@ -107,7 +107,8 @@ def _row(judge, pair: Pair, index: int, image, inversion: str, eta: float, injec
 def _strip(image: Image.Image, pair: Pair, gallery: dict[str, Image.Image]) -> Image.Image:
     from .world import render
 
-    tiles = [image, render(pair.scene.with_pose(pair.target_pose)), *gallery.values()]
+    ordered = [gallery[k] for k in gallery if k.startswith("ours")] + [gallery[k] for k in gallery if k == "NTI-only"]
+    tiles = [image, render(pair.scene.with_pose(pair.target_pose)), *ordered]
     strip = Image.new("RGB", (64 * len(tiles), 64), "white")
     for i, tile in enumerate(tiles):
         strip.paste(tile.resize((64, 64)), (64 * i, 0))
