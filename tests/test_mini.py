@@ -19,10 +19,12 @@ from nonrigid.mini.world import POSES, random_scene, render, render_with_mask, v
 def test_rendering_is_deterministic_and_pose_changes_only_the_subject():
     scene = random_scene(random.Random(7))
     assert np.array_equal(np.asarray(render(scene)), np.asarray(render(scene)))
+    from nonrigid.mini.judge import _dilate
+
     base, base_mask = render_with_mask(scene)
     for pose in POSES:
         other, other_mask = render_with_mask(scene.with_pose(pose))
-        background = (base_mask == 0) & (other_mask == 0)
+        background = ~_dilate((base_mask > 0) | (other_mask > 0), 3)  # Lanczos downsampling reaches 3 px
         assert background.mean() > 0.7
         assert np.array_equal(np.asarray(base)[background], np.asarray(other)[background])
         if pose != scene.pose:
@@ -42,12 +44,18 @@ def test_identity_errors_are_zero_for_the_ideal_edit_and_grow_with_damage():
     ideal = render(scene.with_pose("jumping"))
     exact = identity_errors(scene, "jumping", ideal)
     assert exact["background_error"] == 0 and exact["ideal_error"] == 0
-    assert exact["subject_error"] < 0.02
+    assert exact["subject_error"] < 0.05  # anti-aliased edges blend the subject with the background
     unchanged = identity_errors(scene, "jumping", render(scene))
     assert unchanged["background_error"] == 0, "the input itself keeps the background"
     noisy = np.asarray(ideal, dtype=np.float32) + np.random.default_rng(0).normal(0, 30, (64, 64, 3))
     damaged = identity_errors(scene, "jumping", Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
     assert damaged["background_error"] > 0.05 and damaged["identity_error"] > exact["identity_error"]
+    from nonrigid.mini.world import render_background
+
+    vanished = identity_errors(scene, "jumping", render_background(scene))
+    assert vanished["subject_error"] > 0.1, "a subject that disappeared lost its identity"
+    moved = identity_errors(scene, "lying", render(scene))
+    assert moved["subject_error"] < 0.05, "keeping the pose is a failed edit, not an identity loss (edges blend)"
     recoloured = scene.__class__(**{**scene.to_dict(), "colour": "blue" if scene.colour != "blue" else "red"})
     other = identity_errors(scene, "jumping", render(recoloured.with_pose("jumping")))
     assert other["subject_error"] > 0.1 and other["background_error"] == 0

@@ -25,7 +25,7 @@ from PIL import Image, ImageFilter
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .world import POSES, Scene, random_scene, render, render_with_mask
+from .world import POSES, Scene, random_scene, render, render_background, render_with_mask
 
 
 class PoseJudge(nn.Module):
@@ -98,17 +98,24 @@ def pose_probabilities(judge: PoseJudge, images: list[Image.Image]) -> torch.Ten
 
 
 def identity_errors(source: Scene, target_pose: str, edited: Image.Image) -> dict[str, float]:
-    """Background and subject-colour errors of ``edited`` against the input scene, from the renderer."""
+    """Background and subject-colour errors of ``edited`` against the input scene, from the renderer.
+
+    The subject is found in the edit wherever it departs from the scene's known background (rendered without the
+    animal), so a subject that keeps its colour but not its place or pose is not counted as an identity loss; a
+    subject that vanished counts as the distance between its colour and the background's.
+    """
     input_image, input_mask = render_with_mask(source)
     ideal_image, ideal_mask = render_with_mask(source.with_pose(target_pose))
     edit = np.asarray(edited.convert("RGB").resize(input_image.size), dtype=np.float32) / 255.0
     inp = np.asarray(input_image, dtype=np.float32) / 255.0
     ideal = np.asarray(ideal_image, dtype=np.float32) / 255.0
-    background = _dilate(np.maximum(input_mask, ideal_mask) > 0.01, 2) == 0
+    empty = np.asarray(render_background(source), dtype=np.float32) / 255.0
+    background = _dilate(np.maximum(input_mask, ideal_mask) > 0.01, 4) == 0  # Lanczos reaches 3 px
     background_error = float(np.abs(edit - inp)[background].mean())
     subject_colour = inp[input_mask > 0.9].mean(axis=0)
-    edit_colour = edit[ideal_mask > 0.9].mean(axis=0)
-    subject_error = float(np.linalg.norm(edit_colour - subject_colour) / np.sqrt(3))
+    departs = np.abs(edit - empty).max(axis=-1) > 0.25
+    found = edit[departs].mean(axis=0) if departs.sum() >= 4 else empty[input_mask > 0.9].mean(axis=0)
+    subject_error = float(np.linalg.norm(found - subject_colour) / np.sqrt(3))
     return {
         "background_error": background_error,
         "subject_error": subject_error,

@@ -18,14 +18,15 @@ from .model import weights_dir
 from .report import render_grid, sample_grid, write_plots_and_tables
 
 
-def reconstruction_errors(pipe, images: list[Image.Image]) -> dict[str, float]:
-    """Relative latent error of: DDIM round trip at guidance 1; DDIM and NTI inversions sampled back at 7.5."""
+def reconstruction_errors(pipe, images: list[Image.Image], captions: list[str]) -> dict[str, float]:
+    """Relative latent error of: DDIM round trip at guidance 1; DDIM and NTI inversions sampled back at 7.5, all
+    with the scene's caption as source prompt (with an empty one, guidance would change nothing: cond = uncond)."""
     errors: dict[str, list[float]] = {"ddim_g1": [], "ddim_g7.5": [], "nti_g7.5": []}
-    for image in images:
+    for image, source in zip(images, captions, strict=True):
         x0 = encode_image(pipe, image)[0]
         for key, method, guidance in (("ddim_g1", "ddim", 1.0), ("ddim_g7.5", "ddim", 7.5),
                                       ("nti_g7.5", "nti", 7.5)):
-            inversion = invert(pipe, image, method=method, guidance_scale=guidance)
+            inversion = invert(pipe, image, source, method=method, guidance_scale=guidance)
             keep = TextOptimization("", inversion.source_embedding, inversion.source_embedding, [], 0, 0, 0.0)
             back = sample(pipe, inversion, keep, (0.0,), (inversion.num_steps,), output_type="latent",
                           use_reconstruction=False)[0]
@@ -54,8 +55,9 @@ def write_miniature_doc(pipe, run: Path, docs: Path, command: str) -> Path:
         gallery.paste(strip, (0, 64 * i))
     gallery.resize((gallery.width * 2, gallery.height * 2), Image.Resampling.NEAREST).save(docs / "mini-gallery.png")
     data = Path(json.loads((run / "meta.json").read_text())["data"]) if (run / "meta.json").exists() else None
-    images = [Image.open(p.image).convert("RGB") for p in read_dataset(data)[:3]] if data else []
-    recon = reconstruction_errors(pipe, images) if images else {}
+    first = read_dataset(data)[:3] if data else []
+    images = [Image.open(p.image).convert("RGB") for p in first]
+    recon = reconstruction_errors(pipe, images, [p.source_text for p in first]) if images else {}
     log_path = weights_dir() / "train_log.txt"
     log = log_path.read_text().splitlines() if log_path.exists() else []
     params = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder")}
@@ -105,7 +107,8 @@ Samples (50 DDIM steps, guidance 4; rows: kind x colour, columns: the captioned 
 
 ## Inversion quality
 
-Relative latent error ||x_rec - x_0|| / ||x_0|| on {len(images)} benchmark images (50 steps):
+Relative latent error ||x_rec - x_0|| / ||x_0|| on {len(images)} benchmark images (50 steps, the scene's caption as
+source prompt):
 
 | inversion, sampled back at | relative error |
 | --- | --- |
@@ -118,7 +121,9 @@ Relative latent error ||x_rec - x_0|| / ||x_0|| on {len(images)} benchmark image
 {len(pairs)} pairs (scene, target pose), one text-optimization seed, 50 DDIM steps, 200 text-optimization steps.
 Metrics from the renderer's ground truth: **identity error** = mean of the background error (mean absolute pixel
 difference to the input over pixels that are background in both the input and the ideal edit) and the subject
-colour error; **edit success** = the pose judge's probability of the target pose (a small CNN trained on
+colour error (the mean colour of whatever departs from the scene's known empty background, against the animal's
+colour: keeping the old pose is a failed edit, not an identity loss);
+**edit success** = the pose judge's probability of the target pose (a small CNN trained on
 rendered, degraded scenes: `nonrigid mini judge`). Points are eta values (0 = optimized embedding, 1 = target
 text); error bars are standard errors over pairs. Baselines other than NTI-only editing land with the baselines
 issue.

@@ -130,6 +130,12 @@ def render_with_mask(scene: Scene) -> tuple[Image.Image, np.ndarray]:
     return image, coverage
 
 
+def render_background(scene: Scene) -> Image.Image:
+    """The scene without its subject: what every pixel not covered by the animal must look like."""
+    big = SIZE * SUPERSAMPLE
+    return Image.fromarray(_background(scene, big)).resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+
+
 def _background(scene: Scene, big: int) -> np.ndarray:
     ys, xs = np.mgrid[0:big, 0:big].astype(np.float32) / SUPERSAMPLE
     horizon = scene.horizon * SIZE
