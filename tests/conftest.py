@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NONRIGID_SHARED", ROOT.parent / "shared"))
 TEDBENCH = SHARED / "data" / "tedbench"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two threads on a 2-core runner; OMP_NUM_THREADS (e.g. 1 when several suites share the machine) wins
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,15 @@ from .options import DEFAULT_ETAS, DEFAULT_INJECT, DEFAULT_MODEL, INVERSION_METH
 logger = logging.getLogger("nonrigid")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for flags whose default is "the method's" (None): their help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit code 2), not a usage dump."""
 
@@ -33,66 +42,125 @@ def build_parser() -> argparse.ArgumentParser:
         description="Training-free non-rigid image editing with Stable Diffusion: change a subject's pose or "
         "action while its identity and background stay (text optimization, latent inversion, timestep-aware "
         "text injection sampling).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"nonrigid {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_edit_parser(commands)
     add_mini_parser(commands)
+    add_bench_commands(commands)
     return parser
 
 
+# flags of `edit` that set a method parameter, and that parameter's name (None: not given)
+PARAM_FLAGS = {
+    "eta": "etas", "inject": "inject", "steps": "num_steps", "opt_steps": "opt_steps", "opt_lr": "opt_lr",
+    "inner_steps": "inner_steps", "inversion": "inversion", "guidance": "guidance_scale",
+}
+
+
+def add_bench_commands(commands) -> None:
+    """``bench``, ``score`` and ``report`` (evaluation), defined in :mod:`nonrigid.cli_bench`."""
+    try:
+        from .cli_bench import add_bench_parsers
+    except ImportError:  # pragma: no cover - while the evaluation commands are being written
+        return
+    add_bench_parsers(commands, Parser)
+
+
 def add_edit_parser(commands) -> None:
+    from .methods import METHODS
+
     p = commands.add_parser(
         "edit",
-        help="edit one image toward a target prompt",
-        description="Edit IMAGE toward PROMPT. Runs (A) text optimization per seed, (B) one latent inversion and "
-        "(C) timestep-aware text injection sampling for every seed x inject x eta, and writes input.png, one PNG "
-        "per variant, grid.png (rows: seed x inject; columns: eta) and edit.json to --out. Stages A and B are "
-        "cached, so trying other --eta/--inject values later takes seconds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="edit one image toward a target prompt (the paper's method or a baseline)",
+        description="Edit IMAGE toward PROMPT. The default method (ours) runs (A) text optimization per seed, (B) "
+        "one latent inversion and (C) timestep-aware text injection sampling for every seed x inject x eta. "
+        "Every method writes input.png, one PNG per variant, grid.png (rows: seed x inject; columns: the "
+        "method's main sweep, e.g. eta) and edit.json to --out. Stages are cached, so trying other --eta/--inject "
+        "values later takes seconds. Baselines: --method nti|imagic|masactrl|edit-friendly|dds|ledits, their "
+        "knobs via --set key=value (list them with `nonrigid methods`).",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("image", help="input image (any format Pillow reads); center-cropped to a square")
     p.add_argument("prompt", help='target prompt, e.g. "A photo of a jumping dog."')
+    p.add_argument("--method", choices=list(METHODS), default="ours",
+                   help="editing method; see `nonrigid methods` for what each does and its parameters")
+    p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a method parameter, e.g. --set alpha=0.9,1.1 (sweeps take comma-separated lists); "
+                   "repeatable; `nonrigid methods METHOD` lists them")
     p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: out/<image name>-<prompt>); an earlier edit there is replaced")
+                   help="output folder (default: out/<image name>-<prompt>[-method]); an earlier edit there is "
+                   "replaced")
     p.add_argument("--source", default="", help="source prompt describing the input; empty is the paper's "
                    "recommended default (best structure preservation with NTI)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id, local diffusers folder, single-file .safetensors checkpoint, or 'tiny' "
-                   "(random weights, no download: output is noise, for smoke tests)")
+                   help="hub id, local diffusers folder, single-file .safetensors checkpoint, 'mini' (the trained "
+                   "miniature model, 64 px, offline) or 'tiny' (random weights, output is noise, for smoke tests)")
     p.add_argument("--config", default=None,
                    help="for a single-file checkpoint: diffusers folder or hub id to read its configs from")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pickle checkpoints (.ckpt/.bin), which can run arbitrary code")
-    p.add_argument("--inversion", choices=INVERSION_METHODS, default="nti",
-                   help="nti: null-text inversion at guidance 7.5; ddim: plain DDIM inversion at guidance 1")
-    p.add_argument("--eta", type=float, nargs="+", default=list(DEFAULT_ETAS), metavar="ETA",
-                   help="interpolation weights in [0, 1]: e = eta*target + (1-eta)*optimized; higher edits more")
-    p.add_argument("--inject", type=float, nargs="+", default=list(DEFAULT_INJECT), metavar="RATIO",
-                   help="share of sampling steps conditioned on the source prompt first, in [0, 1]; "
-                   "the paper finds 0.1-0.4 works, higher keeps more structure")
-    p.add_argument("--steps", type=int, default=50, help="DDIM sampling (and inversion) steps")
-    p.add_argument("--opt-steps", type=int, default=200, help="text optimization steps (0 skips it)")
-    p.add_argument("--opt-lr", type=float, default=1e-3, help="text optimization learning rate (Adam)")
-    p.add_argument("--inner-steps", type=int, default=10, help="null-text inversion: Adam steps per sampling step")
+    p.add_argument("--inversion", choices=INVERSION_METHODS, default=None,
+                   help="ours: nti (null-text inversion at guidance 7.5, default), ddim (guidance 1) or npi "
+                   "(negative-prompt inversion: fast, no optimization)")
+    p.add_argument("--eta", type=float, nargs="+", default=None, metavar="ETA",
+                   help="ours: interpolation weights in [0, 1]: e = eta*target + (1-eta)*optimized; higher edits "
+                   f"more (default: {' '.join(f'{e:g}' for e in DEFAULT_ETAS)})")
+    p.add_argument("--inject", type=float, nargs="+", default=None, metavar="RATIO",
+                   help="ours: share of sampling steps conditioned on the source prompt first, in [0, 1]; the paper "
+                   f"finds 0.1-0.4 works, higher keeps more structure (default: {DEFAULT_INJECT[0]:g})")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps of inversion and sampling (default: the method's, 50 for ours)")
+    p.add_argument("--opt-steps", type=int, default=None, help="ours/imagic: text optimization steps (0 skips it; "
+                   "default: 200 for ours)")
+    p.add_argument("--opt-lr", type=float, default=None, help="ours/imagic: text optimization learning rate "
+                   "(default: 1e-3)")
+    p.add_argument("--inner-steps", type=int, default=None,
+                   help="null-text inversion: Adam steps per sampling step (default: 10)")
     p.add_argument("--seed", type=int, nargs="+", default=[0], metavar="SEED",
-                   help="one or more seeds; each is its own text optimization")
+                   help="one or more seeds; each is its own text optimization (deterministic methods use the "
+                   "first)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: 7.5 with nti, 1 with ddim)")
+                   help="classifier-free guidance scale (default: the method's; ours: 7.5 with nti/npi, 1 with ddim)")
     p.add_argument("--size", type=int, default=512, help="working resolution in pixels (multiple of 64 for SD)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="most variants per UNet batch (default: all at once; lower it to save memory)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="precision of the frozen networks (default: fp16 on CUDA, fp32 on CPU); embeddings, "
-                   "losses and DDIM arithmetic always stay fp32")
+    add_runtime_flags(p)
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="stage cache folder (default: $NONRIGID_CACHE_DIR or the user cache dir)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the stage cache")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages, only errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     p.set_defaults(func=run_edit)
+
+    methods = commands.add_parser(
+        "methods", help="list the editing methods, their parameters and defaults",
+        description="Each method's summary, reference and parameters (set them with `nonrigid edit --method M "
+        "--set key=value`; sweep parameters take comma-separated values, one variant each).",
+    )
+    methods.add_argument("names", nargs="*", metavar="METHOD", help="only these methods")
+    methods.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    methods.set_defaults(func=run_methods)
+
+
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """Where and how the networks run: device, precision, memory and compilation."""
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="precision of the frozen networks (default: fp16 on CUDA, fp32 on CPU); embeddings, "
+                   "losses and DDIM arithmetic always stay fp32")
+    p.add_argument("--low-memory", action="store_true",
+                   help="attention slicing, VAE tiling and model offload: slower, fits an 8 GB GPU")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (CUDA: faster after a one-time compilation of about a minute)")
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    from .methods import describe_methods
+
+    print(describe_methods(args.names or None), end="")
+    return 0
 
 
 def add_mini_parser(commands) -> None:
@@ -108,7 +176,7 @@ def add_mini_parser(commands) -> None:
         "train", help="train the miniature model (about 45 min on 2 CPU cores)",
         description="Train the VAE, then the UNet and text encoder, reproducibly from --seed. Resumable: run the "
         "same command again after an interruption and it continues from the last checkpoint in OUT/work.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     defaults = TrainConfig()
     train.add_argument("--out", type=Path, default=Path("runs/mini-train"), help="work folder")
@@ -124,14 +192,14 @@ def add_mini_parser(commands) -> None:
     train.set_defaults(func=run_mini_train)
 
     judge = sub.add_parser("judge", help="train the pose classifier that scores edit success (about a minute)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
     judge.add_argument("--steps", type=int, default=400, help="training steps")
     judge.add_argument("--seed", type=int, default=0, help="seed")
     judge.add_argument("--out", type=Path, default=None, help="where to save it (default: the package's weights)")
     judge.set_defaults(func=run_mini_judge)
 
     data = sub.add_parser("dataset", help="write the world's benchmark in TEdBench's layout, with ground truth",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=HelpFormatter)
     data.add_argument("--out", type=Path, required=True, help="folder to write (originals/, input_list.json, "
                       "ground_truth.json)")
     data.add_argument("--count", type=int, default=24, help="number of scenes")
@@ -143,13 +211,15 @@ def add_mini_parser(commands) -> None:
         "evaluate", help="run the method, NTI-only editing and the paper's ablations on a world dataset",
         description="Resumable: results are stored per pair in OUT/results and stage results in OUT/cache; run "
         "the same command again after an interruption and it continues. Then writes docs with --docs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     ev.add_argument("--data", type=Path, required=True, help="a folder written by `nonrigid mini dataset`")
     ev.add_argument("--out", type=Path, default=Path("runs/mini-eval"), help="run folder")
     ev.add_argument("--limit", type=int, default=None, help="only the first N pairs")
     ev.add_argument("--steps", type=int, default=50, help="DDIM steps")
     ev.add_argument("--opt-steps", type=int, default=200, help="text optimization steps")
+    ev.add_argument("--baselines", default="imagic,masactrl,edit-friendly,dds,ledits",
+                    help="comma-separated baselines to run besides NTI-only editing ('none' for none)")
     ev.add_argument("--docs", type=Path, default=None, help="write MINIATURE.md and its figures into this folder")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=run_mini_evaluate)
@@ -205,16 +275,20 @@ def run_mini_dataset(args: argparse.Namespace) -> int:
 
 def run_mini_evaluate(args: argparse.Namespace) -> int:
     from .mini.benchmark import read_dataset
-    from .mini.evaluate import evaluate
+    from .mini.evaluate import BASELINES, evaluate
     from .mini.judge import load_judge
 
+    baselines = tuple(b for b in args.baselines.split(",") if b and b != "none")
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
     pairs = read_dataset(args.data)[: args.limit]
     quiet_libraries(args.quiet)
     from .loading import load_pipeline
 
     pipe = load_pipeline("mini", device="cpu", dtype="fp32")
     rows = evaluate(pipe, load_judge(), pairs, args.out, num_steps=args.steps, opt_steps=args.opt_steps,
-                    progress=not args.quiet)
+                    baselines=baselines, progress=not args.quiet)
     if args.docs:
         from .mini.miniature_doc import write_miniature_doc
 
@@ -224,51 +298,89 @@ def run_mini_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_out(image: Path, prompt: str) -> Path:
+def default_out(image: Path, prompt: str, method: str = "ours") -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "edit"
-    return Path("out") / f"{image.stem}-{slug}"
+    suffix = "" if method == "ours" else f"-{method}"
+    return Path("out") / f"{image.stem}-{slug}{suffix}"
+
+
+def method_params(args: argparse.Namespace) -> dict[str, object]:
+    """The method's parameters from --set and the dedicated flags, validated against its table (no torch)."""
+    from .methods import method_info
+    from .methods.base import parse_assignments, resolve_params
+
+    info = method_info(args.method)
+    params: dict[str, object] = {}
+    labels = {p.label: p.name for p in info.params if p.label}
+    for name, value in parse_assignments(args.assignments).items():
+        params[labels.get(name, name)] = value
+    known = {p.name for p in info.params}
+    shown_as = {}
+    for flag, name in PARAM_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if name not in known:
+            raise UsageError(f"--{flag.replace('_', '-')} does not apply to --method {args.method}; "
+                             f"see `nonrigid methods {args.method}` for its parameters")
+        params[name] = value
+        shown_as[name] = f"--{flag.replace('_', '-')}"
+    resolved = resolve_params(info, params, shown_as)
+    if args.method == "ours":
+        from .methods.ours import settings_from_params
+
+        settings_from_params(args.prompt, resolved, args.source, args.seed, args.batch_size)  # validates
+    return resolved
 
 
 def run_edit(args: argparse.Namespace) -> int:
     from .images import load_image
-    from .options import EditSettings
     from .output import check_output_dir
 
-    settings = dict(
-        source_prompt=args.source, seeds=args.seed, etas=args.eta, inject=args.inject, num_steps=args.steps,
-        opt_steps=args.opt_steps, opt_lr=args.opt_lr, inversion=args.inversion, guidance_scale=args.guidance,
-        inner_steps=args.inner_steps, batch_size=args.batch_size,
-    )
-    EditSettings(target_prompt=args.prompt, **settings)  # validates before anything slow happens
+    params = method_params(args)  # validates before anything slow happens
     if args.size <= 0:
         raise UsageError(f"--size must be positive, got {args.size}")
-    out = args.out or default_out(Path(args.image), args.prompt)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = args.out or default_out(Path(args.image), args.prompt, args.method)
     check_output_dir(out)
     picture = load_image(args.image, args.size)
 
     from .cache import StageCache  # the heavy imports (torch, diffusers) only once the input is known good
-    from .editing import describe_device, edit
+    from .editing import describe_device
     from .loading import load_pipeline
-    from .output import save_edit
+    from .methods.run import run_method
+    from .output import save_result
 
     quiet_libraries(args.quiet)
     say(args, f"loading model {args.model}")
     pipe = load_pipeline(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.config)
+    pipe = _configure(pipe, args)
     cache = None if args.no_cache else StageCache(args.cache_dir)
-    result = edit(pipe, picture, args.prompt, size=args.size, cache=cache, progress=not args.quiet, **settings)
+    result = run_method(pipe, picture, args.prompt, args.method, params, seeds=args.seed, source_prompt=args.source,
+                        size=args.size, cache=cache, batch_size=args.batch_size, progress=not args.quiet)
     record = {
         "image": str(args.image),
         "model": args.model,
         "size": args.size,
         **describe_device(pipe),
+        "low_memory": args.low_memory,
+        "compile": args.compile,
         "cache_dir": None if cache is None else str(cache.root),
     }
-    save_edit(result, out, record=record)
-    say(args, f"{len(result.variants)} variants in {result.timings['total']:.1f} s "
-              f"(text optimization {result.timings['text_optimization']:.1f} s, "
-              f"inversion {result.timings['inversion']:.1f} s, sampling {result.timings['sampling']:.1f} s)")
+    save_result(result, out, record=record)
+    stages = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in result.timings.items() if k != "total")
+    say(args, f"{args.method}: {len(result.variants)} variants in {result.timings['total']:.1f} s ({stages})")
     print(out)
     return 0
+
+
+def _configure(pipe, args: argparse.Namespace):
+    from . import loading
+
+    if hasattr(loading, "configure_pipeline"):
+        return loading.configure_pipeline(pipe, low_memory=args.low_memory, compile=args.compile)
+    return pipe
 
 
 def say(args: argparse.Namespace, message: str) -> None:

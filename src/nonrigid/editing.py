@@ -25,8 +25,6 @@ from .text_optimization import TextOptimization, optimize_text_batch
 
 logger = logging.getLogger("nonrigid")
 
-
-
 @dataclass
 class Variant:
     """One edited image and the knobs that made it."""
@@ -77,20 +75,17 @@ def edit(
     timings: dict[str, float] = {}
     cache_report: dict[str, object] = {}
     fingerprint = model_fingerprint(pipe)
-    common = {
-        "model": fingerprint,
-        "image": image_digest(picture),
-        "dtype": str(pipe.unet.dtype),
-        "device": pipe.unet.device.type,
-    }
+    common = cache_fields(pipe, picture)
 
     tick = time.perf_counter()
-    texts, reused = _text_stage(pipe, picture, config, cache, common, progress)
+    texts, reused = text_stage(pipe, picture, config.target_prompt, config.opt_steps, config.opt_lr, config.seeds,
+                               cache, common, progress)
     timings["text_optimization"] = time.perf_counter() - tick
     cache_report["text_optimization"] = reused
 
     tick = time.perf_counter()
-    inversion, hit = _inversion_stage(pipe, picture, config, cache, common, progress)
+    inversion, hit = inversion_stage(pipe, picture, config.source_prompt, config.inversion, config.num_steps,
+                                     config.guidance, config.inner_steps, config.early_stop, cache, common, progress)
     timings["inversion"] = time.perf_counter() - tick
     cache_report["inversion"] = hit
 
@@ -109,53 +104,75 @@ def edit(
     return EditResult(picture, config, variants, texts, inversion, timings, cache_report, fingerprint)
 
 
-def _text_stage(
-    pipe, picture, config: EditSettings, cache, common, progress
+def text_stage(
+    pipe: StableDiffusionPipeline,
+    picture: Image.Image,
+    target_prompt: str,
+    opt_steps: int,
+    opt_lr: float,
+    seeds: tuple[int, ...],
+    cache: StageCache | None,
+    common: dict[str, str],
+    progress: bool = False,
 ) -> tuple[list[TextOptimization], list[int]]:
-    """Stage A for every seed: cached seeds are loaded, the rest optimised together in one batch."""
-    keys = {
-        seed: stage_key("text", **common, prompt=config.target_prompt, steps=config.opt_steps, lr=config.opt_lr,
-                        seed=seed)
-        for seed in config.seeds
-    }
+    """Stage A for every seed: cached seeds are loaded, the rest optimised together in one batch.
+
+    ``common`` identifies model, image, dtype and device in the cache key (see :func:`edit`). Returns the results
+    in seed order and the seeds that came from the cache. Imagic calls this too, so its stage A is shared.
+    """
+    keys = {seed: stage_key("text", **common, prompt=target_prompt, steps=opt_steps, lr=opt_lr, seed=seed)
+            for seed in seeds}
     found: dict[int, TextOptimization] = {}
     if cache is not None:
         for seed, key in keys.items():
             record = cache.load("text", key, device=pipe.unet.device)
             if record is not None:
                 found[seed] = TextOptimization.from_record(*record)
-    missing = [s for s in dict.fromkeys(config.seeds) if s not in found]
+    missing = [s for s in dict.fromkeys(seeds) if s not in found]
     if missing:
-        fresh = optimize_text_batch(pipe, picture, config.target_prompt, config.opt_steps, config.opt_lr, missing,
-                                    progress=progress)
+        fresh = optimize_text_batch(pipe, picture, target_prompt, opt_steps, opt_lr, missing, progress=progress)
         for result in fresh:
             found[result.seed] = result
             if cache is not None:
                 cache.save("text", keys[result.seed], *result.to_record())
-    reused = [s for s in dict.fromkeys(config.seeds) if s not in missing]
+    reused = [s for s in dict.fromkeys(seeds) if s not in missing]
     if reused:
         logger.info("reusing cached text optimization for seed(s) %s", ", ".join(map(str, reused)))
-    return [found[s] for s in dict.fromkeys(config.seeds)], reused
+    return [found[s] for s in dict.fromkeys(seeds)], reused
 
 
-def _inversion_stage(pipe, picture, config: EditSettings, cache, common, progress) -> tuple[Inversion, bool]:
-    """Stage B, from the cache when an inversion with the same inputs exists."""
-    key = stage_key(
-        "inversion", **common, prompt=config.source_prompt, method=config.inversion, steps=config.num_steps,
-        guidance=config.guidance, inner_steps=config.inner_steps, early_stop=config.early_stop,
-    )
+def inversion_stage(
+    pipe: StableDiffusionPipeline,
+    picture: Image.Image,
+    source_prompt: str,
+    method: str,
+    num_steps: int,
+    guidance: float,
+    inner_steps: int,
+    early_stop: float,
+    cache: StageCache | None,
+    common: dict[str, str],
+    progress: bool = False,
+) -> tuple[Inversion, bool]:
+    """Stage B, from the cache when an inversion with the same inputs exists (NTI editing and MasaCtrl share it)."""
+    key = stage_key("inversion", **common, prompt=source_prompt, method=method, steps=num_steps,
+                    guidance=guidance, inner_steps=inner_steps, early_stop=early_stop)
     if cache is not None:
         record = cache.load("inversion", key, device=pipe.unet.device)
         if record is not None:
-            logger.info("reusing cached %s inversion", config.inversion)
+            logger.info("reusing cached %s inversion", method)
             return Inversion.from_record(*record), True
-    inversion = invert(
-        pipe, picture, config.source_prompt, config.inversion, config.num_steps, config.guidance,
-        config.inner_steps, config.early_stop, progress=progress,
-    )
+    inversion = invert(pipe, picture, source_prompt, method, num_steps, guidance, inner_steps, early_stop,
+                       progress=progress)
     if cache is not None:
         cache.save("inversion", key, *inversion.to_record())
     return inversion, False
+
+
+def cache_fields(pipe: StableDiffusionPipeline, picture: Image.Image) -> dict[str, str]:
+    """What identifies a stage's inputs besides its own parameters: model weights, image pixels, dtype, device."""
+    return {"model": model_fingerprint(pipe), "image": image_digest(picture), "dtype": str(pipe.unet.dtype),
+            "device": pipe.unet.device.type}
 
 
 def describe_device(pipe: StableDiffusionPipeline) -> dict[str, str]:

@@ -27,8 +27,14 @@ def check_output_dir(out: Path) -> None:
         raise UsageError(f"output folder {out} is not empty and holds no earlier edit; choose another --out")
 
 
-def variant_filename(seed: int, inject_steps: int, eta: float) -> str:
-    return f"seed{seed}_K{inject_steps:02d}_eta{eta:.2f}.png"
+def format_knob(label: str, value: int | float) -> str:
+    """A sweep value as it appears in file names and grid labels: ``K10``, ``eta0.20``."""
+    return f"{label}{value:02d}" if isinstance(value, int) else f"{label}{value:.2f}"
+
+
+def variant_filename(seed: int, knobs: dict[str, int | float]) -> str:
+    """``seed0_K10_eta0.20.png``: the seed, then each sweep value in the method's order."""
+    return "_".join([f"seed{seed}", *(format_knob(k, v) for k, v in knobs.items())]) + ".png"
 
 
 def write_folder_atomically(out: Path, files: dict[str, bytes | Image.Image]) -> None:
@@ -78,49 +84,69 @@ def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2) + "\n").encode()
 
 
-def save_edit(result, out: str | Path, *, record: dict | None = None) -> Path:
-    """Write an :class:`~nonrigid.editing.EditResult` to ``out``; ``record`` adds fields to edit.json."""
+def save_result(result, out: str | Path, *, record: dict | None = None) -> Path:
+    """Write a :class:`~nonrigid.methods.base.MethodResult` to ``out``: input.png, one PNG per variant, grid.png
+    (rows: seed x every sweep but the last; columns: the last sweep) and edit.json. ``record`` adds fields."""
     from . import __version__
 
     out = Path(out)
-    settings = result.settings
     files: dict[str, bytes | Image.Image] = {"input.png": result.input_image}
     variants = []
     for v in result.variants:
-        name = variant_filename(v.seed, v.inject_steps, v.eta)
+        name = variant_filename(v.seed, v.knobs)
         files[name] = v.image
-        variants.append({"file": name, "seed": v.seed, "eta": v.eta, "inject_ratio": v.inject_ratio,
-                         "inject_steps": v.inject_steps})
-    steps = settings.inject_steps()
-    seeds = list(dict.fromkeys(settings.seeds))
-    by_key = {(v.seed, v.inject_steps, v.eta): v.image for v in result.variants}
-    rows = [[by_key[(s, k, e)] for e in settings.etas] for s in seeds for k in steps]
-    files["grid.png"] = make_grid(
-        rows, [f"seed {s}, K={k}" for s in seeds for k in steps], [f"eta {e:g}" for e in settings.etas]
-    )
+        variants.append({"file": name, "seed": v.seed, **v.knobs, **v.record})
+    files["grid.png"] = _grid(result)
+    params = {k: list(v) if isinstance(v, tuple) else v for k, v in result.params.items()}
     manifest = {
         "nonrigid_version": __version__,
         **(record or {}),
+        "method": result.method,
         "model_fingerprint": result.model_fingerprint,
-        "target_prompt": settings.target_prompt,
-        "source_prompt": settings.source_prompt,
-        "seeds": seeds,
-        "etas": list(settings.etas),
-        "inject_ratios": list(settings.inject),
-        "inject_steps": list(steps),
-        "num_steps": settings.num_steps,
-        "opt_steps": settings.opt_steps,
-        "opt_lr": settings.opt_lr,
-        "inversion": settings.inversion,
-        "guidance_scale": settings.guidance,
-        "nti_inner_steps": settings.inner_steps,
-        "nti_early_stop": settings.early_stop,
+        "target_prompt": result.target_prompt,
+        "source_prompt": result.source_prompt,
+        "seeds": list(result.seeds),
+        **params,
+        **result.record,
         "variants": variants,
-        "text_optimization_final_loss": {t.seed: (t.losses[-1] if t.losses else None)
-                                         for t in result.text_optimizations},
         "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
         "cache": result.cache,
     }
     files[MANIFEST] = manifest_bytes(manifest)
     write_folder_atomically(out, files)
     return out
+
+
+def _grid(result) -> Image.Image:
+    """Rows: seed x the values of every sweep but the last; columns: the last sweep's values (or one column)."""
+    rows: dict[tuple, list] = {}
+    columns: dict[object, str] = {}
+    for v in result.variants:
+        knobs = list(v.knobs.items())
+        row_key = (v.seed, *knobs[:-1])
+        column = knobs[-1] if knobs else None
+        columns.setdefault(column, f"{column[0]} {column[1]:g}" if column else result.method)
+        rows.setdefault(row_key, []).append(v.image)
+    labels = [", ".join([f"seed {key[0]}", *(f"{k}={val:g}" for k, val in key[1:])]) for key in rows]
+    return make_grid(list(rows.values()), labels, list(columns.values()))
+
+
+def save_edit(result, out: str | Path, *, record: dict | None = None) -> Path:
+    """Write an :class:`~nonrigid.editing.EditResult` (the library's ``edit``) like any method's result."""
+    from .methods.base import MethodResult, MethodVariant
+
+    settings = result.settings
+    steps = settings.inject_steps()
+    variants = [MethodVariant(v.seed, {"K": v.inject_steps, "eta": v.eta}, v.image, {"inject_ratio": v.inject_ratio})
+                for v in result.variants]
+    params = {"etas": settings.etas, "inject": settings.inject, "num_steps": settings.num_steps,
+              "opt_steps": settings.opt_steps, "opt_lr": settings.opt_lr, "inversion": settings.inversion,
+              "guidance_scale": settings.guidance_scale, "inner_steps": settings.inner_steps,
+              "early_stop": settings.early_stop}
+    extras = {"guidance_scale_used": settings.guidance, "inject_steps": list(steps),
+              "text_optimization_final_loss": {t.seed: (t.losses[-1] if t.losses else None)
+                                               for t in result.text_optimizations}}
+    generic = MethodResult("ours", result.input_image, settings.target_prompt, settings.source_prompt,
+                           tuple(dict.fromkeys(settings.seeds)), params, variants, ("K", "eta"), result.timings,
+                           result.cache, extras, result.model_fingerprint)
+    return save_result(generic, out, record=record)

@@ -8,9 +8,12 @@ caption; NTI without a source prompt), and then every setting as one batched sam
 - inversion ablation: DDIM / NTI-src / NTI-w/o-src at injection 20%, eta swept;
 - injection ablation: NTI-w/o-src at 0, 10, ..., 50%, eta swept.
 
-Each pair's rows are written to ``OUT/results/<pair>.json`` atomically once the pair is done, and a rerun skips
-done pairs, so an interrupted evaluation loses at most the pair in progress. Stage results go to the stage cache
-in ``OUT/cache``, so even that pair's finished stages are not redone.
+- the baselines (``BASELINES``, through :func:`nonrigid.methods.run.run_method`), each sweeping its main knob,
+  with the source caption as source prompt (the reference codes are used that way).
+
+Each pair's rows are written to ``OUT/results/<pair>.json`` (baselines: ``OUT/baselines/<pair>-<method>.json``)
+atomically once done, and a rerun skips what is done, so an interrupted evaluation loses at most the job in
+progress. Stage results go to the stage cache in ``OUT/cache``, so even that job's finished stages are not redone.
 """
 
 from __future__ import annotations
@@ -34,10 +37,20 @@ ETAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 INJECT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 INVERSIONS = {"DDIM": ("ddim", False), "NTI-src": ("nti", True), "NTI-w/o-src": ("nti", False)}
 
+# baseline settings on the miniature model: each method's main knob swept over a range that spans "keeps the input"
+# to "follows the text"; step counts as the references, except Imagic's fine-tuning (inside the paper's 50..400).
+BASELINES: dict[str, dict] = {
+    "imagic": {"alphas": (0.6, 0.8, 1.0, 1.2), "finetune_steps": 200},
+    "masactrl": {"start_step": (4, 10, 20)},
+    "edit-friendly": {"skip": (24, 36, 48, 60)},
+    "dds": {"iterations": (25, 50, 100, 200)},
+    "ledits": {"edit_guidance": (5.0, 10.0, 15.0)},
+}
+
 
 def evaluate(pipe, judge: PoseJudge, pairs: list[Pair], out: Path, *, num_steps: int = 50, opt_steps: int = 200,
-             progress: bool = True) -> list[dict]:
-    """Run every setting on every pair (skipping pairs already done) and return all rows."""
+             baselines: tuple[str, ...] = tuple(BASELINES), progress: bool = True) -> list[dict]:
+    """Run every setting and baseline on every pair (skipping what is already done) and return all rows."""
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
     cache = StageCache(out / "cache")
@@ -51,11 +64,42 @@ def evaluate(pipe, judge: PoseJudge, pairs: list[Pair], out: Path, *, num_steps:
         rows, strip = _evaluate_pair(pipe, judge, pair, index, cache, num_steps, opt_steps)
         strip.save(results / f"{index:03d}.png")
         write_atomic(path, (json.dumps(rows) + "\n").encode())
+    jobs = [(index, pair, method) for index, pair in enumerate(pairs) for method in baselines]
+    (out / "baselines").mkdir(exist_ok=True)
+    for index, pair, method in tqdm(jobs, desc="baselines", disable=not progress or not jobs):
+        path = out / "baselines" / f"{index:03d}-{method}.json"
+        if not path.exists():
+            rows = _evaluate_baseline(pipe, judge, pair, index, method, cache, opt_steps, out / "baselines")
+            write_atomic(path, (json.dumps(rows) + "\n").encode())
     return load_rows(out)
 
 
 def load_rows(out: Path) -> list[dict]:
-    return [row for path in sorted((out / "results").glob("*.json")) for row in json.loads(path.read_text())]
+    paths = sorted((out / "results").glob("*.json")) + sorted((out / "baselines").glob("*.json"))
+    return [row for path in paths for row in json.loads(path.read_text())]
+
+
+def _evaluate_baseline(
+    pipe, judge, pair: Pair, index: int, method: str, cache, opt_steps: int, folder: Path
+) -> list[dict]:
+    """One baseline on one pair: every value of its main knob, judged like the method's variants."""
+    from ..methods import method_info
+    from ..methods.run import run_method
+
+    params = dict(BASELINES[method])
+    if method == "imagic":
+        params["opt_steps"] = opt_steps  # the same stage A as ours: shared through the cache
+    image = Image.open(pair.image).convert("RGB")
+    result = run_method(pipe, image, pair.target_text, method, params, seeds=(0,), source_prompt=pair.source_text,
+                        size=image.size[0], cache=cache)
+    label = method_info(method).sweeps[0].label
+    rows = []
+    for variant in result.variants:
+        knob = variant.knobs[label]
+        row = _row(judge, pair, index, variant.image, "", float(knob), 0.0)
+        rows.append({**row, "group": "methods", "setting": method, "knob": label})
+        variant.image.save(folder / f"{index:03d}-{method}-{label}{knob:g}.png")
+    return rows
 
 
 def _evaluate_pair(pipe, judge, pair: Pair, index: int, cache, num_steps: int, opt_steps: int):
@@ -161,5 +205,6 @@ def plot(summary, group: str, title: str, path: Path) -> None:
 
 
 def _setting_order(setting: str) -> tuple[int, str]:
-    order = ["ours", "NTI-only", "DDIM", "NTI-src", "NTI-w/o-src", *(f"inject {r}%" for r in range(0, 60, 10))]
+    order = ["ours", "NTI-only", *BASELINES, "DDIM", "NTI-src", "NTI-w/o-src",
+             *(f"inject {r}%" for r in range(0, 60, 10))]
     return (order.index(setting) if setting in order else len(order), setting)

@@ -1,0 +1,333 @@
+"""The evaluation commands: ``nonrigid bench``, ``nonrigid score`` and ``nonrigid report``.
+
+Same conventions as :mod:`nonrigid.cli`: one-line errors (:class:`~nonrigid.errors.UsageError`), arguments
+validated before torch is imported, ``--quiet`` and ``--debug`` on every command, progress bars on stderr and the
+output folder as the only line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import UsageError
+from .methods import METHODS
+from .options import DEFAULT_MODEL
+
+logger = logging.getLogger("nonrigid")
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+
+def add_bench_parsers(commands, Parser: type[argparse.ArgumentParser]) -> None:
+    """Add ``bench``, ``score`` and ``report`` to the ``nonrigid`` subcommands. (``Parser``, cli's one-line-error
+    parser class, is what ``commands`` already makes every subcommand with.)"""
+    add_bench_parser(commands)
+    add_score_parser(commands)
+    add_report_parser(commands)
+
+
+def add_bench_parser(commands) -> None:
+    from .bench import PRESETS
+    from .cli import HelpFormatter, add_runtime_flags
+
+    presets = "; ".join(f"{name}: {p.summary}" for name, p in PRESETS.items())
+    p = commands.add_parser(
+        "bench", help="run methods over TEdBench (or any folder in its layout) and score every edit",
+        description="Run every (pair, seed, setting) of DATA (input_list.json + originals/) with each --method, "
+        "save every edited image and store one row per edit (pair, method, seed, every parameter, CLIP-T, LPIPS, "
+        "aesthetic score, timings, image path) in OUT/results.sqlite. Resumable: after an interruption (even a "
+        "kill) run the same command again and it continues where it stopped, redoing no finished job; a different "
+        "command on an existing OUT is refused. A method's own sweep parameters (ours: eta, inject) run in one job "
+        "per pair and share its stages; sweeping any other parameter multiplies the jobs.",
+        epilog=f"presets: {presets}",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--data", type=Path, required=True, help="TEdBench-layout folder (input_list.json, originals/)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (created, or resumed if it exists)")
+    p.add_argument("--method", action="append", choices=list(METHODS), default=None,
+                   help="method to run; repeatable (default: ours); `nonrigid methods` lists their parameters")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="a paper ablation (Sec. 5.4) with the method ours: inversion type or injection ratio")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per edit (the paper: 5); deterministic "
+                   "methods run once")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="values of a parameter, by name or label (eta, inject, opt_steps, ...), applied to every "
+                   "method that has it (or METHOD.KEY); source=none,pair sweeps the source prompt; repeatable")
+    p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a parameter of every method that has it, e.g. --set num_steps=50; source=pair uses "
+                   "each pair's caption as the source prompt (default: empty, the paper's choice); repeatable")
+    p.add_argument("--pairs", default=None, metavar="LIST",
+                   help="only these pairs: indices into input_list.json (0-based), ranges 3-7, image names or stems")
+    p.add_argument("--limit", type=int, default=None, help="only the first N (selected) pairs")
+    p.add_argument("--sources", type=Path, default=None,
+                   help="JSON object image name -> caption, the source prompt of settings with source=pair (e.g. "
+                   "the inversion preset's NTI-src); default: the data's own, else one made from the file name")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, local diffusers folder, single-file checkpoint, 'mini' or 'tiny'")
+    p.add_argument("--config", default=None,
+                   help="for a single-file checkpoint: diffusers folder or hub id to read its configs from")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickle checkpoints (.ckpt/.bin), which can run arbitrary code")
+    p.add_argument("--size", type=int, default=512, help="working resolution in pixels")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="most variants per UNet batch (default: all of a job at once)")
+    add_runtime_flags(p)
+    add_metric_flags(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would run (jobs, edits, done) and stop")
+    _add_common_flags(p)
+    p.set_defaults(func=run_bench)
+
+
+def add_score_parser(commands) -> None:
+    from .cli import HelpFormatter
+
+    p = commands.add_parser(
+        "score", help="score a folder of edits made elsewhere, for the same plots",
+        description="Score FOLDER's images, named <image name>-<target text>.png like TEdBench's published Imagic "
+        "results (case, spaces, underscores and punctuation do not matter; a trailing _N is a seed), against "
+        "DATA's originals. Both are center-cropped and resized to --size as the editor does. Rows go into "
+        "OUT/results.sqlite like `nonrigid bench` rows; files that match no pair are listed as warnings.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("folder", type=Path, help="folder of edited images")
+    p.add_argument("--data", type=Path, required=True, help="TEdBench-layout folder the edits were made from")
+    p.add_argument("--method-name", default=None, help="method name in tables and plots (default: FOLDER's name)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<method name>)")
+    p.add_argument("--size", type=int, default=512, help="resolution both images are scored at")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    add_metric_flags(p)
+    _add_common_flags(p)
+    p.set_defaults(func=run_score)
+
+
+def add_report_parser(commands) -> None:
+    from .cli import HelpFormatter
+    from .report import BINNINGS
+
+    p = commands.add_parser(
+        "report", help="plots, tables and an HTML gallery from benchmark runs",
+        description="Write to --out: Figure 6 (CLIP-T and aesthetic score per LPIPS bin, one line per method, "
+        "standard-error bars; PNG and SVG), summary.csv/.md (mean and standard error of every metric and wall time "
+        "per edit, per method and setting), an ablation plot per preset run, and gallery.html (each pair's input "
+        "beside every method's edit at matched LPIPS), which opens in a browser without a server.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders of `nonrigid bench` or `score`")
+    p.add_argument("--out", type=Path, default=Path("report"), help="report folder")
+    p.add_argument("--bins", type=int, default=8, help="LPIPS bins of Figure 6")
+    p.add_argument("--binning", choices=BINNINGS, default="fixed",
+                   help="fixed: equal-width bins over the LPIPS range; quantile: equally many edits per bin")
+    p.add_argument("--min-per-bin", type=int, default=2, help="leave out bins with fewer edits of a method")
+    p.add_argument("--gallery-lpips", type=float, nargs="+", default=None, metavar="LPIPS",
+                   help="LPIPS levels the gallery matches edits at (default: the median LPIPS of all edits)")
+    _add_common_flags(p)
+    p.set_defaults(func=run_report)
+
+
+def add_metric_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clip-model", default=None,
+                   help=f"CLIP for CLIP-T and the aesthetic score: hub id or local folder (default: {DEFAULT_CLIP})")
+    p.add_argument("--lpips-weights", type=Path, default=None,
+                   help="local LPIPS (VGG) weights file (default: the metrics module's own source)")
+    p.add_argument("--vgg-weights", type=Path, default=None,
+                   help="local torchvision VGG16 weights for LPIPS (default: the torch hub cache)")
+    p.add_argument("--aesthetic-head", type=Path, default=None,
+                   help="LAION aesthetic predictor head, e.g. sac+logos+ava1-l14-linearMSE.pth (default: the "
+                   "metrics module's own)")
+    p.add_argument("--metrics", choices=("default", "tiny"), default="default",
+                   help="tiny: small random-weight backbones, meaningless numbers, for tests only")
+
+
+def _add_common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages, only errors and warnings")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+# --------------------------------------------------------------------------------------------------- bench
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import (
+        PRESETS,
+        BenchSpec,
+        opened,
+        pending_jobs,
+        plan_settings,
+        read_pairs,
+        select_pairs,
+        uses_source_captions,
+    )
+
+    if args.preset and args.method:
+        raise UsageError(f"--preset {args.preset} runs {PRESETS[args.preset].method} itself; leave out --method")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1 (seeds 0..N-1), got {args.seeds}")
+    methods = [PRESETS[args.preset].method] if args.preset else (args.method or ["ours"])
+    settings = plan_settings(methods, args.sweep, args.assignments, args.preset)
+    pairs = select_pairs(read_pairs(args.data, args.sources), args.pairs, args.limit)
+    guessed = [p for p in pairs if p.source_origin == "file name"]
+    if guessed and uses_source_captions(settings):
+        logger.warning(f"warning: {len(guessed)} pairs have no caption for a source prompt; using one made from the "
+                       f"file name (e.g. {guessed[0].source_text!r}); give --sources FILE for real captions")
+    runtime = {"device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
+               **{k: getattr(args, k) for k in ("low_memory", "compile") if getattr(args, k, False)}}
+    spec = BenchSpec(args.data, pairs, settings, tuple(range(args.seeds)), model=args.model, size=args.size,
+                     runtime=runtime, metrics=metric_options(args), preset=args.preset)
+    jobs = spec.jobs()
+    if args.dry_run:
+        print(describe_plan(spec, args.out))
+        return 0
+    with opened(args.out, spec.identity(), ["nonrigid", *sys.argv[1:]]) as run:
+        todo = pending_jobs(spec, run)
+        if todo and len(todo) < len(jobs):
+            _say(args, f"resuming {args.out}: {len(jobs) - len(todo)} of {len(jobs)} jobs already done")
+        if todo:
+            from .bench import run_benchmark
+
+            pipe, metrics = load_models(args, run)
+
+            with _only_warnings(args.debug):
+                stats = run_benchmark(spec, run, pipe, metrics, progress=not args.quiet)
+            _say(args, f"{stats.edits} edits in {stats.ran} jobs written to {args.out / 'results.sqlite'}")
+        else:
+            _say(args, f"all {len(jobs)} jobs are done")
+    print(args.out)
+    return 0
+
+
+def describe_plan(spec, out: Path) -> str:
+    """What a run would compute: settings per method, jobs, edits, and how many jobs ``out`` holds already."""
+    from .bench import done_job_keys, expected_edits
+
+    lines = [f"{len(spec.pairs)} pairs, seeds {', '.join(map(str, spec.seeds))}"]
+    for method, settings in spec.settings.items():
+        for setting in settings:
+            extra = f" (source prompt: {setting.source})" if setting.source != "none" else ""
+            lines.append(f"  {method} [{setting.label}]{extra}: {_format_overrides(setting.params)}")
+    jobs = spec.jobs()
+    done = done_job_keys(out) & {job.key for job in jobs}
+    lines.append(f"{len(jobs)} jobs, {sum(expected_edits(job) for job in jobs)} edits; {len(done)} jobs done in {out}")
+    return "\n".join(lines)
+
+
+def _format_overrides(params: dict) -> str:
+    if not params:
+        return "defaults"
+    return " ".join(f"{k}={','.join(f'{x:g}' for x in v) if isinstance(v, tuple) else v}" for k, v in params.items())
+
+
+def metric_options(args: argparse.Namespace) -> dict[str, str | None]:
+    """The metrics' identity in run.json: a run is only continued with the same networks."""
+    if args.metrics == "tiny":
+        return {"kind": "tiny"}
+
+    def path(p: Path | None) -> str | None:
+        if p is None:
+            return None
+        if not p.is_file():
+            raise UsageError(f"{p} does not exist")
+        return str(p.resolve())
+
+    return {"kind": "default", "clip_model": args.clip_model or DEFAULT_CLIP, "lpips_weights": path(args.lpips_weights),
+            "vgg_weights": path(args.vgg_weights), "aesthetic_head": path(args.aesthetic_head)}
+
+
+def load_models(args: argparse.Namespace, run):
+    """The pipeline and the metrics (the slow imports happen here, after every check passed); what they are goes
+    into the run's ``meta`` table."""
+    from .cli import _configure, quiet_libraries
+    from .editing import describe_device
+    from .loading import load_pipeline, model_fingerprint
+
+    quiet_libraries(args.quiet)
+    _say(args, f"loading model {args.model}")
+    pipe = load_pipeline(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.config)
+    pipe = _configure(pipe, args)
+    metrics = _load_metrics(args, pipe.unet.device)
+    run.set_meta(model_fingerprint=model_fingerprint(pipe), **describe_device(pipe), metrics=_describe(metrics))
+    return pipe, metrics
+
+
+def _describe(metrics) -> dict:
+    describe = getattr(metrics, "describe", None)
+    return describe() if callable(describe) else {}
+
+
+def _load_metrics(args: argparse.Namespace, device):
+    from .bench import load_metrics
+
+    _say(args, "loading metrics" + (" (tiny random backbones: numbers are meaningless)" if args.metrics == "tiny"
+                                    else ""))
+    options = metric_options(args)
+    return load_metrics(args.metrics, clip_model=args.clip_model, lpips_weights=options.get("lpips_weights"),
+                        vgg_weights=options.get("vgg_weights"), aesthetic_head=options.get("aesthetic_head"),
+                        device=device)
+
+
+# --------------------------------------------------------------------------------------------------- score
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from .bench import match_edits, opened, outside_files, read_pairs, score_folder, score_identity, slugify
+
+    if args.size <= 0:
+        raise UsageError(f"--size must be positive, got {args.size}")
+    pairs = read_pairs(args.data)
+    edits, warnings = match_edits(outside_files(args.folder), pairs)
+    for warning in warnings:
+        logger.warning("warning: %s", warning)
+    if not edits:
+        raise UsageError(f"no image in {args.folder} matches a pair of {args.data / 'input_list.json'}; name them "
+                         "<image name>-<target text>.png")
+    method = args.method_name or args.folder.resolve().name
+    out = args.out or Path("runs") / slugify(method)
+    identity = score_identity(args.folder, args.data, method, args.size, metric_options(args))
+    with opened(out, identity, ["nonrigid", *sys.argv[1:]]) as run:
+        from .cli import quiet_libraries
+        from .loading import resolve_device
+
+        quiet_libraries(args.quiet)
+        metrics = _load_metrics(args, resolve_device(args.device))
+        run.set_meta(metrics=_describe(metrics))
+        with _only_warnings(args.debug):
+            stats = score_folder(edits, run, method, args.size, metrics, progress=not args.quiet)
+        _say(args, f"{method}: {stats.ran} images scored ({stats.done_before} earlier), {len(warnings)} skipped")
+    print(out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    write_report(args.runs, args.out, bins=args.bins, binning=args.binning, min_per_bin=args.min_per_bin,
+                 gallery_lpips=args.gallery_lpips, log=None if args.quiet else logger.info)
+    print(args.out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        logger.info(message)
+
+
+@contextmanager
+def _only_warnings(debug: bool) -> Iterator[None]:
+    """The stages' per-job messages ("reusing cached ...") would scroll the progress bar away: warnings only."""
+    previous = logger.level
+    if not debug:
+        logger.setLevel(max(previous, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

@@ -1,0 +1,221 @@
+"""What every editing method shares: its parameter table, its result, and the context it runs in.
+
+Torch-free, so that ``nonrigid methods`` and usage errors answer at once. A method is a module with an ``INFO``
+(:class:`MethodInfo`: name, summary and :class:`Param` table) and a function
+
+    run(pipe, picture, target_prompt, params, ctx) -> MethodOutput
+
+where ``params`` holds every parameter of the table, resolved and validated (:func:`resolve_params`), and ``ctx``
+the inputs every method shares (:class:`MethodContext`). Sweep parameters hold tuples: one variant per value, and
+the last sweep parameter is the grid's column axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from ..errors import UsageError
+
+KINDS = ("int", "float", "str", "bool", "ints", "floats")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One knob of a method.
+
+    ``kind`` is one of :data:`KINDS`; "ints"/"floats" are sweeps (comma-separated on the command line, one
+    variant per value). ``label`` names a sweep value in file names and grid labels (``eta0.20``); ``low``/``high``
+    bound every value; ``choices`` restricts a str; ``optional`` allows "none" (the method picks).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    label: str = ""
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.kind in ("ints", "floats")
+
+    def parse(self, text: str) -> Any:
+        """A command-line value (``"0.1,0.2"``, ``"true"``, ``"none"``) as this parameter's type."""
+        text = text.strip()
+        if self.optional and text.lower() in ("none", ""):
+            return None
+        try:
+            if self.kind == "int":
+                return int(text)
+            if self.kind == "float":
+                return float(text)
+            if self.kind == "bool":
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(text)
+                return text.lower() in ("true", "1", "yes")
+            if self.kind == "ints":
+                return tuple(int(v) for v in text.split(",") if v.strip())
+            if self.kind == "floats":
+                return tuple(float(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise UsageError(f"{self.name} expects {self.describe_kind()}, got {text!r}") from None
+        return text
+
+    def describe_kind(self) -> str:
+        return {
+            "int": "an integer", "float": "a number", "str": "a word", "bool": "true or false",
+            "ints": "comma-separated integers", "floats": "comma-separated numbers",
+        }[self.kind]
+
+    def check(self, value: Any, shown_as: str = "") -> Any:
+        """Normalise and validate ``value``; raise :class:`UsageError` with a message that says what is allowed.
+
+        ``shown_as`` names the value in messages (e.g. the flag ``--eta`` that set ``etas``)."""
+        try:
+            return self._check(value)
+        except UsageError as err:
+            if shown_as:
+                raise UsageError(str(err).replace(self.name, shown_as, 1)) from None
+            raise
+
+    def _check(self, value: Any) -> Any:
+        if value is None:
+            if self.optional:
+                return None
+            raise UsageError(f"{self.name} needs a value")
+        if self.is_sweep:
+            values = (value,) if isinstance(value, (int, float)) else tuple(value)
+            if not values:
+                raise UsageError(f"{self.name} needs at least one value")
+            cast = int if self.kind == "ints" else float
+            values = tuple(dict.fromkeys(cast(v) for v in values))
+            for v in values:
+                self._check_bounds(v)
+            return values
+        if self.kind == "int":
+            value = int(value)
+        elif self.kind == "float":
+            value = float(value)
+        elif self.kind == "bool":
+            value = bool(value)
+        else:
+            value = str(value)
+            if self.choices and value not in self.choices:
+                raise UsageError(f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}")
+            return value
+        self._check_bounds(value)
+        return value
+
+    def _check_bounds(self, value: float) -> None:
+        if self.low is not None and value < self.low:
+            raise UsageError(f"{self.name} must be >= {self.low:g}, got {value:g}")
+        if self.high is not None and value > self.high:
+            raise UsageError(f"{self.name} must be <= {self.high:g}, got {value:g}")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A method's name, what it does, whether its result depends on the seed, and its parameters."""
+
+    name: str
+    summary: str
+    params: tuple[Param, ...]
+    seeded: bool = True
+    reference: str = ""
+    memory: str = ""
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.params)
+        raise UsageError(f"method {self.name!r} has no parameter {name!r} (its parameters: {known})")
+
+    @property
+    def sweeps(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.is_sweep)
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+
+def resolve_params(
+    info: MethodInfo, overrides: Mapping[str, Any] | None = None, shown_as: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Defaults updated by ``overrides`` (values or command-line strings), every value checked.
+
+    ``shown_as`` maps parameter names to what the user typed (``{"etas": "--eta"}``) for error messages."""
+    params = info.defaults()
+    for name, value in (overrides or {}).items():
+        param = info.param(name)
+        params[name] = param.parse(value) if isinstance(value, str) and param.kind != "str" else value
+    shown_as = shown_as or {}
+    return {p.name: p.check(params[p.name], shown_as.get(p.name, "")) for p in info.params}
+
+
+def parse_assignments(assignments: Sequence[str]) -> dict[str, str]:
+    """``["alpha=0.8,1.0", "skip=36"]`` -> ``{"alpha": "0.8,1.0", "skip": "36"}``."""
+    result: dict[str, str] = {}
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        result[name.strip().replace("-", "_")] = value
+    return result
+
+
+@dataclass
+class MethodVariant:
+    """One edited image: the seed and the sweep values (by label) that made it, plus anything worth recording."""
+
+    seed: int
+    knobs: dict[str, int | float]
+    image: Image.Image
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodContext:
+    """Inputs every method shares. ``cache_fields`` identify model, image, dtype and device in stage cache keys."""
+
+    seeds: tuple[int, ...] = (0,)
+    source_prompt: str = ""
+    cache: Any = None
+    cache_fields: dict[str, str] = field(default_factory=dict)
+    progress: bool = False
+    batch_size: int | None = None
+
+
+@dataclass
+class MethodOutput:
+    """What a method's ``run`` returns: the variants (grid order), stage timings, cache hits and extras."""
+
+    variants: list[MethodVariant]
+    timings: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodResult:
+    """A finished edit of any method, ready for :func:`nonrigid.output.save_result`."""
+
+    method: str
+    input_image: Image.Image
+    target_prompt: str
+    source_prompt: str
+    seeds: tuple[int, ...]
+    params: dict[str, Any]
+    variants: list[MethodVariant]
+    knob_labels: tuple[str, ...]
+    timings: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+    model_fingerprint: str = ""

@@ -1,0 +1,217 @@
+"""Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., CVPR 2024) as a :mod:`nonrigid.methods` entry.
+
+DDPM sampling (the DDIM update with eta = 1) adds fresh noise ``sigma_t z_t`` at every step. Instead of drawing the
+``z_t`` at random, this method *extracts* them from the image:
+
+1. ``x0 = s * E(image)`` (the mean). For every sampling step i, at timestep ``t_i``, draw its own noisy latent
+   ``x_i = sqrt(abar_t) x0 + sqrt(1 - abar_t) n_i`` with **independent** noise ``n_i`` (a seeded generator per
+   seed). Independent noise is what makes these noise maps "edit friendly": they carry the image's structure.
+2. For each step, ``z_i = (x_{i+1} - mu(x_i)) / sigma_i``, where ``mu`` is the eta = 1 step's mean with the source
+   prompt at ``source_guidance`` (the last step's target is x0 itself). By construction the DDPM step from
+   ``x_i`` with variance noise ``z_i`` lands exactly on ``x_{i+1}``: sampling reproduces the image.
+3. Edit: start at the stored ``x_skip`` and run steps ``skip .. N-1`` with the **target** prompt at
+   ``target_guidance``, reusing the same ``z_i`` as variance noise.
+
+The DDPM step is diffusers' ``DDIMScheduler.step(..., eta=1.0, variance_noise=z)`` on a private scheduler copy.
+Step 2 stores, as ``x_{i+1}``, the value that the step with ``z_i`` actually computes (the reference does the same),
+so the chain the sampler replays is self-consistent to the last bit, not only up to rounding of ``z``.
+
+Index convention (as ``Inversion.reconstruction``): sampling order, i = 0 is the noisiest step; ``xs[i]`` is the
+latent before step i and ``xs[N]`` is x0. ``skip`` = number of first steps not run (reference default 36 of 100).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..diffusion import check_finite, decode_latents, encode_image, encode_text, predict_noise, sampling_scheduler
+from ..errors import UsageError
+from . import EDIT_FRIENDLY as INFO
+from .base import MethodContext, MethodOutput, MethodVariant
+
+__all__ = ["INFO", "EditFriendlyInversion", "edit_friendly_invert", "edit_friendly_sample", "run"]
+
+
+@dataclass
+class EditFriendlyInversion:
+    """One seed's noise maps: replaying them with the source prompt at ``guidance_scale`` gives back ``xs[N]``.
+
+    ``xs`` (N + 1, 4, h, w): the latent before each sampling step (``xs[N]`` = x0, the image latent).
+    ``zs`` (N, 4, h, w): the variance noise of each step. ``timesteps``: the N timesteps, noisiest first.
+    """
+
+    seed: int
+    xs: torch.Tensor
+    zs: torch.Tensor
+    timesteps: torch.Tensor
+    guidance_scale: float
+
+    @property
+    def num_steps(self) -> int:
+        return self.zs.shape[0]
+
+
+def ddpm_sigma(scheduler: DDIMScheduler, timestep: torch.Tensor | int) -> torch.Tensor:
+    """Standard deviation of the noise the eta = 1 step from ``timestep`` adds (DDIM paper Eq. 16 with eta = 1).
+
+    ``sigma^2 = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)``; the previous timestep is the
+    scheduler's own (``t - 1000 / N``; below 0 it uses ``final_alpha_cumprod``), so this matches ``step``.
+    """
+    prev = int(timestep) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    abar = scheduler.alphas_cumprod[int(timestep)]
+    abar_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+    return ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+
+
+def independent_noisy_latents(latent: torch.Tensor, scheduler: DDIMScheduler, seed: int) -> torch.Tensor:
+    """``x_i = sqrt(abar_t_i) x0 + sqrt(1 - abar_t_i) n_i`` for every step i, each with its own noise ``n_i``.
+
+    The noise comes from a CPU generator seeded with ``seed`` (the same draws on every device), then moves.
+    Returns (N + 1, 4, h, w): the N noisy latents in sampling order, then x0.
+    """
+    timesteps = scheduler.timesteps
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((len(timesteps), *latent.shape[1:]), generator=generator, dtype=torch.float32)
+    noise = noise.to(latent.device)
+    abar = scheduler.alphas_cumprod[timesteps].to(latent.device).view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * latent + (1 - abar).sqrt() * noise
+    return torch.cat([noisy, latent])
+
+
+@torch.no_grad()
+def edit_friendly_invert(
+    pipe: StableDiffusionPipeline,
+    latent: torch.Tensor,
+    source_embedding: torch.Tensor,
+    num_steps: int,
+    guidance_scale: float,
+    seeds: Sequence[int] = (0,),
+    *,
+    uncond_embedding: torch.Tensor | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> list[EditFriendlyInversion]:
+    """Extract the noise maps of ``latent`` (1, 4, h, w) for every seed; the seeds run as one batch per step.
+
+    Each seed's result depends only on its own seed (its own generator), not on which other seeds run with it
+    (up to the last bits of batched convolutions). The unconditional embedding defaults to ``tau("")``.
+    """
+    if uncond_embedding is None:
+        uncond_embedding = encode_text(pipe, "")
+    scheduler = sampling_scheduler(pipe, num_steps)
+    xs = torch.stack([independent_noisy_latents(latent.float(), scheduler, s) for s in seeds])  # (S, N+1, ...)
+    zs = torch.zeros_like(xs[:, :num_steps])
+    chunk = batch_size or len(seeds)
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="noise maps", disable=not progress, leave=False)):
+        sigma = ddpm_sigma(scheduler, t)
+        for rows in torch.arange(len(seeds)).split(chunk):
+            x = xs[rows, i]
+            eps = predict_noise(pipe.unet, x, t, source_embedding, uncond_embedding, guidance_scale)
+            mean = scheduler.step(eps, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
+            # sigma is 0 only for a final step to alpha 1 (set_alpha_to_one): that step adds no noise to steer
+            z = (xs[rows, i + 1] - mean) / sigma if sigma > 0 else torch.zeros_like(x)
+            zs[rows, i] = z
+            if i + 1 < num_steps:  # store what the step really computes, so replaying is exact to the last bit
+                xs[rows, i + 1] = scheduler.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample
+    check_finite(zs, "edit-friendly inversion")
+    return [
+        EditFriendlyInversion(int(s), xs[k], zs[k], scheduler.timesteps.clone(), float(guidance_scale))
+        for k, s in enumerate(seeds)
+    ]
+
+
+@torch.no_grad()
+def edit_friendly_sample(
+    pipe: StableDiffusionPipeline,
+    inversions: Sequence[EditFriendlyInversion],
+    target_embedding: torch.Tensor,
+    guidance_scale: float,
+    skips: Sequence[int],
+    *,
+    uncond_embedding: torch.Tensor | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDPM sampling with the stored noise maps: one row per (inversion, skip), in that order; final latents.
+
+    Row (k, skip) starts from ``inversions[k].xs[skip]`` and runs steps ``skip .. N-1`` with variance noise
+    ``inversions[k].zs[i]``. Rows join the batch at their first step, so steps shared by several skip values run
+    once per step for all of them (in chunks of ``batch_size``). ``skip = N`` returns x0 itself.
+    """
+    if not inversions:
+        raise ValueError("edit_friendly_sample needs at least one inversion")
+    num_steps = inversions[0].num_steps
+    if any(inv.num_steps != num_steps for inv in inversions):
+        raise ValueError("all inversions must have the same number of steps")
+    for skip in skips:
+        if not 0 <= skip <= num_steps:
+            raise UsageError(f"skip must be between 0 and num_steps ({num_steps}), got {skip}")
+    if uncond_embedding is None:
+        uncond_embedding = encode_text(pipe, "")
+    scheduler = sampling_scheduler(pipe, num_steps)
+    rows = [(k, int(skip)) for k in range(len(inversions)) for skip in skips]
+    latents = torch.stack([inversions[k].xs[skip] for k, skip in rows])  # each row's start (x0 for skip = N)
+    chunk = batch_size or len(rows)
+    for i in tqdm(range(min(skips), num_steps), desc="DDPM sampling", disable=not progress, leave=False):
+        t = scheduler.timesteps[i]
+        active = torch.tensor([r for r, (_, skip) in enumerate(rows) if skip <= i])
+        for part in active.split(chunk):
+            x = latents[part]
+            noise = torch.stack([inversions[rows[r][0]].zs[i] for r in part.tolist()])
+            eps = predict_noise(pipe.unet, x, t, target_embedding, uncond_embedding, guidance_scale)
+            latents[part] = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+    check_finite(latents, "edit-friendly sampling")
+    return latents
+
+
+def run(
+    pipe: StableDiffusionPipeline, picture: Image.Image, target_prompt: str, params: dict[str, Any],
+    ctx: MethodContext,
+) -> MethodOutput:
+    """Noise maps once per seed, then every skip value of every seed sampled together; variants (seed, skip)."""
+    num_steps, skips = params["num_steps"], params["skip"]
+    too_many = [s for s in skips if s > num_steps]
+    if too_many:
+        raise UsageError(f"skip must be at most num_steps ({num_steps}); got {', '.join(map(str, too_many))}")
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    latent = encode_image(pipe, picture)
+    uncond = encode_text(pipe, "")
+    source = encode_text(pipe, ctx.source_prompt)
+    inversions = edit_friendly_invert(pipe, latent, source, num_steps, params["source_guidance"], ctx.seeds,
+                                      uncond_embedding=uncond, batch_size=ctx.batch_size, progress=ctx.progress)
+    timings["inversion"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    target = encode_text(pipe, target_prompt)
+    latents = edit_friendly_sample(pipe, inversions, target, params["target_guidance"], skips,
+                                   uncond_embedding=uncond, batch_size=ctx.batch_size, progress=ctx.progress)
+    timings["sampling"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    images = decode_latents(pipe, latents, batch_size=ctx.batch_size or 8)
+    timings["decoding"] = time.perf_counter() - tick
+    variants = [
+        MethodVariant(inv.seed, {"skip": skip}, img, {"start_timestep": _start_timestep(inv, skip)})
+        for (inv, skip), img in zip(((inv, s) for inv in inversions for s in skips), images, strict=True)
+    ]
+    record = {
+        "num_steps": num_steps,
+        "source_guidance": params["source_guidance"],
+        "target_guidance": params["target_guidance"],
+        "unconditional_prompt": "",
+        # edit-friendly noise maps are not N(0, I): their spread says how much image structure they carry
+        "noise_map_std": {inv.seed: float(inv.zs.std()) for inv in inversions},
+    }
+    return MethodOutput(variants, timings, {}, record)
+
+
+def _start_timestep(inversion: EditFriendlyInversion, skip: int) -> int:
+    """The timestep sampling starts from (0 when every step is skipped: the input latent itself)."""
+    return int(inversion.timesteps[skip]) if skip < inversion.num_steps else 0

@@ -1,0 +1,303 @@
+"""Imagic (Kawar et al., CVPR 2023) on Stable Diffusion: the baseline of method.md section 2.
+
+Per seed:
+
+1. Stage A, text optimization, shared with the paper's method (:func:`nonrigid.editing.text_stage`, same cache
+   entries): ``e_opt`` such that the frozen UNet denoises the image well.
+2. Fine-tune a *copy* of the UNet on the image with ``e_opt`` fixed: ``|| eps_theta'(x_t, t, e_opt) - noise ||^2``
+   with Adam (:func:`finetune_unet`).
+3. Sample from random noise with the copy, conditioned on ``alpha * e_tgt + (1 - alpha) * e_opt`` for every alpha of
+   the sweep, classifier-free guidance against ``tau("")``, DDIM (:func:`imagic_sample`).
+
+The fine-tuned weights belong to one edit of one seed: they are trained on a deep copy and dropped afterwards;
+``pipe.unet`` is never trained, so later edits (of any method) see the original weights. Nothing of the fine-tuning
+is cached (a UNet per edit is far too large); stage A is.
+
+Memory plan for SD 1.x at fp16 on a 16 GB GPU. The copy is trained in fp32 (an update of lr 2e-6 is below fp16's
+resolution for most weights, so half-precision training would mostly round it away): weights 3.4 GB + gradients
+3.4 GB + Adam's two moments 6.9 GB = 13.8 GB. To make room, the frozen fp16 UNet (1.7 GB) is moved to the CPU while
+the copy trains and moved back afterwards — ``Module.to`` moves parameters in place and a device round trip copies
+bits, so the restored UNet is the same object with bit-identical weights, dtype, device and ``requires_grad``. On
+CUDA the copy uses gradient checkpointing (activations are recomputed instead of stored) and fused Adam (no
+parameter-sized temporaries in the update). The copy also *samples* in fp32, for the same reason it trains in fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..diffusion import check_finite, decode_latents, encode_image, encode_text, predict_noise, sampling_scheduler
+from ..editing import text_stage
+from ..sampling import interpolate
+from ..text_optimization import TextOptimization
+from . import IMAGIC as INFO
+from .base import MethodContext, MethodOutput, MethodVariant
+
+__all__ = [
+    "INFO",
+    "ImagicSeedResult",
+    "finetune_unet",
+    "imagic_latents",
+    "imagic_sample",
+    "run",
+    "seed_generator",
+    "stage_a_latent_generator",
+]
+
+
+@dataclass
+class ImagicSeedResult:
+    """Steps 2 and 3 for one seed: the final latents (one row per alpha), the fine-tuning loss curve, timings."""
+
+    seed: int
+    alphas: tuple[float, ...]
+    latents: torch.Tensor
+    finetune_losses: list[float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def seed_generator(seed: int, stream: str) -> torch.Generator:
+    """A CPU generator for one purpose (``"finetune"``, ``"noise"``) of one seed.
+
+    Separate streams keep the purposes independent: the initial noise x_T does not depend on how many fine-tuning
+    steps drew from their stream, so a sweep over fine-tuning lengths compares like with like, and neither stream
+    repeats stage A's draws (which come from ``torch.Generator().manual_seed(seed)``). CPU, so results do not
+    depend on the device.
+    """
+    digest = hashlib.sha256(f"nonrigid/imagic/{stream}/{int(seed)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def stage_a_latent_generator(seed: int) -> torch.Generator:
+    """The generator whose first draw is the VAE posterior sample that stage A optimised ``e_opt`` for.
+
+    :func:`nonrigid.text_optimization.optimize_text_batch` draws each seed's latent sample first from
+    ``torch.Generator().manual_seed(seed)``; drawing again from a fresh one reproduces that very sample.
+    """
+    return torch.Generator().manual_seed(int(seed))
+
+
+@contextmanager
+def unet_parked(pipe: StableDiffusionPipeline, park_device: str | torch.device | None) -> Iterator[None]:
+    """Move ``pipe.unet`` to ``park_device`` for the duration of the block, then back to where it was.
+
+    Only the device changes (``Module.to(device)`` keeps each parameter's dtype and Parameter object, so
+    ``requires_grad`` and identity survive), and the way back runs even when the block raises.
+    """
+    unet = pipe.unet
+    home = unet.device
+    if park_device is None or torch.device(park_device) == home:
+        yield
+        return
+    unet.to(park_device)
+    try:
+        yield
+    finally:
+        unet.to(home)
+
+
+def default_park_device(pipe: StableDiffusionPipeline) -> str | None:
+    """Park the frozen UNet on the CPU during fine-tuning on CUDA; not when accelerate's offload hooks manage it."""
+    unet = pipe.unet
+    if unet.device.type != "cuda" or hasattr(unet, "_hf_hook"):
+        return None
+    return "cpu"
+
+
+def finetune_unet(
+    pipe: StableDiffusionPipeline,
+    picture: Image.Image,
+    embedding: torch.Tensor,
+    steps: int,
+    lr: float,
+    generator: torch.Generator,
+    *,
+    latent_generator: torch.Generator | None = None,
+    park_device: str | torch.device | None = "auto",
+    progress: bool = False,
+) -> tuple[UNet2DConditionModel, list[float]]:
+    """Fine-tune an fp32 copy of ``pipe.unet`` to denoise ``picture`` under the fixed ``embedding`` (Imagic step 2).
+
+    Each of ``steps`` Adam steps (lr ``lr``) draws ``t ~ U{0..T-1}`` and ``noise ~ N(0, I)`` from ``generator``
+    and minimises ``mean((eps_copy(x_t, t, embedding) - noise)^2)`` with
+    ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``.
+
+    ``x0`` is a *sample* of the VAE posterior, not its mean, drawn first from ``latent_generator`` (default:
+    ``generator``): :func:`run` passes :func:`stage_a_latent_generator`, so the UNet is fine-tuned on the very
+    latent sample that ``e_opt`` was optimised for — the reference draws one sample and uses it for both stages.
+
+    Returns the copy (frozen again, eval mode, no gradients, on the pipeline's device, fp32) and the loss of every
+    step. ``pipe.unet`` is untouched; with ``park_device`` (``"auto"``: the CPU when on CUDA) it waits there while
+    the copy trains and is restored exactly afterwards.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    device = pipe.unet.device
+    if park_device == "auto":
+        park_device = default_park_device(pipe)
+    x0 = encode_image(pipe, picture, generator=generator if latent_generator is None else latent_generator)
+    condition = embedding.detach().to(device=device, dtype=torch.float32)
+    with unet_parked(pipe, park_device), torch.enable_grad():
+        # Copied where the original waits (the CPU on CUDA), so the GPU never holds both UNets at once.
+        # (.float(): an explicit dtype in ModelMixin.to earns a spurious "keep in float32" warning)
+        trainee = copy.deepcopy(pipe.unet).to(device).float()
+        trainee.requires_grad_(True)
+        if device.type == "cuda":
+            trainee.enable_gradient_checkpointing()
+        losses = _train(trainee, x0, condition, steps, lr, generator, sampling_scheduler(pipe, 1), progress)
+    if device.type == "cuda":
+        trainee.disable_gradient_checkpointing()
+    for parameter in trainee.parameters():
+        parameter.grad = None
+    trainee.requires_grad_(False).eval()
+    return trainee, losses
+
+
+def _train(
+    unet: UNet2DConditionModel,
+    x0: torch.Tensor,
+    condition: torch.Tensor,
+    steps: int,
+    lr: float,
+    generator: torch.Generator,
+    scheduler,
+    progress: bool,
+) -> list[float]:
+    """The fine-tuning loop; the optimizer (and its 2x-the-weights state) is freed when it returns."""
+    device = x0.device
+    optimizer = torch.optim.Adam(unet.parameters(), lr=lr, fused=device.type == "cuda")
+    num_train = scheduler.config.num_train_timesteps
+    losses: list[float] = []
+    for _ in tqdm(range(steps), desc="Imagic fine-tuning", disable=not progress, leave=False):
+        timestep = torch.randint(0, num_train, (1,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        timestep, noise = timestep.to(device), noise.to(device)
+        noisy = scheduler.add_noise(x0, noise, timestep)
+        eps = unet(noisy, timestep, encoder_hidden_states=condition).sample
+        loss = ((eps.float() - noise) ** 2).mean()
+        check_finite(loss.detach(), "Imagic fine-tuning")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+@torch.no_grad()
+def imagic_sample(
+    pipe: StableDiffusionPipeline,
+    unet: UNet2DConditionModel,
+    text_optimization: TextOptimization,
+    alphas: Sequence[float],
+    guidance_scale: float,
+    num_steps: int,
+    generator: torch.Generator,
+    *,
+    size: tuple[int, int] | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """DDIM sampling from random noise with ``alpha * e_tgt + (1 - alpha) * e_opt`` for every alpha (Imagic step 3).
+
+    One x_T (drawn from ``generator`` on the CPU) is shared by every alpha, so alpha is the only difference between
+    rows, and all alphas run as one batch (in chunks of ``batch_size`` rows when given). Classifier-free guidance
+    against ``tau("")`` at ``guidance_scale``. ``size`` is (width, height) in pixels (default: the UNet's native
+    size). Returns the final latents (len(alphas), 4, h, w), fp32.
+    """
+    width, height = size or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    device = unet.device
+    shape = (1, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    x_T = torch.randn(shape, generator=generator).to(device)
+    conds = torch.cat([interpolate(text_optimization, float(a)) for a in alphas]).to(device)
+    uncond = encode_text(pipe, "").to(device)
+    scheduler = sampling_scheduler(pipe, num_steps)
+    latents = (x_T * scheduler.init_noise_sigma).repeat(len(alphas), 1, 1, 1)
+    rows = torch.arange(len(alphas))
+    for t in tqdm(scheduler.timesteps, desc="Imagic sampling", disable=not progress, leave=False):
+        for part in rows.split(batch_size or len(alphas)):
+            eps = predict_noise(unet, latents[part], t, conds[part], uncond, guidance_scale)
+            latents[part] = scheduler.step(eps, t, latents[part]).prev_sample
+    check_finite(latents, "Imagic sampling")
+    return latents
+
+
+def imagic_latents(
+    pipe: StableDiffusionPipeline,
+    picture: Image.Image,
+    text_optimization: TextOptimization,
+    alphas: Sequence[float],
+    *,
+    finetune_steps: int,
+    finetune_lr: float,
+    guidance_scale: float,
+    num_steps: int,
+    batch_size: int | None = None,
+    park_device: str | torch.device | None = "auto",
+    progress: bool = False,
+) -> ImagicSeedResult:
+    """Steps 2 and 3 for the seed of ``text_optimization``: fine-tune a copy, sample every alpha, drop the copy."""
+    seed = text_optimization.seed
+    tick = time.perf_counter()
+    unet, losses = finetune_unet(
+        pipe, picture, text_optimization.optimized_embedding, finetune_steps, finetune_lr,
+        seed_generator(seed, "finetune"), latent_generator=stage_a_latent_generator(seed),
+        park_device=park_device, progress=progress,
+    )
+    finetuned = time.perf_counter()
+    try:
+        latents = imagic_sample(
+            pipe, unet, text_optimization, alphas, guidance_scale, num_steps, seed_generator(seed, "noise"),
+            size=picture.size, batch_size=batch_size, progress=progress,
+        )
+    finally:
+        del unet  # the fine-tuned weights belong to this edit only
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    timings = {"finetuning": finetuned - tick, "sampling": time.perf_counter() - finetuned}
+    return ImagicSeedResult(seed, tuple(float(a) for a in alphas), latents, losses, timings)
+
+
+def run(
+    pipe: StableDiffusionPipeline, picture: Image.Image, target_prompt: str, params: dict[str, Any],
+    ctx: MethodContext,
+) -> MethodOutput:
+    """Stage A for every seed (cached), then per seed: fine-tune a copy, sample every alpha; seed, then alpha."""
+    timings: dict[str, float] = {"text_optimization": 0.0, "finetuning": 0.0, "sampling": 0.0, "decoding": 0.0}
+    tick = time.perf_counter()
+    texts, reused = text_stage(pipe, picture, target_prompt, params["opt_steps"], params["opt_lr"], ctx.seeds,
+                               ctx.cache, ctx.cache_fields, ctx.progress)
+    timings["text_optimization"] = time.perf_counter() - tick
+    variants: list[MethodVariant] = []
+    finetune_losses: dict[int, list[float]] = {}
+    for text in texts:
+        result = imagic_latents(
+            pipe, picture, text, params["alphas"], finetune_steps=params["finetune_steps"],
+            finetune_lr=params["finetune_lr"], guidance_scale=params["guidance_scale"],
+            num_steps=params["num_steps"], batch_size=ctx.batch_size, progress=ctx.progress,
+        )
+        for stage, seconds in result.timings.items():
+            timings[stage] += seconds
+        tick = time.perf_counter()
+        images = decode_latents(pipe, result.latents)
+        timings["decoding"] += time.perf_counter() - tick
+        variants.extend(MethodVariant(text.seed, {"alpha": a}, img) for a, img in zip(result.alphas, images,
+                                                                                        strict=True))
+        finetune_losses[text.seed] = result.finetune_losses
+    record = {
+        "finetune_losses": finetune_losses,
+        "text_optimization_final_loss": {t.seed: (t.losses[-1] if t.losses else None) for t in texts},
+        "finetune_dtype": "float32",
+    }
+    return MethodOutput(variants, timings, {"text_optimization": reused}, record)

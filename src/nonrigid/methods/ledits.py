@@ -1,0 +1,157 @@
+"""LEDITS++ (Brack et al., CVPR 2024) as diffusers ships it: ``LEditsPPPipelineStableDiffusion``, unchanged.
+
+The editor is built from the pipeline's own modules (VAE, text encoder, tokenizer, UNet) with a scheduler of its
+own: the second-order SDE DPM-Solver++ LEDITS++ is designed for (diffusers converts any other scheduler to exactly
+this one). ``invert`` extracts edit-friendly noise maps for the image with a seeded generator (once per seed);
+``__call__`` then applies semantic guidance toward the target prompt, masked to where the edit belongs, once per
+edit guidance scale.
+
+The editor shares the UNet with ``pipe`` and installs its own attention processors on it (plain ones while
+inverting, attention-map stores while editing): the original processor objects are put back afterwards, also after
+an error. ``pipe``'s scheduler is never touched.
+
+The default edit mask ("intersect", as in the paper) reads cross-attention maps at 1/4 of the latent resolution
+(16 x 16 for SD 1.x at 512 px). A UNet with no cross-attention at that resolution (the tiny test model has
+cross-attention only at full latent resolution) gives LEDITS++ no map to read; the "noise" mask (the
+noise-estimate quantile alone, which the diffusers pipeline also offers) works on any UNet.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    LEditsPPPipelineStableDiffusion,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+
+from ..errors import UsageError
+from . import LEDITS as INFO
+from .base import MethodContext, MethodOutput, MethodVariant
+from .masactrl import restored_attention_processors
+
+__all__ = ["INFO", "build_editor", "edit_image", "invert_image", "run", "supports_attention_mask"]
+
+# LEDITS++'s inversion needs image sides divisible by 32 (it refuses anything else)
+_SIZE_MULTIPLE = 32
+
+# edit mask -> (use_cross_attn_mask, use_intersect_mask) of LEditsPPPipelineStableDiffusion.__call__
+_MASK_MODES = {"intersect": (True, True), "attention": (True, False), "noise": (False, False)}
+
+
+def build_editor(pipe: StableDiffusionPipeline, progress: bool = False) -> LEditsPPPipelineStableDiffusion:
+    """A LEDITS++ pipeline on ``pipe``'s modules with its own SDE DPM-Solver++ (order 2) scheduler, no safety checker.
+
+    The editor's constructor may rewrite an old UNet's config (sample_size) in place; ``pipe``'s is kept as it was.
+    """
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, algorithm_type="sde-dpmsolver++", solver_order=2
+    )
+    unet_config = pipe.unet._internal_dict
+    try:
+        editor = LEditsPPPipelineStableDiffusion(
+            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    finally:
+        pipe.unet._internal_dict = unet_config
+    editor.set_progress_bar_config(disable=not progress, leave=False)
+    return editor
+
+
+def supports_attention_mask(unet: UNet2DConditionModel) -> bool:
+    """Whether the UNet has down- or up-block cross-attention at 1/4 of the latent resolution.
+
+    LEDITS++ averages the edit prompt's cross-attention maps at exactly that resolution (down and up blocks, not
+    the mid block); level i of the UNet runs at 1/2^i of the latent resolution.
+    """
+    down, up = unet.config.down_block_types, unet.config.up_block_types
+    level = 2
+    if len(down) <= level:
+        return False
+    return "CrossAttn" in down[level] or "CrossAttn" in up[len(up) - 1 - level]
+
+
+def check_inputs(pipe: StableDiffusionPipeline, picture: Image.Image, mask: str) -> None:
+    """Refuse, before any work, what LEDITS++ would fail on: image sides off 32, an attention mask it cannot read."""
+    if picture.width % _SIZE_MULTIPLE or picture.height % _SIZE_MULTIPLE:
+        raise UsageError(f"LEDITS++ needs an image size that is a multiple of {_SIZE_MULTIPLE}, got "
+                         f"{picture.width}x{picture.height}; choose another --size")
+    if mask not in _MASK_MODES:
+        raise UsageError(f"mask must be one of {', '.join(_MASK_MODES)}, got {mask!r}")
+    if _MASK_MODES[mask][0] and not supports_attention_mask(pipe.unet):
+        raise UsageError(f"mask={mask} reads cross-attention maps at 1/4 of the latent resolution, and this model's "
+                         "UNet has no cross-attention there; use mask=noise")
+
+
+def invert_image(
+    editor: LEditsPPPipelineStableDiffusion,
+    picture: Image.Image,
+    source_prompt: str,
+    seed: int,
+    *,
+    num_steps: int,
+    skip: float,
+    source_guidance: float,
+) -> None:
+    """LEDITS++'s edit-friendly inversion of ``picture`` with ``seed``; the editor keeps the noise maps.
+
+    Editing is deterministic given the inversion (DDPM sampling with the extracted noise maps), so one inversion
+    serves every edit guidance scale. Installs plain attention processors on the shared UNet: call within
+    :func:`~nonrigid.methods.masactrl.restored_attention_processors`.
+    """
+    editor.invert(image=picture, source_prompt=source_prompt, num_inversion_steps=num_steps, skip=skip,
+                  source_guidance_scale=source_guidance, generator=torch.Generator().manual_seed(seed))
+
+
+def edit_image(
+    editor: LEditsPPPipelineStableDiffusion,
+    target_prompt: str,
+    seed: int,
+    edit_guidance: float,
+    threshold: float,
+    mask: str = "intersect",
+) -> Image.Image:
+    """Edit the last inverted image toward ``target_prompt`` (installs attention stores on the shared UNet)."""
+    use_cross_attn_mask, use_intersect_mask = _MASK_MODES[mask]
+    output = editor(
+        editing_prompt=[target_prompt], edit_guidance_scale=float(edit_guidance), edit_threshold=threshold,
+        use_cross_attn_mask=use_cross_attn_mask, use_intersect_mask=use_intersect_mask,
+        generator=torch.Generator().manual_seed(seed), output_type="pil",
+    )
+    return output.images[0]
+
+
+def run(
+    pipe: StableDiffusionPipeline, picture: Image.Image, target_prompt: str, params: dict[str, Any],
+    ctx: MethodContext,
+) -> MethodOutput:
+    """One inversion per seed, one edit per edit guidance scale; variants in seed, then scale order."""
+    check_inputs(pipe, picture, params["mask"])
+    editor = build_editor(pipe, ctx.progress)
+    variants: list[MethodVariant] = []
+    timings = {"inversion": 0.0, "editing": 0.0}
+    with restored_attention_processors(pipe.unet):
+        for seed in ctx.seeds:
+            tick = time.perf_counter()
+            invert_image(editor, picture, ctx.source_prompt, seed, num_steps=params["num_steps"],
+                         skip=params["skip"], source_guidance=params["source_guidance"])
+            timings["inversion"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            for scale in params["edit_guidance"]:
+                image = edit_image(editor, target_prompt, seed, scale, params["threshold"], params["mask"])
+                variants.append(MethodVariant(seed, {"edit": scale}, image))
+            timings["editing"] += time.perf_counter() - tick
+    total_steps = int(params["num_steps"] * (1 + params["skip"]))
+    record = {
+        "scheduler": "DPMSolverMultistepScheduler (sde-dpmsolver++, order 2)",
+        "schedule_steps": total_steps,
+        "skipped_steps": total_steps - params["num_steps"],
+        "source_guidance_used": params["source_guidance"] if ctx.source_prompt else None,
+    }
+    return MethodOutput(variants, timings, {}, record)

@@ -1,0 +1,165 @@
+"""Every method behind one interface: parameter tables, the shared runner, the output layout, the CLI.
+
+Each method's own properties are tested in its own file (test_methods_*.py); here: what all methods share.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEDBENCH
+from PIL import Image
+
+from nonrigid.cache import StageCache
+from nonrigid.diffusion import encode_text
+from nonrigid.errors import UsageError
+from nonrigid.inversion import invert
+from nonrigid.methods import METHODS, describe_methods, method_info
+from nonrigid.methods.base import parse_assignments, resolve_params
+from nonrigid.methods.run import run_method
+from nonrigid.output import save_result, variant_filename
+from nonrigid.sampling import sample, sample_latents
+from nonrigid.text_optimization import optimize_text
+
+PROMPT = "a photo of a jumping dog"
+
+# the smallest settings that still exercise every stage of each method
+FAST = {
+    "ours": {"num_steps": 4, "opt_steps": 2, "inner_steps": 1, "etas": (0.0, 0.5), "inject": (0.25,)},
+    "nti": {"num_steps": 4, "inner_steps": 1},
+    "imagic": {"num_steps": 3, "opt_steps": 2, "finetune_steps": 2, "alphas": (0.9, 1.2)},
+    "masactrl": {"num_steps": 4, "inner_steps": 1, "start_step": (1, 3)},  # default start_layer
+    "edit-friendly": {"num_steps": 6, "skip": (1, 3)},
+    "dds": {"iterations": (1, 2)},
+    "ledits": {"num_steps": 4, "edit_guidance": (3.0, 6.0), "mask": "noise"},  # tiny UNet: no maps for the others
+}
+
+
+def test_every_method_has_fast_settings_and_a_documented_table():
+    assert set(FAST) == set(METHODS)
+    listing = describe_methods()
+    for name, info in METHODS.items():
+        assert listing.count(f"\n{name}: ") + listing.startswith(f"{name}: ") == 1
+        for p in info.params:
+            assert f"--set {p.name}=" in listing and p.help
+        resolve_params(info, FAST[name])  # the fast settings are valid
+
+
+def test_parameters_parse_from_the_command_line_and_refuse_nonsense():
+    info = method_info("ours")
+    params = resolve_params(info, parse_assignments(["etas=0.1,0.3", "num_steps=20", "guidance_scale=none"]))
+    assert params["etas"] == (0.1, 0.3) and params["num_steps"] == 20 and params["guidance_scale"] is None
+    assert params["inject"] == (0.2,) and params["opt_steps"] == 200  # untouched defaults
+    with pytest.raises(UsageError, match="etas must be <= 1"):
+        resolve_params(info, {"etas": "0.5,1.5"})
+    with pytest.raises(UsageError, match="inversion must be one of"):
+        resolve_params(info, {"inversion": "magic"})
+    with pytest.raises(UsageError, match="no parameter 'alpha'"):
+        resolve_params(info, {"alpha": "1"})
+    with pytest.raises(UsageError, match="key=value"):
+        parse_assignments(["eta"])
+    with pytest.raises(UsageError, match="unknown method"):
+        method_info("sdedit")
+
+
+def test_nti_editing_is_ours_with_eta_one_no_injection_and_no_text_optimization(tiny_pipe, dog_image):
+    """The baseline and the method are one family: NTI editing = ours at eta 1, K 0, 0 optimization steps."""
+    fast = {"num_steps": 4, "inner_steps": 2}
+    nti = run_method(tiny_pipe, dog_image, PROMPT, "nti", fast, size=64)
+    ours = run_method(tiny_pipe, dog_image, PROMPT, "ours", {**fast, "etas": (1.0,), "inject": (0.0,),
+                                                             "opt_steps": 0}, size=64)
+    assert np.array_equal(np.asarray(nti.variants[0].image), np.asarray(ours.variants[0].image))
+    # and in latents, through the stage API
+    inversion = invert(tiny_pipe, dog_image, "", "nti", 4, 7.5, 2)
+    untouched = optimize_text(tiny_pipe, dog_image, PROMPT, steps=0)
+    from_ours = sample(tiny_pipe, inversion, untouched, [1.0], [0], output_type="latent")
+    from_nti = sample_latents(tiny_pipe, inversion, encode_text(tiny_pipe, PROMPT), [0])
+    torch.testing.assert_close(from_ours, from_nti, rtol=0, atol=0)
+
+
+def test_ours_through_the_method_runner_equals_edit(tiny_pipe, dog_image):
+    from nonrigid.editing import edit
+
+    settings = {"num_steps": 4, "opt_steps": 2, "inner_steps": 1, "etas": (0.0, 0.5), "inject": (0.25, 0.5)}
+    direct = edit(tiny_pipe, dog_image, PROMPT, size=64, seeds=(0, 1), **settings)
+    runner = run_method(tiny_pipe, dog_image, PROMPT, "ours", settings, seeds=(0, 1), size=64)
+    assert [(v.seed, v.knobs) for v in runner.variants] == [
+        (s, {"K": k, "eta": e}) for s in (0, 1) for k in (1, 2) for e in (0.0, 0.5)
+    ]
+    for a, b in zip(direct.variants, runner.variants, strict=True):
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def test_deterministic_methods_run_once_whatever_the_seeds(tiny_pipe, dog_image):
+    result = run_method(tiny_pipe, dog_image, PROMPT, "nti", FAST["nti"], seeds=(3, 4, 5), size=64)
+    assert result.seeds == (3,) and [v.seed for v in result.variants] == [3]
+
+
+def test_methods_share_the_cached_nti_inversion(tiny_pipe, dog_image, tmp_path):
+    cache = StageCache(tmp_path / "cache")
+    first = run_method(tiny_pipe, dog_image, PROMPT, "ours", FAST["ours"], size=64, cache=cache)
+    second = run_method(tiny_pipe, dog_image, PROMPT, "nti", FAST["nti"], size=64, cache=cache)
+    assert first.cache["inversion"] is False and second.cache["inversion"] is True
+
+
+def test_saved_result_names_files_by_seed_and_sweep_and_lays_out_the_grid(tiny_pipe, dog_image, tmp_path):
+    result = run_method(tiny_pipe, dog_image, PROMPT, "ours", {**FAST["ours"], "inject": (0.25, 0.5)},
+                        seeds=(0, 7), size=64)
+    out = save_result(result, tmp_path / "edit", record={"model": "tiny"})
+    manifest = json.loads((out / "edit.json").read_text())
+    names = [variant_filename(s, {"K": k, "eta": e}) for s in (0, 7) for k in (1, 2) for e in (0.0, 0.5)]
+    assert [v["file"] for v in manifest["variants"]] == names
+    assert names[0] == "seed0_K01_eta0.00.png"
+    for v in result.variants:  # every file is the variant's image, exactly
+        assert np.array_equal(np.asarray(Image.open(out / variant_filename(v.seed, v.knobs))), np.asarray(v.image))
+    assert manifest["method"] == "ours" and manifest["etas"] == [0.0, 0.5] and manifest["model"] == "tiny"
+    grid = Image.open(out / "grid.png")
+    assert grid.width >= 2 * 64 and grid.height >= 4 * 64  # columns: eta; rows: seed x K
+    assert grid.width < 3 * 64 + 200 and grid.height < 5 * 64
+
+
+def run_cli(args, cwd, cache):
+    env = {"NONRIGID_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": ""}
+    return subprocess.run([sys.executable, "-m", "nonrigid.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_methods_command_lists_every_method_and_parameter(tmp_path):
+    result = run_cli(["methods"], tmp_path, tmp_path / "cache")
+    assert result.returncode == 0
+    for name, info in METHODS.items():
+        assert f"{name}: " in result.stdout
+        assert all(f"--set {p.name}=" in result.stdout for p in info.params)
+    one = run_cli(["methods", "dds"], tmp_path, tmp_path / "cache")
+    assert one.stdout.startswith("dds: ") and "imagic" not in one.stdout
+    bad = run_cli(["methods", "sdedit"], tmp_path, tmp_path / "cache")
+    assert bad.returncode == 2 and bad.stderr.startswith("nonrigid: error: unknown method 'sdedit'")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_edits_through_the_cli(method, tmp_path):
+    image = TEDBENCH / "originals" / "cat.jpeg"
+    if not image.is_file():
+        pytest.skip("TEdBench not found")
+    settings = [f"--set={k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in FAST[method].items()]
+    out = tmp_path / "out"
+    result = run_cli(["edit", str(image), PROMPT, "--method", method, *settings, "--model", "tiny", "--size", "64",
+                      "--seed", "0", "1", "--quiet", "--out", str(out)], tmp_path, tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    manifest = json.loads((out / "edit.json").read_text())
+    info = METHODS[method]
+    seeds = [0, 1] if info.seeded else [0]
+    sweep_sizes = [len(FAST[method].get(p.name, p.default)) for p in info.sweeps]
+    assert manifest["method"] == method and manifest["seeds"] == seeds
+    assert len(manifest["variants"]) == len(seeds) * int(np.prod(sweep_sizes))
+    for variant in manifest["variants"]:
+        assert Image.open(out / variant["file"]).size == (64, 64)
+    assert Image.open(out / "grid.png").size[0] >= 64 * (sweep_sizes[-1] if sweep_sizes else 1)
+    for p in info.params:  # every parameter, resolved, is recorded
+        assert p.name in manifest
