@@ -376,11 +376,13 @@ def run_edit(args: argparse.Namespace) -> int:
 
 
 def _configure(pipe, args: argparse.Namespace):
-    from . import loading
+    """Apply --low-memory / --compile (and channels-last on CUDA); in low-memory mode sample 2 variants at a time
+    unless --batch-size says otherwise."""
+    from .loading import LOW_MEMORY_BATCH_SIZE, configure_pipeline
 
-    if hasattr(loading, "configure_pipeline"):
-        return loading.configure_pipeline(pipe, low_memory=args.low_memory, compile=args.compile)
-    return pipe
+    if args.low_memory and getattr(args, "batch_size", None) is None:
+        args.batch_size = LOW_MEMORY_BATCH_SIZE
+    return configure_pipeline(pipe, low_memory=args.low_memory, compile=args.compile)
 
 
 def say(args: argparse.Namespace, message: str) -> None:

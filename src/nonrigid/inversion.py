@@ -1,4 +1,4 @@
-"""Stage B: latent inversion — DDIM inversion, and Null-text inversion (NTI, Mokady et al.) on top of it.
+"""Stage B: latent inversion — DDIM inversion, and Null-text (NTI) or negative-prompt (NPI) inversion on top of it.
 
 DDIM inversion walks the deterministic DDIM update backwards from ``x0 = s * E(image)`` (the posterior mean) with
 the source condition at guidance 1, giving the pivot trajectory ``x*_0 .. x*_N``. Sampled back at guidance 1 it
@@ -6,6 +6,13 @@ returns close to the input, but classifier-free guidance (needed to edit) amplif
 that: sampling back from ``x*_N`` at guidance w, it optimises one unconditional embedding ``u_i`` per step so
 that each guided DDIM step lands on the pivot ``x*_{i-1}``. The guided sampling path it leaves behind (the
 "reconstruction") is stored: an edit injecting the source for K steps starts from its step K.
+
+Negative-prompt inversion (NPI, Miyake et al. 2023) is the optimisation-free shortcut: the source embedding stands
+in for every null embedding. Guided sampling with ``u = c`` predicts ``eps_c + w (eps_c - eps_c) = eps_c`` for any
+w, so NPI's reconstruction is plain DDIM sampling with the source prompt, as close to the input as the DDIM round
+trip — at the cost of N conditional UNet passes instead of NTI's inner loops. That reconstruction is computed once
+at inversion time and stored (like NTI's), so injection sweeps start from its step K; after step K the variants
+are sampled at guidance w with the source prompt as the negative prompt.
 """
 
 from __future__ import annotations
@@ -36,11 +43,12 @@ class Inversion:
 
     - ``latent``: x_T = x*_N, where sampling starts.
     - ``trajectory``: the DDIM inversion path x*_0 (the image) .. x*_N, shape (N + 1, 4, h, w).
-    - ``null_embeddings``: NTI's u_i for sampling step i = 0..N-1 (noisiest first), shape (N, 77, D); None for DDIM,
-      whose unconditional embedding is ``unconditional_embedding`` = tau("") at every step.
-    - ``reconstruction``: for NTI, the guided sampling path from x_T with the source prompt and u_i, in sampling
-      order (index i = the latent before sampling step i; index N = the final x_0), shape (N + 1, 4, h, w). None for
-      DDIM, whose sampling path is not computed by the inversion.
+    - ``null_embeddings``: NTI's u_i for sampling step i = 0..N-1 (noisiest first), shape (N, 77, D); None for DDIM
+      and NPI, whose unconditional embedding is ``unconditional_embedding`` at every step: tau("") for DDIM, the
+      source embedding for NPI.
+    - ``reconstruction``: for NTI and NPI, the guided sampling path from x_T with the source prompt and the
+      unconditional embeddings, in sampling order (index i = the latent before sampling step i; index N = the final
+      x_0), shape (N + 1, 4, h, w). None for DDIM, whose sampling path is not computed by the inversion.
     - ``losses``: NTI's last inner-loop loss per step.
     """
 
@@ -94,11 +102,14 @@ def invert(
     *,
     progress: bool = False,
 ) -> Inversion:
-    """Invert ``image`` with ``method`` ("nti" or "ddim") over ``num_steps`` DDIM steps.
+    """Invert ``image`` with ``method`` ("nti", "ddim" or "npi") over ``num_steps`` DDIM steps.
 
-    ``guidance_scale`` is the scale the result is meant to be sampled at (default 7.5 for NTI, 1 for DDIM).
+    ``guidance_scale`` is the scale the result is meant to be sampled at (default 7.5 for NTI and NPI, 1 for DDIM).
     NTI's inner loop runs at most ``inner_steps`` Adam steps per sampling step and stops early once the loss is
-    below ``early_stop + i * 2e-5`` (the reference's rule).
+    below ``early_stop + i * 2e-5`` (the reference's rule); NPI ignores both (it optimises nothing).
+
+    UNet cost at batch 1: DDIM N; NPI 2N (inversion + its reconstruction), no backward pass; NTI N + N * (2 + 2 *
+    inner iterations), counting a forward and backward pass as 2.
     """
     if method not in METHODS:
         raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
@@ -106,7 +117,8 @@ def invert(
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     guidance_scale = DEFAULT_GUIDANCE[method] if guidance_scale is None else float(guidance_scale)
     source = encode_text(pipe, source_prompt)
-    empty = source if source_prompt == "" else encode_text(pipe, "")
+    # the unconditional embedding: tau("") (NTI's starting point, DDIM's negative), or the source itself for NPI
+    empty = source if source_prompt == "" or method == "npi" else encode_text(pipe, "")
     x0 = encode_image(pipe, image)
     trajectory = ddim_invert(pipe, x0, source, num_steps, progress=progress)
     result = Inversion(method, source_prompt, num_steps, guidance_scale, trajectory[-1:].clone(), trajectory,
@@ -116,6 +128,8 @@ def invert(
             pipe, trajectory, source, empty, guidance_scale, inner_steps, early_stop, progress=progress
         )
         result.null_embeddings, result.reconstruction, result.losses = nulls, reconstruction, losses
+    elif method == "npi":
+        result.reconstruction = conditional_sampling_path(pipe, result.latent, source, num_steps, progress=progress)
     return result
 
 
@@ -134,6 +148,26 @@ def ddim_invert(
     trajectory = torch.cat(latents)
     check_finite(trajectory, "DDIM inversion")
     return trajectory
+
+
+@torch.no_grad()
+def conditional_sampling_path(
+    pipe: StableDiffusionPipeline, latent: torch.Tensor, cond: torch.Tensor, num_steps: int, *, progress: bool = False
+) -> torch.Tensor:
+    """DDIM sampling from ``latent`` with ``cond`` at guidance 1, every latent kept: shape (N + 1, 4, h, w).
+
+    It is NPI's guided reconstruction path: with the source embedding as the unconditional one the guided
+    prediction equals the conditional one at any scale, so one branch is evaluated instead of two.
+    """
+    scheduler = sampling_scheduler(pipe, num_steps)
+    path = [latent]
+    x = latent
+    for t in tqdm(scheduler.timesteps, desc="NPI reconstruction", disable=not progress, leave=False):
+        x = scheduler.step(predict_noise(pipe.unet, x, t, cond), t, x).prev_sample
+        path.append(x)
+    reconstruction = torch.cat(path)
+    check_finite(reconstruction, "negative-prompt inversion")
+    return reconstruction
 
 
 def null_text_optimization(

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from .errors import UsageError
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
-INVERSION_METHODS = ("nti", "ddim")
-DEFAULT_GUIDANCE = {"nti": 7.5, "ddim": 1.0}
+INVERSION_METHODS = ("nti", "ddim", "npi")
+DEFAULT_GUIDANCE = {"nti": 7.5, "ddim": 1.0, "npi": 7.5}
 DEFAULT_ETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_INJECT = (0.2,)
 

@@ -1,0 +1,551 @@
+"""Speed and memory of one default edit, per stage: the project's procedure vs the straightforward one.
+
+    python benchmarks/bench_edit.py                 # CUDA config when a GPU is present, else the CPU config
+    python benchmarks/bench_edit.py --config cpu    # mid-size random model at 256 px (minutes)
+    python benchmarks/bench_edit.py --config cuda   # SD v1.4 architecture, random weights, 512 px
+
+For every stage (A text optimization, B inversion, C sampling) and the whole edit it measures wall time, UNet work
+(sample evaluations: a forward of one row counts 1, a forward + backward 2), the share of wall time spent inside
+UNet calls and peak memory (RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), for
+
+- **ours**: the stages as ``nonrigid.edit`` runs them (stage cache on; batched variants; the first K steps read from
+  the stored reconstruction; one branch at guidance 1; on CUDA half precision and channels-last), then another
+  eta from the cached stages, negative-prompt inversion, and on CUDA the ``--low-memory`` mode;
+- **straightforward**: the reference's organisation of the same edit (``benchmarks/straightforward.py``): fp32,
+  one seed and one variant per run, both guidance branches always, nothing shared between variants.
+
+Results go to ``benchmarks/results/<config>.json`` and into their block of ``docs/PERFORMANCE.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import diffusers  # noqa: E402
+import numpy as np  # noqa: E402
+import straightforward  # noqa: E402
+import torch  # noqa: E402
+from measure import Recorder, UNetCounter  # noqa: E402
+from PIL import Image  # noqa: E402
+from random_models import build_random_pipeline, parameter_count  # noqa: E402
+
+from nonrigid.cache import StageCache  # noqa: E402
+from nonrigid.diffusion import decode_latents, encode_image  # noqa: E402
+from nonrigid.editing import cache_fields, inversion_stage, text_stage  # noqa: E402
+from nonrigid.loading import LOW_MEMORY_BATCH_SIZE, build_tiny_pipeline, configure_pipeline, load_image  # noqa: E402
+from nonrigid.options import DEFAULT_ETAS, DEFAULT_GUIDANCE  # noqa: E402
+from nonrigid.sampling import sample  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "PERFORMANCE.md"
+TEDBENCH_DOG = ROOT.parent / "shared" / "data" / "tedbench" / "originals" / "dog_01.jpeg"
+
+
+@dataclass
+class EditPlan:
+    """The edit being measured: the issue's default edit unless ``--quick``."""
+
+    target_prompt: str = "A photo of a sitting dog."
+    source_prompt: str = ""
+    seeds: tuple[int, ...] = (0,)
+    etas: tuple[float, ...] = DEFAULT_ETAS
+    inject: float = 0.2
+    num_steps: int = 50
+    opt_steps: int = 200
+    opt_lr: float = 1e-3
+    inner_steps: int = 10
+    early_stop: float = 1e-5
+    extra_eta: float = 0.7
+
+    @property
+    def inject_steps(self) -> int:
+        return round(self.inject * self.num_steps)
+
+
+# --------------------------------------------------------------------------------------------------- ours
+
+
+def ours_text(pipe, picture, plan: EditPlan, cache, common: dict):
+    return text_stage(pipe, picture, plan.target_prompt, plan.opt_steps, plan.opt_lr, plan.seeds, cache, common)[0]
+
+
+def ours_inversion(pipe, picture, plan: EditPlan, cache, common: dict, method: str = "nti"):
+    return inversion_stage(pipe, picture, plan.source_prompt, method, plan.num_steps, DEFAULT_GUIDANCE[method],
+                           plan.inner_steps, plan.early_stop, cache, common)[0]
+
+
+def ours_sampling(pipe, inversion, texts, etas, inject_steps: int, batch_size: int | None = None):
+    """``sample(..., output_type="pil")`` split in two so the final latents can be compared."""
+    latents = sample(pipe, inversion, texts, etas, (inject_steps,), output_type="latent", batch_size=batch_size)
+    return decode_latents(pipe, latents), latents
+
+
+def ours_from_cache(pipe, picture, plan: EditPlan, cache, etas):
+    """Another sweep for an image whose stages are cached: cache keys, both stages load, then only sampling runs."""
+    common = cache_fields(pipe, picture)
+    texts = ours_text(pipe, picture, plan, cache, common)
+    inversion = ours_inversion(pipe, picture, plan, cache, common)
+    return ours_sampling(pipe, inversion, texts, etas, plan.inject_steps)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def warm_up(pipe, size: int) -> None:
+    """First calls pay for kernel selection and allocator growth; neither side should be charged for that."""
+    unet = pipe.unet
+    h = w = size // pipe.vae_scale_factor
+    for rows, grad in ((1, False), (2, False), (1, True)):
+        x = torch.randn(rows, 4, h, w, device=unet.device, dtype=unet.dtype)
+        e = torch.randn(rows, 77, unet.config.cross_attention_dim, device=unet.device, dtype=unet.dtype,
+                        requires_grad=grad)
+        with torch.set_grad_enabled(grad):
+            out = unet(x, 500, encoder_hidden_states=e).sample
+            if grad:
+                out.float().square().mean().backward()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float().cpu() - b.float().cpu()).abs().max())
+
+
+def psnr(image: Image.Image, reference: Image.Image) -> float:
+    a = np.asarray(image, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def input_image(size: int) -> Image.Image:
+    """A TEdBench photo when the shared data is beside the project, else a smooth synthetic picture."""
+    if TEDBENCH_DOG.is_file():
+        return load_image(TEDBENCH_DOG, size)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    array = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6 * xx * yy)], axis=-1)
+    return Image.fromarray((array * 255).astype(np.uint8))
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    """Everything one benchmark configuration measured."""
+
+    config: str
+    environment: dict
+    plan: dict
+    sections: dict = field(default_factory=dict)
+    checks: dict = field(default_factory=dict)
+    inversions: dict = field(default_factory=dict)
+
+
+def run_cpu(args, plan: EditPlan) -> Run:
+    """Ours and straightforward on one fp32 pipeline, stages interleaved so both see the same machine load."""
+    device = torch.device("cpu")
+    torch.set_num_threads(args.threads)
+    pipe = build_tiny_pipeline() if args.layout == "tiny" else build_random_pipeline(args.layout, device=device)
+    configure_pipeline(pipe)
+    picture = input_image(args.size)
+    run = Run("cpu", environment(args, pipe, "fp32"), asdict(plan))
+    load_before = os.getloadavg()
+    warm_up(pipe, args.size)
+    with UNetCounter(pipe.unet) as counter, tempfile.TemporaryDirectory() as folder:
+        rec = Recorder(counter, device)
+        cache = StageCache(folder)
+        k = plan.inject_steps
+        base_texts = rec.measure("straightforward.A", straightforward.text_optimizations, pipe, picture,
+                                 plan.target_prompt, plan.opt_steps, plan.opt_lr, plan.seeds)
+        common = rec.measure("ours.keys", cache_fields, pipe, picture)
+        texts = rec.measure("ours.A", ours_text, pipe, picture, plan, cache, common)
+        base_inv = rec.measure("straightforward.B", straightforward.null_text_inversion, pipe, picture,
+                               plan.source_prompt, plan.num_steps, None, plan.inner_steps, plan.early_stop)
+        inversion = rec.measure("ours.B", ours_inversion, pipe, picture, plan, cache, common)
+        _, latents = rec.measure("ours.C", ours_sampling, pipe, inversion, texts, plan.etas, k)
+        _, base_latents = rec.measure("straightforward.C", straightforward.sample_variants, pipe, base_inv,
+                                      base_texts, plan.etas, (k,))
+        rec.measure("ours.sweep_cached", ours_from_cache, pipe, picture, plan, cache, plan.etas)
+        rec.measure("ours.extra_variant", ours_from_cache, pipe, picture, plan, cache, (plan.extra_eta,))
+        npi = rec.measure("ours.B_npi", ours_inversion, pipe, picture, plan, None, common, "npi")
+        rec.total("ours.edit", ["ours.keys", "ours.A", "ours.B", "ours.C"])
+        rec.total("straightforward.edit", ["straightforward.A", "straightforward.B", "straightforward.C"])
+        run.sections = {name: s.as_dict() for name, s in rec.sections.items()}
+    run.environment["load_average_before"] = load_before
+    run.environment["load_average_after"] = os.getloadavg()
+    run.checks = agreement(texts, base_texts, inversion, base_inv, latents, base_latents)
+    x0 = encode_image(pipe, picture)
+    run.inversions["random_model"] = {
+        "nti_latent_error": relative_error(inversion.reconstruction[-1:], x0),
+        "npi_latent_error": relative_error(npi.reconstruction[-1:], x0),
+    }
+    if args.mini:
+        run.inversions["mini"] = inversion_errors_on_mini(args.mini_scenes, plan.num_steps, plan.inner_steps)
+    return run
+
+
+def run_cuda(args, plan: EditPlan) -> Run:
+    """Ours (half precision, channels-last; then low-memory; then optionally compiled) and straightforward (fp32),
+    one after the other, each with only its own pipeline on the GPU so peak memory is its own."""
+    device = torch.device("cuda")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    reference = build_random_pipeline(args.layout, device=device, dtype=torch.float32)
+    pipe = copy.deepcopy(reference)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.to(dtype=dtype)
+    reference.to("cpu")
+    free(device)
+    configure_pipeline(pipe)
+    picture = input_image(args.size)
+    run = Run("cuda", environment(args, pipe, args.dtype), asdict(plan))
+    k = plan.inject_steps
+    warm_up(pipe, args.size)
+    sections = {}
+    with UNetCounter(pipe.unet) as counter, tempfile.TemporaryDirectory() as folder:
+        rec = Recorder(counter, device)
+        cache = StageCache(folder)
+        common = rec.measure("ours.keys", cache_fields, pipe, picture)
+        texts = rec.measure("ours.A", ours_text, pipe, picture, plan, cache, common)
+        inversion = rec.measure("ours.B", ours_inversion, pipe, picture, plan, cache, common)
+        _, latents = rec.measure("ours.C", ours_sampling, pipe, inversion, texts, plan.etas, k)
+        rec.measure("ours.sweep_cached", ours_from_cache, pipe, picture, plan, cache, plan.etas)
+        rec.measure("ours.extra_variant", ours_from_cache, pipe, picture, plan, cache, (plan.extra_eta,))
+        npi = rec.measure("ours.B_npi", ours_inversion, pipe, picture, plan, None, common, "npi")
+        rec.total("ours.edit", ["ours.keys", "ours.A", "ours.B", "ours.C"])
+
+        configure_pipeline(pipe, low_memory=True)
+        free(device)
+        rec.measure("ours_low_memory.A", ours_text, pipe, picture, plan, None, common)
+        low_inv = rec.measure("ours_low_memory.B", ours_inversion, pipe, picture, plan, None, common)
+        rec.measure("ours_low_memory.C", ours_sampling, pipe, low_inv, texts, plan.etas, k, LOW_MEMORY_BATCH_SIZE)
+        rec.total("ours_low_memory.edit", ["ours_low_memory.A", "ours_low_memory.B", "ours_low_memory.C"])
+        configure_pipeline(pipe, low_memory=False)
+        sections.update(rec.sections)
+    if args.compile:
+        configure_pipeline(pipe, compile=True)
+        with UNetCounter(pipe.unet) as counter:
+            rec = Recorder(counter, device)
+            for name in ("ours_compiled_first", "ours_compiled"):  # the first run includes compilation
+                rec.measure(f"{name}.A", ours_text, pipe, picture, plan, None, common)
+                comp_inv = rec.measure(f"{name}.B", ours_inversion, pipe, picture, plan, None, common)
+                rec.measure(f"{name}.C", ours_sampling, pipe, comp_inv, texts, plan.etas, k)
+                rec.total(f"{name}.edit", [f"{name}.A", f"{name}.B", f"{name}.C"])
+            sections.update(rec.sections)
+    x0 = encode_image(pipe, picture)
+    run.inversions["random_model"] = {
+        "nti_latent_error": relative_error(inversion.reconstruction[-1:], x0),
+        "npi_latent_error": relative_error(npi.reconstruction[-1:], x0),
+    }
+    pipe.to("cpu")
+    del pipe
+    free(device)
+
+    reference.to(device)
+    warm_up(reference, args.size)
+    with UNetCounter(reference.unet) as counter:
+        rec = Recorder(counter, device)
+        base_texts = rec.measure("straightforward.A", straightforward.text_optimizations, reference, picture,
+                                 plan.target_prompt, plan.opt_steps, plan.opt_lr, plan.seeds)
+        base_inv = rec.measure("straightforward.B", straightforward.null_text_inversion, reference, picture,
+                               plan.source_prompt, plan.num_steps, None, plan.inner_steps, plan.early_stop)
+        _, base_latents = rec.measure("straightforward.C", straightforward.sample_variants, reference, base_inv,
+                                      base_texts, plan.etas, (k,))
+        rec.total("straightforward.edit", ["straightforward.A", "straightforward.B", "straightforward.C"])
+        sections.update(rec.sections)
+    run.sections = {name: s.as_dict() for name, s in sections.items()}
+    run.checks = agreement(texts, base_texts, inversion, base_inv, latents, base_latents)
+    return run
+
+
+def agreement(texts, base_texts, inversion, base_inv, latents, base_latents) -> dict:
+    """How far ours is from the straightforward computation (0 up to float noise on the CPU; half precision on
+    CUDA adds its rounding)."""
+    return {
+        "text_embedding_max_diff": max(max_difference(a.optimized_embedding, b.optimized_embedding)
+                                       for a, b in zip(texts, base_texts, strict=True)),
+        "null_embedding_max_diff": max_difference(inversion.null_embeddings, base_inv.null_embeddings),
+        "null_embedding_relative_diff": relative_error(inversion.null_embeddings, base_inv.null_embeddings),
+        "final_latent_max_diff": max_difference(latents, base_latents),
+        "final_latent_relative_diff": relative_error(latents, base_latents),
+    }
+
+
+def inversion_errors_on_mini(scenes: int, num_steps: int = 50, inner_steps: int = 10) -> dict:
+    """NTI vs NPI (and DDIM sampled at 7.5) on the trained miniature model, where reconstruction error means
+    something: relative latent error of the guided reconstruction, PSNR of its decoding, UNet work and time."""
+    from nonrigid.loading import load_pipeline
+    from nonrigid.mini.world import random_scene, render
+    from nonrigid.text_optimization import TextOptimization
+
+    pipe = load_pipeline("mini", device="cpu", dtype="fp32")
+    rows: dict[str, dict[str, list[float]]] = {}
+    with UNetCounter(pipe.unet) as counter:
+        for seed in range(scenes):
+            scene = random_scene(random.Random(seed))
+            image = render(scene)
+            x0 = encode_image(pipe, image)
+            ceiling = decode_latents(pipe, x0)[0]
+            for source in (scene.caption, ""):
+                for method in ("nti", "npi", "ddim"):
+                    before = counter.snapshot()
+                    started = time.perf_counter()
+                    inv = inversion_stage(pipe, image, source, method, num_steps, 7.5, inner_steps, 1e-5, None,
+                                          {})[0]
+                    seconds = time.perf_counter() - started
+                    work = counter.snapshot() - before
+                    if inv.reconstruction is None:  # DDIM: sample the source back at 7.5 (not part of its cost)
+                        keep = TextOptimization("", inv.source_embedding, inv.source_embedding, [], 0, 0, 0.0)
+                        back = sample(pipe, inv, keep, (0.0,), (inv.num_steps,), output_type="latent",
+                                      use_reconstruction=False)
+                    else:
+                        back = inv.reconstruction[-1:]
+                    row = rows.setdefault(f"{method} ({'caption' if source else 'no'} source)", {})
+                    decoded = decode_latents(pipe, back)[0]
+                    for key, value in (("latent_error", relative_error(back, x0)), ("psnr", psnr(decoded, image)),
+                                       ("vae_psnr", psnr(ceiling, image)), ("unet_units", work.units),
+                                       ("seconds", seconds)):
+                        row.setdefault(key, []).append(value)
+    return {name: {k: sum(v) / len(v) for k, v in row.items()} for name, row in rows.items()} | {
+        "scenes": scenes}
+
+
+def environment(args, pipe, dtype: str) -> dict:
+    device = pipe.unet.device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError, StopIteration):
+            name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith("model name"))
+    return {
+        "device": str(device), "device_name": name, "dtype": dtype, "layout": args.layout, "size": args.size,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None, "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+        "unet_parameters": parameter_count(pipe.unet), "vae_parameters": parameter_count(pipe.vae),
+        "text_encoder_parameters": parameter_count(pipe.text_encoder),
+        "attention_processors": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()}),
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+NOISE = 0.02  # run-to-run spread of one stage's wall time on the shared CPU (same code measured twice)
+
+
+def verdict(ok: bool | str) -> str:
+    return ok if isinstance(ok, str) else ("yes" if ok else "no")
+
+
+def no_slower(ours: dict, base: dict) -> bool | str:
+    """Ours no slower than straightforward; with equal UNet work, a difference within :data:`NOISE` is noise."""
+    if ours["seconds"] <= base["seconds"]:
+        return ours["unet_units"] <= base["unet_units"]
+    if ours["unet_units"] == base["unet_units"] and ours["seconds"] <= base["seconds"] * (1 + NOISE):
+        return f"equal within noise ({NOISE:.0%})"
+    return False
+
+
+def targets(run: Run) -> list[tuple[str, str, bool | str]]:
+    """(target, measured, met) for the issue's targets that this configuration can answer."""
+    s = run.sections
+    plan = run.plan
+    n, k = plan["num_steps"], round(plan["inject"] * plan["num_steps"])
+    rows: list[tuple[str, str, bool | str]] = []
+    full_run_units = 2 * n  # one straightforward 50-step sampling run: two guidance branches per step
+    extra = s["ours.extra_variant"]["unet_units"]
+    bound = (n - k) / n * full_run_units
+    rows.append((f"another eta from cached stages: UNet work <= (N-K)/N of a full {n}-step run ({bound:g})",
+                 f"{extra} ({extra / full_run_units:.2f} of {full_run_units})", extra <= bound))
+    if run.config == "cpu":
+        base_c, ours_c = s["straightforward.C"], s["ours.sweep_cached"]
+        rows.append(("default sweep from cached stages >= 2x faster than six straightforward sampling runs",
+                     f"{base_c['seconds'] / ours_c['seconds']:.2f}x ({base_c['seconds']:.1f} s vs "
+                     f"{ours_c['seconds']:.1f} s; by UNet work {base_c['unet_units']} / {ours_c['unet_units']} = "
+                     f"{base_c['unet_units'] / ours_c['unet_units']:.2f}x)",
+                     base_c["seconds"] / ours_c["seconds"] >= 2))
+        for stage, label in (("A", "text optimization"), ("B", "inversion")):
+            b, o = s[f"straightforward.{stage}"], s[f"ours.{stage}"]
+            rows.append((f"{label}: no slower than straightforward, same UNet work by count",
+                         f"{b['seconds'] / o['seconds']:.2f}x ({b['seconds']:.1f} s vs {o['seconds']:.1f} s); "
+                         f"{o['unet_units']} vs {b['unet_units']} evaluations", no_slower(o, b)))
+        b, o = s["straightforward.edit"], s["ours.edit"]
+        rows.append(("whole default edit faster than straightforward", f"{b['seconds'] / o['seconds']:.2f}x "
+                     f"({b['seconds']:.0f} s vs {o['seconds']:.0f} s)", o["seconds"] < b["seconds"]))
+        rows.append(("whole default edit: >= 90% of wall time inside UNet calls", f"{o['unet_share']:.1%}",
+                     o["unet_share"] >= 0.9))
+    else:
+        o, low = s["ours.edit"], s["ours_low_memory.edit"]
+        sweep, one = s["ours.sweep_cached"]["seconds"], s["ours.extra_variant"]["seconds"]
+        per_variant = (sweep - one) / (len(plan["etas"]) - 1)
+        gb = 1024**3
+        rows += [
+            ("default edit at 512 px within 10 s", f"{o['seconds']:.1f} s", o["seconds"] <= 10),
+            ("each additional variant within 0.3 s", f"{per_variant:.2f} s per variant in a sweep; "
+             f"{one:.2f} s for one extra variant alone", per_variant <= 0.3),
+            ("peak GPU memory within 16 GB (default)", f"{o['peak_bytes'] / gb:.2f} GB", o["peak_bytes"] <= 16 * gb),
+            ("peak GPU memory within 8 GB (--low-memory)", f"{low['peak_bytes'] / gb:.2f} GB",
+             low["peak_bytes"] <= 8 * gb),
+        ]
+    return rows
+
+
+SECTION_LABELS = {
+    "keys": "model fingerprint and image digest (cache keys)",
+    "A": "A text optimization",
+    "B": "B inversion (NTI)",
+    "C": "C sampling (6 etas)",
+    "edit": "whole edit (keys+A+B+C)",
+    "sweep_cached": "default sweep from cached stages",
+    "extra_variant": "one more eta from cached stages",
+    "B_npi": "B inversion (NPI)",
+}
+
+
+def render_block(run: Run) -> str:
+    env, plan = run.environment, run.plan
+    mb = 1024**2
+    lines = [
+        f"- Measured {env['date']} on {env['device_name']} ({env['device']}"
+        + (f", {env['threads']} thread(s), {env['cpu_count']} cores" if env["threads"] else "")
+        + f"), torch {env['torch']}, diffusers {env['diffusers']}; networks in {env['dtype']} for ours.",
+        f"- Model: `{env['layout']}` layout with random weights, UNet {env['unet_parameters'] / 1e6:.1f} M, VAE "
+        f"{env['vae_parameters'] / 1e6:.1f} M, text encoder {env['text_encoder_parameters'] / 1e6:.1f} M "
+        f"parameters; attention: {', '.join(env['attention_processors'])}; {env['size']} px.",
+        f"- Edit: {plan['opt_steps']} text-optimization steps, seeds {list(plan['seeds'])}, NTI "
+        f"({plan['inner_steps']} inner steps, source prompt {plan['source_prompt']!r}), {plan['num_steps']} steps, "
+        f"etas {list(plan['etas'])}, inject {plan['inject']} (K = {round(plan['inject'] * plan['num_steps'])}).",
+        f"- Command: `{env['command']}`",
+    ]
+    if "load_average_before" in env:
+        before, after = env["load_average_before"], env["load_average_after"]
+        lines.append(f"- Machine load average (1/5/15 min) before: {before[0]:.1f}/{before[1]:.1f}/{before[2]:.1f}, "
+                     f"after: {after[0]:.1f}/{after[1]:.1f}/{after[2]:.1f} (other processes shared the cores).")
+    lines += ["", "| procedure | stage | wall s | UNet evaluations | UNet calls | inside UNet | peak memory |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, s in run.sections.items():
+        who, stage = name.split(".", 1)
+        lines.append(f"| {who.replace('_', ' ')} | {SECTION_LABELS.get(stage, stage)} | {s['seconds']:.1f} | "
+                     f"{s['unet_units']} | {s['unet_calls']} | {s['unet_share']:.1%} | "
+                     f"{s['peak_bytes'] / mb:,.0f} MB |")
+    memory = "process RSS, weights included" if run.config == "cpu" else "torch.cuda.max_memory_allocated"
+    lines += ["", f"Peak memory is {memory}.", "", "| target | measured | met |", "| --- | --- | --- |"]
+    lines += [f"| {t} | {m} | {verdict(ok)} |" for t, m, ok in targets(run)]
+    c = run.checks
+    lines += ["", f"Agreement with the straightforward computation: optimized embedding max |diff| "
+              f"{c['text_embedding_max_diff']:.2e}, null embeddings max |diff| {c['null_embedding_max_diff']:.2e} "
+              f"(relative {c['null_embedding_relative_diff']:.2e}), final "
+              f"latents max |diff| {c['final_latent_max_diff']:.2e} (relative {c['final_latent_relative_diff']:.2e})."]
+    inv = run.inversions
+    r = inv["random_model"]
+    npi_s, nti_s = run.sections["ours.B_npi"], run.sections["ours.B"]
+    lines += ["", "Negative-prompt vs null-text inversion on this model: NPI "
+              f"{npi_s['seconds']:.1f} s, {npi_s['unet_units']} UNet evaluations; NTI {nti_s['seconds']:.1f} s, "
+              f"{nti_s['unet_units']} evaluations. Reconstruction error (relative, latent; random weights, so only "
+              f"the cost is meaningful here): NPI {r['npi_latent_error']:.3f}, NTI {r['nti_latent_error']:.3f}."]
+    if "mini" in inv:
+        mini = inv["mini"]
+        lines += ["", f"On the trained miniature model (64 px, {plan['num_steps']} steps, guidance 7.5, mean of "
+                  f"{mini['scenes']} "
+                  "scenes; the reconstruction is the guided sampling path an edit injects from):", "",
+                  "| inversion | latent error | PSNR dB (VAE alone) | UNet evaluations | seconds |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for name, row in mini.items():
+            if name == "scenes":
+                continue
+            lines.append(f"| {name} | {row['latent_error']:.4f} | {row['psnr']:.1f} ({row['vae_psnr']:.1f}) | "
+                         f"{row['unet_units']:.0f} | {row['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def update_doc(doc: Path, results: Path) -> None:
+    """Replace each configuration's block in ``doc`` by the rendering of its latest results."""
+    text = doc.read_text() if doc.is_file() else "# Performance\n"
+    for config in ("cpu", "cuda"):
+        path = results / f"{config}.json"
+        if not path.is_file():
+            continue
+        block = render_block(Run(**json.loads(path.read_text())))
+        start, end = f"<!-- bench:{config}:start -->", f"<!-- bench:{config}:end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            text = head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1]
+        else:
+            text = text.rstrip() + f"\n\n{start}\n{block}\n{end}\n"
+    doc.write_text(text)
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cuda: SD v1.4 architecture at 512 px; cpu: mid-size model at 256 px; auto: cuda if present")
+    p.add_argument("--layout", choices=("mid", "sd14", "tiny"), default=None,
+                   help="model layout (default: mid on cpu, sd14 on cuda; tiny for a smoke run)")
+    p.add_argument("--size", type=int, default=None, help="image size (default: 256 on cpu, 512 on cuda)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (1: on shared cores several threads per process wait on each other)")
+    p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="CUDA: precision of ours' networks")
+    p.add_argument("--compile", action="store_true", help="CUDA: also measure a torch.compile'd UNet")
+    p.add_argument("--quick", action="store_true", help="a few steps of everything (checks the script runs)")
+    p.add_argument("--no-mini", dest="mini", action="store_false", help="skip NTI vs NPI on the miniature model")
+    p.add_argument("--mini-scenes", type=int, default=2, help="scenes for the miniature model comparison")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder for <config>.json")
+    p.add_argument("--doc", type=Path, default=DOC, help="markdown file whose block is updated ('' to skip)")
+    args = p.parse_args(argv)
+    if args.config == "auto":
+        args.config = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.config == "cuda" and not torch.cuda.is_available():
+        p.error("--config cuda needs a CUDA GPU")
+    args.layout = args.layout or ("sd14" if args.config == "cuda" else "mid")
+    args.size = args.size or (512 if args.config == "cuda" else 256)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    plan = EditPlan()
+    if args.quick:
+        plan = EditPlan(num_steps=5, opt_steps=3, inner_steps=2, etas=(0.0, 0.5), inject=0.4)
+        args.mini_scenes = min(args.mini_scenes, 1)
+    run = run_cuda(args, plan) if args.config == "cuda" else run_cpu(args, plan)
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{args.config}.json"
+    path.write_text(json.dumps(asdict(run), indent=1))
+    print(render_block(run))
+    if str(args.doc):
+        update_doc(args.doc, args.results)
+        print(f"\nwrote {path} and updated {args.doc}")
+
+
+if __name__ == "__main__":
+    main()
