@@ -51,7 +51,7 @@ def write_plots_and_tables(run: Path, docs: Path) -> str:
     """The three identity-vs-success plots and a Markdown table of every (group, setting, eta)."""
     rows = load_rows(run)
     summary = summarize(rows)
-    titles = {"methods": "Method vs NTI-only editing", "inversion": "Ablation: inversion type (inject 20%)",
+    titles = {"methods": "The method vs the baselines", "inversion": "Ablation: inversion type (inject 20%)",
               "injection": "Ablation: source injection ratio (NTI w/o source)"}
     for group, title in titles.items():
         plot(summary, group, title, docs / f"mini-{group}.png")
