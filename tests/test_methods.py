@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TEDBENCH
+from conftest import ROOT, TEDBENCH
 from PIL import Image
 
 from nonrigid.cache import StageCache
@@ -163,3 +163,25 @@ def test_every_method_edits_through_the_cli(method, tmp_path):
     assert Image.open(out / "grid.png").size[0] >= 64 * (sweep_sizes[-1] if sweep_sizes else 1)
     for p in info.params:  # every parameter, resolved, is recorded
         assert p.name in manifest
+
+
+def test_every_method_runs_with_its_default_structure_on_an_sd_layout_model():
+    """The tiny model has 4 self-attention layers and no cross-attention maps at LEDITS++'s mask resolution, so
+    defaults tied to SD's layout (MasaCtrl's layer 10 of 16, LEDITS++'s intersect mask) need SD's layout: the
+    benchmark's mid-size random model has it (16 self-attention layers, attention at three resolutions)."""
+    if not image_exists():
+        pytest.skip("TEdBench not found")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from random_models import build_random_pipeline
+
+    pipe = build_random_pipeline("mid")
+    image = TEDBENCH / "originals" / "dog_01.jpeg"
+    masactrl = run_method(pipe, image, PROMPT, "masactrl", {"num_steps": 3, "inner_steps": 1, "start_step": (1,)},
+                          size=128)
+    assert masactrl.record["start_layer_used"] == 10 and masactrl.record["controlled_layers"] == 6
+    ledits = run_method(pipe, image, PROMPT, "ledits", {"num_steps": 3, "edit_guidance": (5.0,)}, size=128)
+    assert ledits.params["mask"] == "intersect" and ledits.variants[0].image.size == (128, 128)
+
+
+def image_exists() -> bool:
+    return (TEDBENCH / "originals" / "dog_01.jpeg").is_file()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import html
+import logging
 import math
 import os
 import re
@@ -43,6 +44,8 @@ METRIC_AXES = {
     "aesthetic": "aesthetic score (higher is better)",
 }
 BINNINGS = ("fixed", "quantile")
+
+logger = logging.getLogger("nonrigid")
 
 
 @dataclass
@@ -492,6 +495,10 @@ def write_report(
         raise UsageError("the runs' edits have no LPIPS scores; nothing to plot")
     edges = bin_edges(lpips, bins, binning)
     points = [p for metric in ("clip_t", "aesthetic") for p in figure6_points(pairs, metric, edges, min_per_bin)]
+    missing = sorted({series for series, _ in pairs} - {p.series for p in points})
+    if missing:  # say why a method is absent from Figure 6 rather than leave the reader guessing
+        logger.warning("not in Figure 6 (no LPIPS bin holds %d of its edits; lower --min-per-bin or --bins): %s",
+                       min_per_bin, ", ".join(missing))
     written["figure6"] = []
     for metric, letter, name in (("clip_t", "a", "figure6-clip"), ("aesthetic", "b", "figure6-aesthetic")):
         title = f"Figure 6 ({letter}): {METRIC_TITLES[metric]} per LPIPS bin ({binning} bins, mean ± s.e.)"
