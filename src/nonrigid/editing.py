@@ -74,8 +74,8 @@ def edit(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     cache_report: dict[str, object] = {}
-    fingerprint = model_fingerprint(pipe)
     common = cache_fields(pipe, picture)
+    fingerprint = common["model"]
 
     tick = time.perf_counter()
     texts, reused = text_stage(pipe, picture, config.target_prompt, config.opt_steps, config.opt_lr, config.seeds,

@@ -14,7 +14,7 @@ from PIL import Image
 from ..cache import StageCache
 from ..editing import cache_fields
 from ..errors import UsageError
-from ..loading import latent_multiple, load_image, model_fingerprint
+from ..loading import latent_multiple, load_image
 from . import MODULES, method_info
 from .base import MethodContext, MethodResult, resolve_params
 
@@ -50,12 +50,12 @@ def run_method(
     if size % multiple:
         raise UsageError(f"--size must be a multiple of {multiple} for this model, got {size}")
     picture = load_image(image, size)
-    fingerprint = model_fingerprint(pipe)
+    fields = cache_fields(pipe, picture)
     ctx = MethodContext(
         seeds=seeds if info.seeded else seeds[:1],
         source_prompt=source_prompt,
         cache=cache,
-        cache_fields={**cache_fields(pipe, picture), "model": fingerprint},
+        cache_fields=fields,
         progress=progress,
         batch_size=batch_size,
     )
@@ -67,5 +67,5 @@ def run_method(
         method=method, input_image=picture, target_prompt=target_prompt, source_prompt=source_prompt,
         seeds=ctx.seeds, params=resolved, variants=output.variants,
         knob_labels=tuple(p.label for p in info.sweeps), timings=timings, cache=output.cache,
-        record=output.record, model_fingerprint=fingerprint,
+        record=output.record, model_fingerprint=fields["model"],
     )
