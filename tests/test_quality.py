@@ -6,6 +6,7 @@ loosened to pass on random weights.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nonrigid import invert, optimize_text, sample
@@ -78,19 +79,33 @@ def test_text_optimization_lowers_the_denoising_loss_on_fixed_draws(model, model
     assert loss(result.optimized_embedding) < loss(result.target_embedding)
 
 
+@pytest.mark.xfail(strict=True, reason="open finding (miniature-world issue): on the model trained with the "
+                   "2500-step recipe, eta 0 lands farther from the input than eta 1 on this scene (10.4 vs 9.7 mean "
+                   "pixel difference; also with K=0 and with DDIM inversion); held on the previous model")
 def test_text_optimization_moves_the_output_toward_the_input(model, model_image):
-    """In the method's own setting (NTI without source, 20% injection), the optimized embedding (eta 0) keeps the
-    scene's identity better than the target text (eta 1), by the world's exact identity error."""
-    import random
+    """In the method's own setting (NTI without source, 20% injection), the optimized embedding (eta 0) gives an
+    output closer to the input image than the target text (eta 1) does, in mean absolute pixel difference."""
+    import numpy as np
 
-    from nonrigid.mini.judge import identity_errors
-    from nonrigid.mini.world import random_scene
-
-    scene = random_scene(random.Random(0))
-    target = target_prompt()
-    target_pose = next(word for word in target.split() if word in ("standing", "sitting", "jumping", "lying"))
-    text = optimize_text(model, model_image, target, steps=200, seed=0)
+    text = optimize_text(model, model_image, target_prompt(), steps=200, seed=0)
     inversion = invert(model, model_image, method="nti")
     optimized, plain = sample(model, inversion, text, (0.0, 1.0), (10,))
-    assert (identity_errors(scene, target_pose, optimized)["identity_error"]
-            < identity_errors(scene, target_pose, plain)["identity_error"])
+
+    def distance(image) -> float:
+        return float(np.abs(np.asarray(image, dtype=np.float32) - np.asarray(model_image, dtype=np.float32)).mean())
+
+    assert distance(optimized) < distance(plain)
+
+
+def test_samples_show_the_captioned_pose_kind_and_colour(model):
+    """The model draws what its captions say: the judge, trained on renders only, reads the captioned pose, kind
+    and colour back from the model's samples far more often than chance (1/4, 1/3, 1/8)."""
+    from nonrigid.mini.fidelity import sample_fidelity
+    from nonrigid.mini.judge import load_judge
+
+    model.set_progress_bar_config(disable=True)
+    fidelity = sample_fidelity(model, load_judge(), per_pose=8, steps=20, guidance=4.0, seed=3, progress=False)
+    accuracy = fidelity.accuracy
+    assert accuracy["pose"] >= 0.7 and accuracy["kind"] >= 0.6 and accuracy["colour"] >= 0.8, (
+        fidelity.line()
+    )

@@ -173,7 +173,7 @@ def add_mini_parser(commands) -> None:
     )
     sub = mini.add_subparsers(dest="mini_command", metavar="COMMAND", parser_class=Parser, required=True)
     train = sub.add_parser(
-        "train", help="train the miniature model (about 45 min on 2 CPU cores)",
+        "train", help="train the miniature model (under 60 min on 2 CPU cores)",
         description="Train the VAE, then the UNet and text encoder, reproducibly from --seed. Resumable: run the "
         "same command again after an interruption and it continues from the last checkpoint in OUT/work.",
         formatter_class=HelpFormatter,
@@ -191,9 +191,10 @@ def add_mini_parser(commands) -> None:
     train.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     train.set_defaults(func=run_mini_train)
 
-    judge = sub.add_parser("judge", help="train the pose classifier that scores edit success (about a minute)",
+    judge = sub.add_parser("judge", help="train the classifier of pose, kind and colour that scores edits and samples "
+                           "(about two minutes)",
                            formatter_class=HelpFormatter)
-    judge.add_argument("--steps", type=int, default=400, help="training steps")
+    judge.add_argument("--steps", type=int, default=600, help="training steps")
     judge.add_argument("--seed", type=int, default=0, help="seed")
     judge.add_argument("--out", type=Path, default=None, help="where to save it (default: the package's weights)")
     judge.set_defaults(func=run_mini_judge)
@@ -287,12 +288,13 @@ def run_mini_evaluate(args: argparse.Namespace) -> int:
     from .loading import load_pipeline
 
     pipe = load_pipeline("mini", device="cpu", dtype="fp32")
-    rows = evaluate(pipe, load_judge(), pairs, args.out, num_steps=args.steps, opt_steps=args.opt_steps,
+    judge = load_judge()
+    rows = evaluate(pipe, judge, pairs, args.out, num_steps=args.steps, opt_steps=args.opt_steps,
                     baselines=baselines, progress=not args.quiet)
     if args.docs:
         from .mini.miniature_doc import write_miniature_doc
 
-        write_miniature_doc(pipe, args.out, args.docs, command="nonrigid " + " ".join(sys.argv[1:]))
+        write_miniature_doc(pipe, args.out, args.docs, command="nonrigid " + " ".join(sys.argv[1:]), judge=judge)
     logger.info(f"{len(rows)} rows in {args.out}")
     print(args.out)
     return 0

@@ -15,10 +15,11 @@ class TrainConfig:
     subject_weight: float = 8.0
     kl_weight: float = 1e-6
     dataset_size: int = 20000
-    unet_steps: int = 1200
-    unet_batch: int = 64
+    unet_steps: int = 2500
+    unet_batch: int = 32
     unet_lr: float = 8e-4
     warmup: int = 100
     caption_dropout: float = 0.1
+    snr_gamma: float = 5.0
     ema_decay: float = 0.995
     checkpoint_every: int = 100

@@ -31,7 +31,7 @@ from ..editing import edit
 from ..sampling import sample
 from ..text_optimization import TextOptimization
 from .benchmark import Pair
-from .judge import PoseJudge, score_edit
+from .judge import SceneJudge, score_edit
 
 ETAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 INJECT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
@@ -48,7 +48,7 @@ BASELINES: dict[str, dict] = {
 }
 
 
-def evaluate(pipe, judge: PoseJudge, pairs: list[Pair], out: Path, *, num_steps: int = 50, opt_steps: int = 200,
+def evaluate(pipe, judge: SceneJudge, pairs: list[Pair], out: Path, *, num_steps: int = 50, opt_steps: int = 200,
              baselines: tuple[str, ...] = tuple(BASELINES), progress: bool = True) -> list[dict]:
     """Run every setting and baseline on every pair (skipping what is already done) and return all rows."""
     results = out / "results"

@@ -1,5 +1,5 @@
 """Exact metrics of the miniature world: identity error from the renderer's ground truth, edit success from a
-small pose classifier (the "judge") trained on rendered scenes.
+small classifier (the "judge") trained on rendered scenes.
 
 They stand in for LPIPS (identity) and CLIP-T (edit) of the paper's evaluation:
 
@@ -10,6 +10,9 @@ They stand in for LPIPS (identity) and CLIP-T (edit) of the paper's evaluation:
 - ``identity_error``: the mean of the two;
 - ``edit_success``: the judge's probability that the edit shows the target pose (``pose_correct``: its argmax
   is the target pose).
+
+The judge also names the animal's kind and colour, so the same network tells whether the model's samples show
+what their captions say (:mod:`nonrigid.mini.fidelity`).
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ from PIL import Image, ImageFilter
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .world import POSES, Scene, random_scene, render, render_background, render_with_mask
+from .world import COLOURS, KINDS, POSES, Scene, random_scene, render, render_background, render_with_mask
+
+FACTORS = {"pose": POSES, "kind": KINDS, "colour": tuple(sorted(COLOURS))}
 
 
-class PoseJudge(nn.Module):
-    """A small CNN: 64 x 64 RGB in [-1, 1] -> logits over :data:`POSES`."""
+class SceneJudge(nn.Module):
+    """A small CNN: 64 x 64 RGB in [-1, 1] -> logits over :data:`POSES`, then :data:`KINDS`, then the colours
+    (sorted), concatenated; :func:`split_logits` takes them apart."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -38,10 +44,21 @@ class PoseJudge(nn.Module):
         for cin, cout in itertools.pairwise(channels):
             layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(64 * 4 * 4, len(POSES))
+        self.head = nn.Linear(64 * 4 * 4, sum(len(v) for v in FACTORS.values()))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(pixels).flatten(1))
+
+
+def split_logits(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The judge's output as one (B, n) logit tensor per factor of :data:`FACTORS`."""
+    parts = logits.split([len(v) for v in FACTORS.values()], dim=-1)
+    return dict(zip(FACTORS, parts, strict=True))
+
+
+def scene_labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
+    """The class index of each scene for every factor of :data:`FACTORS`."""
+    return {name: torch.tensor([values.index(getattr(s, name)) for s in scenes]) for name, values in FACTORS.items()}
 
 
 def to_pixels(images: list[Image.Image]) -> torch.Tensor:
@@ -59,18 +76,20 @@ def _degrade(image: Image.Image, rng: random.Random) -> Image.Image:
     return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
 
 
-def train_judge(steps: int = 400, batch: int = 64, seed: int = 0, log=print) -> PoseJudge:
-    """Train the judge on freshly rendered, randomly degraded scenes (about a minute on 2 CPU cores)."""
+def train_judge(steps: int = 600, batch: int = 64, seed: int = 0, log=print) -> SceneJudge:
+    """Train the judge on freshly rendered, randomly degraded scenes (about two minutes on 2 CPU cores); the loss
+    is the sum of the three factors' cross-entropies."""
     rng = random.Random(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        judge = PoseJudge()
+        judge = SceneJudge()
     optimizer = torch.optim.AdamW(judge.parameters(), lr=2e-3)
     for step in range(steps):
         scenes = [random_scene(rng) for _ in range(batch)]
         pixels = to_pixels([_degrade(render(s), rng) for s in scenes])
-        labels = torch.tensor([POSES.index(s.pose) for s in scenes])
-        loss = F.cross_entropy(judge(pixels), labels)
+        labels = scene_labels(scenes)
+        logits = split_logits(judge(pixels))
+        loss = sum(F.cross_entropy(logits[name], labels[name]) for name in FACTORS)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -79,22 +98,29 @@ def train_judge(steps: int = 400, batch: int = 64, seed: int = 0, log=print) -> 
     return judge.eval().requires_grad_(False)
 
 
-def save_judge(judge: PoseJudge, path: Path) -> None:
+def save_judge(judge: SceneJudge, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(path))
 
 
-def load_judge(path: Path | None = None) -> PoseJudge:
+def load_judge(path: Path | None = None) -> SceneJudge:
     from .model import weights_dir
 
     path = path or weights_dir() / "judge.safetensors"
-    judge = PoseJudge()
+    judge = SceneJudge()
     judge.load_state_dict(load_file(str(path)))
     return judge.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def pose_probabilities(judge: PoseJudge, images: list[Image.Image]) -> torch.Tensor:
-    return judge(to_pixels(images)).softmax(-1)
+def pose_probabilities(judge: SceneJudge, images: list[Image.Image]) -> torch.Tensor:
+    """(B, len(POSES)) probabilities of each pose."""
+    return factor_probabilities(judge, images)["pose"]
+
+
+@torch.no_grad()
+def factor_probabilities(judge: SceneJudge, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    """Per factor of :data:`FACTORS`, the (B, n) probabilities of its values."""
+    return {name: logits.softmax(-1) for name, logits in split_logits(judge(to_pixels(images))).items()}
 
 
 def identity_errors(source: Scene, target_pose: str, edited: Image.Image) -> dict[str, float]:
@@ -132,7 +158,7 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def score_edit(judge: PoseJudge, source: Scene, target_pose: str, edited: Image.Image) -> dict[str, float]:
+def score_edit(judge: SceneJudge, source: Scene, target_pose: str, edited: Image.Image) -> dict[str, float]:
     """All metrics of one edited image."""
     probs = pose_probabilities(judge, [edited])[0]
     target = POSES.index(target_pose)

@@ -73,9 +73,15 @@ def train(out: Path, config: TrainConfig, *, progress: bool = True, log: Log | N
     started = time.perf_counter()
     log(f"config {json.dumps(asdict(config))}")
     pipe = build_untrained_pipeline(config.seed)
+    stage = time.perf_counter()
     train_vae(pipe, config, work, log, progress)
+    log(f"vae stage: {(time.perf_counter() - stage) / 60:.1f} min")
+    stage = time.perf_counter()
     latents, captions = encode_dataset(pipe, config, work, log, progress)
+    log(f"dataset stage: {(time.perf_counter() - stage) / 60:.1f} min")
+    stage = time.perf_counter()
     train_unet(pipe, latents, captions, config, work, log, progress)
+    log(f"unet stage: {(time.perf_counter() - stage) / 60:.1f} min")
     model_dir = out / "model"
     save_pipeline_fp16(pipe, model_dir)
     log(f"done in {(time.perf_counter() - started) / 60:.1f} min; model saved to {model_dir}")
@@ -199,7 +205,8 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], config: TrainCo
         noise = torch.randn(x0.shape, generator=generator)
         noisy = scheduler.add_noise(x0, noise, t)
         cond = text_encoder(tokens)[0]
-        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
+        error = F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise, reduction="none")
+        loss = (error.mean(dim=(1, 2, 3)) * timestep_weights(scheduler, t, config.snr_gamma)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
@@ -222,13 +229,33 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], config: TrainCo
     modules.eval().requires_grad_(False)
 
 
+def timestep_weights(scheduler, t: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for the epsilon objective, min(SNR(t), gamma) / SNR(t) (Hang et al. 2023).
+
+    Nearly clean timesteps have a large SNR and an easy, noisy epsilon target that dominates the plain loss;
+    capping their weight spends the little training this model gets on the noise levels where layout, pose and
+    kind are decided. ``snr_gamma`` 0 gives the plain loss (all weights 1)."""
+    if snr_gamma <= 0:
+        return torch.ones(t.shape)
+    alpha_bar = scheduler.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=snr_gamma) / snr
+
+
 def save_pipeline_fp16(pipe, folder: Path) -> None:
     """Save as a diffusers folder with fp16 weights (half the bytes; ``load_pipeline`` upcasts to fp32)."""
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.to(torch.float16)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.to(torch.float32)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # diffusers warns on every .to(fp16) that it has nothing to keep in fp32
+    try:
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.to(torch.float16)
+        pipe.save_pretrained(folder, safe_serialization=True)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.to(torch.float32)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def _py_state_tensor(rng: random.Random) -> torch.Tensor:
