@@ -240,3 +240,20 @@ def test_nan_in_a_stage_names_the_stage_and_suggests_fp32(nan_run):
 
 def test_quiet_failure_prints_only_the_error_line(nan_run):
     assert_one_error_line(nan_run.proc, "--dtype fp32", allow_info=False)
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (("mini", "judge", "--steps", "0"), ("--steps", "0")),
+        (("mini", "evaluate", "--data", "nowhere", "--baselines", "foo"), ("--baselines", "foo")),
+        (("mini", "train", "--unet-steps", "0"), ("--unet-steps", "0")),
+    ],
+    ids=["judge-steps-zero", "evaluate-unknown-baseline", "train-steps-zero"],
+)
+def test_mini_commands_fail_in_one_line(args, names, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nonrigid.cli", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=cli_env(tmp_path / "cache", tmp_path / "hf"))
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc, *names)
+    assert list(tmp_path.iterdir()) == [], "nothing written"

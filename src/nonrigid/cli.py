@@ -192,11 +192,12 @@ def add_mini_parser(commands) -> None:
     train.set_defaults(func=run_mini_train)
 
     judge = sub.add_parser("judge", help="train the classifier of pose, kind and colour that scores edits and samples "
-                           "(about two minutes)",
+                           "(about three minutes)",
                            formatter_class=HelpFormatter)
     judge.add_argument("--steps", type=int, default=600, help="training steps")
     judge.add_argument("--seed", type=int, default=0, help="seed")
     judge.add_argument("--out", type=Path, default=None, help="where to save it (default: the package's weights)")
+    judge.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     judge.set_defaults(func=run_mini_judge)
 
     data = sub.add_parser("dataset", help="write the world's benchmark in TEdBench's layout, with ground truth",
@@ -206,6 +207,7 @@ def add_mini_parser(commands) -> None:
     data.add_argument("--count", type=int, default=24, help="number of scenes")
     data.add_argument("--edits-per-image", type=int, default=1, help="target poses per scene (1-3)")
     data.add_argument("--seed", type=int, default=0, help="seed of the scenes")
+    data.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     data.set_defaults(func=run_mini_dataset)
 
     ev = sub.add_parser(
@@ -223,6 +225,7 @@ def add_mini_parser(commands) -> None:
                     help="comma-separated baselines to run besides NTI-only editing ('none' for none)")
     ev.add_argument("--docs", type=Path, default=None, help="write MINIATURE.md and its figures into this folder")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     ev.set_defaults(func=run_mini_evaluate)
 
 

@@ -77,7 +77,7 @@ def _degrade(image: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def train_judge(steps: int = 600, batch: int = 64, seed: int = 0, log=print) -> SceneJudge:
-    """Train the judge on freshly rendered, randomly degraded scenes (about two minutes on 2 CPU cores); the loss
+    """Train the judge on freshly rendered, randomly degraded scenes (about three minutes on 2 CPU cores); the loss
     is the sum of the three factors' cross-entropies."""
     rng = random.Random(seed)
     with torch.random.fork_rng(devices=[]):
