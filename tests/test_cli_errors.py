@@ -248,8 +248,11 @@ def test_quiet_failure_prints_only_the_error_line(nan_run):
         (("mini", "judge", "--steps", "0"), ("--steps", "0")),
         (("mini", "evaluate", "--data", "nowhere", "--baselines", "foo"), ("--baselines", "foo")),
         (("mini", "train", "--unet-steps", "0"), ("--unet-steps", "0")),
+        (("mini", "train", "--snr-gamma", "nan"), ("--snr-gamma", "nan")),
+        (("mini", "train", "--unet-batch", "-4"), ("--unet-batch", "-4")),
     ],
-    ids=["judge-steps-zero", "evaluate-unknown-baseline", "train-steps-zero"],
+    ids=["judge-steps-zero", "evaluate-unknown-baseline", "train-steps-zero", "train-gamma-nan",
+         "train-batch-negative"],
 )
 def test_mini_commands_fail_in_one_line(args, names, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nonrigid.cli", *args], cwd=tmp_path, capture_output=True,
