@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
 from ..cache import write_atomic
@@ -237,8 +238,7 @@ def timestep_weights(scheduler, t: torch.Tensor, snr_gamma: float) -> torch.Tens
     kind are decided. ``snr_gamma`` 0 gives the plain loss (all weights 1)."""
     if snr_gamma <= 0:
         return torch.ones(t.shape)
-    alpha_bar = scheduler.alphas_cumprod[t]
-    snr = alpha_bar / (1 - alpha_bar)
+    snr = compute_snr(scheduler, t)
     return snr.clamp(max=snr_gamma) / snr
 
 
@@ -248,13 +248,14 @@ def save_pipeline_fp16(pipe, folder: Path) -> None:
 
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # diffusers warns on every .to(fp16) that it has nothing to keep in fp32
+    modules = (pipe.unet, pipe.vae, pipe.text_encoder)
     try:
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for module in modules:
             module.to(torch.float16)
         pipe.save_pretrained(folder, safe_serialization=True)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    finally:  # the caller's pipeline is fp32 again even when saving fails
+        for module in modules:
             module.to(torch.float32)
-    finally:
         diffusers_logging.set_verbosity(verbosity)
 
 
