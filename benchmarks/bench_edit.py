@@ -44,12 +44,16 @@ from measure import Recorder, UNetCounter  # noqa: E402
 from PIL import Image  # noqa: E402
 from random_models import build_random_pipeline, parameter_count  # noqa: E402
 
-from nonrigid.cache import StageCache  # noqa: E402
-from nonrigid.diffusion import decode_latents, encode_image  # noqa: E402
-from nonrigid.editing import cache_fields, inversion_stage, text_stage  # noqa: E402
-from nonrigid.loading import LOW_MEMORY_BATCH_SIZE, build_tiny_pipeline, configure_pipeline, load_image  # noqa: E402
-from nonrigid.options import DEFAULT_ETAS, DEFAULT_GUIDANCE  # noqa: E402
-from nonrigid.sampling import sample  # noqa: E402
+from nonrigid.cli.common import LOW_MEMORY_BATCH_SIZE  # noqa: E402
+from nonrigid.images import load_image  # noqa: E402
+from nonrigid.methods.catalogue import DEFAULT_ETAS  # noqa: E402
+from nonrigid.models.loading import configure_pipeline  # noqa: E402
+from nonrigid.models.registry import family_of  # noqa: E402
+from nonrigid.models.tiny import build_tiny_pipeline  # noqa: E402
+from nonrigid.stages import DEFAULT_GUIDANCE  # noqa: E402
+from nonrigid.stages.cache import StageCache  # noqa: E402
+from nonrigid.stages.cached import cache_fields, inversion_stage, text_stage  # noqa: E402
+from nonrigid.stages.sampling import sample  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "PERFORMANCE.md"
@@ -92,7 +96,7 @@ def ours_inversion(pipe, picture, plan: EditPlan, cache, common: dict, method: s
 def ours_sampling(pipe, inversion, texts, etas, inject_steps: int, batch_size: int | None = None):
     """``sample(..., output_type="pil")`` split in two so the final latents can be compared."""
     latents = sample(pipe, inversion, texts, etas, (inject_steps,), output_type="latent", batch_size=batch_size)
-    return decode_latents(pipe, latents), latents
+    return family_of(pipe).decode(latents), latents
 
 
 def ours_from_cache(pipe, picture, plan: EditPlan, cache, etas):
@@ -198,7 +202,7 @@ def run_cpu(args, plan: EditPlan) -> Run:
     run.environment["load_average_before"] = load_before
     run.environment["load_average_after"] = os.getloadavg()
     run.checks = agreement(texts, base_texts, inversion, base_inv, latents, base_latents)
-    x0 = encode_image(pipe, picture)
+    x0 = family_of(pipe).encode_image(picture)
     run.inversions["random_model"] = {
         "nti_latent_error": relative_error(inversion.reconstruction[-1:], x0),
         "npi_latent_error": relative_error(npi.reconstruction[-1:], x0),
@@ -255,7 +259,7 @@ def run_cuda(args, plan: EditPlan) -> Run:
                 rec.measure(f"{name}.C", ours_sampling, pipe, comp_inv, texts, plan.etas, k)
                 rec.total(f"{name}.edit", [f"{name}.A", f"{name}.B", f"{name}.C"])
             sections.update(rec.sections)
-    x0 = encode_image(pipe, picture)
+    x0 = family_of(pipe).encode_image(picture)
     run.inversions["random_model"] = {
         "nti_latent_error": relative_error(inversion.reconstruction[-1:], x0),
         "npi_latent_error": relative_error(npi.reconstruction[-1:], x0),
@@ -297,18 +301,19 @@ def agreement(texts, base_texts, inversion, base_inv, latents, base_latents) -> 
 def inversion_errors_on_mini(scenes: int, num_steps: int = 50, inner_steps: int = 10) -> dict:
     """NTI vs NPI (and DDIM sampled at 7.5) on the trained miniature model, where reconstruction error means
     something: relative latent error of the guided reconstruction, PSNR of its decoding, UNet work and time."""
-    from nonrigid.loading import load_pipeline
     from nonrigid.mini.world import random_scene, render
-    from nonrigid.text_optimization import TextOptimization
+    from nonrigid.models.loading import load_pipeline
+    from nonrigid.stages.text_optimization import TextOptimization
 
     pipe = load_pipeline("mini", device="cpu", dtype="fp32")
+    family = family_of(pipe)
     rows: dict[str, dict[str, list[float]]] = {}
     with UNetCounter(pipe.unet) as counter:
         for seed in range(scenes):
             scene = random_scene(random.Random(seed))
             image = render(scene)
-            x0 = encode_image(pipe, image)
-            ceiling = decode_latents(pipe, x0)[0]
+            x0 = family.encode_image(image)
+            ceiling = family.decode(x0)[0]
             for source in (scene.caption, ""):
                 for method in ("nti", "npi", "ddim"):
                     before = counter.snapshot()
@@ -318,13 +323,13 @@ def inversion_errors_on_mini(scenes: int, num_steps: int = 50, inner_steps: int 
                     seconds = time.perf_counter() - started
                     work = counter.snapshot() - before
                     if inv.reconstruction is None:  # DDIM: sample the source back at 7.5 (not part of its cost)
-                        keep = TextOptimization("", inv.source_embedding, inv.source_embedding, [], 0, 0, 0.0)
+                        keep = TextOptimization("", inv.source, inv.source, [], 0, 0, 0.0)
                         back = sample(pipe, inv, keep, (0.0,), (inv.num_steps,), output_type="latent",
                                       use_reconstruction=False)
                     else:
                         back = inv.reconstruction[-1:]
                     row = rows.setdefault(f"{method} ({'caption' if source else 'no'} source)", {})
-                    decoded = decode_latents(pipe, back)[0]
+                    decoded = family.decode(back)[0]
                     for key, value in (("latent_error", relative_error(back, x0)), ("psnr", psnr(decoded, image)),
                                        ("vae_psnr", psnr(ceiling, image)), ("unet_units", work.units),
                                        ("seconds", seconds)):

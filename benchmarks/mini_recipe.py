@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from nonrigid.loading import load_pipeline
 from nonrigid.mini.config import TrainConfig
 from nonrigid.mini.fidelity import sample_fidelity
 from nonrigid.mini.judge import load_judge
 from nonrigid.mini.train import Log, train
+from nonrigid.models.loading import load_pipeline
 
 RECIPES = {
     "plain, batch 64": {"unet_steps": 400, "unet_batch": 64, "snr_gamma": 0.0},

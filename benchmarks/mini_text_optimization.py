@@ -20,21 +20,25 @@ import random
 import numpy as np
 import torch
 
-from nonrigid import invert, optimize_text, sample
-from nonrigid.diffusion import encode_image, encode_text, predict_noise
-from nonrigid.loading import load_pipeline
 from nonrigid.mini.world import POSES, random_scene, render_example
+from nonrigid.models.family import Conditioning
+from nonrigid.models.loading import load_pipeline
+from nonrigid.models.registry import family_of
+from nonrigid.stages.inversion import invert
+from nonrigid.stages.sampling import sample
+from nonrigid.stages.text_optimization import optimize_text
 
 
-def mean_loss(pipe, latent: torch.Tensor, embedding: torch.Tensor, draws: int = 512, seed: int = 123) -> float:
+def mean_loss(pipe, latent: torch.Tensor, embedding: Conditioning, draws: int = 512, seed: int = 123) -> float:
     """Denoising loss of ``embedding`` on ``draws`` fixed (t, noise) pairs: the same draws for every embedding."""
     generator = torch.Generator().manual_seed(seed)
     t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (draws,), generator=generator)
     noise = torch.randn((draws, *latent.shape[1:]), generator=generator)
     alpha_bar = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = alpha_bar.sqrt() * latent + (1 - alpha_bar).sqrt() * noise
+    family = family_of(pipe)
     with torch.no_grad():
-        errors = [((predict_noise(pipe.unet, noisy[i:i + 128], t[i:i + 128], embedding) - noise[i:i + 128]) ** 2)
+        errors = [((family.predict(noisy[i:i + 128], t[i:i + 128], embedding) - noise[i:i + 128]) ** 2)
                   .mean() * len(t[i:i + 128]) for i in range(0, draws, 128)]
     return float(sum(errors) / draws)
 
@@ -62,9 +66,9 @@ def main() -> None:
         eta0.append(pixel_distance(optimized, image))
         eta1.append(pixel_distance(plain, image))
         closer += eta0[-1] < eta1[-1]
-        latent = encode_image(pipe, image)
-        losses = [mean_loss(pipe, latent, e) for e in (text.target_embedding, text.optimized_embedding,
-                                                         encode_text(pipe, scene.caption))]
+        latent = family_of(pipe).encode_image(image)
+        losses = [mean_loss(pipe, latent, e) for e in (text.target, text.optimized,
+                                                         family_of(pipe).encode_prompt(scene.caption))]
         print(f"{seed} | {scene.caption.removeprefix('a photo of a ')} -> {pose} | {eta0[-1]:.2f} | "
               f"{eta1[-1]:.2f} | {' / '.join(f'{x:.5f}' for x in losses)}", flush=True)
     print(f"eta 0 closer on {closer} of {args.scenes}; mean {np.mean(eta0):.2f} vs {np.mean(eta1):.2f}")

@@ -18,7 +18,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from nonrigid.loading import DDIM_OVERRIDES, build_clip_tokenizer
+from nonrigid.models.sd import DDIM_OVERRIDES
+from nonrigid.models.tiny import build_clip_tokenizer
 
 LAYOUTS = {
     "sd14": {

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from nonrigid.diffusion import decode_latents, encode_image, encode_text, sampling_scheduler
-from nonrigid.inversion import Inversion, ddim_invert
-from nonrigid.options import DEFAULT_GUIDANCE
-from nonrigid.text_optimization import TextOptimization, optimize_text
+from nonrigid.models.family import Conditioning
+from nonrigid.models.registry import family_of
+from nonrigid.stages import DEFAULT_GUIDANCE
+from nonrigid.stages.inversion import Inversion, ddim_invert
+from nonrigid.stages.text_optimization import TextOptimization, optimize_text
 
 
 def guided_noise_both_branches(
@@ -61,10 +62,11 @@ def null_text_inversion(
     inner Adam loop on the null embedding, and a two-row guided step to advance. No reconstruction is kept."""
     unet = pipe.unet
     guidance_scale = DEFAULT_GUIDANCE["nti"] if guidance_scale is None else float(guidance_scale)
-    source = encode_text(pipe, source_prompt)
-    empty = encode_text(pipe, "")
-    trajectory = ddim_invert(pipe, encode_image(pipe, image), source, num_steps)
-    scheduler = sampling_scheduler(pipe, num_steps)
+    family = family_of(pipe)
+    source = family.encode_prompt(source_prompt).tokens
+    empty = family.encode_prompt("").tokens
+    trajectory = ddim_invert(pipe, family.encode_image(image), source, num_steps)
+    scheduler = family.sampling_scheduler(num_steps)
     x = trajectory[-1:]
     uncond = empty.clone()
     nulls = []
@@ -88,8 +90,8 @@ def null_text_inversion(
         with torch.no_grad():
             eps = guided_noise_both_branches(unet, x, t, source, uncond, guidance_scale)
             x = scheduler.step(eps, t, x).prev_sample
-    return Inversion("nti", source_prompt, num_steps, guidance_scale, trajectory[-1:].clone(), trajectory, source,
-                     empty, null_embeddings=torch.cat(nulls))
+    return Inversion("nti", source_prompt, num_steps, guidance_scale, trajectory[-1:].clone(), trajectory,
+                     Conditioning.of(source), Conditioning.of(empty), nulls=Conditioning.of(torch.cat(nulls)))
 
 
 @torch.no_grad()
@@ -101,14 +103,16 @@ def sample_variant_latent(
     inject_steps: int,
 ) -> torch.Tensor:
     """One variant, one run: all N steps from x_T, source-conditioned before step K, both branches every step."""
-    source = encode_text(pipe, inversion.source_prompt)
-    target = encode_text(pipe, text.target_prompt)
+    family = family_of(pipe)
+    source = family.encode_prompt(inversion.source_prompt).tokens
+    target = family.encode_prompt(text.target_prompt).tokens
     cond = eta * target + (1.0 - eta) * text.optimized_embedding
-    scheduler = sampling_scheduler(pipe, inversion.num_steps)
+    scheduler = family.sampling_scheduler(inversion.num_steps)
     x = inversion.latent.clone()
     for i, t in enumerate(scheduler.timesteps):
         condition = source if i < inject_steps else cond
-        eps = guided_noise_both_branches(pipe.unet, x, t, condition, inversion.uncond_at(i), inversion.guidance_scale)
+        eps = guided_noise_both_branches(pipe.unet, x, t, condition, inversion.uncond_at(i).tokens,
+                                         inversion.guidance_scale)
         x = scheduler.step(eps, t, x).prev_sample
     return x
 
@@ -126,6 +130,6 @@ def sample_variants(
         for k in inject_steps:
             for eta in etas:
                 latent = sample_variant_latent(pipe, inversion, text, eta, k)
-                images.extend(decode_latents(pipe, latent))
+                images.extend(family_of(pipe).decode(latent))
                 latents.append(latent)
     return images, torch.cat(latents)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nonrigid.loading import load_image, load_pipeline
+from nonrigid.images import load_image
+from nonrigid.models.loading import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NONRIGID_SHARED", ROOT.parent / "shared"))

@@ -18,20 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from nonrigid.bench import (
-    DATABASE_FILE,
-    VOLATILE_COLUMNS,
-    Pair,
-    caption_from_filename,
-    done_job_keys,
-    match_edits,
-    plan_settings,
-    read_pairs,
-    read_rows,
-    select_pairs,
-)
 from nonrigid.cli import main
 from nonrigid.errors import UsageError
+from nonrigid.evaluation.data import Pair, caption_from_filename, read_pairs, select_pairs
+from nonrigid.evaluation.plan import plan_settings
+from nonrigid.evaluation.runfolder import DATABASE_FILE, VOLATILE_COLUMNS, done_job_keys, read_rows
+from nonrigid.evaluation.score import match_edits
 
 # 2 pairs x 2 seeds x 2 settings (opt_steps) x 2 etas for ours, plus nti (deterministic: one edit per pair)
 BENCH = ["--method", "ours", "--method", "nti", "--seeds", "2", "--sweep", "eta=0,0.5", "--sweep", "opt_steps=1,2",
@@ -169,8 +161,8 @@ def runs(tedbench, tmp_path_factory):
 
 
 def test_a_run_stores_one_row_per_edit_with_its_image_parameters_and_metrics(runs, tedbench):
-    from nonrigid.loading import load_image
-    from nonrigid.metrics import Metrics
+    from nonrigid.evaluation.metrics import Metrics
+    from nonrigid.images import load_image
 
     run = runs["clean"]
     rows = read_rows(run)
@@ -246,7 +238,7 @@ def test_the_same_command_again_does_nothing_and_a_changed_one_is_refused(runs, 
 
 
 def test_a_run_folder_is_used_by_one_process_at_a_time(tmp_path):
-    from nonrigid.bench import opened
+    from nonrigid.evaluation.runfolder import opened
 
     with opened(tmp_path / "run", {"kind": "test"}), pytest.raises(UsageError, match="in use by another"):
         opened(tmp_path / "run", {"kind": "test"}).__enter__()
@@ -260,8 +252,8 @@ def test_a_run_folder_is_used_by_one_process_at_a_time(tmp_path):
 
 
 def test_outside_edits_are_scored_into_the_same_kind_of_database(runs, tedbench, tmp_path, capsys):
-    from nonrigid.loading import load_image
-    from nonrigid.metrics import Metrics
+    from nonrigid.evaluation.metrics import Metrics
+    from nonrigid.images import load_image
 
     rows = [r for r in read_rows(runs["clean"]) if r["method"] == "ours" and r["knobs"]["eta"] == 0.5
             and r["setting"] == "opt_steps=2"]
@@ -295,3 +287,46 @@ def test_outside_edits_are_scored_into_the_same_kind_of_database(runs, tedbench,
                      "--metrics", "tiny", "--quiet"]) == 0
     assert read_rows(out) == scored  # scored files are not scored twice
     shutil.rmtree(outside)
+
+
+# --------------------------------------------------------------------------------------------------- flags
+
+
+def test_steps_is_set_num_steps_and_not_both(runs, tmp_path, capsys):
+    """``--steps 3`` is ``--set num_steps=3``: the clean run (made with --set) counts as done; both are refused."""
+    at = BENCH.index("num_steps=3")
+    with_steps = [*BENCH[: at - 1], "--steps", "3", *BENCH[at + 1 :]]
+    args = ["bench", "--data", runs["args"][2], "--out", str(runs["clean"]), *with_steps]
+    capsys.readouterr()
+    assert main([a for a in args if a != "--quiet"]) == 0
+    assert f"all {JOBS} jobs are done" in capsys.readouterr().err
+
+    fresh = ["bench", "--data", runs["args"][2], "--out", str(tmp_path / "plan"), *with_steps, "--steps", "5",
+             "--dry-run"]
+    assert main(fresh) == 0
+    assert "  nti [default]: num_steps=5 inner_steps=1" in capsys.readouterr().out.splitlines()
+
+    assert main([*args, "--set", "num_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--steps" in err and "num_steps" in err
+
+
+def test_cache_dir_holds_the_runs_stage_cache(tedbench, tmp_path, capsys):
+    """With --cache-dir the stages are cached there (and read back by later jobs of the pair), not in OUT/cache."""
+    run, cache = tmp_path / "run", tmp_path / "stages"
+    args = ["bench", "--data", str(tedbench), "--out", str(run), "--cache-dir", str(cache), "--method", "ours",
+            "--sweep", "opt_steps=1,2", "--set", "num_steps=3", "--set", "inner_steps=1", "--set", "eta=0",
+            "--limit", "1", "--model", "tiny", "--size", "64", "--metrics", "tiny", "--quiet"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args) == 0, capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+    assert [p for p in cache.rglob("*") if p.is_file()], "no stage was cached in --cache-dir"
+    assert not [p for p in (run / "cache").rglob("*") if p.is_file()]
+    with sqlite3.connect(run / DATABASE_FILE) as db:
+        assert db.execute("SELECT COUNT(*) FROM stage_entries").fetchone()[0] > 0
+        assert json.loads(db.execute("SELECT value FROM meta WHERE key = 'cache_dir'").fetchone()[0]) == str(cache)
+    second = [r for r in read_rows(run) if r["setting"] == "opt_steps=2"]
+    assert second and any(second[0]["cache"].values()), "the second job did not reuse the first job's stages"

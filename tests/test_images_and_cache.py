@@ -15,9 +15,10 @@ from conftest import TEDBENCH
 from PIL import Image
 
 import nonrigid
-from nonrigid.cache import StageCache
-from nonrigid.diffusion import encode_text
-from nonrigid.loading import load_image, load_pipeline
+from nonrigid.images import load_image
+from nonrigid.models.loading import load_pipeline
+from nonrigid.models.registry import family_of
+from nonrigid.stages.cache import StageCache
 
 ORIGINALS = TEDBENCH / "originals"
 S = 64
@@ -336,7 +337,7 @@ def test_long_prompt_warns_with_the_dropped_words(tiny, nonrigid_log):
     # The tiny model's tokenizer has one token per non-space character: the head alone is over 77 tokens.
     head = "zebra " + "a photo of a dog " * 7
     assert len(head.replace(" ", "")) > 77
-    encode_text(tiny, head + "wearing a purple hat")
+    family_of(tiny).encode_prompt(head + "wearing a purple hat")
     warnings = [r.getMessage() for r in nonrigid_log.records if r.levelno == logging.WARNING and r.name == "nonrigid"]
     assert len(warnings) == 1, warnings
     assert "77" in warnings[0]
@@ -345,5 +346,5 @@ def test_long_prompt_warns_with_the_dropped_words(tiny, nonrigid_log):
 
 
 def test_short_prompt_does_not_warn(tiny, nonrigid_log):
-    encode_text(tiny, "a photo of a dog")
+    family_of(tiny).encode_prompt("a photo of a dog")
     assert not [r for r in nonrigid_log.records if r.levelno >= logging.WARNING and r.name == "nonrigid"]

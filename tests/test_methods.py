@@ -15,16 +15,16 @@ import torch
 from conftest import ROOT, TEDBENCH
 from PIL import Image
 
-from nonrigid.cache import StageCache
-from nonrigid.diffusion import encode_text
 from nonrigid.errors import UsageError
-from nonrigid.inversion import invert
-from nonrigid.methods import METHODS, describe_methods, method_info
 from nonrigid.methods.base import parse_assignments, resolve_params
+from nonrigid.methods.catalogue import METHODS, describe_methods, method_info
+from nonrigid.methods.output import save_result, variant_filename
 from nonrigid.methods.run import run_method
-from nonrigid.output import save_result, variant_filename
-from nonrigid.sampling import sample, sample_latents
-from nonrigid.text_optimization import optimize_text
+from nonrigid.models.registry import family_of
+from nonrigid.stages.cache import StageCache
+from nonrigid.stages.inversion import invert
+from nonrigid.stages.sampling import sample, sample_latents
+from nonrigid.stages.text_optimization import optimize_text
 
 PROMPT = "a photo of a jumping dog"
 
@@ -78,12 +78,12 @@ def test_nti_editing_is_ours_with_eta_one_no_injection_and_no_text_optimization(
     inversion = invert(tiny_pipe, dog_image, "", "nti", 4, 7.5, 2)
     untouched = optimize_text(tiny_pipe, dog_image, PROMPT, steps=0)
     from_ours = sample(tiny_pipe, inversion, untouched, [1.0], [0], output_type="latent")
-    from_nti = sample_latents(tiny_pipe, inversion, encode_text(tiny_pipe, PROMPT), [0])
+    from_nti = sample_latents(tiny_pipe, inversion, family_of(tiny_pipe).encode_prompt(PROMPT).tokens, [0])
     torch.testing.assert_close(from_ours, from_nti, rtol=0, atol=0)
 
 
 def test_ours_through_the_method_runner_equals_edit(tiny_pipe, dog_image):
-    from nonrigid.editing import edit
+    from nonrigid.methods.ours import edit
 
     settings = {"num_steps": 4, "opt_steps": 2, "inner_steps": 1, "etas": (0.0, 0.5), "inject": (0.25, 0.5)}
     direct = edit(tiny_pipe, dog_image, PROMPT, size=64, seeds=(0, 1), **settings)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from nonrigid.diffusion import decode_latents, encode_image, encode_text, predict_noise, sampling_scheduler
 from nonrigid.errors import UsageError
 from nonrigid.methods.dds import (
     REFERENCE_LATENT_AREA,
@@ -22,6 +21,7 @@ from nonrigid.methods.dds import (
 )
 from nonrigid.methods.edit_friendly import edit_friendly_invert, edit_friendly_sample
 from nonrigid.methods.run import run_method
+from nonrigid.models.registry import family_of
 
 N = 6  # DDPM steps: enough for several skip values, few enough to be fast
 SOURCE = "a photo of a dog"
@@ -30,12 +30,12 @@ TARGET = "a photo of a jumping dog"
 
 @pytest.fixture(scope="module")
 def x0(tiny_pipe, dog_image) -> torch.Tensor:
-    return encode_image(tiny_pipe, dog_image)
+    return family_of(tiny_pipe).encode_image(dog_image)
 
 
 @pytest.fixture(scope="module")
 def texts(tiny_pipe) -> dict[str, torch.Tensor]:
-    return {p: encode_text(tiny_pipe, p) for p in ("", SOURCE, TARGET)}
+    return {p: family_of(tiny_pipe).encode_prompt(p).tokens for p in ("", SOURCE, TARGET)}
 
 
 def weights(pipe) -> dict[str, torch.Tensor]:
@@ -85,7 +85,7 @@ def test_ef_sampling_with_the_source_prompt_reproduces_the_image_latent_for_ever
 
 def test_ef_noisy_latents_are_independent_seeded_draws_per_step(tiny_pipe, x0, texts):
     (inversion,) = edit_friendly_invert(tiny_pipe, x0, texts[SOURCE], N, 3.5, seeds=(5,))
-    scheduler = sampling_scheduler(tiny_pipe, N)
+    scheduler = family_of(tiny_pipe).sampling_scheduler(N)
     noise = torch.randn((N, *x0.shape[1:]), generator=torch.Generator().manual_seed(5))
     abar = scheduler.alphas_cumprod[scheduler.timesteps].view(-1, 1, 1, 1)
     expected = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
@@ -102,11 +102,11 @@ def test_ef_noisy_latents_are_independent_seeded_draws_per_step(tiny_pipe, x0, t
 def test_ef_each_step_replays_exactly_onto_the_stored_trajectory(tiny_pipe, x0, texts):
     """The noise map of step i is the one that makes diffusers' eta = 1 step from xs[i] land on xs[i + 1]."""
     (inversion,) = edit_friendly_invert(tiny_pipe, x0, texts[SOURCE], N, 3.5, seeds=(2,))
-    scheduler = sampling_scheduler(tiny_pipe, N)
+    scheduler = family_of(tiny_pipe).sampling_scheduler(N)
     with torch.no_grad():
         for i, t in enumerate(scheduler.timesteps[:-1]):
             x = inversion.xs[i : i + 1]
-            eps = predict_noise(tiny_pipe.unet, x, t, texts[SOURCE], texts[""], 3.5)
+            eps = family_of(tiny_pipe).predict(x, t, texts[SOURCE], texts[""], 3.5)
             step = scheduler.step(eps, t, x, eta=1.0, variance_noise=inversion.zs[i : i + 1]).prev_sample
             assert torch.equal(step[0], inversion.xs[i + 1])
 
@@ -140,7 +140,7 @@ def test_ef_run_method_variants_match_the_low_level_functions_and_leave_the_pipe
     assert {"inversion", "sampling", "decoding", "total"} <= result.timings.keys()
     assert result.record["target_guidance"] == 10.0 and set(result.record["noise_map_std"]) == {0, 1}
     inversions = edit_friendly_invert(tiny_pipe, x0, texts[SOURCE], 4, 3.5, seeds=(1, 0))
-    expected = decode_latents(tiny_pipe, edit_friendly_sample(tiny_pipe, inversions, texts[TARGET], 10.0, (2, 0)))
+    expected = family_of(tiny_pipe).decode(edit_friendly_sample(tiny_pipe, inversions, texts[TARGET], 10.0, (2, 0)))
     for variant, image in zip(result.variants, expected, strict=True):
         assert np.array_equal(pixels(variant.image), pixels(image))
 
@@ -148,7 +148,7 @@ def test_ef_run_method_variants_match_the_low_level_functions_and_leave_the_pipe
 def test_ef_run_method_with_the_source_as_target_gives_back_the_input_latent(tiny_pipe, dog_image, x0):
     params = {"num_steps": 4, "skip": (0, 3), "source_guidance": 5.0, "target_guidance": 5.0}
     result = run_method(tiny_pipe, dog_image, SOURCE, "edit-friendly", params=params, source_prompt=SOURCE, size=64)
-    (reference,) = decode_latents(tiny_pipe, x0)
+    (reference,) = family_of(tiny_pipe).decode(x0)
     assert len(result.variants) == 2
     for variant in result.variants:  # latents agree to 1e-8: at most a rounding flip in the pixels
         assert np.abs(pixels(variant.image) - pixels(reference)).max() <= 1
@@ -163,7 +163,7 @@ def test_ef_skip_beyond_the_steps_is_a_usage_error(tiny_pipe, dog_image):
 
 
 def test_dds_with_the_source_as_target_leaves_the_latent_bit_identical(tiny_pipe, x0, texts):
-    same = encode_text(tiny_pipe, SOURCE)  # a separate encoding of the same prompt
+    same = family_of(tiny_pipe).encode_prompt(SOURCE).tokens  # a separate encoding of the same prompt
     result = dds_optimize(tiny_pipe, x0, texts[SOURCE], same, (1, 6), seed=0, lr=10.0)
     assert torch.equal(result.snapshots[1], x0) and torch.equal(result.snapshots[6], x0)
     assert result.losses == [0.0] * 6
@@ -214,7 +214,7 @@ def test_dds_run_method_variants_and_the_pipe_left_alone(tiny_pipe, dog_image, x
     assert all(v.image.size == (64, 64) and v.image.mode == "RGB" for v in result.variants)
     assert {"encoding", "optimization", "decoding", "total"} <= result.timings.keys()
     assert {seed: len(losses) for seed, losses in result.record["dds_loss"].items()} == {2: 3, 0: 3}
-    (reference,) = decode_latents(tiny_pipe, x0)
+    (reference,) = family_of(tiny_pipe).decode(x0)
     changes = {(v.seed, v.knobs["iter"]): v.record["latent_change"] for v in result.variants}
     assert changes[(2, 0)] == changes[(0, 0)] == 0.0 and min(changes[(2, 1)], changes[(2, 3)]) > 0
     assert np.abs(pixels(result.variants[0].image) - pixels(reference)).max() <= 1
@@ -241,9 +241,10 @@ def test_dds_on_the_trained_model_approaches_its_fixed_point_and_the_target_prom
     from nonrigid.mini.world import random_scene
 
     scene = random_scene(random.Random(0))  # the scene model_image shows
-    source = encode_text(model, scene.caption)
-    target = encode_text(model, scene.with_pose("jumping" if scene.pose != "jumping" else "sitting").caption)
-    x_src = encode_image(model, model_image)
+    source = family_of(model).encode_prompt(scene.caption).tokens
+    pose = "jumping" if scene.pose != "jumping" else "sitting"
+    target = family_of(model).encode_prompt(scene.with_pose(pose).caption).tokens
+    x_src = family_of(model).encode_image(model_image)
     result = dds_optimize(model, x_src, source, target, (40,), seed=0)
     draws = dds_draws(torch.Generator().manual_seed(1234), x_src.shape, 50, 950, 10, x_src.device)
     timesteps = torch.tensor([d.timestep for d in draws])
@@ -252,7 +253,7 @@ def test_dds_on_the_trained_model_approaches_its_fixed_point_and_the_target_prom
     def target_preference(latent: torch.Tensor) -> float:
         noisy = noise_schedule(model).add_noise(latent.expand(len(draws), -1, -1, -1), noise, timesteps)
         with torch.no_grad():
-            errors = [((predict_noise(model.unet, noisy, timesteps, e) - noise) ** 2).mean() for e in (target, source)]
+            errors = [((family_of(model).predict(noisy, timesteps, e) - noise) ** 2).mean() for e in (target, source)]
         return float(errors[0] - errors[1])
 
     def fixed_point_distance(latent: torch.Tensor) -> float:

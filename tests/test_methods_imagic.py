@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nonrigid.cache import StageCache
-from nonrigid.diffusion import encode_image, sampling_scheduler
-from nonrigid.loading import load_image, load_pipeline
+from nonrigid.images import load_image
 from nonrigid.methods.imagic import (
     finetune_unet,
     imagic_latents,
@@ -17,7 +15,10 @@ from nonrigid.methods.imagic import (
     stage_a_latent_generator,
 )
 from nonrigid.methods.run import run_method
-from nonrigid.text_optimization import optimize_text
+from nonrigid.models.loading import load_pipeline
+from nonrigid.models.registry import family_of
+from nonrigid.stages.cache import StageCache
+from nonrigid.stages.text_optimization import optimize_text
 
 PROMPT = "a photo of a jumping dog"
 ALPHAS = (0.8, 1.0, 1.2)
@@ -150,8 +151,8 @@ def test_finetuning_moves_the_copy_and_lowers_the_denoising_loss(tiny_pipe, dog_
     assert len(changed) == len(original)
     assert len(losses) == steps and all(np.isfinite(losses))
     # On fixed held-out draws (same latent sample, other t and noise) the copy denoises the image better.
-    x0 = encode_image(tiny_pipe, dog_image, generator=stage_a_latent_generator(0))
-    scheduler = sampling_scheduler(tiny_pipe, 1)
+    x0 = family_of(tiny_pipe).encode_image(dog_image, generator=stage_a_latent_generator(0))
+    scheduler = family_of(tiny_pipe).sampling_scheduler(1)
     generator = torch.Generator().manual_seed(1234)
     timesteps = torch.randint(0, 1000, (16,), generator=generator)
     noise = torch.randn((16, *x0.shape[1:]), generator=generator)

@@ -13,10 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from nonrigid.cache import StageCache
-from nonrigid.diffusion import encode_text
 from nonrigid.errors import UsageError
-from nonrigid.inversion import invert
 from nonrigid.methods.ledits import supports_attention_mask
 from nonrigid.methods.masactrl import (
     MutualAttentionState,
@@ -26,7 +23,10 @@ from nonrigid.methods.masactrl import (
     self_attention_layers,
 )
 from nonrigid.methods.run import run_method
-from nonrigid.sampling import sample_latents
+from nonrigid.models.registry import family_of
+from nonrigid.stages.cache import StageCache
+from nonrigid.stages.inversion import invert
+from nonrigid.stages.sampling import sample_latents
 
 N = 4  # sampling steps
 PROMPT = "a photo of a jumping dog"
@@ -44,7 +44,7 @@ def inversion(tiny_pipe, dog_image):
 
 @pytest.fixture(scope="module")
 def target(tiny_pipe):
-    return encode_text(tiny_pipe, PROMPT)
+    return family_of(tiny_pipe).encode_prompt(PROMPT).tokens
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,7 @@ from PIL import Image
 from torchvision.models import vgg as torchvision_vgg
 
 from nonrigid.errors import UsageError
-from nonrigid.loading import load_image
-from nonrigid.metrics import (
+from nonrigid.evaluation.metrics import (
     AESTHETIC_ENV,
     AESTHETIC_FILENAME,
     AESTHETIC_SHA256,
@@ -37,6 +36,7 @@ from nonrigid.metrics import (
     load_lpips,
     lpips_distance,
 )
+from nonrigid.images import load_image
 
 AESTHETIC_FILE = SHARED / "weights" / "aesthetic" / AESTHETIC_FILENAME
 LAION_LAYERS = (0, 2, 4, 6, 7)  # the Linear layers of the LAION head's Sequential (1, 3, 5 are Dropout)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from nonrigid.loading import build_clip_tokenizer
-from nonrigid.mini.benchmark import read_dataset, write_dataset
+from nonrigid.mini.dataset import read_dataset, write_dataset
 from nonrigid.mini.judge import identity_errors
 from nonrigid.mini.world import POSES, random_scene, render, render_with_mask, vocabulary
+from nonrigid.models.tiny import build_clip_tokenizer
 
 
 def test_rendering_is_deterministic_and_pose_changes_only_the_subject():
@@ -64,7 +64,7 @@ def test_identity_errors_are_zero_for_the_ideal_edit_and_grow_with_damage():
 def test_dataset_has_tedbench_layout_and_consistent_ground_truth(tmp_path):
     write_dataset(tmp_path, count=5, edits_per_image=2, seed=3)
     pairs = json.loads((tmp_path / "input_list.json").read_text())
-    assert len(pairs) == 10 and set(pairs[0]) == {"img_name", "target_text"}
+    assert len(pairs) == 10 and set(pairs[0]) == {"img_name", "target_text", "source_text"}
     for pair in read_dataset(tmp_path):
         assert pair.image.is_file() and Image.open(pair.image).size == (64, 64)
         assert pair.target_pose != pair.scene.pose
@@ -77,7 +77,7 @@ def test_dataset_has_tedbench_layout_and_consistent_ground_truth(tmp_path):
 def test_judge_recognises_pose_kind_and_colour_of_rendered_scenes():
     from nonrigid.mini.fidelity import render_accuracy
     from nonrigid.mini.judge import load_judge, pose_probabilities
-    from nonrigid.mini.model import weights_dir
+    from nonrigid.models.loading import mini_weights_dir as weights_dir
 
     if not (weights_dir() / "judge.safetensors").exists():
         pytest.skip("judge weights not trained yet (nonrigid mini judge)")
@@ -142,8 +142,8 @@ def test_mini_train_flags_reach_the_training_config():
 def test_nonrigid_bench_runs_unchanged_on_a_world_dataset(tmp_path):
     """The world's dataset is a TEdBench to `nonrigid bench`: each pair is edited with the miniature model, and a
     setting that uses source prompts takes them from the ground truth (the scene's caption)."""
-    from nonrigid.bench import read_rows
     from nonrigid.cli import main
+    from nonrigid.evaluation.runfolder import read_rows
 
     write_dataset(tmp_path / "data", count=2, edits_per_image=1, seed=5)
     pairs = read_dataset(tmp_path / "data")
@@ -167,7 +167,7 @@ def test_nonrigid_bench_runs_unchanged_on_a_world_dataset(tmp_path):
 def test_ablation_findings_are_read_from_the_numbers():
     """The report's ablation sentences name the NTI variant that measured the lower identity error and the ends
     of the injection sweep, averaged over eta, whichever way they point."""
-    from nonrigid.mini.miniature_doc import ablation_findings
+    from nonrigid.mini.doc import ablation_findings
 
     def stats(identity: float, success: float) -> dict[str, float]:
         return {"identity_error": identity, "edit_success": success}

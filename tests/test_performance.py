@@ -18,12 +18,13 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from nonrigid import edit, invert, optimize_text_batch, sample
-from nonrigid.cache import StageCache
-from nonrigid.diffusion import predict_noise, sampling_scheduler
-from nonrigid.loading import configure_pipeline, load_pipeline, model_fingerprint
-from nonrigid.methods import OURS
 from nonrigid.methods.base import resolve_params
-from nonrigid.options import EditSettings
+from nonrigid.methods.catalogue import OURS
+from nonrigid.methods.ours import EditSettings
+from nonrigid.models.fingerprint import model_fingerprint
+from nonrigid.models.loading import configure_pipeline, load_pipeline
+from nonrigid.models.registry import family_of
+from nonrigid.stages.cache import StageCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import straightforward
@@ -82,11 +83,11 @@ def test_guidance_one_evaluates_one_branch_and_equals_the_two_branch_computation
     unet = tiny_pipe.unet
     ddim = invert(tiny_pipe, dog_image, method="ddim", num_steps=N)
     assert ddim.guidance_scale == 1.0
-    t = sampling_scheduler(tiny_pipe, N).timesteps[2]
+    t = family_of(tiny_pipe).sampling_scheduler(N).timesteps[2]
     x = ddim.trajectory[3:4]
     cond, uncond = texts[0].optimized_embedding, ddim.unconditional_embedding
     with torch.no_grad(), UNetCounter(unet) as counter:
-        one = predict_noise(unet, x, t, cond, uncond, 1.0)
+        one = family_of(tiny_pipe).predict(x, t, cond, uncond, 1.0)
         assert counter.tally.forward_rows == 1
         both = straightforward.guided_noise_both_branches(unet, x, t, cond, uncond, 1.0)
     torch.testing.assert_close(one, both, atol=1e-5, rtol=0)
@@ -157,7 +158,7 @@ def test_npi_walks_the_ddim_path_and_uses_the_source_embedding_as_negative_promp
     assert npi.guidance_scale == 7.5 and npi.null_embeddings is None and npi.losses is None
     assert torch.equal(npi.unconditional_embedding, npi.source_embedding)
     assert not torch.equal(npi.source_embedding, ddim.unconditional_embedding)  # tau("a dog") != tau("")
-    assert all(torch.equal(npi.uncond_at(i), npi.source_embedding) for i in range(N))
+    assert all(torch.equal(npi.uncond_at(i).tokens, npi.source_embedding) for i in range(N))
     assert npi.reconstruction.shape == (N + 1, *npi.latent.shape[1:])
     assert torch.equal(npi.reconstruction[0:1], npi.latent)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from nonrigid import invert, optimize_text, sample
-from nonrigid.diffusion import encode_image, predict_noise, sampling_scheduler
-from nonrigid.text_optimization import TextOptimization
+from nonrigid.models.registry import family_of
+from nonrigid.stages.text_optimization import TextOptimization
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -23,7 +23,7 @@ def no_edit(inversion, prompt_embedding) -> TextOptimization:
 
 def test_ddim_round_trip_at_guidance_1_returns_to_the_input_latent(model, model_image):
     inversion = invert(model, model_image, method="ddim", num_steps=50)
-    x0 = encode_image(model, model_image)
+    x0 = family_of(model).encode_image(model_image)
     back = sample(model, inversion, no_edit(inversion, inversion.source_embedding), (0.0,), (50,),
                   output_type="latent")
     spread = float(x0.std())
@@ -33,7 +33,7 @@ def test_ddim_round_trip_at_guidance_1_returns_to_the_input_latent(model, model_
 
 def test_nti_at_guidance_7_5_reconstructs_far_better_than_ddim_sampled_at_7_5(model, model_image):
     """With the scene's caption as source prompt: with an empty one cond = uncond and guidance changes nothing."""
-    x0 = encode_image(model, model_image)
+    x0 = family_of(model).encode_image(model_image)
     source = source_prompt()
     nti = invert(model, model_image, source, method="nti", num_steps=50, guidance_scale=7.5)
     ddim = invert(model, model_image, source, method="ddim", num_steps=50, guidance_scale=7.5)
@@ -64,8 +64,8 @@ def target_prompt() -> str:
 
 def test_text_optimization_lowers_the_denoising_loss_on_fixed_draws(model, model_image):
     result = optimize_text(model, model_image, target_prompt(), steps=200, seed=0)
-    x0 = encode_image(model, model_image)
-    scheduler = sampling_scheduler(model, 50)
+    x0 = family_of(model).encode_image(model_image)
+    scheduler = family_of(model).sampling_scheduler(50)
     generator = torch.Generator().manual_seed(1234)  # the same draws for both embeddings: a paired comparison
     timesteps = torch.randint(0, 1000, (128,), generator=generator)
     noise = torch.randn((128, *x0.shape[1:]), generator=generator)
@@ -73,7 +73,7 @@ def test_text_optimization_lowers_the_denoising_loss_on_fixed_draws(model, model
 
     def loss(embedding):
         with torch.no_grad():
-            return float(((predict_noise(model.unet, noisy, timesteps, embedding) - noise) ** 2).mean())
+            return float(((family_of(model).predict(noisy, timesteps, embedding) - noise) ** 2).mean())
 
     assert loss(result.optimized_embedding) < loss(result.target_embedding)
 

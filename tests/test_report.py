@@ -12,17 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nonrigid.bench import BenchSpec, opened, plan_settings, read_pairs, read_rows, run_benchmark, select_pairs
 from nonrigid.cli import main
-from nonrigid.report import (
-    bin_edges,
-    bin_index,
-    comparison_rows,
-    figure6_points,
-    gallery_choices,
-    knob_text,
-    load_runs,
-)
+from nonrigid.evaluation.bench import run_benchmark
+from nonrigid.evaluation.data import read_pairs, select_pairs
+from nonrigid.evaluation.gallery import gallery_choices
+from nonrigid.evaluation.plan import BenchSpec, plan_settings
+from nonrigid.evaluation.runfolder import opened, read_rows
+from nonrigid.evaluation.tables import bin_edges, bin_index, comparison_rows, figure6_points, knob_text, load_runs
 
 FAST = ["num_steps=3", "inner_steps=1", "opt_steps=1"]
 
@@ -38,7 +34,7 @@ def bench(root: Path, name: str, pipe, metrics, pairs, settings, seeds, preset=N
 @pytest.fixture(scope="module")
 def runs(tiny_pipe, tedbench, tmp_path_factory):
     """A method comparison (ours over two etas, nti; 2 pairs x 2 seeds) and the two ablation presets (1 pair)."""
-    from nonrigid.metrics import Metrics
+    from nonrigid.evaluation.metrics import Metrics
 
     root = tmp_path_factory.mktemp("runs")
     metrics = Metrics.tiny()

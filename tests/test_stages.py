@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nonrigid import invert, optimize_text, optimize_text_batch, sample
-from nonrigid.diffusion import encode_text
-from nonrigid.sampling import interpolate
+from nonrigid.models.registry import family_of
+from nonrigid.stages.sampling import interpolate
 
 N = 8  # sampling steps: enough to make K meaningful, few enough to be fast
 ATOL = 2e-3  # batched vs unbatched convolutions differ in the last bits; CFG 7.5 amplifies that a little
@@ -45,7 +45,7 @@ def test_text_optimization_moves_the_embedding_and_leaves_every_weight_bit_ident
     assert changed == []
     assert all(p.grad is None for m in (tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder)
                for p in m.parameters())
-    assert torch.equal(result.target_embedding, encode_text(tiny_pipe, "a photo of a jumping dog"))
+    assert torch.equal(result.target_embedding, family_of(tiny_pipe).encode_prompt("a photo of a jumping dog").tokens)
     assert (result.optimized_embedding - result.target_embedding).abs().max() > 1e-4
     assert len(result.losses) == 5 and all(loss > 0 for loss in result.losses)
     assert result.optimized_embedding.dtype == torch.float32
@@ -117,7 +117,7 @@ def test_target_prompt_sampling_equals_diffusers_pipeline_with_cfg(tiny_pipe, te
     inversion = invert(tiny_pipe, dog_image, method="ddim", num_steps=N, guidance_scale=7.5)
     ours = sample(tiny_pipe, inversion, texts[0], (1.0,), (0,), output_type="latent")
     reference = tiny_pipe(
-        prompt_embeds=interpolate(texts[0], 1.0), negative_prompt_embeds=inversion.unconditional_embedding,
+        prompt_embeds=interpolate(texts[0], 1.0).tokens, negative_prompt_embeds=inversion.unconditional_embedding,
         latents=inversion.latent.clone(), guidance_scale=7.5, num_inference_steps=N, output_type="latent",
     ).images
     tiny_pipe.scheduler.num_inference_steps = None
@@ -128,7 +128,7 @@ def test_nti_with_zero_inner_steps_equals_ddim_inversion_sampled_at_the_same_gui
     nti0 = invert(tiny_pipe, dog_image, method="nti", num_steps=N, inner_steps=0)
     ddim75 = invert(tiny_pipe, dog_image, method="ddim", num_steps=N, guidance_scale=7.5)
     for step in range(N):
-        torch.testing.assert_close(nti0.uncond_at(step), ddim75.uncond_at(step))
+        torch.testing.assert_close(nti0.uncond_at(step).tokens, ddim75.uncond_at(step).tokens)
     a = sample(tiny_pipe, nti0, texts[0], (0.0, 0.5), (0, 3), output_type="latent", use_reconstruction=False)
     b = sample(tiny_pipe, ddim75, texts[0], (0.0, 0.5), (0, 3), output_type="latent")
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
@@ -138,7 +138,7 @@ def test_nti_with_zero_inner_steps_equals_ddim_inversion_sampled_at_the_same_gui
 
 def test_nti_optimises_the_null_embeddings(nti):
     empty = nti.unconditional_embedding
-    assert all((nti.uncond_at(i) - empty).abs().max() > 0 for i in range(N))
+    assert all((nti.uncond_at(i).tokens - empty).abs().max() > 0 for i in range(N))
     assert len(nti.losses) == N
 
 

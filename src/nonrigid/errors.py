@@ -34,3 +34,9 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (libraries' errors can be pages long)."""
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0][:300]
+
+
+def check_finite(tensor, stage: str) -> None:
+    """Refuse NaN/inf rather than let it become a black image three stages later."""
+    if not tensor.isfinite().all():
+        raise NonFiniteError(stage)

@@ -41,6 +41,8 @@ class Param:
     high: float | None = None
     choices: tuple[str, ...] = ()
     optional: bool = False
+    open_low: bool = False  # values must be above ``low``, not just at least ``low``
+    per_steps: float | None = None  # the default counts steps out of this many: it scales with num_steps
 
     @property
     def is_sweep(self) -> bool:
@@ -114,6 +116,8 @@ class Param:
         return value
 
     def _check_bounds(self, value: float) -> None:
+        if self.low is not None and self.open_low and value <= self.low:
+            raise UsageError(f"{self.name} must be > {self.low:g}, got {value:g}")
         if self.low is not None and value < self.low:
             raise UsageError(f"{self.name} must be >= {self.low:g}, got {value:g}")
         if self.high is not None and value > self.high:
@@ -151,11 +155,17 @@ def resolve_params(
 ) -> dict[str, Any]:
     """Defaults updated by ``overrides`` (values or command-line strings), every value checked.
 
-    ``shown_as`` maps parameter names to what the user typed (``{"etas": "--eta"}``) for error messages."""
+    ``shown_as`` maps parameter names to what the user typed (``{"etas": "--eta"}``) for error messages. A default
+    that counts steps (``Param.per_steps``) follows ``num_steps``: Edit-friendly's skips (24, 36, 48) of the
+    reference's 100 steps become (5, 7, 10) at 20 steps."""
     params = info.defaults()
     for name, value in (overrides or {}).items():
         param = info.param(name)
         params[name] = param.parse(value) if isinstance(value, str) and param.kind != "str" else value
+    for p in info.params:
+        if p.per_steps is not None and p.name not in (overrides or {}) and "num_steps" in params:
+            steps = int(params["num_steps"])
+            params[p.name] = tuple(dict.fromkeys(round(v * steps / p.per_steps) for v in p.default))
     shown_as = shown_as or {}
     return {p.name: p.check(params[p.name], shown_as.get(p.name, "")) for p in info.params}
 
@@ -173,12 +183,18 @@ def parse_assignments(assignments: Sequence[str]) -> dict[str, str]:
 
 @dataclass
 class MethodVariant:
-    """One edited image: the seed and the sweep values (by label) that made it, plus anything worth recording."""
+    """One edited image: the seed and the sweep values that made it, plus anything worth recording.
+
+    ``knobs`` name the sweep values by label, as file names and grids show them (``K``: injection steps);
+    ``params`` by parameter name, as the table gives them (``inject``: the ratio). A method fills ``params`` where
+    a label's value is not the parameter's own (:func:`~nonrigid.methods.run.run_method` fills in the rest).
+    """
 
     seed: int
     knobs: dict[str, int | float]
     image: Image.Image
     record: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -34,7 +34,6 @@ both ends are included, as the parameter table says.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,10 +43,11 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..diffusion import check_finite, decode_latents, encode_image, encode_text, predict_noise
-from ..errors import UsageError
-from . import DDS as INFO
+from ..errors import UsageError, check_finite
+from ..models.registry import family_of
+from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant
+from .catalogue import DDS as INFO
 
 __all__ = ["INFO", "REFERENCE_LATENT_AREA", "DDSDraw", "DDSResult", "dds_delta", "dds_deltas", "dds_draws",
            "dds_loss", "dds_optimize", "expected_delta_norm", "noise_schedule", "run"]
@@ -111,8 +111,9 @@ def dds_delta(
     t = torch.tensor([draw.timestep], device=latent.device)
     noisy = scheduler.add_noise(latent.detach(), draw.noise, t)
     noisy_source = scheduler.add_noise(source_latent, draw.noise, t)
-    target_eps = predict_noise(pipe.unet, noisy, t, target_embedding, uncond_embedding, guidance_scale)
-    source_eps = predict_noise(pipe.unet, noisy_source, t, source_embedding, uncond_embedding, guidance_scale)
+    family = family_of(pipe)
+    target_eps = family.predict(noisy, t, target_embedding, uncond_embedding, guidance_scale)
+    source_eps = family.predict(noisy_source, t, source_embedding, uncond_embedding, guidance_scale)
     return target_eps - source_eps
 
 
@@ -128,7 +129,7 @@ def dds_deltas(
 ) -> torch.Tensor:
     """The delta of ``latent`` for each of the fixed ``draws``, stacked (K, 1, 4, h, w): to compare latents."""
     if uncond_embedding is None:
-        uncond_embedding = encode_text(pipe, "")
+        uncond_embedding = family_of(pipe).unconditional()
     scheduler = noise_schedule(pipe)
     return torch.stack([
         dds_delta(pipe, latent, source_latent, d, target_embedding, source_embedding, uncond_embedding,
@@ -171,7 +172,7 @@ def dds_optimize(
     if t_min > t_max:
         raise UsageError(f"t_min ({t_min}) must not be larger than t_max ({t_max})")
     if uncond_embedding is None:
-        uncond_embedding = encode_text(pipe, "")
+        uncond_embedding = family_of(pipe).unconditional()
     source_latent = source_latent.detach().float()
     scheduler = noise_schedule(pipe)
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -202,26 +203,24 @@ def run(
     """One DDS run per seed up to the largest iteration count; variants (seed, iterations), decoded together."""
     if params["t_min"] > params["t_max"]:
         raise UsageError(f"t_min ({params['t_min']}) must not be larger than t_max ({params['t_max']})")
-    timings: dict[str, float] = {}
-    tick = time.perf_counter()
-    source_latent = encode_image(pipe, picture)
-    uncond = encode_text(pipe, "")
-    source = encode_text(pipe, ctx.source_prompt)
-    target = encode_text(pipe, target_prompt)
-    timings["encoding"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    results = [
-        dds_optimize(pipe, source_latent, source, target, params["iterations"], seed=seed, lr=params["lr"],
-                     guidance_scale=params["guidance_scale"], t_min=params["t_min"], t_max=params["t_max"],
-                     loss_scale=params["loss_scale"], uncond_embedding=uncond, progress=ctx.progress)
-        for seed in ctx.seeds
-    ]
-    timings["optimization"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    order = [(result, n) for result in results for n in params["iterations"]]
-    latents = torch.cat([result.snapshots[n] for result, n in order])
-    images = decode_latents(pipe, latents, batch_size=ctx.batch_size or 8)
-    timings["decoding"] = time.perf_counter() - tick
+    watch = Stopwatch()
+    with watch("encoding"):
+        family = family_of(pipe)
+        source_latent = family.encode_image(picture)
+        uncond = family.unconditional()
+        source = family.encode_prompt(ctx.source_prompt)
+        target = family.encode_prompt(target_prompt)
+    with watch("optimization"):
+        results = [
+            dds_optimize(pipe, source_latent, source, target, params["iterations"], seed=seed, lr=params["lr"],
+                         guidance_scale=params["guidance_scale"], t_min=params["t_min"], t_max=params["t_max"],
+                         loss_scale=params["loss_scale"], uncond_embedding=uncond, progress=ctx.progress)
+            for seed in ctx.seeds
+        ]
+    with watch("decoding"):
+        order = [(result, n) for result in results for n in params["iterations"]]
+        latents = torch.cat([result.snapshots[n] for result, n in order])
+        images = family.decode(latents, batch_size=ctx.batch_size or 8)
     variants = [
         MethodVariant(result.seed, {"iter": n}, image,
                       {"latent_change": float((result.snapshots[n] - source_latent).abs().mean())})
@@ -234,4 +233,4 @@ def run(
         "dds_loss": {result.seed: result.losses for result in results},
         "timesteps": {result.seed: result.timesteps for result in results},
     }
-    return MethodOutput(variants, timings, {}, record)
+    return MethodOutput(variants, watch.seconds, {}, record)

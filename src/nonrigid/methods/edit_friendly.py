@@ -22,7 +22,6 @@ latent before step i and ``xs[N]`` is x0. ``skip`` = number of first steps not r
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,10 +31,11 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..diffusion import check_finite, decode_latents, encode_image, encode_text, predict_noise, sampling_scheduler
-from ..errors import UsageError
-from . import EDIT_FRIENDLY as INFO
+from ..errors import UsageError, check_finite
+from ..models.registry import family_of
+from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant
+from .catalogue import EDIT_FRIENDLY as INFO
 
 __all__ = ["INFO", "EditFriendlyInversion", "edit_friendly_invert", "edit_friendly_sample", "run"]
 
@@ -105,8 +105,8 @@ def edit_friendly_invert(
     (up to the last bits of batched convolutions). The unconditional embedding defaults to ``tau("")``.
     """
     if uncond_embedding is None:
-        uncond_embedding = encode_text(pipe, "")
-    scheduler = sampling_scheduler(pipe, num_steps)
+        uncond_embedding = family_of(pipe).unconditional()
+    scheduler = family_of(pipe).sampling_scheduler(num_steps)
     xs = torch.stack([independent_noisy_latents(latent.float(), scheduler, s) for s in seeds])  # (S, N+1, ...)
     zs = torch.zeros_like(xs[:, :num_steps])
     chunk = batch_size or len(seeds)
@@ -114,7 +114,7 @@ def edit_friendly_invert(
         sigma = ddpm_sigma(scheduler, t)
         for rows in torch.arange(len(seeds)).split(chunk):
             x = xs[rows, i]
-            eps = predict_noise(pipe.unet, x, t, source_embedding, uncond_embedding, guidance_scale)
+            eps = family_of(pipe).predict(x, t, source_embedding, uncond_embedding, guidance_scale)
             mean = scheduler.step(eps, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
             # sigma is 0 only for a final step to alpha 1 (set_alpha_to_one): that step adds no noise to steer
             z = (xs[rows, i + 1] - mean) / sigma if sigma > 0 else torch.zeros_like(x)
@@ -155,8 +155,8 @@ def edit_friendly_sample(
         if not 0 <= skip <= num_steps:
             raise UsageError(f"skip must be between 0 and num_steps ({num_steps}), got {skip}")
     if uncond_embedding is None:
-        uncond_embedding = encode_text(pipe, "")
-    scheduler = sampling_scheduler(pipe, num_steps)
+        uncond_embedding = family_of(pipe).unconditional()
+    scheduler = family_of(pipe).sampling_scheduler(num_steps)
     rows = [(k, int(skip)) for k in range(len(inversions)) for skip in skips]
     latents = torch.stack([inversions[k].xs[skip] for k, skip in rows])  # each row's start (x0 for skip = N)
     chunk = batch_size or len(rows)
@@ -166,7 +166,7 @@ def edit_friendly_sample(
         for part in active.split(chunk):
             x = latents[part]
             noise = torch.stack([inversions[rows[r][0]].zs[i] for r in part.tolist()])
-            eps = predict_noise(pipe.unet, x, t, target_embedding, uncond_embedding, guidance_scale)
+            eps = family_of(pipe).predict(x, t, target_embedding, uncond_embedding, guidance_scale)
             latents[part] = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
     check_finite(latents, "edit-friendly sampling")
     return latents
@@ -181,22 +181,20 @@ def run(
     too_many = [s for s in skips if s > num_steps]
     if too_many:
         raise UsageError(f"skip must be at most num_steps ({num_steps}); got {', '.join(map(str, too_many))}")
-    timings: dict[str, float] = {}
-    tick = time.perf_counter()
-    latent = encode_image(pipe, picture)
-    uncond = encode_text(pipe, "")
-    source = encode_text(pipe, ctx.source_prompt)
-    inversions = edit_friendly_invert(pipe, latent, source, num_steps, params["source_guidance"], ctx.seeds,
-                                      uncond_embedding=uncond, batch_size=ctx.batch_size, progress=ctx.progress)
-    timings["inversion"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    target = encode_text(pipe, target_prompt)
-    latents = edit_friendly_sample(pipe, inversions, target, params["target_guidance"], skips,
-                                   uncond_embedding=uncond, batch_size=ctx.batch_size, progress=ctx.progress)
-    timings["sampling"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    images = decode_latents(pipe, latents, batch_size=ctx.batch_size or 8)
-    timings["decoding"] = time.perf_counter() - tick
+    watch = Stopwatch()
+    with watch("inversion"):
+        family = family_of(pipe)
+        latent = family.encode_image(picture)
+        uncond = family.unconditional()
+        source = family.encode_prompt(ctx.source_prompt)
+        inversions = edit_friendly_invert(pipe, latent, source, num_steps, params["source_guidance"], ctx.seeds,
+                                          uncond_embedding=uncond, batch_size=ctx.batch_size, progress=ctx.progress)
+    with watch("sampling"):
+        target = family.encode_prompt(target_prompt)
+        latents = edit_friendly_sample(pipe, inversions, target, params["target_guidance"], skips,
+                                       uncond_embedding=uncond, batch_size=ctx.batch_size, progress=ctx.progress)
+    with watch("decoding"):
+        images = family.decode(latents, batch_size=ctx.batch_size or 8)
     variants = [
         MethodVariant(inv.seed, {"skip": skip}, img, {"start_timestep": _start_timestep(inv, skip)})
         for (inv, skip), img in zip(((inv, s) for inv in inversions for s in skips), images, strict=True)
@@ -209,7 +207,7 @@ def run(
         # edit-friendly noise maps are not N(0, I): their spread says how much image structure they carry
         "noise_map_std": {inv.seed: float(inv.zs.std()) for inv in inversions},
     }
-    return MethodOutput(variants, timings, {}, record)
+    return MethodOutput(variants, watch.seconds, {}, record)
 
 
 def _start_timestep(inversion: EditFriendlyInversion, skip: int) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,12 +36,15 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..diffusion import check_finite, decode_latents, encode_image, encode_text, predict_noise, sampling_scheduler
-from ..editing import text_stage
-from ..sampling import interpolate
-from ..text_optimization import TextOptimization
-from . import IMAGIC as INFO
+from ..errors import check_finite
+from ..models.family import Conditioning, ModelFamily
+from ..models.registry import family_of
+from ..stages.cached import text_stage
+from ..stages.sampling import interpolate
+from ..stages.text_optimization import TextOptimization
+from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant
+from .catalogue import IMAGIC as INFO
 
 __all__ = [
     "INFO",
@@ -146,7 +148,8 @@ def finetune_unet(
     device = pipe.unet.device
     if park_device == "auto":
         park_device = default_park_device(pipe)
-    x0 = encode_image(pipe, picture, generator=generator if latent_generator is None else latent_generator)
+    family = family_of(pipe)
+    x0 = family.encode_image(picture, generator=generator if latent_generator is None else latent_generator)
     condition = embedding.detach().to(device=device, dtype=torch.float32)
     with unet_parked(pipe, park_device), torch.enable_grad():
         # Copied where the original waits (the CPU on CUDA), so the GPU never holds both UNets at once.
@@ -155,7 +158,7 @@ def finetune_unet(
         trainee.requires_grad_(True)
         if device.type == "cuda":
             trainee.enable_gradient_checkpointing()
-        losses = _train(trainee, x0, condition, steps, lr, generator, sampling_scheduler(pipe, 1), progress)
+        losses = _train(type(family)(pipe, denoiser=trainee), x0, condition, steps, lr, generator, progress)
     if device.type == "cuda":
         trainee.disable_gradient_checkpointing()
     for parameter in trainee.parameters():
@@ -165,27 +168,25 @@ def finetune_unet(
 
 
 def _train(
-    unet: UNet2DConditionModel,
+    tuned: ModelFamily,
     x0: torch.Tensor,
     condition: torch.Tensor,
     steps: int,
     lr: float,
     generator: torch.Generator,
-    scheduler,
     progress: bool,
 ) -> list[float]:
-    """The fine-tuning loop; the optimizer (and its 2x-the-weights state) is freed when it returns."""
+    """The fine-tuning loop of ``tuned.denoiser`` under the model's own training loss; the optimizer (and its
+    2x-the-weights state) is freed when it returns."""
     device = x0.device
-    optimizer = torch.optim.Adam(unet.parameters(), lr=lr, fused=device.type == "cuda")
-    num_train = scheduler.config.num_train_timesteps
+    optimizer = torch.optim.Adam(tuned.denoiser.parameters(), lr=lr, fused=device.type == "cuda")
     losses: list[float] = []
     for _ in tqdm(range(steps), desc="Imagic fine-tuning", disable=not progress, leave=False):
-        timestep = torch.randint(0, num_train, (1,), generator=generator)
+        timestep = tuned.draw_training_timestep(generator)
         noise = torch.randn(x0.shape, generator=generator)
         timestep, noise = timestep.to(device), noise.to(device)
-        noisy = scheduler.add_noise(x0, noise, timestep)
-        eps = unet(noisy, timestep, encoder_hidden_states=condition).sample
-        loss = ((eps.float() - noise) ** 2).mean()
+        noisy, wanted = tuned.training_example(x0, noise, timestep)
+        loss = ((tuned.predict(noisy, timestep, condition) - wanted) ** 2).mean()
         check_finite(loss.detach(), "Imagic fine-tuning")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -220,14 +221,16 @@ def imagic_sample(
     device = unet.device
     shape = (1, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     x_T = torch.randn(shape, generator=generator).to(device)
-    conds = torch.cat([interpolate(text_optimization, float(a)) for a in alphas]).to(device)
-    uncond = encode_text(pipe, "").to(device)
-    scheduler = sampling_scheduler(pipe, num_steps)
+    family = family_of(pipe)
+    tuned = type(family)(pipe, denoiser=unet)
+    conds = Conditioning.cat([interpolate(text_optimization, float(a)) for a in alphas]).to(device)
+    uncond = family.unconditional().to(device)
+    scheduler = family.sampling_scheduler(num_steps)
     latents = (x_T * scheduler.init_noise_sigma).repeat(len(alphas), 1, 1, 1)
     rows = torch.arange(len(alphas))
     for t in tqdm(scheduler.timesteps, desc="Imagic sampling", disable=not progress, leave=False):
         for part in rows.split(batch_size or len(alphas)):
-            eps = predict_noise(unet, latents[part], t, conds[part], uncond, guidance_scale)
+            eps = tuned.predict(latents[part], t, conds.rows(part), uncond, guidance_scale)
             latents[part] = scheduler.step(eps, t, latents[part]).prev_sample
     check_finite(latents, "Imagic sampling")
     return latents
@@ -249,36 +252,32 @@ def imagic_latents(
 ) -> ImagicSeedResult:
     """Steps 2 and 3 for the seed of ``text_optimization``: fine-tune a copy, sample every alpha, drop the copy."""
     seed = text_optimization.seed
-    tick = time.perf_counter()
-    unet, losses = finetune_unet(
-        pipe, picture, text_optimization.optimized_embedding, finetune_steps, finetune_lr,
-        seed_generator(seed, "finetune"), latent_generator=stage_a_latent_generator(seed),
-        park_device=park_device, progress=progress,
-    )
-    finetuned = time.perf_counter()
-    try:
-        latents = imagic_sample(
-            pipe, unet, text_optimization, alphas, guidance_scale, num_steps, seed_generator(seed, "noise"),
-            size=picture.size, batch_size=batch_size, progress=progress,
+    watch = Stopwatch()
+    with watch("finetuning"):
+        unet, losses = finetune_unet(
+            pipe, picture, text_optimization.optimized_embedding, finetune_steps, finetune_lr,
+            seed_generator(seed, "finetune"), latent_generator=stage_a_latent_generator(seed),
+            park_device=park_device, progress=progress,
         )
+    try:
+        with watch("sampling"):
+            latents = imagic_sample(
+                pipe, unet, text_optimization, alphas, guidance_scale, num_steps, seed_generator(seed, "noise"),
+                size=picture.size, batch_size=batch_size, progress=progress,
+            )
     finally:
         del unet  # the fine-tuned weights belong to this edit only
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    timings = {"finetuning": finetuned - tick, "sampling": time.perf_counter() - finetuned}
-    return ImagicSeedResult(seed, tuple(float(a) for a in alphas), latents, losses, timings)
+    return ImagicSeedResult(seed, tuple(float(a) for a in alphas), latents, losses, watch.seconds)
 
 
-def run(
-    pipe: StableDiffusionPipeline, picture: Image.Image, target_prompt: str, params: dict[str, Any],
-    ctx: MethodContext,
-) -> MethodOutput:
+def run(pipe, picture: Image.Image, target_prompt: str, params: dict[str, Any], ctx: MethodContext) -> MethodOutput:
     """Stage A for every seed (cached), then per seed: fine-tune a copy, sample every alpha; seed, then alpha."""
-    timings: dict[str, float] = {"text_optimization": 0.0, "finetuning": 0.0, "sampling": 0.0, "decoding": 0.0}
-    tick = time.perf_counter()
-    texts, reused = text_stage(pipe, picture, target_prompt, params["opt_steps"], params["opt_lr"], ctx.seeds,
-                               ctx.cache, ctx.cache_fields, ctx.progress)
-    timings["text_optimization"] = time.perf_counter() - tick
+    watch = Stopwatch()
+    with watch("text_optimization"):
+        texts, reused = text_stage(pipe, picture, target_prompt, params["opt_steps"], params["opt_lr"], ctx.seeds,
+                                   ctx.cache, ctx.cache_fields, ctx.progress)
     variants: list[MethodVariant] = []
     finetune_losses: dict[int, list[float]] = {}
     for text in texts:
@@ -288,10 +287,9 @@ def run(
             num_steps=params["num_steps"], batch_size=ctx.batch_size, progress=ctx.progress,
         )
         for stage, seconds in result.timings.items():
-            timings[stage] += seconds
-        tick = time.perf_counter()
-        images = decode_latents(pipe, result.latents)
-        timings["decoding"] += time.perf_counter() - tick
+            watch.seconds[stage] = watch.seconds.get(stage, 0.0) + seconds
+        with watch("decoding"):
+            images = family_of(pipe).decode(result.latents)
         variants.extend(MethodVariant(text.seed, {"alpha": a}, img) for a, img in zip(result.alphas, images,
                                                                                         strict=True))
         finetune_losses[text.seed] = result.finetune_losses
@@ -300,4 +298,4 @@ def run(
         "text_optimization_final_loss": {t.seed: (t.losses[-1] if t.losses else None) for t in texts},
         "finetune_dtype": "float32",
     }
-    return MethodOutput(variants, timings, {"text_optimization": reused}, record)
+    return MethodOutput(variants, watch.seconds, {"text_optimization": reused}, record)

@@ -10,15 +10,17 @@ The editor shares the UNet with ``pipe`` and installs its own attention processo
 inverting, attention-map stores while editing): the original processor objects are put back afterwards, also after
 an error. ``pipe``'s scheduler is never touched.
 
-The default edit mask ("intersect", as in the paper) reads cross-attention maps at 1/4 of the latent resolution
+LEDITS++'s edit mask ("intersect", as in the paper) reads cross-attention maps at 1/4 of the latent resolution
 (16 x 16 for SD 1.x at 512 px). A UNet with no cross-attention at that resolution (the tiny test model has
 cross-attention only at full latent resolution) gives LEDITS++ no map to read; the "noise" mask (the
-noise-estimate quantile alone, which the diffusers pipeline also offers) works on any UNet.
+noise-estimate quantile alone, which the diffusers pipeline also offers) works on any UNet, and is the default
+there (said in one warning line).
 """
 
 from __future__ import annotations
 
-import time
+import logging
+
 from typing import Any
 
 import torch
@@ -31,11 +33,14 @@ from diffusers import (
 from PIL import Image
 
 from ..errors import UsageError
-from . import LEDITS as INFO
+from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant
+from .catalogue import LEDITS as INFO
 from .masactrl import restored_attention_processors
 
 __all__ = ["INFO", "build_editor", "edit_image", "invert_image", "run", "supports_attention_mask"]
+
+logger = logging.getLogger("nonrigid")
 
 # LEDITS++'s inversion needs image sides divisible by 32 (it refuses anything else)
 _SIZE_MULTIPLE = 32
@@ -75,6 +80,15 @@ def supports_attention_mask(unet: UNet2DConditionModel) -> bool:
     if len(down) <= level:
         return False
     return "CrossAttn" in down[level] or "CrossAttn" in up[len(up) - 1 - level]
+
+
+def default_mask(unet: UNet2DConditionModel) -> str:
+    """LEDITS++'s own mask (intersect) where the UNet has the cross-attention maps it reads, else the noise mask."""
+    if supports_attention_mask(unet):
+        return "intersect"
+    logger.warning("LEDITS++: this UNet has no cross-attention at 1/4 of the latent resolution, so the default "
+                   "intersect mask cannot apply; using mask=noise")
+    return "noise"
 
 
 def check_inputs(pipe: StableDiffusionPipeline, picture: Image.Image, mask: str) -> None:
@@ -132,26 +146,26 @@ def run(
     ctx: MethodContext,
 ) -> MethodOutput:
     """One inversion per seed, one edit per edit guidance scale; variants in seed, then scale order."""
-    check_inputs(pipe, picture, params["mask"])
+    mask = params["mask"] or default_mask(pipe.unet)
+    check_inputs(pipe, picture, mask)
     editor = build_editor(pipe, ctx.progress)
     variants: list[MethodVariant] = []
-    timings = {"inversion": 0.0, "editing": 0.0}
+    watch = Stopwatch()
     with restored_attention_processors(pipe.unet):
         for seed in ctx.seeds:
-            tick = time.perf_counter()
-            invert_image(editor, picture, ctx.source_prompt, seed, num_steps=params["num_steps"],
-                         skip=params["skip"], source_guidance=params["source_guidance"])
-            timings["inversion"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            for scale in params["edit_guidance"]:
-                image = edit_image(editor, target_prompt, seed, scale, params["threshold"], params["mask"])
-                variants.append(MethodVariant(seed, {"edit": scale}, image))
-            timings["editing"] += time.perf_counter() - tick
+            with watch("inversion"):
+                invert_image(editor, picture, ctx.source_prompt, seed, num_steps=params["num_steps"],
+                             skip=params["skip"], source_guidance=params["source_guidance"])
+            with watch("editing"):
+                for scale in params["edit_guidance"]:
+                    image = edit_image(editor, target_prompt, seed, scale, params["threshold"], mask)
+                    variants.append(MethodVariant(seed, {"edit": scale}, image))
     total_steps = int(params["num_steps"] * (1 + params["skip"]))
     record = {
         "scheduler": "DPMSolverMultistepScheduler (sde-dpmsolver++, order 2)",
         "schedule_steps": total_steps,
         "skipped_steps": total_steps - params["num_steps"],
         "source_guidance_used": params["source_guidance"] if ctx.source_prompt else None,
+        "mask_used": mask,
     }
-    return MethodOutput(variants, timings, {}, record)
+    return MethodOutput(variants, watch.seconds, {}, record)

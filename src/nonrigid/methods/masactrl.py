@@ -15,7 +15,6 @@ more target branch of the same batch; all share the one source branch.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,12 +25,14 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..diffusion import check_finite, decode_latents, encode_text, predict_noise, sampling_scheduler
-from ..editing import inversion_stage
-from ..errors import UsageError
-from ..inversion import Inversion
-from . import MASACTRL as INFO
+from ..errors import UsageError, check_finite
+from ..models.family import Conditioning
+from ..models.registry import family_of
+from ..stages.cached import inversion_stage
+from ..stages.inversion import Inversion
+from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant
+from .catalogue import MASACTRL as INFO
 
 __all__ = [
     "INFO",
@@ -216,15 +217,16 @@ def _sample_branches(
     progress: bool,
 ) -> torch.Tensor:
     """One batch: the source branch and the targets ``start_steps``, sampled together under mutual attention."""
-    scheduler = sampling_scheduler(pipe, inversion.num_steps)
+    family = family_of(pipe)
+    scheduler = family.sampling_scheduler(inversion.num_steps)
     state = MutualAttentionState(start_steps)
-    conds = torch.cat([inversion.source_embedding, target.expand(len(start_steps), -1, -1)])
+    conds = Conditioning.cat([inversion.source, Conditioning.of(target).expand(len(start_steps))])
     latents = inversion.latent.expand(state.num_branches, -1, -1, -1).clone()
     with mutual_self_attention(pipe.unet, state, start_layer):
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="MasaCtrl sampling", disable=not progress,
                                    leave=False)):
             state.step = i
-            eps = predict_noise(pipe.unet, latents, t, conds, inversion.uncond_at(i), inversion.guidance_scale)
+            eps = family.predict(latents, t, conds, inversion.uncond_at(i), inversion.guidance_scale)
             latents = scheduler.step(eps, t, latents).prev_sample
     check_finite(latents, "MasaCtrl sampling")
     return latents
@@ -239,17 +241,17 @@ def run(
     if start_layer is None:
         start_layer = scaled_start_layer(pipe.unet)
     layers = check_start_layer(pipe.unet, start_layer)
-    tick = time.perf_counter()
-    inversion, hit = inversion_stage(pipe, picture, ctx.source_prompt, "nti", params["num_steps"],
-                                     params["guidance_scale"], params["inner_steps"], params["early_stop"],
-                                     ctx.cache, ctx.cache_fields, ctx.progress)
-    timings = {"inversion": time.perf_counter() - tick}
-    tick = time.perf_counter()
-    start_steps = params["start_step"]
-    latents = masactrl_latents(pipe, inversion, encode_text(pipe, target_prompt), start_steps,
-                               start_layer, batch_size=ctx.batch_size, progress=ctx.progress)
-    images = decode_latents(pipe, latents[1:])
-    timings["sampling"] = time.perf_counter() - tick
+    family = family_of(pipe)
+    watch = Stopwatch()
+    with watch("inversion"):
+        inversion, hit = inversion_stage(pipe, picture, ctx.source_prompt, "nti", params["num_steps"],
+                                         params["guidance_scale"], params["inner_steps"], params["early_stop"],
+                                         ctx.cache, ctx.cache_fields, ctx.progress)
+    with watch("sampling"):
+        start_steps = params["start_step"]
+        latents = masactrl_latents(pipe, inversion, family.encode_prompt(target_prompt), start_steps,
+                                   start_layer, batch_size=ctx.batch_size, progress=ctx.progress)
+        images = family.decode(latents[1:])
     variants = [MethodVariant(ctx.seeds[0], {"step": step}, image)
                 for step, image in zip(start_steps, images, strict=True)]
     record = {
@@ -258,4 +260,4 @@ def run(
         "controlled_layers": layers - start_layer,
         "start_steps_without_control": [s for s in start_steps if s >= params["num_steps"]],
     }
-    return MethodOutput(variants, timings, {"inversion": hit}, record)
+    return MethodOutput(variants, watch.seconds, {"inversion": hit}, record)

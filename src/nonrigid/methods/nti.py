@@ -6,33 +6,28 @@ It is the paper's method with no text optimization, no injection and eta 1: ever
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from ..diffusion import decode_latents, encode_text
-from ..editing import inversion_stage
-from ..sampling import sample_latents
-from . import NTI as INFO
+from ..models.registry import family_of
+from ..stages.cached import inversion_stage
+from ..stages.sampling import sample_latents
+from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant
+from .catalogue import NTI as INFO
 
 __all__ = ["INFO", "run"]
 
 
-def run(
-    pipe: StableDiffusionPipeline, picture: Image.Image, target_prompt: str, params: dict[str, Any],
-    ctx: MethodContext,
-) -> MethodOutput:
-    tick = time.perf_counter()
-    inversion, hit = inversion_stage(pipe, picture, ctx.source_prompt, "nti", params["num_steps"],
-                                     params["guidance_scale"], params["inner_steps"], params["early_stop"],
-                                     ctx.cache, ctx.cache_fields, ctx.progress)
-    timings = {"inversion": time.perf_counter() - tick}
-    tick = time.perf_counter()
-    target = encode_text(pipe, target_prompt)
-    latents = sample_latents(pipe, inversion, target, [0], progress=ctx.progress)
-    (image,) = decode_latents(pipe, latents)
-    timings["sampling"] = time.perf_counter() - tick
-    return MethodOutput([MethodVariant(ctx.seeds[0], {}, image)], timings, {"inversion": hit})
+def run(pipe, picture: Image.Image, target_prompt: str, params: dict[str, Any], ctx: MethodContext) -> MethodOutput:
+    family = family_of(pipe)
+    watch = Stopwatch()
+    with watch("inversion"):
+        inversion, hit = inversion_stage(pipe, picture, ctx.source_prompt, "nti", params["num_steps"],
+                                         params["guidance_scale"], params["inner_steps"], params["early_stop"],
+                                         ctx.cache, ctx.cache_fields, ctx.progress)
+    with watch("sampling"):
+        latents = sample_latents(family, inversion, family.encode_prompt(target_prompt), [0], progress=ctx.progress)
+        (image,) = family.decode(latents)
+    return MethodOutput([MethodVariant(ctx.seeds[0], {}, image)], watch.seconds, {"inversion": hit})

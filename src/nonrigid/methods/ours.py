@@ -1,64 +1,174 @@
-"""The paper's method as a :mod:`nonrigid.methods` entry: :func:`nonrigid.editing.edit`'s stages, same cache."""
+"""The paper's method: stage A per seed, stage B once, stage C for every (seed, K, eta), through the stage cache.
+
+One code path serves both entry points: the library's :func:`edit` (which returns the stage results as an
+:class:`EditResult`) and the method interface's :func:`run` (``nonrigid edit``, ``nonrigid bench``). Its
+parameters are one table, the catalogue's ``OURS`` entry, validated once by
+:func:`~nonrigid.methods.base.resolve_params`; :class:`EditSettings` is that table as a dataclass.
+"""
 
 from __future__ import annotations
 
-import time
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from ..editing import inversion_stage, text_stage
-from ..options import EditSettings
-from ..sampling import sample, variant_grid
-from . import OURS as INFO
-from .base import MethodContext, MethodOutput, MethodVariant
+from ..errors import UsageError
+from ..stages import DEFAULT_GUIDANCE
+from ..stages.cache import StageCache
+from ..stages.cached import cache_fields, inversion_stage, text_stage
+from ..stages.inversion import Inversion
+from ..stages.sampling import sample, variant_grid
+from ..stages.text_optimization import TextOptimization
+from ..timing import Stopwatch
+from .base import MethodContext, MethodOutput, MethodVariant, resolve_params
+from .catalogue import OURS as INFO
+from .run import prepare_image
 
-__all__ = ["INFO", "run"]
+__all__ = ["INFO", "EditResult", "EditSettings", "Variant", "edit", "run"]
 
-
-def settings_from_params(
-    target_prompt: str, params: dict[str, Any], source_prompt: str, seeds, batch_size: int | None
-) -> EditSettings:
-    """The method's parameters as :class:`EditSettings` (which validates them the way ``edit`` does)."""
-    return EditSettings(
-        target_prompt=target_prompt, source_prompt=source_prompt, seeds=tuple(seeds), etas=params["etas"],
-        inject=params["inject"], num_steps=params["num_steps"], opt_steps=params["opt_steps"],
-        opt_lr=params["opt_lr"], inversion=params["inversion"], guidance_scale=params["guidance_scale"],
-        inner_steps=params["inner_steps"], early_stop=params["early_stop"], batch_size=batch_size,
-    )
+_DEFAULTS = INFO.defaults()
 
 
-def run(
-    pipe: StableDiffusionPipeline, picture: Image.Image, target_prompt: str, params: dict[str, Any],
-    ctx: MethodContext,
-) -> MethodOutput:
-    """Stage A per seed, stage B once, stage C for every (seed, K, eta); variants in that order."""
-    config = settings_from_params(target_prompt, params, ctx.source_prompt, ctx.seeds, ctx.batch_size)
-    timings: dict[str, float] = {}
-    tick = time.perf_counter()
-    texts, reused = text_stage(pipe, picture, target_prompt, config.opt_steps, config.opt_lr, config.seeds,
-                               ctx.cache, ctx.cache_fields, ctx.progress)
-    timings["text_optimization"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    inversion, hit = inversion_stage(pipe, picture, config.source_prompt, config.inversion, config.num_steps,
-                                     config.guidance, config.inner_steps, config.early_stop, ctx.cache,
-                                     ctx.cache_fields, ctx.progress)
-    timings["inversion"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    steps = config.inject_steps()
-    images = sample(pipe, inversion, texts, config.etas, steps, batch_size=ctx.batch_size, progress=ctx.progress)
-    timings["sampling"] = time.perf_counter() - tick
+@dataclass
+class EditSettings:
+    """Every parameter of an edit, with the paper's defaults: the ``OURS`` table plus the prompts, the seeds and
+    the sampling batch size. Made, it is valid (every value checked against the table)."""
+
+    target_prompt: str
+    source_prompt: str = ""
+    seeds: tuple[int, ...] = (0,)
+    etas: tuple[float, ...] = _DEFAULTS["etas"]
+    inject: tuple[float, ...] = _DEFAULTS["inject"]
+    num_steps: int = _DEFAULTS["num_steps"]
+    opt_steps: int = _DEFAULTS["opt_steps"]
+    opt_lr: float = _DEFAULTS["opt_lr"]
+    inversion: str = _DEFAULTS["inversion"]
+    guidance_scale: float | None = _DEFAULTS["guidance_scale"]
+    inner_steps: int = _DEFAULTS["inner_steps"]
+    early_stop: float = _DEFAULTS["early_stop"]
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in resolve_params(INFO, self.params()).items():
+            setattr(self, name, value)
+        self.seeds = tuple(dict.fromkeys(int(s) for s in self.seeds))
+        if not self.seeds:
+            raise UsageError("give at least one seed")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def params(self) -> dict[str, Any]:
+        """The values of the ``OURS`` table."""
+        return {p.name: getattr(self, p.name) for p in INFO.params}
+
+    @classmethod
+    def from_params(cls, target_prompt: str, params: dict[str, Any], source_prompt: str = "",
+                    seeds: tuple[int, ...] = (0,), batch_size: int | None = None) -> EditSettings:
+        return cls(target_prompt=target_prompt, source_prompt=source_prompt, seeds=tuple(seeds),
+                   batch_size=batch_size, **params)
+
+    @property
+    def guidance(self) -> float:
+        """The guidance scale used: the given one, else the inversion's (7.5 for NTI and NPI, 1 for DDIM)."""
+        return DEFAULT_GUIDANCE[self.inversion] if self.guidance_scale is None else float(self.guidance_scale)
+
+    def inject_steps(self) -> tuple[int, ...]:
+        """Injection ratios as step counts K = round(ratio * N), without duplicates, in the given order."""
+        return tuple(dict.fromkeys(round(r * self.num_steps) for r in self.inject))
+
+
+@dataclass
+class Variant:
+    """One edited image and the knobs that made it."""
+
+    seed: int
+    eta: float
+    inject_steps: int
+    inject_ratio: float
+    image: Image.Image
+
+
+@dataclass
+class EditResult:
+    """What :func:`edit` returns: the input, the variants, the stage results and how long each stage took."""
+
+    input_image: Image.Image
+    settings: EditSettings
+    variants: list[Variant]
+    text_optimizations: list[TextOptimization]
+    inversion: Inversion
+    timings: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, object] = field(default_factory=dict)
+    model_fingerprint: str = ""
+
+
+def edit(
+    pipe,
+    image: str | os.PathLike | Image.Image,
+    target_prompt: str,
+    *,
+    size: int = 512,
+    cache: StageCache | None = None,
+    progress: bool = False,
+    **settings,
+) -> EditResult:
+    """Edit ``image`` toward ``target_prompt``: text optimization per seed, one inversion, every variant.
+
+    Keyword ``settings`` are the fields of :class:`EditSettings` (``source_prompt``, ``seeds``, ``etas``,
+    ``inject`` ratios, ``num_steps``, ``opt_steps``, ``inversion``, ``guidance_scale`` …). With a ``cache``, stage
+    results are read from and written to it.
+    """
+    config = EditSettings(target_prompt=target_prompt, **settings)
+    picture = prepare_image(pipe, image, size)
+    return edit_stages(pipe, picture, config, cache, cache_fields(pipe, picture), progress)
+
+
+def edit_stages(
+    pipe,
+    picture: Image.Image,
+    config: EditSettings,
+    cache: StageCache | None,
+    fields: dict[str, str],
+    progress: bool = False,
+) -> EditResult:
+    """The method on a prepared image: A for every seed (cached), B once (cached), C for all (seed, K, eta)."""
+    watch = Stopwatch()
+    with watch("text_optimization"):
+        texts, reused = text_stage(pipe, picture, config.target_prompt, config.opt_steps, config.opt_lr,
+                                   config.seeds, cache, fields, progress)
+    with watch("inversion"):
+        inversion, hit = inversion_stage(pipe, picture, config.source_prompt, config.inversion, config.num_steps,
+                                         config.guidance, config.inner_steps, config.early_stop, cache, fields,
+                                         progress)
+    with watch("sampling"):
+        steps = config.inject_steps()
+        images = sample(pipe, inversion, texts, config.etas, steps, batch_size=config.batch_size,
+                        progress=progress)
     ratio_of = {round(r * config.num_steps): r for r in reversed(config.inject)}
     variants = [
-        MethodVariant(texts[s.text_index].seed, {"K": s.inject_steps, "eta": s.eta}, img,
-                      {"inject_ratio": ratio_of[s.inject_steps]})
+        Variant(texts[s.text_index].seed, s.eta, s.inject_steps, ratio_of[s.inject_steps], img)
         for s, img in zip(variant_grid(len(texts), config.etas, steps), images, strict=True)
+    ]
+    return EditResult(picture, config, variants, texts, inversion, watch.with_total(),
+                      {"text_optimization": reused, "inversion": hit}, fields["model"])
+
+
+def run(pipe, picture: Image.Image, target_prompt: str, params: dict[str, Any], ctx: MethodContext) -> MethodOutput:
+    """The method interface: :func:`edit_stages`, its variants named by seed, K and eta."""
+    config = EditSettings.from_params(target_prompt, params, ctx.source_prompt, ctx.seeds, ctx.batch_size)
+    result = edit_stages(pipe, picture, config, ctx.cache, ctx.cache_fields, ctx.progress)
+    variants = [
+        MethodVariant(v.seed, {"K": v.inject_steps, "eta": v.eta}, v.image, {"inject_ratio": v.inject_ratio},
+                      params={"etas": v.eta, "inject": v.inject_ratio})
+        for v in result.variants
     ]
     record = {
         "guidance_scale_used": config.guidance,
-        "inject_steps": list(steps),
-        "text_optimization_final_loss": {t.seed: (t.losses[-1] if t.losses else None) for t in texts},
+        "inject_steps": list(config.inject_steps()),
+        "text_optimization_final_loss": {t.seed: (t.losses[-1] if t.losses else None)
+                                         for t in result.text_optimizations},
     }
-    cache = {"text_optimization": reused, "inversion": hit}
-    return MethodOutput(variants, timings, cache, record)
+    timings = {k: v for k, v in result.timings.items() if k != "total"}
+    return MethodOutput(variants, timings, result.cache, record)

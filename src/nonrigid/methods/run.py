@@ -4,23 +4,32 @@ from __future__ import annotations
 
 import importlib
 import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from ..cache import StageCache
-from ..editing import cache_fields
 from ..errors import UsageError
-from ..loading import latent_multiple, load_image
-from . import MODULES, method_info
-from .base import MethodContext, MethodResult, resolve_params
+from ..images import load_image
+from ..models.registry import family_of
+from ..stages.cache import StageCache
+from ..stages.cached import cache_fields
+from ..timing import Stopwatch
+from .base import MethodContext, MethodInfo, MethodResult, MethodVariant, resolve_params
+from .catalogue import MODULES, method_info
+
+
+def prepare_image(pipe, image: str | os.PathLike | Image.Image, size: int) -> Image.Image:
+    """The input as every method sees it: read, center-cropped and resized to ``size``, which the model's
+    latent grid must divide."""
+    multiple = family_of(pipe).latent_multiple
+    if size <= 0 or size % multiple:
+        raise UsageError(f"size must be a positive multiple of {multiple} for this model, got {size}")
+    return load_image(image, size)
 
 
 def run_method(
-    pipe: StableDiffusionPipeline,
+    pipe,
     image: str | os.PathLike | Image.Image,
     target_prompt: str,
     method: str = "ours",
@@ -45,11 +54,8 @@ def run_method(
     if not seeds:
         raise UsageError("give at least one seed")
     if batch_size is not None and batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    multiple = latent_multiple(pipe)
-    if size % multiple:
-        raise UsageError(f"--size must be a multiple of {multiple} for this model, got {size}")
-    picture = load_image(image, size)
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    picture = prepare_image(pipe, image, size)
     fields = cache_fields(pipe, picture)
     ctx = MethodContext(
         seeds=seeds if info.seeded else seeds[:1],
@@ -60,12 +66,19 @@ def run_method(
         batch_size=batch_size,
     )
     module = importlib.import_module(f".{MODULES[method]}", __package__)
-    started = time.perf_counter()
+    watch = Stopwatch()
     output = module.run(pipe, picture, target_prompt, resolved, ctx)
-    timings = {**output.timings, "total": time.perf_counter() - started}
     return MethodResult(
         method=method, input_image=picture, target_prompt=target_prompt, source_prompt=source_prompt,
-        seeds=ctx.seeds, params=resolved, variants=output.variants,
-        knob_labels=tuple(p.label for p in info.sweeps), timings=timings, cache=output.cache,
-        record=output.record, model_fingerprint=fields["model"],
+        seeds=ctx.seeds, params=resolved, variants=[with_params(info, v) for v in output.variants],
+        knob_labels=tuple(p.label for p in info.sweeps), timings={**output.timings, "total": watch.total()},
+        cache=output.cache, record=output.record, model_fingerprint=fields["model"],
     )
+
+
+def with_params(info: MethodInfo, variant: MethodVariant) -> MethodVariant:
+    """``variant`` with every sweep parameter's value by name: the method's own, else its knob's value."""
+    by_label = {p.label: p.name for p in info.sweeps}
+    found = {by_label[label]: value for label, value in variant.knobs.items() if label in by_label}
+    variant.params = {**found, **variant.params}
+    return variant

@@ -26,11 +26,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..cache import StageCache, write_atomic
-from ..editing import edit
-from ..sampling import sample
-from ..text_optimization import TextOptimization
-from .benchmark import Pair
+from ..methods.ours import edit
+from ..stages.cache import StageCache, write_atomic
+from ..stages.sampling import sample
+from ..stages.text_optimization import TextOptimization
+from .dataset import Pair
 from .judge import SceneJudge, score_edit
 
 ETAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -83,7 +83,7 @@ def _evaluate_baseline(
     pipe, judge, pair: Pair, index: int, method: str, cache, opt_steps: int, folder: Path
 ) -> list[dict]:
     """One baseline on one pair: every value of its main knob, judged like the method's variants."""
-    from ..methods import method_info
+    from ..methods.catalogue import method_info
     from ..methods.run import run_method
 
     params = dict(BASELINES[method])

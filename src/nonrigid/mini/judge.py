@@ -103,9 +103,9 @@ def save_judge(judge: SceneJudge, path: Path) -> None:
 
 
 def load_judge(path: Path | None = None) -> SceneJudge:
-    from .model import weights_dir
+    from ..models.loading import mini_weights_dir
 
-    path = path or weights_dir() / "judge.safetensors"
+    path = path or mini_weights_dir() / "judge.safetensors"
     judge = SceneJudge()
     judge.load_state_dict(load_file(str(path)))
     return judge.eval().requires_grad_(False)

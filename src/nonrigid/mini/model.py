@@ -7,22 +7,15 @@ SD's DDIM scheduler. Every stage and method of the project runs on it unchanged.
 
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
-
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..loading import DDIM_OVERRIDES, build_clip_tokenizer
+from ..models.sd import sd_ddim_scheduler
+from ..models.tiny import build_clip_tokenizer
 from .world import vocabulary
 
 TEXT_DIM = 64
-
-
-def weights_dir() -> Path:
-    """Where the committed, trained weights live (package data)."""
-    return Path(str(resources.files("nonrigid.mini") / "weights"))
 
 
 def build_vae() -> AutoencoderKL:
@@ -77,9 +70,7 @@ def build_untrained_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         torch.manual_seed(seed)
         vae, unet = build_vae(), build_unet()
         text_encoder = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, **DDIM_OVERRIDES
-    )
+    scheduler = sd_ddim_scheduler()
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

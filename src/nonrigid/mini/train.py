@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
-from ..cache import write_atomic
+from ..stages.cache import write_atomic
 from .config import TrainConfig
 from .model import build_untrained_pipeline
 from .world import random_scene, render, render_with_mask

@@ -1,0 +1,348 @@
+"""The evaluation commands: ``nonrigid bench``, ``nonrigid score`` and ``nonrigid report``.
+
+Same conventions as the other commands (:mod:`.common`): one-line errors (:class:`~nonrigid.errors.UsageError`),
+arguments validated before torch is imported, ``--quiet`` and ``--debug`` on every command, progress bars on stderr
+and the output folder as the only line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import UsageError
+from ..evaluation.protocol import DEFAULT_CLIP
+from ..methods.catalogue import METHODS
+from .common import HelpFormatter, add_model_flags, add_output_flags, add_runtime_flags, say
+
+logger = logging.getLogger("nonrigid")
+
+DEFAULT_METHOD = "ours"
+STEPS_PARAM = "num_steps"  # what --steps sets, as in `nonrigid edit`
+
+
+def add_bench_parsers(commands) -> None:
+    """Add ``bench``, ``score`` and ``report`` to the ``nonrigid`` subcommands."""
+    add_bench_parser(commands)
+    add_score_parser(commands)
+    add_report_parser(commands)
+
+
+def add_bench_parser(commands) -> None:
+    from ..evaluation.plan import PRESETS
+
+    presets = "; ".join(f"{name}: {p.summary}" for name, p in PRESETS.items())
+    p = commands.add_parser(
+        "bench", help="run methods over TEdBench (or any folder in its layout) and score every edit",
+        description="Run every (pair, seed, setting) of DATA (input_list.json + originals/) with each --method, "
+        "save every edited image and store one row per edit (pair, method, seed, every parameter, CLIP-T, LPIPS, "
+        "aesthetic score, timings, image path) in OUT/results.sqlite. Resumable: after an interruption (even a "
+        "kill) run the same command again and it continues where it stopped, redoing no finished job; a different "
+        "command on an existing OUT is refused. A method's own sweep parameters (ours: eta, inject) run in one job "
+        "per pair and share its stages; sweeping any other parameter multiplies the jobs.",
+        epilog=f"presets: {presets}",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--data", type=Path, required=True, help="TEdBench-layout folder (input_list.json, originals/)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (created, or resumed if it exists)")
+    p.add_argument("--method", action="append", choices=list(METHODS), default=None,
+                   help="method to run; repeatable (default: ours); `nonrigid methods` lists their parameters")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="a paper ablation (Sec. 5.4) with the method ours: inversion type or injection ratio")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per edit (the paper: 5); deterministic "
+                   "methods run once")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="values of a parameter, by name or label (eta, inject, opt_steps, ...), applied to every "
+                   "method that has it (or METHOD.KEY); source=none,pair sweeps the source prompt; repeatable")
+    p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a parameter of every method that has it, e.g. --set opt_steps=100; source=pair uses "
+                   "each pair's caption as the source prompt (default: empty, the paper's choice); repeatable")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps of inversion and sampling of every method that has them (the same as --set "
+                   "num_steps=N; default: each method's)")
+    p.add_argument("--pairs", default=None, metavar="LIST",
+                   help="only these pairs: indices into input_list.json (0-based), ranges 3-7, image names or stems")
+    p.add_argument("--limit", type=int, default=None, help="only the first N (selected) pairs")
+    p.add_argument("--sources", type=Path, default=None,
+                   help="JSON object image name -> caption, the source prompt of settings with source=pair (e.g. "
+                   "the inversion preset's NTI-src); default: the source_text of input_list.json's entries, else "
+                   "one made from the file name")
+    add_model_flags(p)
+    p.add_argument("--size", type=int, default=512, help="working resolution in pixels")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="most variants per UNet batch (default: all of a job at once)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="stage cache folder of the run (default: OUT/cache); a resumed run only reads the entries "
+                   "its own finished jobs wrote there")
+    add_runtime_flags(p)
+    add_metric_flags(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would run (jobs, edits, done) and stop")
+    add_output_flags(p)
+    p.set_defaults(func=run_bench)
+
+
+def add_score_parser(commands) -> None:
+    p = commands.add_parser(
+        "score", help="score a folder of edits made elsewhere, for the same plots",
+        description="Score FOLDER's images, named <image name>-<target text>.png like TEdBench's published Imagic "
+        "results (case, spaces, underscores and punctuation do not matter; a trailing _N is a seed), against "
+        "DATA's originals. Both are center-cropped and resized to --size as the editor does. Rows go into "
+        "OUT/results.sqlite like `nonrigid bench` rows; files that match no pair are listed as warnings.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("folder", type=Path, help="folder of edited images")
+    p.add_argument("--data", type=Path, required=True, help="TEdBench-layout folder the edits were made from")
+    p.add_argument("--method-name", default=None, help="method name in tables and plots (default: FOLDER's name)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<method name>)")
+    p.add_argument("--size", type=int, default=512, help="resolution both images are scored at")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    add_metric_flags(p)
+    add_output_flags(p)
+    p.set_defaults(func=run_score)
+
+
+def add_report_parser(commands) -> None:
+    from ..evaluation.tables import BINNINGS
+
+    p = commands.add_parser(
+        "report", help="plots, tables and an HTML gallery from benchmark runs",
+        description="Write to --out: Figure 6 (CLIP-T and aesthetic score per LPIPS bin, one line per method, "
+        "standard-error bars; PNG and SVG), summary.csv/.md (mean and standard error of every metric and wall time "
+        "per edit, per method and setting), an ablation plot per preset run, and gallery.html (each pair's input "
+        "beside every method's edit at matched LPIPS), which opens in a browser without a server.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders of `nonrigid bench` or `score`")
+    p.add_argument("--out", type=Path, default=Path("report"), help="report folder")
+    p.add_argument("--bins", type=int, default=8, help="LPIPS bins of Figure 6")
+    p.add_argument("--binning", choices=BINNINGS, default="fixed",
+                   help="fixed: equal-width bins over the LPIPS range; quantile: equally many edits per bin")
+    p.add_argument("--min-per-bin", type=int, default=2, help="leave out bins with fewer edits of a method")
+    p.add_argument("--gallery-lpips", type=float, nargs="+", default=None, metavar="LPIPS",
+                   help="LPIPS levels the gallery matches edits at (default: the median LPIPS of all edits)")
+    add_output_flags(p)
+    p.set_defaults(func=run_report)
+
+
+def add_metric_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clip-model", default=None,
+                   help=f"CLIP for CLIP-T and the aesthetic score: hub id or local folder (default: {DEFAULT_CLIP})")
+    p.add_argument("--lpips-weights", type=Path, default=None,
+                   help="local LPIPS v0.1 linear-layer weights, vgg.pth (default: the copy inside the lpips "
+                   "package)")
+    p.add_argument("--vgg-weights", type=Path, default=None,
+                   help="local torchvision VGG16 weights for LPIPS (default: the torch hub cache)")
+    p.add_argument("--aesthetic-head", type=Path, default=None,
+                   help="LAION aesthetic predictor head, e.g. sac+logos+ava1-l14-linearMSE.pth (default: the "
+                   "metrics module's own)")
+    p.add_argument("--metrics", choices=("default", "tiny"), default="default",
+                   help="tiny: random-weight backbones, meaningless numbers, for tests only")
+
+
+# --------------------------------------------------------------------------------------------------- bench
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from ..evaluation.bench import pending_jobs
+    from ..evaluation.data import read_pairs, select_pairs
+    from ..evaluation.plan import PRESETS, BenchSpec, plan_settings, uses_source_captions
+    from ..evaluation.runfolder import opened
+
+    if args.preset and args.method:
+        raise UsageError(f"--preset {args.preset} runs {PRESETS[args.preset].method} itself; leave out --method")
+    check_bench_args(args)
+    methods = [PRESETS[args.preset].method] if args.preset else (args.method or [DEFAULT_METHOD])
+    settings = plan_settings(methods, args.sweep, with_steps(args, methods), args.preset)
+    pairs = select_pairs(read_pairs(args.data, args.sources), args.pairs, args.limit)
+    guessed = [p for p in pairs if p.source_origin == "file name"]
+    if guessed and uses_source_captions(settings):
+        logger.warning(f"warning: {len(guessed)} pairs have no caption for a source prompt; using one made from the "
+                       f"file name (e.g. {guessed[0].source_text!r}); give --sources FILE for real captions")
+    runtime = {"device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
+               **{k: getattr(args, k) for k in ("low_memory", "compile") if getattr(args, k, False)}}
+    spec = BenchSpec(args.data, pairs, settings, tuple(range(args.seeds)), model=args.model, size=args.size,
+                     runtime=runtime, metrics=metric_options(args), preset=args.preset)
+    jobs = spec.jobs()
+    if args.dry_run:
+        print(describe_plan(spec, args.out))
+        return 0
+    with opened(args.out, spec.identity(), ["nonrigid", *sys.argv[1:]], cache_dir=args.cache_dir) as run:
+        todo = pending_jobs(spec, run)
+        if todo and len(todo) < len(jobs):
+            say(args, f"resuming {args.out}: {len(jobs) - len(todo)} of {len(jobs)} jobs already done")
+        if todo:
+            from ..evaluation.bench import run_benchmark
+
+            pipe, metrics = load_models(args, run)
+
+            with _only_warnings(args.debug):
+                stats = run_benchmark(spec, run, pipe, metrics, progress=not args.quiet)
+            say(args, f"{stats.edits} edits in {stats.ran} jobs written to {args.out / 'results.sqlite'}")
+        else:
+            say(args, f"all {len(jobs)} jobs are done")
+    print(args.out)
+    return 0
+
+
+def check_bench_args(args: argparse.Namespace) -> None:
+    """The numbers of ``nonrigid bench``, checked before anything is read (the library would say the same of its
+    parameters, without the flags)."""
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1 (seeds 0..N-1), got {args.seeds}")
+    if args.size <= 0:
+        raise UsageError(f"--size must be positive, got {args.size}")
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+
+
+def with_steps(args: argparse.Namespace, methods: list[str]) -> list[str]:
+    """``--set`` with ``--steps N`` as ``num_steps=N`` (first, where ``--set num_steps=N`` would be); refused
+    when --set or --sweep also names num_steps."""
+    if args.steps is None:
+        return list(args.assignments)
+    from ..evaluation.plan import param_for, parse_key_values
+    from ..methods.catalogue import method_info
+
+    for flag, items in (("--set", args.assignments), ("--sweep", args.sweep)):
+        for key, _ in parse_key_values(items, flag):
+            if any((p := param_for(method_info(m), key)) is not None and p.name == STEPS_PARAM for m in methods):
+                raise UsageError(f"--steps and {flag} {key} both set {STEPS_PARAM}; give one of them")
+    return [f"{STEPS_PARAM}={args.steps}", *args.assignments]
+
+
+def describe_plan(spec, out: Path) -> str:
+    """What a run would compute: settings per method, jobs, edits, and how many jobs ``out`` holds already."""
+    from ..evaluation.plan import expected_edits
+    from ..evaluation.runfolder import done_job_keys
+
+    lines = [f"{len(spec.pairs)} pairs, seeds {', '.join(map(str, spec.seeds))}"]
+    for method, settings in spec.settings.items():
+        for setting in settings:
+            extra = f" (source prompt: {setting.source})" if setting.source != "none" else ""
+            lines.append(f"  {method} [{setting.label}]{extra}: {_format_overrides(setting.params)}")
+    jobs = spec.jobs()
+    done = done_job_keys(out) & {job.key for job in jobs}
+    lines.append(f"{len(jobs)} jobs, {sum(expected_edits(job) for job in jobs)} edits; {len(done)} jobs done in {out}")
+    return "\n".join(lines)
+
+
+def _format_overrides(params: dict) -> str:
+    if not params:
+        return "defaults"
+    return " ".join(f"{k}={','.join(f'{x:g}' for x in v) if isinstance(v, tuple) else v}" for k, v in params.items())
+
+
+def metric_options(args: argparse.Namespace) -> dict[str, str | None]:
+    """The metrics' identity in run.json: a run is only continued with the same networks."""
+    if args.metrics == "tiny":
+        return {"kind": "tiny"}
+
+    def path(p: Path | None) -> str | None:
+        if p is None:
+            return None
+        if not p.is_file():
+            raise UsageError(f"{p} does not exist")
+        return str(p.resolve())
+
+    return {"kind": "default", "clip_model": args.clip_model or DEFAULT_CLIP, "lpips_weights": path(args.lpips_weights),
+            "vgg_weights": path(args.vgg_weights), "aesthetic_head": path(args.aesthetic_head)}
+
+
+def load_models(args: argparse.Namespace, run):
+    """The pipeline and the metrics (the slow imports happen here, after every check passed); what they are goes
+    into the run's ``meta`` table."""
+    from ..models.fingerprint import model_fingerprint
+    from ..models.loading import describe_device
+    from .common import load_model
+
+    pipe = load_model(args)
+    metrics = _load_metrics(args, pipe.unet.device)
+    run.set_meta(model_fingerprint=model_fingerprint(pipe), **describe_device(pipe), metrics=_describe(metrics),
+                 cache_dir=str(run.cache.root))
+    return pipe, metrics
+
+
+def _describe(metrics) -> dict:
+    describe = getattr(metrics, "describe", None)
+    return describe() if callable(describe) else {}
+
+
+def _load_metrics(args: argparse.Namespace, device):
+    from ..evaluation.bench import load_metrics
+
+    say(args, "loading metrics" + (" (tiny random backbones: numbers are meaningless)" if args.metrics == "tiny"
+                                    else ""))
+    options = metric_options(args)
+    return load_metrics(args.metrics, clip_model=args.clip_model, lpips_weights=options.get("lpips_weights"),
+                        vgg_weights=options.get("vgg_weights"), aesthetic_head=options.get("aesthetic_head"),
+                        device=device)
+
+
+# --------------------------------------------------------------------------------------------------- score
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from ..evaluation.data import read_pairs
+    from ..evaluation.runfolder import opened
+    from ..evaluation.score import match_edits, outside_files, score_folder, score_identity
+    from ..methods.output import slugify
+
+    if args.size <= 0:
+        raise UsageError(f"--size must be positive, got {args.size}")
+    pairs = read_pairs(args.data)
+    edits, warnings = match_edits(outside_files(args.folder), pairs)
+    for warning in warnings:
+        logger.warning("warning: %s", warning)
+    if not edits:
+        raise UsageError(f"no image in {args.folder} matches a pair of {args.data / 'input_list.json'}; name them "
+                         "<image name>-<target text>.png")
+    method = args.method_name or args.folder.resolve().name
+    out = args.out or Path("runs") / slugify(method)
+    identity = score_identity(args.folder, args.data, method, args.size, metric_options(args))
+    with opened(out, identity, ["nonrigid", *sys.argv[1:]]) as run:
+        from ..models.loading import resolve_device
+        from .common import quiet_libraries
+
+        quiet_libraries(args.quiet)
+        metrics = _load_metrics(args, resolve_device(args.device))
+        run.set_meta(metrics=_describe(metrics))
+        with _only_warnings(args.debug):
+            stats = score_folder(edits, run, method, args.size, metrics, progress=not args.quiet)
+        say(args, f"{method}: {stats.ran} images scored ({stats.done_before} earlier), {len(warnings)} skipped")
+    print(out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from ..evaluation.report import write_report
+
+    for flag, value in (("--bins", args.bins), ("--min-per-bin", args.min_per_bin)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    write_report(args.runs, args.out, bins=args.bins, binning=args.binning, min_per_bin=args.min_per_bin,
+                 gallery_lpips=args.gallery_lpips, log=None if args.quiet else logger.info)
+    print(args.out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _only_warnings(debug: bool) -> Iterator[None]:
+    """The stages' per-job messages ("reusing cached ...") would scroll the progress bar away: warnings only."""
+    previous = logger.level
+    if not debug:
+        logger.setLevel(max(previous, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

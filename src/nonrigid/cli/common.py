@@ -1,0 +1,127 @@
+"""What every ``nonrigid`` command shares: the one-line-error parser, help formatting, the runtime and model flags,
+logging, and turning library errors into command-line ones.
+
+The library names its parameters in errors (``size must be ...``); only this layer speaks of flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+from ..models import DEFAULT_MODEL
+
+logger = logging.getLogger("nonrigid")
+
+# Variants per sampling batch in low-memory mode when no --batch-size is given (each variant is two UNet rows under
+# classifier-free guidance).
+LOW_MEMORY_BATCH_SIZE = 2
+
+# library parameters and the flags that set them: errors name the parameter, the command line shows the flag
+FLAGS = {"allow_pickle": "--allow-pickle", "batch_size": "--batch-size", "size": "--size", "device": "--device",
+         "dtype": "--dtype"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for flags whose default is "the method's" (None): their help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2), not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """Where and how the networks run: device, precision, memory and compilation."""
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="precision of the frozen networks (default: fp16 on CUDA, fp32 on CPU); embeddings, "
+                   "losses and DDIM arithmetic always stay fp32")
+    p.add_argument("--low-memory", action="store_true",
+                   help="VAE slicing and tiling, UNet gradient checkpointing and 2 variants per sampling batch "
+                   "(unless --batch-size says otherwise): slower, for small GPUs")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (CUDA: faster after a one-time compilation of about a minute)")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Which model to load, and how."""
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, local diffusers folder, single-file .safetensors checkpoint, 'mini' (the trained "
+                   "miniature model, 64 px, offline) or 'tiny' (random weights, output is noise, for smoke tests)")
+    p.add_argument("--config", default=None,
+                   help="for a single-file checkpoint: diffusers folder or hub id to read its configs from")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickle checkpoints (.ckpt/.bin), which can run arbitrary code")
+
+
+def load_model(args: argparse.Namespace):
+    """The pipeline the model flags and the runtime flags describe (imports torch: call it after every check)."""
+    from ..models.loading import load_pipeline
+
+    quiet_libraries(args.quiet)
+    say(args, f"loading model {args.model}")
+    pipe = load_pipeline(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.config)
+    return configure_from_args(pipe, args)
+
+
+def configure_from_args(pipe, args: argparse.Namespace):
+    """Apply --low-memory / --compile (and channels-last on CUDA); in low-memory mode sample
+    :data:`LOW_MEMORY_BATCH_SIZE` variants at a time unless --batch-size says otherwise."""
+    from ..models.loading import configure_pipeline
+
+    if args.low_memory and getattr(args, "batch_size", None) is None:
+        args.batch_size = LOW_MEMORY_BATCH_SIZE
+    return configure_pipeline(pipe, low_memory=args.low_memory, compile=args.compile)
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages, only errors and warnings")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def for_the_command_line(message: str) -> str:
+    """A library error as the command line says it: parameter names become the flags that set them."""
+    names = "|".join(FLAGS)
+    return re.sub(rf"(?<![\w-])({names})(?= must|=True\b)(=True)?", lambda m: FLAGS[m.group(1)], message)
+
+
+def say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        logger.info(message)
+
+
+def configure_logging(quiet: bool) -> None:
+    """Our messages as ``nonrigid: ...`` on stderr (warnings only with --quiet)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("nonrigid: %(message)s"))
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """diffusers' and transformers' chatter and loading bars off (errors still show). Imports them: call it only
+    once a command is about to use them."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+

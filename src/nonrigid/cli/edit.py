@@ -1,0 +1,166 @@
+"""``nonrigid edit`` and ``nonrigid methods``: one image, any method, every variant in one folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UsageError
+from ..methods.catalogue import DEFAULT_ETAS, DEFAULT_INJECT, METHODS
+from ..stages import INVERSION_METHODS
+from .common import HelpFormatter, add_model_flags, add_output_flags, add_runtime_flags, load_model, say
+
+# flags of `edit` that set a method parameter, and that parameter's name (None: not given)
+PARAM_FLAGS = {
+    "eta": "etas", "inject": "inject", "steps": "num_steps", "opt_steps": "opt_steps", "opt_lr": "opt_lr",
+    "inner_steps": "inner_steps", "inversion": "inversion", "guidance": "guidance_scale",
+}
+
+
+def add_edit_parser(commands) -> None:
+    p = commands.add_parser(
+        "edit",
+        help="edit one image toward a target prompt (the paper's method or a baseline)",
+        description="Edit IMAGE toward PROMPT. The default method (ours) runs (A) text optimization per seed, (B) "
+        "one latent inversion and (C) timestep-aware text injection sampling for every seed x inject x eta. "
+        "Every method writes input.png, one PNG per variant, grid.png (rows: seed x inject; columns: the input, then the "
+        "method's main sweep, e.g. eta) and edit.json to --out. Stages are cached, so trying other --eta/--inject "
+        "values later takes seconds. Baselines: --method nti|imagic|masactrl|edit-friendly|dds|ledits, their "
+        "knobs via --set key=value (list them with `nonrigid methods`).",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("image", help="input image (any format Pillow reads); center-cropped to a square")
+    p.add_argument("prompt", help='target prompt, e.g. "A photo of a jumping dog."')
+    p.add_argument("--method", choices=list(METHODS), default="ours",
+                   help="editing method; see `nonrigid methods` for what each does and its parameters")
+    p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a method parameter, e.g. --set alpha=0.9,1.1 (sweeps take comma-separated lists); "
+                   "repeatable; `nonrigid methods METHOD` lists them")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: out/<image name>-<prompt>[-method]); an earlier edit there is "
+                   "replaced")
+    p.add_argument("--source", default="", help="source prompt describing the input; empty is the paper's "
+                   "recommended default (best structure preservation with NTI)")
+    add_model_flags(p)
+    p.add_argument("--inversion", choices=INVERSION_METHODS, default=None,
+                   help="ours: nti (null-text inversion at guidance 7.5, default), ddim (guidance 1) or npi "
+                   "(negative-prompt inversion: fast, no optimization)")
+    p.add_argument("--eta", type=float, nargs="+", default=None, metavar="ETA",
+                   help="ours: interpolation weights in [0, 1]: e = eta*target + (1-eta)*optimized; higher edits "
+                   f"more (default: {' '.join(f'{e:g}' for e in DEFAULT_ETAS)})")
+    p.add_argument("--inject", type=float, nargs="+", default=None, metavar="RATIO",
+                   help="ours: share of sampling steps conditioned on the source prompt first, in [0, 1]; the paper "
+                   f"finds 0.1-0.4 works, higher keeps more structure (default: {DEFAULT_INJECT[0]:g})")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps of inversion and sampling (default: the method's, 50 for ours)")
+    p.add_argument("--opt-steps", type=int, default=None, help="ours/imagic: text optimization steps (0 skips it; "
+                   "default: 200 for ours)")
+    p.add_argument("--opt-lr", type=float, default=None, help="ours/imagic: text optimization learning rate "
+                   "(default: 1e-3)")
+    p.add_argument("--inner-steps", type=int, default=None,
+                   help="null-text inversion: Adam steps per sampling step (default: 10)")
+    p.add_argument("--seed", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="one or more seeds; each is its own text optimization (deterministic methods use the "
+                   "first)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the method's; ours: 7.5 with nti/npi, 1 with ddim)")
+    p.add_argument("--size", type=int, default=512, help="working resolution in pixels (multiple of 64 for SD)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="most variants per UNet batch (default: all at once; lower it to save memory)")
+    add_runtime_flags(p)
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="stage cache folder (default: $NONRIGID_CACHE_DIR or the user cache dir)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the stage cache")
+    add_output_flags(p)
+    p.set_defaults(func=run_edit)
+
+    methods = commands.add_parser(
+        "methods", help="list the editing methods, their parameters and defaults",
+        description="Each method's summary, reference and parameters (set them with `nonrigid edit --method M "
+        "--set key=value`; sweep parameters take comma-separated values, one variant each).",
+    )
+    methods.add_argument("names", nargs="*", metavar="METHOD", help="only these methods")
+    methods.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    methods.set_defaults(func=run_methods)
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    from ..methods.catalogue import describe_methods
+
+    print(describe_methods(args.names or None), end="")
+    return 0
+
+
+def default_out(image: Path, prompt: str, method: str = "ours") -> Path:
+    from ..methods.output import slugify
+
+    slug = slugify(prompt, 48, "edit")
+    suffix = "" if method == "ours" else f"-{method}"
+    return Path("out") / f"{image.stem}-{slug}{suffix}"
+
+
+def method_params(args: argparse.Namespace) -> dict[str, object]:
+    """The method's parameters from --set and the dedicated flags, validated against its table (no torch)."""
+    from ..methods.base import parse_assignments, resolve_params
+    from ..methods.catalogue import method_info
+
+    info = method_info(args.method)
+    params: dict[str, object] = {}
+    labels = {p.label: p.name for p in info.params if p.label}
+    for name, value in parse_assignments(args.assignments).items():
+        params[labels.get(name, name)] = value
+    known = {p.name for p in info.params}
+    shown_as = {}
+    for flag, name in PARAM_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if name not in known:
+            raise UsageError(f"--{flag.replace('_', '-')} does not apply to --method {args.method}; "
+                             f"see `nonrigid methods {args.method}` for its parameters")
+        params[name] = value
+        shown_as[name] = f"--{flag.replace('_', '-')}"
+    resolved = resolve_params(info, params, shown_as)
+    if args.method == "ours":
+        from ..methods.ours import EditSettings
+
+        EditSettings.from_params(args.prompt, resolved, args.source, tuple(args.seed), args.batch_size)  # validates
+    return resolved
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    from ..images import load_image
+    from ..methods.output import check_output_dir
+
+    params = method_params(args)  # validates before anything slow happens
+    if args.size <= 0:
+        raise UsageError(f"--size must be positive, got {args.size}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out = args.out or default_out(Path(args.image), args.prompt, args.method)
+    check_output_dir(out)
+    picture = load_image(args.image, args.size)
+
+    from ..methods.output import save_result  # the heavy imports (torch, diffusers) once the input is known good
+    from ..methods.run import run_method
+    from ..models.loading import describe_device
+    from ..stages.cache import StageCache
+
+    pipe = load_model(args)
+    cache = None if args.no_cache else StageCache(args.cache_dir)
+    result = run_method(pipe, picture, args.prompt, args.method, params, seeds=args.seed, source_prompt=args.source,
+                        size=args.size, cache=cache, batch_size=args.batch_size, progress=not args.quiet)
+    record = {
+        "image": str(args.image),
+        "model": args.model,
+        "size": args.size,
+        **describe_device(pipe),
+        "low_memory": args.low_memory,
+        "compile": args.compile,
+        "cache_dir": None if cache is None else str(cache.root),
+    }
+    save_result(result, out, record=record)
+    stages = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in result.timings.items() if k != "total")
+    say(args, f"{args.method}: {len(result.variants)} variants in {result.timings['total']:.1f} s ({stages})")
+    print(out)
+    return 0

@@ -1,0 +1,169 @@
+"""``nonrigid mini ...``: the miniature world's model, judge, dataset and evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+from ..errors import UsageError
+from .common import HelpFormatter, Parser, quiet_libraries
+
+logger = logging.getLogger("nonrigid")
+
+
+def add_mini_parser(commands) -> None:
+    from ..mini.config import TrainConfig
+
+    mini = commands.add_parser(
+        "mini", help="the miniature world: train its model, write its benchmark",
+        description="A procedural world with known identity and pose, and a small SD-1.x-layout model trained on "
+        "it, so editing methods can be checked on any CPU (docs/MINIATURE.md).",
+    )
+    sub = mini.add_subparsers(dest="mini_command", metavar="COMMAND", parser_class=Parser, required=True)
+    train = sub.add_parser(
+        "train", help="train the miniature model (under 60 min on 2 CPU cores)",
+        description="Train the VAE, then the UNet and text encoder, reproducibly from --seed. Resumable: run the "
+        "same command again after an interruption and it continues from the last checkpoint in OUT/work.",
+        formatter_class=HelpFormatter,
+    )
+    defaults = TrainConfig()
+    train.add_argument("--out", type=Path, default=Path("runs/mini-train"), help="work folder")
+    train.add_argument("--seed", type=int, default=defaults.seed, help="seed of data, initialisation and noise")
+    train.add_argument("--vae-steps", type=int, default=defaults.vae_steps, help="VAE training steps")
+    train.add_argument("--unet-steps", type=int, default=defaults.unet_steps, help="UNet training steps")
+    train.add_argument("--unet-batch", type=int, default=defaults.unet_batch,
+                       help="UNet batch size (the recipe benchmark found 32 better than 64 for the same samples)")
+    train.add_argument("--snr-gamma", type=float, default=defaults.snr_gamma,
+                       help="min-SNR loss weighting gamma; 0 gives the plain loss")
+    train.add_argument("--dataset-size", type=int, default=defaults.dataset_size, help="scenes for the UNet")
+    train.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (fixed, for reproducibility)")
+    train.add_argument("--install", action="store_true",
+                       help="copy the trained model into the package, where load_pipeline('mini') finds it")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    train.set_defaults(func=run_mini_train)
+
+    judge = sub.add_parser("judge", help="train the classifier of pose, kind and colour that scores edits and samples "
+                           "(about three minutes)",
+                           formatter_class=HelpFormatter)
+    judge.add_argument("--steps", type=int, default=600, help="training steps")
+    judge.add_argument("--seed", type=int, default=0, help="seed")
+    judge.add_argument("--out", type=Path, default=None, help="where to save it (default: the package's weights)")
+    judge.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    judge.set_defaults(func=run_mini_judge)
+
+    data = sub.add_parser("dataset", help="write the world's benchmark in TEdBench's layout, with ground truth",
+                          formatter_class=HelpFormatter)
+    data.add_argument("--out", type=Path, required=True, help="folder to write (originals/, input_list.json, "
+                      "ground_truth.json)")
+    data.add_argument("--count", type=int, default=24, help="number of scenes")
+    data.add_argument("--edits-per-image", type=int, default=1, help="target poses per scene (1-3)")
+    data.add_argument("--seed", type=int, default=0, help="seed of the scenes")
+    data.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    data.set_defaults(func=run_mini_dataset)
+
+    ev = sub.add_parser(
+        "evaluate", help="run the method, NTI-only editing and the paper's ablations on a world dataset",
+        description="Resumable: results are stored per pair in OUT/results and stage results in OUT/cache; run "
+        "the same command again after an interruption and it continues. Then writes docs with --docs.",
+        formatter_class=HelpFormatter,
+    )
+    ev.add_argument("--data", type=Path, required=True, help="a folder written by `nonrigid mini dataset`")
+    ev.add_argument("--out", type=Path, default=Path("runs/mini-eval"), help="run folder")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    ev.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    ev.add_argument("--opt-steps", type=int, default=200, help="text optimization steps")
+    ev.add_argument("--baselines", default="imagic,masactrl,edit-friendly,dds,ledits",
+                    help="comma-separated baselines to run besides NTI-only editing ('none' for none)")
+    ev.add_argument("--docs", type=Path, default=None, help="write MINIATURE.md and its figures into this folder")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    ev.set_defaults(func=run_mini_evaluate)
+
+
+def mini_train_config(args: argparse.Namespace):
+    """The ``TrainConfig`` that ``nonrigid mini train`` flags describe, after checking them."""
+    from ..mini.config import TrainConfig
+
+    for name in ("vae_steps", "unet_steps", "unet_batch", "dataset_size", "threads"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not math.isfinite(args.snr_gamma) or args.snr_gamma < 0:
+        raise UsageError(f"--snr-gamma must be 0 (plain loss) or positive, got {args.snr_gamma}")
+    return TrainConfig(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                       unet_batch=args.unet_batch, snr_gamma=args.snr_gamma,
+                       dataset_size=args.dataset_size, threads=args.threads)
+
+
+def run_mini_train(args: argparse.Namespace) -> int:
+    import shutil
+
+    from ..mini.train import Log, train
+    from ..models.loading import mini_weights_dir
+
+    config = mini_train_config(args)
+    log = Log(args.out / "train_log.txt", echo=None if args.quiet else logger.info)
+    log("command: nonrigid " + " ".join(sys.argv[1:]))
+    model = train(args.out, config, progress=not args.quiet, log=log)
+    if args.install:
+        target = mini_weights_dir()
+        for part in model.iterdir():  # replace the model's parts, keep what else lives there (the judge)
+            if (target / part.name).is_dir():
+                shutil.rmtree(target / part.name)
+        shutil.copytree(model, target, dirs_exist_ok=True)
+        shutil.copy(args.out / "train_log.txt", target / "train_log.txt")
+        log(f"installed into {target}")
+    print(model)
+    return 0
+
+
+def run_mini_judge(args: argparse.Namespace) -> int:
+    from ..mini.judge import save_judge, train_judge
+    from ..models.loading import mini_weights_dir
+
+    if args.steps < 1:
+        raise UsageError(f"--steps must be positive, got {args.steps}")
+    judge = train_judge(args.steps, seed=args.seed, log=logger.info)
+    path = args.out or mini_weights_dir() / "judge.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_judge(judge, path)
+    print(path)
+    return 0
+
+
+def run_mini_dataset(args: argparse.Namespace) -> int:
+    from ..mini.dataset import write_dataset
+
+    print(write_dataset(args.out, args.count, args.edits_per_image, args.seed))
+    return 0
+
+
+def run_mini_evaluate(args: argparse.Namespace) -> int:
+    from ..mini.dataset import read_dataset
+    from ..mini.evaluate import BASELINES, evaluate
+    from ..mini.judge import load_judge
+
+    baselines = tuple(b for b in args.baselines.split(",") if b and b != "none")
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+    pairs = read_dataset(args.data)[: args.limit]
+    quiet_libraries(args.quiet)
+    from ..models.loading import load_pipeline
+
+    pipe = load_pipeline("mini", device="cpu", dtype="fp32")
+    judge = load_judge()
+    rows = evaluate(pipe, judge, pairs, args.out, num_steps=args.steps, opt_steps=args.opt_steps,
+                    baselines=baselines, progress=not args.quiet)
+    if args.docs:
+        from ..mini.doc import write_miniature_doc
+
+        write_miniature_doc(pipe, args.out, args.docs, command="nonrigid " + " ".join(sys.argv[1:]), judge=judge)
+    logger.info(f"{len(rows)} rows in {args.out}")
+    print(args.out)
+    return 0
+
+

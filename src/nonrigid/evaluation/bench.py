@@ -1,0 +1,120 @@
+"""The benchmark: every (pair, method, setting) of a TEdBench-layout folder, resumable, one SQLite row per edit.
+
+:mod:`.plan` says what a run computes (settings, jobs, :class:`~.plan.BenchSpec`), :mod:`.runfolder` where and how
+it is stored; this module runs the jobs a run folder does not hold yet. The benchmark knows no method and no
+dataset by name: every method is run through :func:`~nonrigid.methods.run.run_method`, and each edit's
+parameters are the job's with the variant's own sweep values (``MethodVariant.params``). Torch-free at import.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UsageError
+from ..timing import Stopwatch
+from .plan import BenchSpec, Job
+from .protocol import METRIC_NAMES
+from .runfolder import RunFolder
+
+logger = logging.getLogger("nonrigid")
+
+
+def load_metrics(kind: str = "default", *, clip_model: str | None = None, lpips_weights: str | None = None,
+                 vgg_weights: str | None = None, aesthetic_head: str | None = None, device: Any = None):
+    """The metrics of the evaluation protocol, every network loaded now (a missing weight file fails before the
+    first edit, not after it); ``kind="tiny"``: random backbones, for tests only."""
+    from .metrics import Metrics
+
+    if kind == "tiny":
+        return Metrics.tiny(seed=0)
+    options = {"lpips_weights": lpips_weights, "vgg_weights": vgg_weights, "aesthetic_head": aesthetic_head,
+               "device": device}
+    return Metrics(clip_model, **options).load() if clip_model else Metrics(**options).load()
+
+
+@dataclass
+class BenchStats:
+    jobs: int = 0
+    done_before: int = 0
+    ran: int = 0
+    edits: int = 0
+
+
+def pending_jobs(spec: BenchSpec, run: RunFolder) -> list[Job]:
+    done = run.done_jobs()
+    return [job for job in spec.jobs() if job.key not in done]
+
+
+def run_benchmark(
+    spec: BenchSpec,
+    run: RunFolder,
+    pipe: Any,
+    metrics: Any,
+    *,
+    progress: bool = False,
+) -> BenchStats:
+    """Run every job of ``spec`` that ``run`` does not hold yet, committing each when its images are on disk."""
+    from tqdm.auto import tqdm
+
+    jobs = spec.jobs()
+    todo = pending_jobs(spec, run)
+    stats = BenchStats(jobs=len(jobs), done_before=len(jobs) - len(todo))
+    bar = tqdm(total=len(jobs), initial=stats.done_before, desc="bench", unit="job", disable=not progress)
+    with bar:
+        for job in todo:
+            bar.set_postfix_str(f"{job.pair.slug} {job.method} {job.setting.label}"[:60])
+            stats.edits += run_job(job, spec, run, pipe, metrics)
+            stats.ran += 1
+            bar.update(1)
+    return stats
+
+
+def run_job(job: Job, spec: BenchSpec, run: RunFolder, pipe: Any, metrics: Any) -> int:
+    """Edit, save the images, score them, commit the rows; returns the number of edits."""
+    from ..methods.output import variant_filename
+    from ..methods.run import run_method
+
+    run.cache.pending.clear()  # stage entries of a job that failed before this one in this process do not count
+    result = run_method(
+        pipe, job.pair.image, job.pair.target_text, job.method, job.setting.params, seeds=job.seeds,
+        source_prompt=job.source_prompt, size=spec.size, cache=run.cache,
+        batch_size=spec.runtime.get("batch_size"),
+    )
+    input_path = f"inputs/{job.pair.slug}.png"
+    run.write_image(input_path, result.input_image)
+    paths = [f"{job.folder}/{variant_filename(v.seed, v.knobs)}" for v in result.variants]
+    if len(set(paths)) != len(paths):
+        raise UsageError(f"{job.method}: two variants of one job got the same file name; give distinct sweep values")
+    for path, variant in zip(paths, result.variants, strict=True):
+        run.write_image(path, variant.image)
+    count = len(result.variants)
+    watch = Stopwatch()
+    with watch("scoring"):
+        scores = metrics.score_batch([result.input_image] * count, [v.image for v in result.variants],
+                                     [job.pair.target_text] * count)
+    timings = {**result.timings, **watch.seconds}
+    total = result.timings["total"]
+    rows = []
+    for path, variant, score in zip(paths, result.variants, scores, strict=True):
+        rows.append({
+            "job": job.key, "pair": job.pair.index, "image_name": job.pair.img_name,
+            "target_text": job.pair.target_text, "source_prompt": job.source_prompt, "method": job.method,
+            "setting": job.setting.label, "seed": variant.seed, "knobs": variant.knobs,
+            "params": edit_params(result.params, variant), **{m: score.get(m) for m in METRIC_NAMES},
+            "image": path, "record": {**variant.record, "input": input_path},
+            "job_seconds": total, "seconds_per_edit": total / count, "timings": timings, "cache": result.cache,
+        })
+    job_row = {"job": job.key, "pair": job.pair.index, "method": job.method, "setting": job.setting.label,
+               "params": result.params, "edits": count, "seconds": total, "timings": timings,
+               "cache": result.cache, "record": result.record}
+    run.commit([(job_row, rows)])
+    return count
+
+
+def edit_params(params: Mapping[str, Any], variant: Any) -> dict[str, Any]:
+    """The job's parameters with each sweep parameter replaced by this edit's own value (``variant.params``,
+    which :func:`~nonrigid.methods.run.run_method` fills for every method, by parameter name)."""
+    return {**params, **variant.params}

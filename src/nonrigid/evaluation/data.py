@@ -1,0 +1,121 @@
+"""The pairs of a TEdBench-layout folder (``input_list.json`` + ``originals/``), their source captions, and the
+selection of some of them. Torch-free."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+from ..methods.output import slugify
+
+LISTING = "input_list.json"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One (input image, target text) pair of a TEdBench-layout folder; ``index`` is its place in input_list."""
+
+    index: int
+    img_name: str
+    image: Path
+    target_text: str
+    source_text: str = ""  # a caption of the input: the source prompt of settings that use one
+    source_origin: str = ""  # where that caption comes from: "sources", "input list", "file name"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.index:03d}-{slugify(Path(self.img_name).stem)}"
+
+
+def caption_from_filename(img_name: str) -> str:
+    """A last-resort source prompt from a file name: ``dog2_standing.png`` -> ``A photo of dog standing.``
+
+    TEdBench gives no captions of its inputs; trailing digits and tokens with digits in them (hashes, sizes) are
+    dropped.
+    """
+    words = []
+    for token in re.split(r"[^A-Za-z0-9]+", Path(img_name).stem):
+        token = token.rstrip("0123456789")
+        if len(token) > 1 and not any(c.isdigit() for c in token):
+            words.append(token.lower())
+    return f"A photo of {' '.join(words) or 'an object'}."
+
+
+def read_pairs(data: str | os.PathLike, sources: str | os.PathLike | None = None) -> list[Pair]:
+    """The pairs of ``data/input_list.json`` with their images in ``data/originals/``.
+
+    Source captions come from ``sources`` (a JSON object: image name or stem -> caption), else a ``source_text``
+    field of the input list's entries (TEdBench's readers ignore extra fields), else the file name
+    (:func:`caption_from_filename`). They are only used by settings with ``source=pair``.
+    """
+    data = Path(data)
+    listing = data / LISTING
+    if not listing.is_file():
+        raise UsageError(f"{data} has no {LISTING}; give a folder in TEdBench's layout ({LISTING} + originals/)")
+    try:
+        listed = json.loads(listing.read_text())
+    except ValueError as err:
+        raise UsageError(f"{listing} is not valid JSON ({err})") from None
+    if not isinstance(listed, list) or not all(isinstance(e, dict) and {"img_name", "target_text"} <= set(e)
+                                               for e in listed):
+        raise UsageError(f"{listing} must be a list of {{img_name, target_text}} objects, as in TEdBench")
+    entries = [(str(e["img_name"]), str(e["target_text"]), e.get("source_text")) for e in listed]
+    captions = read_captions(sources) if sources is not None else {}
+    pairs = []
+    for index, (img_name, target, source) in enumerate(entries):
+        image = data / "originals" / img_name
+        if not image.is_file():
+            raise UsageError(f"{listing} names {img_name}, which is not in {data / 'originals'}")
+        found = [("sources", captions.get(img_name) or captions.get(Path(img_name).stem)), ("input list", source),
+                 ("file name", caption_from_filename(img_name))]
+        origin, caption = next((origin, text) for origin, text in found if text)
+        pairs.append(Pair(index, img_name, image, target, str(caption), origin))
+    if not pairs:
+        raise UsageError(f"{listing} lists no pairs")
+    return pairs
+
+
+def read_captions(sources: str | os.PathLike) -> dict[str, str]:
+    """A JSON file holding one object: image name (or stem) -> caption."""
+    try:
+        given = json.loads(Path(sources).read_text())
+    except (OSError, ValueError):
+        given = None
+    if not isinstance(given, dict) or not all(isinstance(v, str) for v in given.values()):
+        raise UsageError(f"sources file {sources} must be a JSON file with an object mapping image names to "
+                         "captions")
+    return given
+
+
+def select_pairs(pairs: Sequence[Pair], spec: str | None = None, limit: int | None = None) -> list[Pair]:
+    """``spec``: comma-separated indices (0-based, as in input_list.json), ranges ``3-7`` and image names or
+    stems (every pair of that image); then the first ``limit`` of those."""
+    chosen = list(pairs)
+    if spec:
+        wanted: dict[int, None] = {}
+        for token in (t.strip() for t in spec.split(",")):
+            if not token:
+                continue
+            if re.fullmatch(r"\d+(-\d+)?", token):
+                low, _, high = token.partition("-")
+                indices = range(int(low), int(high or low) + 1)
+                if not indices or indices[-1] >= len(pairs):
+                    raise UsageError(f"pairs {token}: there are {len(pairs)} pairs, numbered 0-{len(pairs) - 1}")
+            else:
+                indices = [p.index for p in pairs if token in (p.img_name, Path(p.img_name).stem)]
+                if not indices:
+                    raise UsageError(f"pairs {token}: no pair has that image (give indices or image names)")
+            wanted.update(dict.fromkeys(indices))
+        chosen = [pairs[i] for i in sorted(wanted)]
+    if limit is not None:
+        if limit < 1:
+            raise UsageError(f"limit must be >= 1, got {limit}")
+        chosen = chosen[:limit]
+    if not chosen:
+        raise UsageError("no pairs selected")
+    return chosen

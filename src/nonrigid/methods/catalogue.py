@@ -1,0 +1,184 @@
+"""Every editing method behind one interface: the paper's method and the baselines it is compared with.
+
+This module is the catalogue (torch-free, so ``nonrigid methods`` and usage errors answer at once): each method's
+name, summary and parameter table with the reference defaults of method.md section 2. The algorithms live in one
+module each (``ours``, ``nti``, ``imagic``, ``masactrl``, ``edit_friendly``, ``dds``, ``ledits``) with the signature
+of :mod:`nonrigid.methods.base`;
+:func:`nonrigid.methods.run.run_method` dispatches to them. Each table is the one place a method's parameters,
+defaults and bounds are written: the command line, the benchmark and the library all validate against it.
+"""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from ..stages import INVERSION_METHODS
+from .base import MethodInfo, Param
+
+DEFAULT_ETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_INJECT = (0.2,)
+
+_NTI_PARAMS = (
+    Param("num_steps", "int", 50, "DDIM steps of inversion and sampling", low=1, high=1000),
+    Param("guidance_scale", "float", 7.5, "classifier-free guidance scale (NTI inverts for this scale)", low=1),
+    Param("inner_steps", "int", 10, "null-text inversion: Adam steps per sampling step", low=0),
+    Param("early_stop", "float", 1e-5, "null-text inversion: stop a step's inner loop below this loss", low=0),
+)
+
+OURS = MethodInfo(
+    "ours",
+    "The paper's method: text optimization (A), latent inversion (B), timestep-aware text injection sampling "
+    "(C). The first K = inject x steps are conditioned on the source prompt, the rest on "
+    "eta * e_tgt + (1 - eta) * e_opt.",
+    (
+        Param("etas", "floats", DEFAULT_ETAS, "interpolation weights: higher edits more", label="eta", low=0,
+              high=1),
+        Param("inject", "floats", DEFAULT_INJECT, "share of steps conditioned on the source prompt first "
+              "(K = round(inject x steps))", label="K", low=0, high=1),
+        Param("num_steps", "int", 50, "DDIM steps of inversion and sampling", low=1, high=1000),
+        Param("opt_steps", "int", 200, "text optimization steps (0 skips it)", low=0),
+        Param("opt_lr", "float", 1e-3, "text optimization learning rate (Adam)", low=0, open_low=True),
+        Param("inversion", "str", "nti", "nti: null-text inversion at guidance 7.5; ddim: DDIM inversion at "
+              "guidance 1; npi: negative-prompt inversion (source embedding as the null text, no optimization)",
+              choices=INVERSION_METHODS),
+        Param("guidance_scale", "float", None, "guidance scale (none: 7.5 with nti/npi, 1 with ddim)", low=1,
+              optional=True),
+        *_NTI_PARAMS[2:],
+    ),
+    seeded=True,
+    reference="Latent Inversion with Timestep-aware Sampling (method.md section 1)",
+)
+
+NTI = MethodInfo(
+    "nti",
+    "Null-text inversion editing: invert with NTI for the source prompt, then sample the target prompt from the "
+    "inverted latent with the optimised null embeddings (no text optimization, no injection).",
+    _NTI_PARAMS,
+    seeded=False,
+    reference="Mokady et al., Null-text Inversion (CVPR 2023)",
+)
+
+IMAGIC = MethodInfo(
+    "imagic",
+    "Imagic: optimise the text embedding (stage A), fine-tune the UNet on the image with it, then sample from "
+    "random noise with alpha * e_tgt + (1 - alpha) * e_opt. The fine-tuned weights live only for this edit.",
+    (
+        Param("alphas", "floats", (0.8, 1.0, 1.2), "interpolation weights (reference default 1.2)", label="alpha",
+              low=0, high=3),
+        Param("opt_steps", "int", 500, "text optimization steps (stage A)", low=0),
+        Param("opt_lr", "float", 1e-3, "text optimization learning rate", low=0, open_low=True),
+        Param("finetune_steps", "int", 1000, "UNet fine-tuning steps (the paper's appendix sweeps 50..400)",
+              low=0),
+        Param("finetune_lr", "float", 2e-6, "UNet fine-tuning learning rate (Adam)", low=0, open_low=True),
+        Param("guidance_scale", "float", 7.5, "classifier-free guidance scale", low=1),
+        Param("num_steps", "int", 50, "DDIM sampling steps", low=1, high=1000),
+    ),
+    seeded=True,
+    reference="Kawar et al., Imagic (CVPR 2023); SD re-implementation defaults",
+    memory="fine-tunes a full fp32 copy of the UNet with Adam (about 14 GB on CUDA for SD 1.x; the original "
+    "weights wait on the CPU meanwhile)",
+)
+
+MASACTRL = MethodInfo(
+    "masactrl",
+    "MasaCtrl: sample source (reconstruction) and target branches together from an NTI inversion; from "
+    "start_step on, in self-attention layers from start_layer on, the target's queries attend to the source "
+    "branch's keys and values.",
+    (
+        Param("start_step", "ints", (4, 10, 20), "first sampling step with mutual self-attention "
+              "(reference 4; later keeps less of the source); the default is for 50 steps and scales with "
+              "num_steps", label="step", low=0, per_steps=50),
+        Param("start_layer", "int", None, "first self-attention layer with mutual attention, in forward order "
+              "(none: 10 of 16 on SD 1.x as the reference, the same relative depth on other UNets)", low=0,
+              optional=True),
+        *_NTI_PARAMS,
+    ),
+    seeded=False,
+    reference="Cao et al., MasaCtrl (ICCV 2023), on a null-text inversion as in the paper",
+)
+
+EDIT_FRIENDLY = MethodInfo(
+    "edit-friendly",
+    "Edit-friendly DDPM inversion: noise maps that make DDPM sampling (eta 1) reproduce the image exactly with "
+    "the source prompt, then the same noise maps with the target prompt, starting skip steps in.",
+    (
+        Param("skip", "ints", (24, 36, 48), "first steps skipped when sampling the target (reference 36; more "
+              "keeps more of the input); the default is for 100 steps and scales with num_steps", label="skip",
+              low=0, per_steps=100),
+        Param("num_steps", "int", 100, "DDPM steps", low=1, high=1000),
+        Param("source_guidance", "float", 3.5, "guidance scale while extracting the noise maps", low=1),
+        Param("target_guidance", "float", 15.0, "guidance scale while sampling the target", low=1),
+    ),
+    seeded=True,
+    reference="Huberman-Spiegelglas et al., An Edit Friendly DDPM Noise Space (CVPR 2024)",
+)
+
+DDS = MethodInfo(
+    "dds",
+    "Delta Denoising Score: optimise the image latent with eps(z_t, t, target) - eps(x_t, t, source), same noise "
+    "and t for both (guided), t ~ U[t_min, t_max], SGD; snapshots after the listed iteration counts.",
+    (
+        Param("iterations", "ints", (50, 100, 200), "snapshots after these many iterations (reference 200)",
+              label="iter", low=0),
+        Param("lr", "float", 0.1, "SGD learning rate", low=0, open_low=True),
+        Param("guidance_scale", "float", 7.5, "guidance scale of both noise predictions", low=1),
+        Param("t_min", "int", 50, "smallest timestep drawn", low=0, high=999),
+        Param("t_max", "int", 950, "largest timestep drawn", low=1, high=999),
+        Param("loss_scale", "float", 2000.0, "gradient scale: each step is lr * loss_scale / 4096 * delta at any "
+              "image size (the reference's 2000 x loss at 512 px)", low=0),
+    ),
+    seeded=True,
+    reference="Hertz et al., Delta Denoising Score (ICCV 2023)",
+)
+
+LEDITS = MethodInfo(
+    "ledits",
+    "LEDITS++ (diffusers' LEditsPPPipelineStableDiffusion): edit-friendly inversion with a multistep solver, "
+    "then semantic guidance toward the target prompt, masked to where it matters.",
+    (
+        Param("edit_guidance", "floats", (5.0, 10.0, 15.0), "edit guidance scale (diffusers default 5)",
+              label="edit", low=0),
+        Param("num_steps", "int", 50, "inversion and sampling steps", low=1, high=1000),
+        Param("skip", "float", 0.15, "share of the first steps skipped", low=0, high=0.99),
+        Param("source_guidance", "float", 3.5, "guidance scale of the inversion", low=1),
+        Param("threshold", "float", 0.9, "edit mask threshold", low=0, high=1),
+        Param("mask", "str", None, "where the edit applies: intersect (LEDITS++: cross-attention map and "
+              "noise-estimate quantile), attention (cross-attention map only), noise (noise-estimate quantile "
+              "only; works on any UNet); none: intersect, or noise on UNets without cross-attention at 1/4 of the "
+              "latent resolution (like the tiny model)", choices=("intersect", "attention", "noise"), optional=True),
+    ),
+    seeded=True,
+    reference="Brack et al., LEDITS++ (CVPR 2024), as shipped by diffusers",
+)
+
+METHODS: dict[str, MethodInfo] = {m.name: m for m in (OURS, NTI, IMAGIC, MASACTRL, EDIT_FRIENDLY, DDS, LEDITS)}
+
+# module implementing each method (imported on use: they import torch)
+MODULES = {"ours": "ours", "nti": "nti", "imagic": "imagic", "masactrl": "masactrl",
+           "edit-friendly": "edit_friendly", "dds": "dds", "ledits": "ledits"}
+
+
+def method_info(name: str) -> MethodInfo:
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def describe_methods(names: list[str] | None = None) -> str:
+    """The ``nonrigid methods`` listing: each method, what it does, its parameters with defaults."""
+    lines: list[str] = []
+    for name in names or list(METHODS):
+        info = method_info(name)
+        lines.append(f"{info.name}: {info.summary}")
+        if info.reference:
+            lines.append(f"  reference: {info.reference}")
+        if not info.seeded:
+            lines.append("  deterministic: the seed does not change its result (one run serves every seed)")
+        if info.memory:
+            lines.append(f"  memory: {info.memory}")
+        for p in info.params:
+            default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in p.default) if p.is_sweep \
+                else p.default
+            sweep = " (sweep: one variant per value)" if p.is_sweep else ""
+            lines.append(f"  --set {p.name}={default}  {p.help}{sweep}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,215 @@
+"""The model-family seam: everything the stages ask of a text-to-image model, in one small interface.
+
+The stages (text optimization, latent inversion, timestep-aware sampling) and the methods built on them never
+call a UNet, a text encoder, a VAE or a scheduler themselves. They ask a :class:`ModelFamily` to
+
+- turn a prompt into a :class:`Conditioning` (what text optimization optimises and eta interpolates) and give the
+  unconditional conditioning (what null-text inversion optimises per step),
+- predict the model output for a batch of latents under classifier-free guidance (:meth:`ModelFamily.predict`),
+- step a latent along the sampling schedule and back along the inversion schedule for the model's prediction
+  type (:meth:`ModelFamily.sampling_scheduler`, :meth:`ModelFamily.inversion_scheduler`),
+- give a training example of the model's own loss (:meth:`ModelFamily.training_example`),
+- encode an image into latents and decode latents into images.
+
+A family is one module (``models/sd.py`` is the first: Stable Diffusion 1.x) registered in
+``models/registry.py``; :func:`nonrigid.models.registry.family_of` picks the one that matches a loaded pipeline.
+Adding a model family means adding one module, not editing the stages.
+
+Precision rule: the frozen networks may run in half precision, but everything the stages optimise or accumulate
+(conditionings, losses, latents, scheduler arithmetic) is fp32. A family casts at its boundary: what it returns is
+fp32, what it is given may be anything.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A prompt as the denoiser sees it: named tensors that share their first (batch) dimension.
+
+    SD 1.x and 2.x use one tensor, ``tokens`` (B, 77, D); SDXL would add its pooled embedding, SD3 and FLUX their
+    pooled CLIP embedding. Text optimization optimises every tensor of it, eta interpolates every tensor, null-text
+    inversion optimises every tensor of the unconditional one. Arithmetic is per tensor, in the given order.
+    """
+
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, value: Conditioning | torch.Tensor) -> Conditioning:
+        """A conditioning as is, or a bare tensor as the ``tokens`` of a single-tensor conditioning."""
+        return value if isinstance(value, Conditioning) else cls({"tokens": value})
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The token embeddings (B, L, D): the tensor every family has."""
+        return self.tensors["tokens"]
+
+    @property
+    def batch(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
+        return Conditioning({name: fn(t) for name, t in self.tensors.items()})
+
+    def rows(self, index: slice | torch.Tensor | Sequence[int]) -> Conditioning:
+        """The rows ``index`` of every tensor (a slice keeps views; a list or tensor of indices copies)."""
+        return self.map(lambda t: t[index])
+
+    def expand(self, batch: int) -> Conditioning:
+        """A single-row conditioning broadcast to ``batch`` rows (others are returned unchanged)."""
+        if self.batch != 1 or batch == 1:
+            return self
+        return self.map(lambda t: t.expand(batch, *t.shape[1:]))
+
+    def repeat(self, count: int) -> Conditioning:
+        return self.map(lambda t: t.repeat(count, *([1] * (t.dim() - 1))))
+
+    def leaves(self) -> Conditioning:
+        """An fp32 copy whose tensors are leaves that require gradients (what an optimizer moves)."""
+        return self.map(lambda t: t.detach().float().clone().requires_grad_(True))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.tensors.values())
+
+    def detach(self) -> Conditioning:
+        return self.map(torch.Tensor.detach)
+
+    def clone(self) -> Conditioning:
+        return self.map(torch.Tensor.clone)
+
+    def to(self, *args: Any, **kwargs: Any) -> Conditioning:
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.tensors.values())
+
+    @staticmethod
+    def cat(items: Iterable[Conditioning]) -> Conditioning:
+        items = list(items)
+        return Conditioning({name: torch.cat([c.tensors[name] for c in items]) for name in items[0].tensors})
+
+    def to_record(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors named ``prefix.name``, for a cache entry."""
+        return {f"{prefix}.{name}": t for name, t in self.tensors.items()}
+
+    @classmethod
+    def from_record(cls, tensors: dict[str, torch.Tensor], prefix: str) -> Conditioning | None:
+        found = {name.removeprefix(f"{prefix}."): t for name, t in tensors.items() if name.startswith(f"{prefix}.")}
+        return cls(found) if found else None
+
+
+def mix(target: Conditioning, optimized: Conditioning, eta: float) -> Conditioning:
+    """``eta * target + (1 - eta) * optimized``, tensor by tensor (method.md Eq. 3: eta 0 is the optimized one)."""
+    return Conditioning({name: eta * target.tensors[name] + (1.0 - eta) * optimized.tensors[name]
+                         for name in target.tensors})
+
+
+def guided(uncond_output: torch.Tensor, cond_output: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``out_u + w (out_c - out_u)``."""
+    return uncond_output + guidance_scale * (cond_output - uncond_output)
+
+
+class ModelFamily(ABC):
+    """What the stages need of a model family, wrapped around a loaded diffusers pipeline (``self.pipe``).
+
+    Implementations are thin: they translate these calls into the pipeline's own components and never keep state
+    of their own, so making one per call (:func:`~nonrigid.models.registry.family_of`) costs nothing.
+    """
+
+    name: str = ""
+
+    def __init__(self, pipe: Any, denoiser: Any = None):
+        self.pipe = pipe
+        self.denoiser = denoiser  # None: the pipeline's own; Imagic predicts with a fine-tuned copy
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, pipe: Any) -> bool:
+        """Whether ``pipe`` is a pipeline of this family."""
+
+    # ---- facts
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where the denoiser runs (tensors the stages make go there)."""
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype:
+        """The denoiser's precision (half precision scales the stages' backward passes)."""
+
+    @property
+    @abstractmethod
+    def latent_multiple(self) -> int:
+        """Image sides must be a multiple of this."""
+
+    # ---- conditioning
+
+    @abstractmethod
+    def encode_prompt(self, prompt: str) -> Conditioning:
+        """The prompt's conditioning (batch 1, fp32), warning when the encoder cuts the prompt."""
+
+    def unconditional(self) -> Conditioning:
+        """The conditioning of classifier-free guidance's unconditional branch (NTI's starting point)."""
+        return self.encode_prompt("")
+
+    # ---- the network
+
+    @abstractmethod
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | int,
+        cond: Conditioning | torch.Tensor,
+        uncond: Conditioning | torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """The model output (noise, v or velocity, as the scheduler expects) for a batch of latents, fp32.
+
+        ``cond`` has one row per latent or one row for all; with ``uncond`` and a scale other than 1, guided by
+        :func:`guided` (at guidance 1 the unconditional branch cancels and is not evaluated).
+        """
+
+    # ---- schedules
+
+    @abstractmethod
+    def sampling_scheduler(self, num_steps: int) -> Any:
+        """A fresh scheduler set to ``num_steps`` sampling steps: ``timesteps`` (noisiest first) and
+        ``step(model_output, t, x).prev_sample``. Never the pipeline's own object, which stays untouched."""
+
+    @abstractmethod
+    def inversion_scheduler(self, num_steps: int) -> Any:
+        """A fresh scheduler that walks the sampler's update backwards (image to noise), same interface."""
+
+    @abstractmethod
+    def draw_training_timestep(self, generator: torch.Generator) -> torch.Tensor:
+        """One timestep (shape (1,), on the CPU) drawn as the model was trained."""
+
+    @abstractmethod
+    def training_example(
+        self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noisy latents, regression target)`` of the model's own training loss at ``timesteps``."""
+
+    # ---- latents
+
+    @abstractmethod
+    def encode_image(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The image's latent (1, C, h, w), fp32: the posterior mean, or a sample drawn with ``generator``."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor, batch_size: int = 8) -> list[Image.Image]:
+        """Latents to RGB images, a few at a time."""

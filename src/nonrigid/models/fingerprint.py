@@ -1,0 +1,30 @@
+"""Short hashes that change when a model's weights change: the model part of every cache key and record."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from torch import nn
+
+
+def weights_fingerprint(module: nn.Module, prefix: str = "", digest=None) -> str:
+    """Hash of every tensor's name, shape, dtype and a strided sample of its values (milliseconds even at 1 B
+    parameters; any fine-tune or other checkpoint changes the sample)."""
+    digest = digest or hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
+        digest.update(f"{prefix}{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(pipe) -> str:
+    """A short hash that changes when any network's weights (or their dtype) or the noise schedule change."""
+    digest = hashlib.sha256()
+    for module_name in ("unet", "vae", "text_encoder"):
+        weights_fingerprint(getattr(pipe, module_name), f"{module_name}.", digest)
+    schedule = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}  # "_…" keys vary by run
+    digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]

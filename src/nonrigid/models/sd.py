@@ -1,0 +1,151 @@
+"""Stable Diffusion 1.x as a model family: CLIP text encoder, epsilon-predicting UNet, DDIM, VAE.
+
+Every call is a translation into the pipeline's own components (``pipe.encode_prompt``, ``pipe.unet``,
+``pipe.vae``, schedulers built from ``pipe.scheduler.config``); see :mod:`nonrigid.models.family` for what each
+call means to the stages.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from ..errors import check_finite
+from .family import Conditioning, ModelFamily, guided
+
+logger = logging.getLogger("nonrigid")
+
+# The reference's scheduler settings (method.md, "Reference behaviour worth knowing"): no sample clipping, the
+# final alpha from abar_0 rather than 1.
+DDIM_OVERRIDES = {"clip_sample": False, "set_alpha_to_one": False}
+
+
+def ddim_scheduler_for(config) -> DDIMScheduler:
+    """A DDIM scheduler with the model's betas and the reference's clipping / final-alpha settings."""
+    return DDIMScheduler.from_config(config, **DDIM_OVERRIDES)
+
+
+def sd_ddim_scheduler() -> DDIMScheduler:
+    """SD 1.x's own schedule (scaled-linear betas 0.00085 -> 0.012, steps offset 1) with the reference's settings:
+    for models built in code (the tiny and the miniature model)."""
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, **DDIM_OVERRIDES
+    )
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor in [-1, 1], shape (1, 3, H, W)."""
+    array = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
+class StableDiffusion(ModelFamily):
+    """SD 1.x: ``tokens`` conditioning (1, 77, 768), epsilon prediction, DDIM with the reference's settings."""
+
+    name = "sd1"
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        return isinstance(pipe, StableDiffusionPipeline)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    @property
+    def latent_multiple(self) -> int:
+        """The VAE's factor times the UNet's downsampling."""
+        return self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+
+    # ---- conditioning
+
+    def encode_prompt(self, prompt: str) -> Conditioning:
+        """``tau(prompt)``: the text encoder's output (1, 77, D) as fp32."""
+        self.warn_if_truncated(prompt)
+        pipe = self.pipe
+        embedding, _ = pipe.encode_prompt(prompt, pipe.text_encoder.device, 1, do_classifier_free_guidance=False)
+        return Conditioning({"tokens": embedding.float()})
+
+    def warn_if_truncated(self, prompt: str) -> None:
+        """CLIP sees at most 77 tokens; say which words it will never see."""
+        tokenizer = self.pipe.tokenizer
+        ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
+        limit = tokenizer.model_max_length
+        if len(ids) > limit:
+            dropped = tokenizer.decode(ids[limit - 1 : -1])
+            logger.warning("prompt is longer than %d tokens; this part is ignored: %r", limit, dropped)
+
+    # ---- the network
+
+    def predict(self, latents, timestep, cond, uncond=None, guidance_scale=1.0) -> torch.Tensor:
+        unet = self.denoiser or self.pipe.unet
+        batch = latents.shape[0]
+        cond = Conditioning.of(cond).expand(batch).tokens
+        dtype = unet.dtype
+        if guidance_scale == 1.0 or uncond is None:
+            return unet(latents.to(dtype), timestep, encoder_hidden_states=cond.to(dtype)).sample.float()
+        uncond = Conditioning.of(uncond).expand(batch).tokens
+        both = unet(
+            torch.cat([latents, latents]).to(dtype),
+            timestep,
+            encoder_hidden_states=torch.cat([uncond, cond]).to(dtype),
+        ).sample.float()
+        out_uncond, out_cond = both.chunk(2)
+        return guided(out_uncond, out_cond, guidance_scale)
+
+    # ---- schedules
+
+    def sampling_scheduler(self, num_steps: int) -> DDIMScheduler:
+        scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(num_steps)
+        return scheduler
+
+    def inversion_scheduler(self, num_steps: int) -> DDIMInverseScheduler:
+        """diffusers' inverse DDIM: ascending timesteps, the UNet queried at the timestep being stepped to,
+        ``alpha`` of step 0 from ``set_alpha_to_one`` (off for SD: ``abar_0``)."""
+        scheduler = DDIMInverseScheduler.from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(num_steps)
+        return scheduler
+
+    def draw_training_timestep(self, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.pipe.scheduler.config.num_train_timesteps, (1,), generator=generator)
+
+    def training_example(self, x0, noise, timesteps):
+        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` and the noise itself (epsilon prediction)."""
+        noisy = self.sampling_scheduler(1).add_noise(x0, noise, timesteps)
+        return noisy, noise
+
+    # ---- latents
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``s * E(image)``: the posterior mean (inversion), or a sample drawn with ``generator`` (text
+        optimization, as the reference does)."""
+        vae = self.pipe.vae
+        pixels = image_to_tensor(image).to(device=vae.device, dtype=vae.dtype)
+        dist = vae.encode(pixels).latent_dist
+        latent = dist.mean.float()
+        if generator is not None:
+            noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32).to(latent.device)
+            latent = latent + dist.std.float() * noise
+        return latent * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 8) -> list[Image.Image]:
+        """``D(x_0 / s)`` to PIL images, a few at a time to bound the VAE decoder's memory."""
+        vae = self.pipe.vae
+        images: list[Image.Image] = []
+        for chunk in latents.split(batch_size):
+            pixels = vae.decode((chunk / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+            check_finite(pixels, "decoding")
+            array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            images.extend(Image.fromarray(a) for a in array)
+        return images

@@ -1,0 +1,137 @@
+"""Stage C: timestep-aware text injection sampling (method.md Eq. 3 and 5).
+
+Every variant starts from the inverted latent x_T. For sampling steps i < K it is conditioned on the source
+conditioning, afterwards on ``e_eta = eta * e_tgt + (1 - eta) * e_opt`` (every tensor of the conditioning); the
+unconditional conditioning at step i is the inversion's (NTI's u_i, or tau("")) and the guidance scale is the
+inversion's.
+
+Work that variants share is done once: the first K steps are the same for every variant with the same inversion
+(source prompt, same x_T), so they are read from the NTI reconstruction or computed once at batch 1, and variant
+(eta, K) only runs steps K..N-1. All variants of all seeds run as one batch per step (in chunks of
+``batch_size`` when memory is short), each row with its own condition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import check_finite
+from ..models.family import Conditioning, ModelFamily, mix
+from ..models.registry import family_of
+from .inversion import Inversion
+from .text_optimization import TextOptimization
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One row of a sampling batch: which text optimization, how much of the target, how many source steps."""
+
+    text_index: int
+    eta: float
+    inject_steps: int
+
+
+def interpolate(text: TextOptimization, eta: float) -> Conditioning:
+    """``e_eta = eta * e_tgt + (1 - eta) * e_opt`` (eta 0: the optimized conditioning, closest to the input)."""
+    return mix(text.target, text.optimized, eta)
+
+
+def variant_grid(
+    num_texts: int, etas: Sequence[float], inject_steps: Sequence[int]
+) -> list[VariantSpec]:
+    """All (text, K, eta) combinations, in the order outputs are returned: text, then K, then eta."""
+    return [VariantSpec(t, float(e), int(k)) for t in range(num_texts) for k in inject_steps for e in etas]
+
+
+def sample(
+    pipe,
+    inversion: Inversion,
+    text_optimization: TextOptimization | Sequence[TextOptimization],
+    etas: Sequence[float] = (0.0,),
+    inject_steps: Sequence[int] = (10,),
+    output_type: str = "pil",
+    *,
+    batch_size: int | None = None,
+    use_reconstruction: bool = True,
+    progress: bool = False,
+) -> list[Image.Image] | torch.Tensor:
+    """Sample every (eta, K) variant of every given text optimization from ``inversion``, batched.
+
+    Returns PIL images, or the final latents (V, C, h, w) with ``output_type="latent"``, in the order of
+    :func:`variant_grid`: text optimization, then K, then eta. ``use_reconstruction=False`` recomputes the shared
+    source-conditioned steps instead of reading them from the inversion (same result; for checking).
+    """
+    if output_type not in ("pil", "latent"):
+        raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+    family = family_of(pipe)
+    texts = [text_optimization] if isinstance(text_optimization, TextOptimization) else list(text_optimization)
+    specs = variant_grid(len(texts), etas, inject_steps)
+    conds = Conditioning.cat([interpolate(texts[s.text_index], s.eta) for s in specs])
+    latents = sample_latents(
+        family, inversion, conds, [s.inject_steps for s in specs], batch_size=batch_size,
+        use_reconstruction=use_reconstruction, progress=progress,
+    )
+    return latents if output_type == "latent" else family.decode(latents)
+
+
+@torch.no_grad()
+def sample_latents(
+    pipe,
+    inversion: Inversion,
+    conds: Conditioning | torch.Tensor,
+    inject_steps: Sequence[int],
+    *,
+    batch_size: int | None = None,
+    use_reconstruction: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The sampling loop: row r follows the source path until step ``inject_steps[r]``, then ``conds[r]``."""
+    family = family_of(pipe)
+    conds = Conditioning.of(conds)
+    num_steps = inversion.num_steps
+    for k in inject_steps:
+        if not 0 <= k <= num_steps:
+            raise ValueError(f"inject steps must be in [0, {num_steps}], got {k}")
+    scheduler = family.sampling_scheduler(num_steps)
+    source_path = _source_path(family, inversion, scheduler, max(inject_steps), use_reconstruction)
+    rows = len(inject_steps)
+    latents = torch.zeros((rows, *inversion.latent.shape[1:]), device=inversion.latent.device)
+    chunk = batch_size or rows
+    first = min(inject_steps)
+    for i in tqdm(range(first, num_steps), desc="sampling", disable=not progress, leave=False):
+        t = scheduler.timesteps[i]
+        for r, k in enumerate(inject_steps):
+            if k == i:  # this variant leaves the source path here
+                latents[r] = source_path[i]
+        active = [r for r, k in enumerate(inject_steps) if k <= i]
+        for part in torch.tensor(active).split(chunk):
+            x = latents[part]
+            out = family.predict(x, t, conds.expand(rows).rows(part), inversion.uncond_at(i),
+                                 inversion.guidance_scale)
+            latents[part] = scheduler.step(out, t, x).prev_sample
+    for r, k in enumerate(inject_steps):
+        if k == num_steps:  # source for all N steps: the reconstruction itself
+            latents[r] = source_path[num_steps]
+    check_finite(latents, "sampling")
+    return latents
+
+
+def _source_path(
+    family: ModelFamily, inversion: Inversion, scheduler, upto: int, use_reconstruction: bool
+) -> torch.Tensor:
+    """Latents of the source-conditioned sampling path, indices 0..upto (index i: before step i)."""
+    if use_reconstruction and inversion.reconstruction is not None:
+        return inversion.reconstruction[: upto + 1]
+    x = inversion.latent
+    path = [x]
+    for i in range(upto):
+        t = scheduler.timesteps[i]
+        out = family.predict(x, t, inversion.source, inversion.uncond_at(i), inversion.guidance_scale)
+        x = scheduler.step(out, t, x).prev_sample
+        path.append(x)
+    return torch.cat(path)

@@ -1,0 +1,141 @@
+"""Stage A: text optimization (Imagic; method.md Eq. 2).
+
+Starting from ``e_tgt = tau(target)``, Adam moves the conditioning so that the frozen denoiser reconstructs noisy
+versions of the input image well under the model's own training loss: ``min_e E_{t, noise} || f_theta(x_t, t, e)
+- target ||^2`` (for SD 1.x the target is the noise). Only the conditioning is a leaf; every network weight is
+frozen, so the backward pass computes input gradients only. Every tensor of the conditioning is optimised (SD 1.x
+has one, the token embeddings).
+
+Several seeds are optimised as one batch of independent conditionings: each seed has its own generator, its own
+rows and its own loss term (the total is a sum, so no row's gradient depends on another's), so a batched run
+equals the seeds run one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import NonFiniteError, check_finite
+from ..models.family import Conditioning, ModelFamily
+from ..models.registry import family_of
+
+
+@dataclass
+class TextOptimization:
+    """Result of stage A for one seed. Conditionings are fp32, batch 1, on the model's device."""
+
+    target_prompt: str
+    target: Conditioning
+    optimized: Conditioning
+    losses: list[float]
+    seed: int
+    steps: int
+    lr: float
+
+    def __post_init__(self) -> None:
+        self.target, self.optimized = Conditioning.of(self.target), Conditioning.of(self.optimized)
+
+    @property
+    def target_embedding(self) -> torch.Tensor:
+        """``tau(target)``'s token embeddings (1, 77, D)."""
+        return self.target.tokens
+
+    @property
+    def optimized_embedding(self) -> torch.Tensor:
+        """The optimized token embeddings (1, 77, D)."""
+        return self.optimized.tokens
+
+    def to_record(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {**self.target.to_record("target"), **self.optimized.to_record("optimized")}
+        meta = {"target_prompt": self.target_prompt, "losses": self.losses, "seed": self.seed,
+                "steps": self.steps, "lr": self.lr}
+        return tensors, meta
+
+    @classmethod
+    def from_record(cls, tensors: dict[str, torch.Tensor], meta: dict) -> TextOptimization:
+        return cls(
+            target_prompt=meta["target_prompt"],
+            target=Conditioning.from_record(tensors, "target"),
+            optimized=Conditioning.from_record(tensors, "optimized"),
+            losses=list(meta["losses"]),
+            seed=int(meta["seed"]),
+            steps=int(meta["steps"]),
+            lr=float(meta["lr"]),
+        )
+
+
+def optimize_text(
+    pipe,
+    image: Image.Image,
+    target_prompt: str,
+    steps: int = 200,
+    lr: float = 1e-3,
+    seed: int = 0,
+    *,
+    progress: bool = False,
+) -> TextOptimization:
+    """Optimise ``tau(target_prompt)`` toward ``image`` for ``steps`` Adam steps (the paper: 200, lr 1e-3)."""
+    return optimize_text_batch(pipe, image, target_prompt, steps=steps, lr=lr, seeds=[seed], progress=progress)[0]
+
+
+def optimize_text_batch(
+    pipe,
+    image: Image.Image,
+    target_prompt: str,
+    steps: int = 200,
+    lr: float = 1e-3,
+    seeds: Sequence[int] = (0,),
+    *,
+    progress: bool = False,
+) -> list[TextOptimization]:
+    """:func:`optimize_text` for several seeds at once, one model batch per step; same results as one by one.
+
+    ``pipe`` is a loaded pipeline (or its :class:`~nonrigid.models.family.ModelFamily`). A seed fixes the latent
+    sample drawn from the VAE posterior and every step's timestep and noise.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    family = family_of(pipe)
+    device = family.device
+    target = family.encode_prompt(target_prompt)
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    x0 = torch.cat([family.encode_image(image, generator=g) for g in generators])
+    embedding = target.repeat(len(seeds)).leaves()
+    optimizer = torch.optim.Adam(embedding.parameters(), lr=lr)
+    # Half-precision backward passes underflow on the tiny gradients of a mean loss; Adam is invariant to a
+    # constant factor on the loss (up to its eps), so half precision back-propagates the per-element sum instead.
+    loss_scale = float(x0[0].numel()) if family.dtype == torch.float16 else 1.0
+    losses: list[list[float]] = [[] for _ in seeds]
+    for _ in tqdm(range(steps), desc="text optimization", disable=not progress, leave=False):
+        timesteps, noise = _draw(family, generators, x0.shape[1:])
+        noisy, wanted = family.training_example(x0, noise.to(device), timesteps.to(device))
+        output = family.predict(noisy, timesteps.to(device), embedding)
+        per_seed = ((output - wanted) ** 2).mean(dim=(1, 2, 3))
+        check_finite(per_seed.detach(), "text optimization")
+        optimizer.zero_grad(set_to_none=True)
+        (per_seed.sum() * loss_scale).backward()
+        optimizer.step()
+        for row, value in enumerate(per_seed.detach().cpu().tolist()):
+            losses[row].append(value)
+    optimized = embedding.detach()
+    if not optimized.is_finite():
+        raise NonFiniteError("text optimization")
+    return [
+        TextOptimization(target_prompt, target, optimized.rows(slice(row, row + 1)).clone(), losses[row], int(seed),
+                         steps, lr)
+        for row, seed in enumerate(seeds)
+    ]
+
+
+def _draw(
+    family: ModelFamily, generators: list[torch.Generator], shape: torch.Size
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each seed's own timestep and noise for one step, drawn on the CPU so results do not depend on the device."""
+    timesteps = torch.cat([family.draw_training_timestep(g) for g in generators])
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    return timesteps, noise
