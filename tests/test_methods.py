@@ -15,9 +15,11 @@ import torch
 from conftest import ROOT, TEDBENCH
 from PIL import Image
 
+from nonrigid.cli.common import parse_assignments
+from nonrigid.cli.edit import describe_methods
 from nonrigid.errors import UsageError
-from nonrigid.methods.base import parse_assignments, resolve_params
-from nonrigid.methods.catalogue import METHODS, describe_methods, method_info
+from nonrigid.methods.base import resolve_params
+from nonrigid.methods.catalogue import METHODS, method_info
 from nonrigid.methods.output import save_result, variant_filename
 from nonrigid.methods.run import run_method
 from nonrigid.models.registry import family_of
@@ -185,3 +187,89 @@ def test_every_method_runs_with_its_default_structure_on_an_sd_layout_model():
 
 def image_exists() -> bool:
     return (TEDBENCH / "originals" / "dog_01.jpeg").is_file()
+
+
+def test_step_counting_defaults_follow_the_step_count():
+    edit_friendly, masactrl = method_info("edit-friendly"), method_info("masactrl")
+    assert resolve_params(edit_friendly, {"num_steps": 20})["skip"] == (5, 7, 10)
+    assert resolve_params(edit_friendly, {"num_steps": 100})["skip"] == (24, 36, 48)  # the reference's own
+    assert resolve_params(edit_friendly)["skip"] == (24, 36, 48)
+    assert resolve_params(edit_friendly, {"num_steps": 20, "skip": (24,)})["skip"] == (24,)  # given: kept
+    assert resolve_params(edit_friendly, {"num_steps": "20", "skip": "3,9"})["skip"] == (3, 9)
+    assert resolve_params(masactrl, {"num_steps": 25})["start_step"] == (2, 5, 10)  # round(v * 25 / 50)
+    assert resolve_params(masactrl, {"num_steps": 50})["start_step"] == (4, 10, 20)
+    assert resolve_params(masactrl, {"num_steps": 25, "start_step": (4,)})["start_step"] == (4,)
+
+
+def test_the_cli_scales_edit_friendly_skips_with_steps(tmp_path, monkeypatch):
+    import logging
+
+    from nonrigid.cli import main
+
+    image = TEDBENCH / "originals" / "dog_01.jpeg"
+    if not image.is_file():
+        pytest.skip("TEdBench not found")
+    monkeypatch.setenv("NONRIGID_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    logger = logging.getLogger("nonrigid")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    out = tmp_path / "out"
+    try:
+        code = main(["edit", str(image), PROMPT, "--model", "tiny", "--size", "64", "--method", "edit-friendly",
+                     "--steps", "20", "--seed", "0", "--out", str(out), "--quiet"])
+    finally:  # main configures the "nonrigid" logger for the command line; later tests need it as it was
+        logger.handlers[:], logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+    assert code == 0
+    manifest = json.loads((out / "edit.json").read_text())
+    assert manifest["num_steps"] == 20 and manifest["skip"] == [5, 7, 10]
+    assert [v["skip"] for v in manifest["variants"]] == [5, 7, 10]
+
+
+def test_ledits_defaults_to_the_noise_mask_where_the_unet_has_no_maps(tiny_pipe, dog_image, caplog, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("nonrigid"), "propagate", True)  # in case a CLI test turned it off
+    with caplog.at_level(logging.WARNING, logger="nonrigid"):
+        result = run_method(tiny_pipe, dog_image, PROMPT, "ledits", {"num_steps": 4, "edit_guidance": (3.0,)},
+                            size=64)
+    assert result.record["mask_used"] == "noise" and len(result.variants) == 1
+    assert result.variants[0].image.size == (64, 64)
+    said = [r for r in caplog.records if r.name == "nonrigid" and r.levelno == logging.WARNING]
+    assert len(said) == 1 and "mask=noise" in said[0].getMessage(), [r.getMessage() for r in said]
+    assert "\n" not in said[0].getMessage()
+    with pytest.raises(UsageError, match="use mask=noise"):
+        run_method(tiny_pipe, dog_image, PROMPT, "ledits",
+                   {"num_steps": 4, "edit_guidance": (3.0,), "mask": "intersect"}, size=64)
+
+
+def test_ledits_defaults_to_the_intersect_mask_where_the_unet_has_the_maps(model, model_image, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="nonrigid"):
+        result = run_method(model, model_image, "a photo", "ledits", {"num_steps": 4, "edit_guidance": (3.0,)},
+                            size=64)
+    assert result.record["mask_used"] == "intersect"
+    assert not [r for r in caplog.records if "mask=noise" in r.getMessage()]
+
+
+def test_grid_shows_the_input_first_in_every_row(tiny_pipe, dog_image, tmp_path):
+    result = run_method(tiny_pipe, dog_image, PROMPT, "ours",
+                        {"num_steps": 4, "opt_steps": 2, "inner_steps": 1, "etas": (0.0, 0.5)}, seeds=[0, 1],
+                        size=64, cache=StageCache(tmp_path / "cache"))
+    out = save_result(result, tmp_path / "out")
+    grid = np.asarray(Image.open(out / "grid.png").convert("RGB"))
+    source = np.asarray(Image.open(out / "input.png").convert("RGB"))
+    assert source.shape == (64, 64, 3)
+    height, width = grid.shape[:2]
+    margin_top = height - 2 * 64  # two rows (seed 0, seed 1) of 64 px cells under a header
+    margin_left = width - 3 * 64  # three columns: the input, eta 0, eta 0.5
+    assert margin_top > 0 and margin_left >= 90
+    variants = {(v.seed, v.knobs["eta"]): np.asarray(v.image.convert("RGB")) for v in result.variants}
+    for row, seed in enumerate([0, 1]):
+        band = grid[margin_top + row * 64: margin_top + (row + 1) * 64]
+        cells = [band[:, margin_left + c * 64: margin_left + (c + 1) * 64] for c in range(3)]
+        assert np.array_equal(cells[0], source), f"row {row}: the first cell is not the input"
+        assert np.array_equal(cells[1], variants[(seed, 0.0)]) and np.array_equal(cells[2], variants[(seed, 0.5)])
+        assert not np.array_equal(cells[1], source)

@@ -127,7 +127,8 @@ def test_training_is_reproducible_and_resumes_where_it_stopped(tmp_path):
 
 def test_mini_train_flags_reach_the_training_config():
     """Every recipe knob the CLI offers lands in TrainConfig; without flags the CLI trains the default recipe."""
-    from nonrigid.cli import build_parser, mini_train_config
+    from nonrigid.cli.main import build_parser
+    from nonrigid.cli.mini import mini_train_config
     from nonrigid.mini.config import TrainConfig
 
     parse = build_parser().parse_args

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import SHARED
 from PIL import Image
 
@@ -37,6 +38,8 @@ def produced(tmp_path_factory, model):
     from nonrigid.cli import main
 
     workdir = tmp_path_factory.mktemp("refactor")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # what the fixtures were made with: float reductions on the CPU depend on it
     out = workdir / "produced"
 
     def run_here(args: list[str], folder: Path) -> None:
@@ -50,7 +53,10 @@ def produced(tmp_path_factory, model):
         finally:
             mp.undo()
 
-    make.produce(workdir, out, run=run_here)
+    try:
+        make.produce(workdir, out, run=run_here)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

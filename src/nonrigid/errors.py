@@ -25,7 +25,7 @@ class NonFiniteError(NonrigidError):
 
     def __init__(self, stage: str):
         super().__init__(
-            f"{stage} produced NaN or inf values; half precision can overflow here, try again with --dtype fp32"
+            f"{stage} produced NaN or inf values; half precision can overflow here, try again with dtype=fp32"
         )
         self.stage = stage
 

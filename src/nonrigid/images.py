@@ -22,7 +22,7 @@ def load_image(image: str | os.PathLike | Image.Image, size: int = 512) -> Image
     and float images are rescaled rather than clipped, CMYK and palettes are converted.
     """
     if size <= 0:
-        raise UsageError(f"image size must be positive, got {size}")
+        raise UsageError(f"size must be positive, got {size}")
     img = _open_image(image) if not isinstance(image, Image.Image) else image
     img = to_rgb(ImageOps.exif_transpose(img))
     width, height = img.size

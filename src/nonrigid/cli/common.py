@@ -10,7 +10,9 @@ import argparse
 import logging
 import re
 import sys
+from collections.abc import Sequence
 
+from ..errors import UsageError
 from ..models import DEFAULT_MODEL
 
 logger = logging.getLogger("nonrigid")
@@ -21,7 +23,7 @@ LOW_MEMORY_BATCH_SIZE = 2
 
 # library parameters and the flags that set them: errors name the parameter, the command line shows the flag
 FLAGS = {"allow_pickle": "--allow-pickle", "batch_size": "--batch-size", "size": "--size", "device": "--device",
-         "dtype": "--dtype"}
+         "dtype": "--dtype", "out": "--out", "pairs": "--pairs", "limit": "--limit"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -84,15 +86,30 @@ def configure_from_args(pipe, args: argparse.Namespace):
     return configure_pipeline(pipe, low_memory=args.low_memory, compile=args.compile)
 
 
+def parse_assignments(assignments: Sequence[str]) -> dict[str, str]:
+    """``["alpha=0.8,1.0", "skip=36"]`` -> ``{"alpha": "0.8,1.0", "skip": "36"}``."""
+    result: dict[str, str] = {}
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        result[name.strip().replace("-", "_")] = value
+    return result
+
+
 def add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages, only errors and warnings")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
 def for_the_command_line(message: str) -> str:
-    """A library error as the command line says it: parameter names become the flags that set them."""
+    """A library error as the command line says it: parameter names become the flags that set them
+    (``size must`` -> ``--size must``, ``allow_pickle=True`` -> ``--allow-pickle``, ``dtype=fp32`` -> ``--dtype
+    fp32``)."""
     names = "|".join(FLAGS)
-    return re.sub(rf"(?<![\w-])({names})(?= must|=True\b)(=True)?", lambda m: FLAGS[m.group(1)], message)
+    message = re.sub(rf"(?<![\w-])({names})=True\b", lambda m: FLAGS[m.group(1)], message)
+    message = re.sub(rf"(?<![\w-])({names})=(?=\w)", lambda m: FLAGS[m.group(1)] + " ", message)
+    return re.sub(rf"(?<![\w-])({names})(?= must)", lambda m: FLAGS[m.group(1)], message)
 
 
 def say(args: argparse.Namespace, message: str) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UsageError
-from ..methods.catalogue import DEFAULT_ETAS, DEFAULT_INJECT, METHODS
+from ..methods.catalogue import DEFAULT_ETAS, DEFAULT_INJECT, METHODS, method_info
 from ..stages import INVERSION_METHODS
 from .common import HelpFormatter, add_model_flags, add_output_flags, add_runtime_flags, load_model, say
 
@@ -23,10 +23,11 @@ def add_edit_parser(commands) -> None:
         help="edit one image toward a target prompt (the paper's method or a baseline)",
         description="Edit IMAGE toward PROMPT. The default method (ours) runs (A) text optimization per seed, (B) "
         "one latent inversion and (C) timestep-aware text injection sampling for every seed x inject x eta. "
-        "Every method writes input.png, one PNG per variant, grid.png (rows: seed x inject; columns: the input, then the "
-        "method's main sweep, e.g. eta) and edit.json to --out. Stages are cached, so trying other --eta/--inject "
-        "values later takes seconds. Baselines: --method nti|imagic|masactrl|edit-friendly|dds|ledits, their "
-        "knobs via --set key=value (list them with `nonrigid methods`).",
+        "Every method writes input.png, one PNG per variant, grid.png (rows: seed x inject; columns: the "
+        "input, then the method's main sweep, e.g. eta) and edit.json to --out. Stages are cached, so trying "
+        "other --eta/--inject values later takes seconds. Baselines: --method "
+        "nti|imagic|masactrl|edit-friendly|dds|ledits, their knobs via --set key=value (list them with "
+        "`nonrigid methods`).",
         formatter_class=HelpFormatter,
     )
     p.add_argument("image", help="input image (any format Pillow reads); center-cropped to a square")
@@ -85,8 +86,6 @@ def add_edit_parser(commands) -> None:
 
 
 def run_methods(args: argparse.Namespace) -> int:
-    from ..methods.catalogue import describe_methods
-
     print(describe_methods(args.names or None), end="")
     return 0
 
@@ -101,8 +100,9 @@ def default_out(image: Path, prompt: str, method: str = "ours") -> Path:
 
 def method_params(args: argparse.Namespace) -> dict[str, object]:
     """The method's parameters from --set and the dedicated flags, validated against its table (no torch)."""
-    from ..methods.base import parse_assignments, resolve_params
+    from ..methods.base import resolve_params
     from ..methods.catalogue import method_info
+    from .common import parse_assignments
 
     info = method_info(args.method)
     params: dict[str, object] = {}
@@ -164,3 +164,24 @@ def run_edit(args: argparse.Namespace) -> int:
     say(args, f"{args.method}: {len(result.variants)} variants in {result.timings['total']:.1f} s ({stages})")
     print(out)
     return 0
+
+
+def describe_methods(names: list[str] | None = None) -> str:
+    """The ``nonrigid methods`` listing: each method, what it does, its parameters with defaults."""
+    lines: list[str] = []
+    for name in names or list(METHODS):
+        info = method_info(name)
+        lines.append(f"{info.name}: {info.summary}")
+        if info.reference:
+            lines.append(f"  reference: {info.reference}")
+        if not info.seeded:
+            lines.append("  deterministic: the seed does not change its result (one run serves every seed)")
+        if info.memory:
+            lines.append(f"  memory: {info.memory}")
+        for p in info.params:
+            default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in p.default) if p.is_sweep \
+                else p.default
+            sweep = " (sweep: one variant per value)" if p.is_sweep else ""
+            lines.append(f"  --set {p.name}={default}  {p.help}{sweep}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -12,7 +12,7 @@ the last sweep parameter is the grid's column axis.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,17 +170,6 @@ def resolve_params(
     return {p.name: p.check(params[p.name], shown_as.get(p.name, "")) for p in info.params}
 
 
-def parse_assignments(assignments: Sequence[str]) -> dict[str, str]:
-    """``["alpha=0.8,1.0", "skip=36"]`` -> ``{"alpha": "0.8,1.0", "skip": "36"}``."""
-    result: dict[str, str] = {}
-    for item in assignments:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise UsageError(f"--set expects key=value, got {item!r}")
-        result[name.strip().replace("-", "_")] = value
-    return result
-
-
 @dataclass
 class MethodVariant:
     """One edited image: the seed and the sweep values that made it, plus anything worth recording.
@@ -211,12 +200,16 @@ class MethodContext:
 
 @dataclass
 class MethodOutput:
-    """What a method's ``run`` returns: the variants (grid order), stage timings, cache hits and extras."""
+    """What a method's ``run`` returns: the variants (grid order), stage timings, cache hits and extras.
+
+    ``chosen`` holds the values a method picked for parameters left to it (``none``: "the method picks"), which
+    the result then records as the parameters' values."""
 
     variants: list[MethodVariant]
     timings: dict[str, float] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    chosen: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

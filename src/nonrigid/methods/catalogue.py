@@ -161,24 +161,3 @@ def method_info(name: str) -> MethodInfo:
     if name not in METHODS:
         raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
-
-
-def describe_methods(names: list[str] | None = None) -> str:
-    """The ``nonrigid methods`` listing: each method, what it does, its parameters with defaults."""
-    lines: list[str] = []
-    for name in names or list(METHODS):
-        info = method_info(name)
-        lines.append(f"{info.name}: {info.summary}")
-        if info.reference:
-            lines.append(f"  reference: {info.reference}")
-        if not info.seeded:
-            lines.append("  deterministic: the seed does not change its result (one run serves every seed)")
-        if info.memory:
-            lines.append(f"  memory: {info.memory}")
-        for p in info.params:
-            default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in p.default) if p.is_sweep \
-                else p.default
-            sweep = " (sweep: one variant per value)" if p.is_sweep else ""
-            lines.append(f"  --set {p.name}={default}  {p.help}{sweep}")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"

@@ -20,7 +20,6 @@ there (said in one warning line).
 from __future__ import annotations
 
 import logging
-
 from typing import Any
 
 import torch
@@ -95,7 +94,7 @@ def check_inputs(pipe: StableDiffusionPipeline, picture: Image.Image, mask: str)
     """Refuse, before any work, what LEDITS++ would fail on: image sides off 32, an attention mask it cannot read."""
     if picture.width % _SIZE_MULTIPLE or picture.height % _SIZE_MULTIPLE:
         raise UsageError(f"LEDITS++ needs an image size that is a multiple of {_SIZE_MULTIPLE}, got "
-                         f"{picture.width}x{picture.height}; choose another --size")
+                         f"{picture.width}x{picture.height}: size must be a multiple of {_SIZE_MULTIPLE}")
     if mask not in _MASK_MODES:
         raise UsageError(f"mask must be one of {', '.join(_MASK_MODES)}, got {mask!r}")
     if _MASK_MODES[mask][0] and not supports_attention_mask(pipe.unet):
@@ -168,4 +167,4 @@ def run(
         "source_guidance_used": params["source_guidance"] if ctx.source_prompt else None,
         "mask_used": mask,
     }
-    return MethodOutput(variants, watch.seconds, {}, record)
+    return MethodOutput(variants, watch.seconds, {}, record, chosen={"mask": mask})

@@ -23,9 +23,10 @@ MANIFEST = "edit.json"
 def check_output_dir(out: Path) -> None:
     """Refuse an output path that is a file, or a non-empty folder that is not an earlier edit's output."""
     if out.exists() and not out.is_dir():
-        raise UsageError(f"output path {out} is a file; give a folder path with --out")
+        raise UsageError(f"output path {out} is a file: out must be a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise UsageError(f"output folder {out} is not empty and holds no earlier edit; choose another --out")
+        raise UsageError(f"output folder {out} is not empty and holds no earlier edit: out must be a new folder or "
+                         "an earlier edit's")
 
 
 def slugify(text: str, limit: int = 60, empty: str = "x") -> str:

@@ -70,7 +70,7 @@ def run_method(
     output = module.run(pipe, picture, target_prompt, resolved, ctx)
     return MethodResult(
         method=method, input_image=picture, target_prompt=target_prompt, source_prompt=source_prompt,
-        seeds=ctx.seeds, params=resolved, variants=[with_params(info, v) for v in output.variants],
+        seeds=ctx.seeds, params={**resolved, **output.chosen}, variants=[with_params(info, v) for v in output.variants],
         knob_labels=tuple(p.label for p in info.sweeps), timings={**output.timings, "total": watch.total()},
         cache=output.cache, record=output.record, model_fingerprint=fields["model"],
     )

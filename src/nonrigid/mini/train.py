@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +22,7 @@ from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
 from ..stages.cache import write_atomic
+from ..timing import Stopwatch
 from .config import TrainConfig
 from .model import build_untrained_pipeline
 from .world import random_scene, render, render_with_mask
@@ -66,26 +66,37 @@ class Log:
 
 
 def train(out: Path, config: TrainConfig, *, progress: bool = True, log: Log | None = None) -> Path:
-    """Train both stages into ``out`` (checkpoints under ``out/work``) and save the pipeline to ``out/model``."""
+    """Train both stages into ``out`` (checkpoints under ``out/work``) and save the pipeline to ``out/model``.
+
+    Runs on ``config.threads`` CPU threads (fixed, for reproducibility) and gives the process its thread count
+    back afterwards."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    try:
+        return _train_stages(out, config, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_stages(out: Path, config: TrainConfig, progress: bool, log: Log | None) -> Path:
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     log = log or Log(out / "train_log.txt")
-    started = time.perf_counter()
+    watch = Stopwatch()
     log(f"config {json.dumps(asdict(config))}")
     pipe = build_untrained_pipeline(config.seed)
-    stage = time.perf_counter()
-    train_vae(pipe, config, work, log, progress)
-    log(f"vae stage: {(time.perf_counter() - stage) / 60:.1f} min")
-    stage = time.perf_counter()
-    latents, captions = encode_dataset(pipe, config, work, log, progress)
-    log(f"dataset stage: {(time.perf_counter() - stage) / 60:.1f} min")
-    stage = time.perf_counter()
-    train_unet(pipe, latents, captions, config, work, log, progress)
-    log(f"unet stage: {(time.perf_counter() - stage) / 60:.1f} min")
+    with watch("vae"):
+        train_vae(pipe, config, work, log, progress)
+    log(f"vae stage: {watch.seconds['vae'] / 60:.1f} min")
+    with watch("dataset"):
+        latents, captions = encode_dataset(pipe, config, work, log, progress)
+    log(f"dataset stage: {watch.seconds['dataset'] / 60:.1f} min")
+    with watch("unet"):
+        train_unet(pipe, latents, captions, config, work, log, progress)
+    log(f"unet stage: {watch.seconds['unet'] / 60:.1f} min")
     model_dir = out / "model"
     save_pipeline_fp16(pipe, model_dir)
-    log(f"done in {(time.perf_counter() - started) / 60:.1f} min; model saved to {model_dir}")
+    log(f"done in {watch.total() / 60:.1f} min; model saved to {model_dir}")
     return model_dir
 
 
