@@ -271,3 +271,28 @@ def test_stages_reach_the_unet_only_through_the_family(tiny_pipe, dog_image):
 
 def same(a, b) -> bool:
     return a.tensors.keys() == b.tensors.keys() and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+# The README's API with the signatures it had before the restructuring (issue 12: add, don't break).
+PUBLIC_API = {
+    "load_pipeline": ["model", "device", "dtype", "allow_pickle", "config"],
+    "load_image": ["image", "size"],
+    "optimize_text": ["pipe", "image", "target_prompt", "steps", "lr", "seed", "progress"],
+    "optimize_text_batch": ["pipe", "image", "target_prompt", "steps", "lr", "seeds", "progress"],
+    "invert": ["pipe", "image", "source_prompt", "method", "num_steps", "guidance_scale", "inner_steps",
+               "early_stop", "progress"],
+    "sample": ["pipe", "inversion", "text_optimization", "etas", "inject_steps", "output_type", "batch_size",
+               "use_reconstruction", "progress"],
+    "edit": ["pipe", "image", "target_prompt", "size", "cache", "progress", "settings"],
+    "StageCache": ["root"],
+}
+
+
+def test_the_public_api_keeps_its_names_and_signatures():
+    import inspect
+
+    import nonrigid
+
+    for name, parameters in PUBLIC_API.items():
+        assert list(inspect.signature(getattr(nonrigid, name)).parameters) == parameters, name
+    assert set(PUBLIC_API) <= set(nonrigid.__all__)

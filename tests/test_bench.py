@@ -330,3 +330,20 @@ def test_cache_dir_holds_the_runs_stage_cache(tedbench, tmp_path, capsys):
         assert json.loads(db.execute("SELECT value FROM meta WHERE key = 'cache_dir'").fetchone()[0]) == str(cache)
     second = [r for r in read_rows(run) if r["setting"] == "opt_steps=2"]
     assert second and any(second[0]["cache"].values()), "the second job did not reuse the first job's stages"
+
+
+def test_the_knob_flags_of_edit_are_set_assignments_in_bench(tedbench, tmp_path, capsys):
+    """`nonrigid bench --eta 0 1 --opt-steps 2 --inversion ddim` plans exactly what the --set spelling plans."""
+    common = ["bench", "--data", str(tedbench), "--limit", "1", "--model", "tiny", "--metrics", "tiny",
+              "--dry-run", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "a"), "--eta", "0", "1", "--opt-steps", "2",
+                 "--inversion", "ddim"]) == 0
+    by_flags = capsys.readouterr().out.splitlines()[1]
+    assert main([*common, "--out", str(tmp_path / "b"), "--set", "etas=0,1", "--set", "opt_steps=2",
+                 "--set", "inversion=ddim"]) == 0
+    by_set = capsys.readouterr().out.splitlines()[1]
+    assert by_flags == by_set and "etas=0,1" in by_flags and "inversion=ddim" in by_flags
+    assert main([*common, "--out", str(tmp_path / "c"), "--eta", "0", "--sweep", "eta=0,0.5"]) == 2
+    assert "--eta and --sweep eta both set etas" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "d"), "--method", "dds", "--eta", "0"]) == 2
+    assert "--eta does not apply to dds" in capsys.readouterr().err

@@ -227,10 +227,9 @@ def test_the_cli_scales_edit_friendly_skips_with_steps(tmp_path, monkeypatch):
     assert [v["skip"] for v in manifest["variants"]] == [5, 7, 10]
 
 
-def test_ledits_defaults_to_the_noise_mask_where_the_unet_has_no_maps(tiny_pipe, dog_image, caplog, monkeypatch):
+def test_ledits_defaults_to_the_noise_mask_where_the_unet_has_no_maps(tiny_pipe, dog_image, caplog):
     import logging
 
-    monkeypatch.setattr(logging.getLogger("nonrigid"), "propagate", True)  # in case a CLI test turned it off
     with caplog.at_level(logging.WARNING, logger="nonrigid"):
         result = run_method(tiny_pipe, dog_image, PROMPT, "ledits", {"num_steps": 4, "edit_guidance": (3.0,)},
                             size=64)

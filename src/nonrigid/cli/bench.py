@@ -17,12 +17,19 @@ from pathlib import Path
 from ..errors import UsageError
 from ..evaluation.protocol import DEFAULT_CLIP
 from ..methods.catalogue import METHODS
-from .common import HelpFormatter, add_model_flags, add_output_flags, add_runtime_flags, say
+from .common import (
+    PARAM_FLAGS,
+    HelpFormatter,
+    add_knob_flags,
+    add_model_flags,
+    add_output_flags,
+    add_runtime_flags,
+    say,
+)
 
 logger = logging.getLogger("nonrigid")
 
 DEFAULT_METHOD = "ours"
-STEPS_PARAM = "num_steps"  # what --steps sets, as in `nonrigid edit`
 
 
 def add_bench_parsers(commands) -> None:
@@ -61,9 +68,7 @@ def add_bench_parser(commands) -> None:
     p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a parameter of every method that has it, e.g. --set opt_steps=100; source=pair uses "
                    "each pair's caption as the source prompt (default: empty, the paper's choice); repeatable")
-    p.add_argument("--steps", type=int, default=None,
-                   help="DDIM steps of inversion and sampling of every method that has them (the same as --set "
-                   "num_steps=N; default: each method's)")
+    add_knob_flags(p)  # as in `nonrigid edit`; each sets that parameter of every method that has it
     p.add_argument("--pairs", default=None, metavar="LIST",
                    help="only these pairs: indices into input_list.json (0-based), ranges 3-7, image names or stems")
     p.add_argument("--limit", type=int, default=None, help="only the first N (selected) pairs")
@@ -156,7 +161,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--preset {args.preset} runs {PRESETS[args.preset].method} itself; leave out --method")
     check_bench_args(args)
     methods = [PRESETS[args.preset].method] if args.preset else (args.method or [DEFAULT_METHOD])
-    settings = plan_settings(methods, args.sweep, with_steps(args, methods), args.preset)
+    settings = plan_settings(methods, args.sweep, with_knobs(args, methods), args.preset)
     pairs = select_pairs(read_pairs(args.data, args.sources), args.pairs, args.limit)
     guessed = [p for p in pairs if p.source_origin == "file name"]
     if guessed and uses_source_captions(settings):
@@ -200,19 +205,26 @@ def check_bench_args(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} must be >= 1, got {value}")
 
 
-def with_steps(args: argparse.Namespace, methods: list[str]) -> list[str]:
-    """``--set`` with ``--steps N`` as ``num_steps=N`` (first, where ``--set num_steps=N`` would be); refused
-    when --set or --sweep also names num_steps."""
-    if args.steps is None:
-        return list(args.assignments)
+def with_knobs(args: argparse.Namespace, methods: list[str]) -> list[str]:
+    """``--set`` with the knob flags (``--steps N``, ``--eta 0 0.5``, ...) as ``name=value`` assignments, first,
+    where ``--set`` would put them; refused when --set or --sweep also names that parameter."""
     from ..evaluation.plan import param_for, parse_key_values
     from ..methods.catalogue import method_info
 
+    given = {flag: value for flag, value in ((f, getattr(args, f)) for f in PARAM_FLAGS) if value is not None}
+    for knob in given:
+        if not any(param_for(method_info(m), PARAM_FLAGS[knob]) for m in methods):
+            raise UsageError(f"--{knob.replace('_', '-')} does not apply to {', '.join(methods)}; see `nonrigid "
+                             f"methods {' '.join(methods)}` for their parameters")
     for flag, items in (("--set", args.assignments), ("--sweep", args.sweep)):
         for key, _ in parse_key_values(items, flag):
-            if any((p := param_for(method_info(m), key)) is not None and p.name == STEPS_PARAM for m in methods):
-                raise UsageError(f"--steps and {flag} {key} both set {STEPS_PARAM}; give one of them")
-    return [f"{STEPS_PARAM}={args.steps}", *args.assignments]
+            for knob in given:
+                name = PARAM_FLAGS[knob]
+                if any((p := param_for(method_info(m), key)) is not None and p.name == name for m in methods):
+                    raise UsageError(f"--{knob.replace('_', '-')} and {flag} {key} both set {name}; give one of them")
+    knobs = [f"{PARAM_FLAGS[flag]}={','.join(map(str, value)) if isinstance(value, list) else value}"
+             for flag, value in given.items()]
+    return [*knobs, *args.assignments]
 
 
 def describe_plan(spec, out: Path) -> str:

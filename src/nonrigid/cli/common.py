@@ -12,8 +12,9 @@ import re
 import sys
 from collections.abc import Sequence
 
-from ..errors import UsageError
+from ..methods.catalogue import DEFAULT_ETAS, DEFAULT_INJECT
 from ..models import DEFAULT_MODEL
+from ..stages import INVERSION_METHODS
 
 logger = logging.getLogger("nonrigid")
 
@@ -55,6 +56,37 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the UNet (CUDA: faster after a one-time compilation of about a minute)")
 
 
+# flags that set a method parameter (in `edit`: of the chosen method; in `bench`: of every method that has it), and
+# that parameter's name; each is a shorthand of --set NAME=VALUE
+PARAM_FLAGS = {
+    "eta": "etas", "inject": "inject", "steps": "num_steps", "opt_steps": "opt_steps", "opt_lr": "opt_lr",
+    "inner_steps": "inner_steps", "inversion": "inversion", "guidance": "guidance_scale",
+}
+
+
+def add_knob_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of :data:`PARAM_FLAGS`: the knobs of the paper's method and of the baselines that share them."""
+    p.add_argument("--inversion", choices=INVERSION_METHODS, default=None,
+                   help="ours: nti (null-text inversion at guidance 7.5, default), ddim (guidance 1) or npi "
+                   "(negative-prompt inversion: fast, no optimization)")
+    p.add_argument("--eta", type=float, nargs="+", default=None, metavar="ETA",
+                   help="ours: interpolation weights in [0, 1]: e = eta*target + (1-eta)*optimized; higher edits "
+                   f"more (default: {' '.join(f'{e:g}' for e in DEFAULT_ETAS)})")
+    p.add_argument("--inject", type=float, nargs="+", default=None, metavar="RATIO",
+                   help="ours: share of sampling steps conditioned on the source prompt first, in [0, 1]; the paper "
+                   f"finds 0.1-0.4 works, higher keeps more structure (default: {DEFAULT_INJECT[0]:g})")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps of inversion and sampling (default: the method's, 50 for ours)")
+    p.add_argument("--opt-steps", type=int, default=None, help="ours/imagic: text optimization steps (0 skips it; "
+                   "default: 200 for ours)")
+    p.add_argument("--opt-lr", type=float, default=None, help="ours/imagic: text optimization learning rate "
+                   "(default: 1e-3)")
+    p.add_argument("--inner-steps", type=int, default=None,
+                   help="null-text inversion: Adam steps per sampling step (default: 10)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the method's; ours: 7.5 with nti/npi, 1 with ddim)")
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """Which model to load, and how."""
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -87,14 +119,11 @@ def configure_from_args(pipe, args: argparse.Namespace):
 
 
 def parse_assignments(assignments: Sequence[str]) -> dict[str, str]:
-    """``["alpha=0.8,1.0", "skip=36"]`` -> ``{"alpha": "0.8,1.0", "skip": "36"}``."""
-    result: dict[str, str] = {}
-    for item in assignments:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise UsageError(f"--set expects key=value, got {item!r}")
-        result[name.strip().replace("-", "_")] = value
-    return result
+    """``["alpha=0.8,1.0", "skip=36"]`` -> ``{"alpha": "0.8,1.0", "skip": "36"}`` (the benchmark's parser: each
+    key once, every value given)."""
+    from ..evaluation.plan import parse_key_values
+
+    return dict(parse_key_values(assignments, "--set"))
 
 
 def add_output_flags(p: argparse.ArgumentParser) -> None:

@@ -6,15 +6,17 @@ import argparse
 from pathlib import Path
 
 from ..errors import UsageError
-from ..methods.catalogue import DEFAULT_ETAS, DEFAULT_INJECT, METHODS, method_info
-from ..stages import INVERSION_METHODS
-from .common import HelpFormatter, add_model_flags, add_output_flags, add_runtime_flags, load_model, say
-
-# flags of `edit` that set a method parameter, and that parameter's name (None: not given)
-PARAM_FLAGS = {
-    "eta": "etas", "inject": "inject", "steps": "num_steps", "opt_steps": "opt_steps", "opt_lr": "opt_lr",
-    "inner_steps": "inner_steps", "inversion": "inversion", "guidance": "guidance_scale",
-}
+from ..methods.catalogue import METHODS, method_info
+from .common import (
+    PARAM_FLAGS,
+    HelpFormatter,
+    add_knob_flags,
+    add_model_flags,
+    add_output_flags,
+    add_runtime_flags,
+    load_model,
+    say,
+)
 
 
 def add_edit_parser(commands) -> None:
@@ -43,28 +45,10 @@ def add_edit_parser(commands) -> None:
     p.add_argument("--source", default="", help="source prompt describing the input; empty is the paper's "
                    "recommended default (best structure preservation with NTI)")
     add_model_flags(p)
-    p.add_argument("--inversion", choices=INVERSION_METHODS, default=None,
-                   help="ours: nti (null-text inversion at guidance 7.5, default), ddim (guidance 1) or npi "
-                   "(negative-prompt inversion: fast, no optimization)")
-    p.add_argument("--eta", type=float, nargs="+", default=None, metavar="ETA",
-                   help="ours: interpolation weights in [0, 1]: e = eta*target + (1-eta)*optimized; higher edits "
-                   f"more (default: {' '.join(f'{e:g}' for e in DEFAULT_ETAS)})")
-    p.add_argument("--inject", type=float, nargs="+", default=None, metavar="RATIO",
-                   help="ours: share of sampling steps conditioned on the source prompt first, in [0, 1]; the paper "
-                   f"finds 0.1-0.4 works, higher keeps more structure (default: {DEFAULT_INJECT[0]:g})")
-    p.add_argument("--steps", type=int, default=None,
-                   help="DDIM steps of inversion and sampling (default: the method's, 50 for ours)")
-    p.add_argument("--opt-steps", type=int, default=None, help="ours/imagic: text optimization steps (0 skips it; "
-                   "default: 200 for ours)")
-    p.add_argument("--opt-lr", type=float, default=None, help="ours/imagic: text optimization learning rate "
-                   "(default: 1e-3)")
-    p.add_argument("--inner-steps", type=int, default=None,
-                   help="null-text inversion: Adam steps per sampling step (default: 10)")
+    add_knob_flags(p)
     p.add_argument("--seed", type=int, nargs="+", default=[0], metavar="SEED",
                    help="one or more seeds; each is its own text optimization (deterministic methods use the "
                    "first)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the method's; ours: 7.5 with nti/npi, 1 with ddim)")
     p.add_argument("--size", type=int, default=512, help="working resolution in pixels (multiple of 64 for SD)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="most variants per UNet batch (default: all at once; lower it to save memory)")
@@ -180,7 +164,7 @@ def describe_methods(names: list[str] | None = None) -> str:
             lines.append(f"  memory: {info.memory}")
         for p in info.params:
             default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in p.default) if p.is_sweep \
-                else p.default
+                else ("none" if p.default is None else p.default)
             sweep = " (sweep: one variant per value)" if p.is_sweep else ""
             lines.append(f"  --set {p.name}={default}  {p.help}{sweep}")
         lines.append("")

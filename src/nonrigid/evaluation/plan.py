@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..methods.base import MethodInfo, Param, resolve_params
-from ..methods.catalogue import METHODS, method_info
+from ..methods.catalogue import INJECT_ABLATION, METHODS, method_info
 from ..methods.output import slugify
 from ..models import DEFAULT_MODEL
 from .data import Pair
@@ -78,7 +78,6 @@ class Preset:
         return [self.axis_label(v) for s in self.settings for v in s.params[self.axis]]
 
 
-INJECT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 PRESETS: dict[str, Preset] = {
     "inversion": Preset(
         "inversion", "ours", "inversion type",
@@ -91,7 +90,7 @@ PRESETS: dict[str, Preset] = {
         "injection", "ours", "source text injection ratio",
         "source text injection ratio 0, 10, 20, 30, 40, 50% (one job per pair: the ratios share stages A and B); NTI "
         "without source, every eta",
-        (Setting("injection", (("inject", INJECT_RATIOS),), "none"),),
+        (Setting("injection", (("inject", INJECT_ABLATION),), "none"),),
         axis="inject", axis_format="inject {percent}%",
     ),
 }

@@ -16,6 +16,7 @@ from .base import MethodInfo, Param
 
 DEFAULT_ETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_INJECT = (0.2,)
+INJECT_ABLATION = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # the paper's injection-ratio ablation (Sec. 5.4)
 
 _NTI_PARAMS = (
     Param("num_steps", "int", 50, "DDIM steps of inversion and sampling", low=1, high=1000),

@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 from ..errors import UsageError, check_finite
 from ..models.family import Conditioning
 from ..models.registry import family_of
-from ..stages.cached import inversion_stage
 from ..stages.inversion import Inversion
 from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant
 from .catalogue import MASACTRL as INFO
+from .nti import nti_inversion
 
 __all__ = [
     "INFO",
@@ -244,9 +244,7 @@ def run(
     family = family_of(pipe)
     watch = Stopwatch()
     with watch("inversion"):
-        inversion, hit = inversion_stage(pipe, picture, ctx.source_prompt, "nti", params["num_steps"],
-                                         params["guidance_scale"], params["inner_steps"], params["early_stop"],
-                                         ctx.cache, ctx.cache_fields, ctx.progress)
+        inversion, hit = nti_inversion(pipe, picture, params, ctx)
     with watch("sampling"):
         start_steps = params["start_step"]
         latents = masactrl_latents(pipe, inversion, family.encode_prompt(target_prompt), start_steps,

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..methods.catalogue import DEFAULT_INJECT, INJECT_ABLATION
 from ..methods.ours import edit
 from ..stages.cache import StageCache, write_atomic
 from ..stages.sampling import sample
@@ -34,7 +35,6 @@ from .dataset import Pair
 from .judge import SceneJudge, score_edit
 
 ETAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-INJECT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 INVERSIONS = {"DDIM": ("ddim", False), "NTI-src": ("nti", True), "NTI-w/o-src": ("nti", False)}
 
 # baseline settings on the miniature model: each method's main knob swept over a range that spans "keeps the input"
@@ -109,7 +109,7 @@ def _evaluate_pair(pipe, judge, pair: Pair, index: int, cache, num_steps: int, o
     gallery: dict[str, Image.Image] = {}
     text = None
     for name, (method, with_source) in INVERSIONS.items():
-        injects = INJECT_RATIOS if name == "NTI-w/o-src" else (0.2,)
+        injects = INJECT_ABLATION if name == "NTI-w/o-src" else DEFAULT_INJECT
         result = edit(
             pipe, image, pair.target_text, size=size, cache=cache, source_prompt=pair.source_text if with_source
             else "", seeds=(0,), etas=ETAS, inject=injects, num_steps=num_steps, opt_steps=opt_steps,

@@ -124,8 +124,10 @@ def guided(uncond_output: torch.Tensor, cond_output: torch.Tensor, guidance_scal
 class ModelFamily(ABC):
     """What the stages need of a model family, wrapped around a loaded diffusers pipeline (``self.pipe``).
 
-    Implementations are thin: they translate these calls into the pipeline's own components and never keep state
-    of their own, so making one per call (:func:`~nonrigid.models.registry.family_of`) costs nothing.
+    Implementations are thin: they translate these calls into the pipeline's own components and keep nothing of
+    their own but values derived from it (a noise schedule), so making one per call
+    (:func:`~nonrigid.models.registry.family_of`) costs nothing. ``denoiser`` replaces the pipeline's network for
+    :meth:`predict` (Imagic predicts with its fine-tuned copy).
     """
 
     name: str = ""

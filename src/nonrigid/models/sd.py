@@ -7,6 +7,7 @@ call means to the stages.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -120,8 +121,12 @@ class StableDiffusion(ModelFamily):
 
     def training_example(self, x0, noise, timesteps):
         """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` and the noise itself (epsilon prediction)."""
-        noisy = self.sampling_scheduler(1).add_noise(x0, noise, timesteps)
-        return noisy, noise
+        return self._noise_schedule.add_noise(x0, noise, timesteps), noise
+
+    @functools.cached_property
+    def _noise_schedule(self) -> DDIMScheduler:
+        """The training schedule's ``abar_t`` (only ``add_noise`` is used), made once per adapter."""
+        return self.sampling_scheduler(1)
 
     # ---- latents
 
