@@ -153,24 +153,14 @@ def invert(
     return result
 
 
-@torch.no_grad()
 def ddim_invert(
     pipe, x0: torch.Tensor, cond: Conditioning | torch.Tensor, num_steps: int, *, progress: bool = False
 ) -> torch.Tensor:
     """The DDIM inversion path x*_0 .. x*_N at guidance 1, shape (N + 1, C, h, w)."""
     family = family_of(pipe)
-    scheduler = family.inversion_scheduler(num_steps)
-    latents = [x0]
-    x = x0
-    for t in tqdm(scheduler.timesteps, desc="DDIM inversion", disable=not progress, leave=False):
-        x = scheduler.step(family.predict(x, t, cond), t, x).prev_sample
-        latents.append(x)
-    trajectory = torch.cat(latents)
-    check_finite(trajectory, "DDIM inversion")
-    return trajectory
+    return _path(family, family.inversion_scheduler(num_steps), x0, cond, "DDIM inversion", progress)
 
 
-@torch.no_grad()
 def conditional_sampling_path(
     pipe, latent: torch.Tensor, cond: Conditioning | torch.Tensor, num_steps: int, *, progress: bool = False
 ) -> torch.Tensor:
@@ -180,15 +170,21 @@ def conditional_sampling_path(
     prediction equals the conditional one at any scale, so one branch is evaluated instead of two.
     """
     family = family_of(pipe)
-    scheduler = family.sampling_scheduler(num_steps)
-    path = [latent]
-    x = latent
-    for t in tqdm(scheduler.timesteps, desc="NPI reconstruction", disable=not progress, leave=False):
+    return _path(family, family.sampling_scheduler(num_steps), latent, cond, "negative-prompt inversion", progress)
+
+
+@torch.no_grad()
+def _path(
+    family: ModelFamily, scheduler, x: torch.Tensor, cond: Conditioning | torch.Tensor, stage: str, progress: bool
+) -> torch.Tensor:
+    """Every latent of a walk along ``scheduler``'s timesteps at guidance 1 with ``cond``, the start included."""
+    path = [x]
+    for t in tqdm(scheduler.timesteps, desc=stage, disable=not progress, leave=False):
         x = scheduler.step(family.predict(x, t, cond), t, x).prev_sample
         path.append(x)
-    reconstruction = torch.cat(path)
-    check_finite(reconstruction, "negative-prompt inversion")
-    return reconstruction
+    latents = torch.cat(path)
+    check_finite(latents, stage)
+    return latents
 
 
 def null_text_optimization(
