@@ -8,7 +8,6 @@ parameters are the job's with the variant's own sweep values (``MethodVariant.pa
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +17,6 @@ from ..timing import Stopwatch
 from .plan import BenchSpec, Job
 from .protocol import METRIC_NAMES
 from .runfolder import RunFolder
-
-logger = logging.getLogger("nonrigid")
 
 
 def load_metrics(kind: str = "default", *, clip_model: str | None = None, lpips_weights: str | None = None,

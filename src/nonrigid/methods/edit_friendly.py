@@ -104,9 +104,10 @@ def edit_friendly_invert(
     Each seed's result depends only on its own seed (its own generator), not on which other seeds run with it
     (up to the last bits of batched convolutions). The unconditional embedding defaults to ``tau("")``.
     """
+    family = family_of(pipe)
     if uncond_embedding is None:
-        uncond_embedding = family_of(pipe).unconditional()
-    scheduler = family_of(pipe).sampling_scheduler(num_steps)
+        uncond_embedding = family.unconditional()
+    scheduler = family.sampling_scheduler(num_steps)
     xs = torch.stack([independent_noisy_latents(latent.float(), scheduler, s) for s in seeds])  # (S, N+1, ...)
     zs = torch.zeros_like(xs[:, :num_steps])
     chunk = batch_size or len(seeds)
@@ -114,7 +115,7 @@ def edit_friendly_invert(
         sigma = ddpm_sigma(scheduler, t)
         for rows in torch.arange(len(seeds)).split(chunk):
             x = xs[rows, i]
-            eps = family_of(pipe).predict(x, t, source_embedding, uncond_embedding, guidance_scale)
+            eps = family.predict(x, t, source_embedding, uncond_embedding, guidance_scale)
             mean = scheduler.step(eps, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
             # sigma is 0 only for a final step to alpha 1 (set_alpha_to_one): that step adds no noise to steer
             z = (xs[rows, i + 1] - mean) / sigma if sigma > 0 else torch.zeros_like(x)
@@ -154,9 +155,10 @@ def edit_friendly_sample(
     for skip in skips:
         if not 0 <= skip <= num_steps:
             raise UsageError(f"skip must be between 0 and num_steps ({num_steps}), got {skip}")
+    family = family_of(pipe)
     if uncond_embedding is None:
-        uncond_embedding = family_of(pipe).unconditional()
-    scheduler = family_of(pipe).sampling_scheduler(num_steps)
+        uncond_embedding = family.unconditional()
+    scheduler = family.sampling_scheduler(num_steps)
     rows = [(k, int(skip)) for k in range(len(inversions)) for skip in skips]
     latents = torch.stack([inversions[k].xs[skip] for k, skip in rows])  # each row's start (x0 for skip = N)
     chunk = batch_size or len(rows)
@@ -166,7 +168,7 @@ def edit_friendly_sample(
         for part in active.split(chunk):
             x = latents[part]
             noise = torch.stack([inversions[rows[r][0]].zs[i] for r in part.tolist()])
-            eps = family_of(pipe).predict(x, t, target_embedding, uncond_embedding, guidance_scale)
+            eps = family.predict(x, t, target_embedding, uncond_embedding, guidance_scale)
             latents[part] = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
     check_finite(latents, "edit-friendly sampling")
     return latents
