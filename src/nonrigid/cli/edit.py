@@ -49,7 +49,9 @@ def add_edit_parser(commands) -> None:
     p.add_argument("--seed", type=int, nargs="+", default=[0], metavar="SEED",
                    help="one or more seeds; each is its own text optimization (deterministic methods use the "
                    "first)")
-    p.add_argument("--size", type=int, default=512, help="working resolution in pixels (multiple of 64 for SD)")
+    p.add_argument("--size", type=int, default=None,
+                   help="working resolution in pixels (default: the model's native size: 512 for SD 1.x and SD 2 "
+                   "base, 768 for SD 2.x v models, 1024 for SDXL, 64 for the miniature models)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="most variants per UNet batch (default: all at once; lower it to save memory)")
     add_runtime_flags(p)
@@ -109,7 +111,7 @@ def method_params(args: argparse.Namespace) -> dict[str, object]:
         from ..methods.ours import EditSettings
 
         EditSettings.from_params(args.prompt, resolved, args.source, tuple(args.seed), args.batch_size)  # validates
-    return resolved
+    return {name: resolved[name] for name in params}  # what was set; the model family fills in its defaults
 
 
 def run_edit(args: argparse.Namespace) -> int:
@@ -117,27 +119,32 @@ def run_edit(args: argparse.Namespace) -> int:
     from ..methods.output import check_output_dir
 
     params = method_params(args)  # validates before anything slow happens
-    if args.size <= 0:
+    if args.size is not None and args.size <= 0:
         raise UsageError(f"--size must be positive, got {args.size}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     out = args.out or default_out(Path(args.image), args.prompt, args.method)
     check_output_dir(out)
-    picture = load_image(args.image, args.size)
+    load_image(args.image, 64)  # a broken image fails here, before the model loads
 
     from ..methods.output import save_result  # the heavy imports (torch, diffusers) once the input is known good
     from ..methods.run import run_method
     from ..models.loading import describe_device
+    from ..models.registry import family_of
     from ..stages.cache import StageCache
 
     pipe = load_model(args)
+    family = family_of(pipe)
+    size = family.defaults.size if args.size is None else args.size
+    picture = load_image(args.image, size)
     cache = None if args.no_cache else StageCache(args.cache_dir)
     result = run_method(pipe, picture, args.prompt, args.method, params, seeds=args.seed, source_prompt=args.source,
-                        size=args.size, cache=cache, batch_size=args.batch_size, progress=not args.quiet)
+                        size=size, cache=cache, batch_size=args.batch_size, progress=not args.quiet)
     record = {
         "image": str(args.image),
         "model": args.model,
-        "size": args.size,
+        "model_family": family.describe(),
+        "size": size,
         **describe_device(pipe),
         "low_memory": args.low_memory,
         "compile": args.compile,

@@ -8,6 +8,10 @@ seed), noises both latents with them, and compares the two guided noise predicti
     x_t   = sqrt(abar_t) x_src + sqrt(1 - abar_t) eps
     delta = eps_cfg(z_t, t, tau(target)) - eps_cfg(x_t, t, tau(source))     (guidance_scale on both, uncond tau(""))
 
+On v-prediction models each guided output is turned into its noise estimate first
+(``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t``, :meth:`~nonrigid.models.family.ModelFamily.noise_estimate`): DDS
+is defined on noise predictions, and a v difference would carry an extra ``x_t`` term.
+
 ``delta`` is used as the gradient of ``z`` (no backpropagation through the UNet) and SGD takes the step. The
 source branch cancels the noisy, prompt-independent part of the score-distillation gradient, so what is left
 points from "the input as described by the source" to "the input as described by the target".
@@ -112,8 +116,10 @@ def dds_delta(
     noisy = scheduler.add_noise(latent.detach(), draw.noise, t)
     noisy_source = scheduler.add_noise(source_latent, draw.noise, t)
     family = family_of(pipe)
-    target_eps = family.predict(noisy, t, target_embedding, uncond_embedding, guidance_scale)
-    source_eps = family.predict(noisy_source, t, source_embedding, uncond_embedding, guidance_scale)
+    target_eps = family.noise_estimate(
+        family.predict(noisy, t, target_embedding, uncond_embedding, guidance_scale), noisy, t)
+    source_eps = family.noise_estimate(
+        family.predict(noisy_source, t, source_embedding, uncond_embedding, guidance_scale), noisy_source, t)
     return target_eps - source_eps
 
 

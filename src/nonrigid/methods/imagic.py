@@ -120,7 +120,7 @@ def default_park_device(pipe: StableDiffusionPipeline) -> str | None:
 def finetune_unet(
     pipe: StableDiffusionPipeline,
     picture: Image.Image,
-    embedding: torch.Tensor,
+    embedding: Conditioning | torch.Tensor,
     steps: int,
     lr: float,
     generator: torch.Generator,
@@ -132,8 +132,8 @@ def finetune_unet(
     """Fine-tune an fp32 copy of ``pipe.unet`` to denoise ``picture`` under the fixed ``embedding`` (Imagic step 2).
 
     Each of ``steps`` Adam steps (lr ``lr``) draws ``t ~ U{0..T-1}`` and ``noise ~ N(0, I)`` from ``generator``
-    and minimises ``mean((eps_copy(x_t, t, embedding) - noise)^2)`` with
-    ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``.
+    and minimises the model's own training loss (``mean((eps_copy(x_t, t, embedding) - noise)^2)`` for epsilon
+    models, v as target for v models) with ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``.
 
     ``x0`` is a *sample* of the VAE posterior, not its mean, drawn first from ``latent_generator`` (default:
     ``generator``): :func:`run` passes :func:`stage_a_latent_generator`, so the UNet is fine-tuned on the very
@@ -150,7 +150,7 @@ def finetune_unet(
         park_device = default_park_device(pipe)
     family = family_of(pipe)
     x0 = family.encode_image(picture, generator=generator if latent_generator is None else latent_generator)
-    condition = embedding.detach().to(device=device, dtype=torch.float32)
+    condition = Conditioning.of(embedding).detach().to(device=device, dtype=torch.float32)
     with unet_parked(pipe, park_device), torch.enable_grad():
         # Copied where the original waits (the CPU on CUDA), so the GPU never holds both UNets at once.
         # (.float(): an explicit dtype in ModelMixin.to earns a spurious "keep in float32" warning)
@@ -255,7 +255,7 @@ def imagic_latents(
     watch = Stopwatch()
     with watch("finetuning"):
         unet, losses = finetune_unet(
-            pipe, picture, text_optimization.optimized_embedding, finetune_steps, finetune_lr,
+            pipe, picture, text_optimization.optimized, finetune_steps, finetune_lr,
             seed_generator(seed, "finetune"), latent_generator=stage_a_latent_generator(seed),
             park_device=park_device, progress=progress,
         )

@@ -1,4 +1,5 @@
-"""LEDITS++ (Brack et al., CVPR 2024) as diffusers ships it: ``LEditsPPPipelineStableDiffusion``, unchanged.
+"""LEDITS++ (Brack et al., CVPR 2024) as diffusers ships it, unchanged: ``LEditsPPPipelineStableDiffusion`` for SD
+1.x / 2.x, ``LEditsPPPipelineStableDiffusionXL`` for SDXL.
 
 The editor is built from the pipeline's own modules (VAE, text encoder, tokenizer, UNet) with a scheduler of its
 own: the second-order SDE DPM-Solver++ LEDITS++ is designed for (diffusers converts any other scheduler to exactly
@@ -26,7 +27,9 @@ import torch
 from diffusers import (
     DPMSolverMultistepScheduler,
     LEditsPPPipelineStableDiffusion,
+    LEditsPPPipelineStableDiffusionXL,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from PIL import Image
@@ -48,8 +51,10 @@ _SIZE_MULTIPLE = 32
 _MASK_MODES = {"intersect": (True, True), "attention": (True, False), "noise": (False, False)}
 
 
-def build_editor(pipe: StableDiffusionPipeline, progress: bool = False) -> LEditsPPPipelineStableDiffusion:
-    """A LEDITS++ pipeline on ``pipe``'s modules with its own SDE DPM-Solver++ (order 2) scheduler, no safety checker.
+def build_editor(pipe, progress: bool = False) -> LEditsPPPipelineStableDiffusion | LEditsPPPipelineStableDiffusionXL:
+    """A LEDITS++ pipeline on ``pipe``'s modules with its own SDE DPM-Solver++ (order 2) scheduler: the SD editor
+    for SD 1.x / 2.x (no safety checker), the SDXL editor for SDXL (zeros for an empty negative prompt, as SDXL's
+    pipeline; no watermark).
 
     The editor's constructor may rewrite an old UNet's config (sample_size) in place; ``pipe``'s is kept as it was.
     """
@@ -58,10 +63,18 @@ def build_editor(pipe: StableDiffusionPipeline, progress: bool = False) -> LEdit
     )
     unet_config = pipe.unet._internal_dict
     try:
-        editor = LEditsPPPipelineStableDiffusion(
-            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        if isinstance(pipe, StableDiffusionXLPipeline):
+            editor = LEditsPPPipelineStableDiffusionXL(
+                vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
+                tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, unet=pipe.unet, scheduler=scheduler,
+                force_zeros_for_empty_prompt=pipe.config.get("force_zeros_for_empty_prompt", True),
+                add_watermarker=False,
+            )
+        else:
+            editor = LEditsPPPipelineStableDiffusion(
+                vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
     finally:
         pipe.unet._internal_dict = unet_config
     editor.set_progress_bar_config(disable=not progress, leave=False)

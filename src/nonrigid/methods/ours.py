@@ -24,7 +24,7 @@ from ..stages.text_optimization import TextOptimization
 from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant, resolve_params
 from .catalogue import OURS as INFO
-from .run import prepare_image
+from .run import prepare_image, with_family_defaults
 
 __all__ = ["INFO", "EditResult", "EditSettings", "Variant", "edit", "run"]
 
@@ -109,7 +109,7 @@ def edit(
     image: str | os.PathLike | Image.Image,
     target_prompt: str,
     *,
-    size: int = 512,
+    size: int | None = None,
     cache: StageCache | None = None,
     progress: bool = False,
     **settings,
@@ -118,9 +118,10 @@ def edit(
 
     Keyword ``settings`` are the fields of :class:`EditSettings` (``source_prompt``, ``seeds``, ``etas``,
     ``inject`` ratios, ``num_steps``, ``opt_steps``, ``inversion``, ``guidance_scale`` …). With a ``cache``, stage
-    results are read from and written to it.
+    results are read from and written to it. ``size`` defaults to the model's native size and the guidance scale
+    to its family's (with NTI or NPI inversion).
     """
-    config = EditSettings(target_prompt=target_prompt, **settings)
+    config = EditSettings(target_prompt=target_prompt, **with_family_defaults(INFO, pipe, settings))
     picture = prepare_image(pipe, image, size)
     return edit_stages(pipe, picture, config, cache, cache_fields(pipe, picture), progress)
 

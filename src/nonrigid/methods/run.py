@@ -19,10 +19,12 @@ from .base import MethodContext, MethodInfo, MethodResult, MethodVariant, resolv
 from .catalogue import MODULES, method_info
 
 
-def prepare_image(pipe, image: str | os.PathLike | Image.Image, size: int) -> Image.Image:
-    """The input as every method sees it: read, center-cropped and resized to ``size``, which the model's
-    latent grid must divide."""
-    multiple = family_of(pipe).latent_multiple
+def prepare_image(pipe, image: str | os.PathLike | Image.Image, size: int | None = None) -> Image.Image:
+    """The input as every method sees it: read, center-cropped and resized to ``size`` (default: the model's
+    native size, e.g. 512 px for SD 1.x, 1024 for SDXL), which the model's latent grid must divide."""
+    family = family_of(pipe)
+    size = family.defaults.size if size is None else size
+    multiple = family.latent_multiple
     if size <= 0 or size % multiple:
         raise UsageError(f"size must be a positive multiple of {multiple} for this model, got {size}")
     return load_image(image, size)
@@ -37,7 +39,7 @@ def run_method(
     *,
     seeds: Sequence[int] = (0,),
     source_prompt: str = "",
-    size: int = 512,
+    size: int | None = None,
     cache: StageCache | None = None,
     batch_size: int | None = None,
     progress: bool = False,
@@ -46,10 +48,12 @@ def run_method(
 
     Every method gets the same inputs and returns the same kind of result (variants in grid order, every
     parameter resolved, timings, cache hits), so results can be saved, scored and compared alike. A method whose
-    result does not depend on the seed (``MethodInfo.seeded`` false) runs once, for the first seed.
+    result does not depend on the seed (``MethodInfo.seeded`` false) runs once, for the first seed. ``size``
+    defaults to the model's native size and a method's classifier-free guidance scale to its family's (7.5 for
+    SD, 5 for SDXL) unless ``params`` set them.
     """
     info = method_info(method)
-    resolved = resolve_params(info, params)
+    resolved = resolve_params(info, with_family_defaults(info, pipe, params or {}))
     seeds = tuple(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
         raise UsageError("give at least one seed")
@@ -74,6 +78,19 @@ def run_method(
         knob_labels=tuple(p.label for p in info.sweeps), timings={**output.timings, "total": watch.total()},
         cache=output.cache, record=output.record, model_fingerprint=fields["model"],
     )
+
+
+def with_family_defaults(info: MethodInfo, pipe, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with the model family's guidance scale where the method has a plain classifier-free guidance
+    scale the caller left unset (not for ours with DDIM inversion, which samples at guidance 1)."""
+    params = dict(params)
+    names = {p.name for p in info.params}
+    if "guidance_scale" not in names or params.get("guidance_scale") is not None:
+        return params
+    if info.name == "ours" and params.get("inversion", "nti") == "ddim":
+        return params
+    params["guidance_scale"] = family_of(pipe).defaults.guidance_scale
+    return params
 
 
 def with_params(info: MethodInfo, variant: MethodVariant) -> MethodVariant:

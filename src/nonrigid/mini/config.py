@@ -23,3 +23,22 @@ class TrainConfig:
     snr_gamma: float = 5.0
     ema_decay: float = 0.995
     checkpoint_every: int = 100
+
+
+@dataclass
+class VariantConfig:
+    """Training settings of the miniature world's other denoisers (``mini-v``, ``mini-xl``)."""
+
+    seed: int = 0
+    threads: int = 2
+    steps: int = 1000
+    batch: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 50
+    rank: int = 32  # LoRA rank (mini-v)
+    caption_dropout: float = 0.1
+    snr_gamma: float = 5.0
+    ema_decay: float = 0.99
+    checkpoint_every: int = 100
+    dataset_size: int = 20000

@@ -121,6 +121,15 @@ def guided(uncond_output: torch.Tensor, cond_output: torch.Tensor, guidance_scal
     return uncond_output + guidance_scale * (cond_output - uncond_output)
 
 
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """What ``nonrigid edit --model X`` uses unless told otherwise: the model's native image side and its
+    pipeline's classifier-free guidance scale (steps stay each method's own, 50 for the paper's method)."""
+
+    size: int
+    guidance_scale: float
+
+
 class ModelFamily(ABC):
     """What the stages need of a model family, wrapped around a loaded diffusers pipeline (``self.pipe``).
 
@@ -131,6 +140,8 @@ class ModelFamily(ABC):
     """
 
     name: str = ""
+    networks: tuple[str, ...] = ()  # the pipeline's networks (attribute names): frozen, moved and cast on loading
+    default_guidance: float = 7.5
 
     def __init__(self, pipe: Any, denoiser: Any = None):
         self.pipe = pipe
@@ -157,6 +168,23 @@ class ModelFamily(ABC):
     @abstractmethod
     def latent_multiple(self) -> int:
         """Image sides must be a multiple of this."""
+
+    @property
+    def defaults(self) -> FamilyDefaults:
+        """The model's native size (its UNet's sample size in pixels) and its pipeline's guidance scale."""
+        return FamilyDefaults(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor, self.default_guidance)
+
+    def describe(self) -> str:
+        """One line on what was detected (layout, prediction type, native size), for logs and records."""
+        return f"{self.name}, {self.defaults.size} px"
+
+    def noise_estimate(self, output: torch.Tensor, latents: torch.Tensor, timestep) -> torch.Tensor:
+        """The noise estimate of a model output at ``latents`` (the output itself for noise predictors)."""
+        return output
+
+    def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The precision the VAE is loaded in when the other networks use ``dtype``."""
+        return dtype
 
     # ---- conditioning
 

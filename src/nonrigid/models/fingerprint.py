@@ -23,8 +23,10 @@ def weights_fingerprint(module: nn.Module, prefix: str = "", digest=None) -> str
 def model_fingerprint(pipe) -> str:
     """A short hash that changes when any network's weights (or their dtype) or the noise schedule change."""
     digest = hashlib.sha256()
-    for module_name in ("unet", "vae", "text_encoder"):
-        weights_fingerprint(getattr(pipe, module_name), f"{module_name}.", digest)
+    for module_name in ("unet", "vae", "text_encoder", "text_encoder_2"):  # SD has no second encoder
+        module = getattr(pipe, module_name, None)
+        if module is not None:
+            weights_fingerprint(module, f"{module_name}.", digest)
     schedule = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}  # "_…" keys vary by run
     digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]

@@ -1,8 +1,12 @@
-"""Loading models: hub ids, diffusers folders, single-file checkpoints, the built-in ``tiny`` and ``mini`` models.
+"""Loading models: hub ids, diffusers folders, single-file checkpoints, the built-in ``tiny`` and miniature models.
 
-The stages only need a ``StableDiffusionPipeline`` whose scheduler is configured as DDIM the way the reference
-implementation does (scaled-linear betas 0.00085 -> 0.012, no sample clipping, ``set_alpha_to_one`` off). Loading
-never unpickles a file unless the caller opts in: pickled checkpoints can run arbitrary code.
+The family is detected from the model itself: a diffusers folder or hub id by its ``model_index.json`` pipeline
+class, a single file by its ``--config`` (``config``) folder's class or else by its keys (diffusers'
+``infer_diffusers_model_type``). Supported: ``StableDiffusionPipeline`` (SD 1.x and 2.x, epsilon or v prediction)
+and ``StableDiffusionXLPipeline`` (SDXL base and fine-tunes; no refiner). Whatever the model's own scheduler
+(PNDM, Euler, ...), the stages get DDIM built from its config (betas, prediction type, timestep spacing, offset),
+with the reference's settings: no sample clipping, ``set_alpha_to_one`` off. Loading never unpickles a file
+unless the caller opts in: pickled checkpoints can run arbitrary code.
 """
 
 from __future__ import annotations
@@ -12,16 +16,22 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ..errors import UsageError, first_line
 from . import DEFAULT_MODEL
+from .registry import family_of
 from .sd import ddim_scheduler_for
-from .tiny import build_tiny_pipeline
+from .tiny import TINY_KINDS, build_tiny_pipeline
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
+PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# diffusers' names for single-file model types (infer_diffusers_model_type) -> the pipeline class that reads them
+SINGLE_FILE_TYPES = {"v1": "StableDiffusionPipeline", "v2": "StableDiffusionPipeline",
+                     "xl_base": "StableDiffusionXLPipeline"}
+SUPPORTED = "SD 1.x, SD 2.x (epsilon or v prediction) and SDXL base-layout models"
 
 
 # --------------------------------------------------------------------------------------------------- devices
@@ -61,36 +71,39 @@ def load_pipeline(
     *,
     allow_pickle: bool = False,
     config: str | None = None,
-) -> StableDiffusionPipeline:
-    """Load an SD 1.x pipeline with the reference's DDIM scheduler, on ``device`` in ``dtype``.
+):
+    """Load an SD 1.x / 2.x or SDXL pipeline with the reference's DDIM scheduler, on ``device`` in ``dtype``.
 
-    ``model`` is ``"tiny"`` (random weights built in code, for smoke runs: its output is noise), a local diffusers
-    folder, a single-file checkpoint (``.safetensors``; ``.ckpt`` only with ``allow_pickle``), or a Hugging Face
-    hub id (downloaded once into the hub cache). ``config`` names the diffusers folder or hub id whose component
-    configs and tokenizer a single-file checkpoint is read with (default: diffusers infers it, which needs the
+    ``model`` is a built-in name (``"tiny"``, ``"tiny-sd2"``, ``"tiny-sd2-v"``, ``"tiny-sdxl"``: random weights
+    built in code, for smoke runs, their output is noise; ``"mini"``, ``"mini-v"``, ``"mini-xl"``: the miniature
+    world's trained models), a local diffusers folder, a single-file checkpoint (``.safetensors``; ``.ckpt`` only
+    with ``allow_pickle``), or a Hugging Face hub id (downloaded once into the hub cache). ``config`` names the
+    diffusers folder or hub id whose pipeline class, component configs and tokenizers a single-file checkpoint is
+    read with (default: inferred from its keys, and diffusers fetches the matching configs, which needs the
     network once).
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     name = str(model)
-    if name == "tiny":
-        pipe = build_tiny_pipeline()
-    elif name == "mini":
-        pipe = _load_mini(allow_pickle)
+    if name in TINY_KINDS:
+        pipe = build_tiny_pipeline(kind=name)
+    elif name in MINI_MODELS:
+        pipe = MINI_MODELS[name](allow_pickle)
     else:
         pipe = _load_from_disk_or_hub(name, allow_pickle=allow_pickle, config=config)
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise UsageError(f"model {name!r} predicts {prediction!r}; supported are epsilon and v_prediction models")
     pipe.scheduler = ddim_scheduler_for(pipe.scheduler.config)
-    if pipe.scheduler.config.prediction_type != "epsilon":
-        raise UsageError(
-            f"model {name!r} predicts {pipe.scheduler.config.prediction_type!r}; only epsilon-prediction "
-            "models (Stable Diffusion 1.x) are supported"
-        )
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    family = family_of(pipe)
+    for module_name in family.networks:
+        module = getattr(pipe, module_name)
         module.requires_grad_(False)
         module.eval()
         module.to(device=device)
-        if module.dtype != dtype:  # casting to the dtype a module already has only earns a diffusers warning
-            module.to(dtype=dtype)
+        wanted = family.vae_dtype(dtype) if module_name == "vae" else dtype
+        if module.dtype != wanted:  # casting to the dtype a module already has only earns a diffusers warning
+            module.to(dtype=wanted)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -122,6 +135,7 @@ def configure_pipeline(
     ``pipe.unet.device`` to place their tensors and to key the stage cache).
     """
     device = pipe.unet.device
+    networks = family_of(pipe).networks
     if channels_last is None:
         channels_last = device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -135,46 +149,129 @@ def configure_pipeline(
         pipe.vae.disable_slicing()
         pipe.vae.disable_tiling()
         pipe.unet.disable_gradient_checkpointing()
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)  # backward passes compute input gradients only
+    for module_name in networks:
+        getattr(pipe, module_name).requires_grad_(False)  # backward passes compute input gradients only
     if compile:
         pipe.unet.compile()
     return pipe
 
 
-def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None) -> StableDiffusionPipeline:
+def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None):
     path = Path(name).expanduser()
-    no_safety = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     if path.is_file():
-        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-            raise UsageError(
-                f"{name} is a pickle checkpoint, which can run arbitrary code when loaded; convert it to "
-                ".safetensors or pass allow_pickle=True if you trust it"
-            )
-        kwargs = {"config": config} if config else {}
-        try:
-            return StableDiffusionPipeline.from_single_file(str(path), **no_safety, **kwargs)
-        except Exception as err:  # the single-file loader raises many types for unreadable files
-            raise UsageError(f"could not read checkpoint {name}: {first_line(err)}") from err
+        return _load_single_file(path, allow_pickle=allow_pickle, config=config)
     if path.is_dir():
         _require_safetensors_or_opt_in(path, allow_pickle)
+        cls = _pipeline_class(path, _index_class(path / "model_index.json"))
         try:
-            return StableDiffusionPipeline.from_pretrained(
-                str(path), use_safetensors=None if allow_pickle else True, **no_safety
-            )
+            return cls.from_pretrained(str(path), use_safetensors=None if allow_pickle else True, **_extras(cls))
         except Exception as err:
             raise UsageError(f"could not load diffusers folder {name}: {first_line(err)}") from err
     if _looks_like_path(name):
         raise UsageError(f"model path {name} does not exist")
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            name, use_safetensors=None if allow_pickle else True, **no_safety
-        )
+        from diffusers import DiffusionPipeline
+
+        cls = _pipeline_class(name, DiffusionPipeline.load_config(name).get("_class_name"))
+        return cls.from_pretrained(name, use_safetensors=None if allow_pickle else True, **_extras(cls))
+    except UsageError:
+        raise
     except Exception as err:
         raise UsageError(
             f"could not load model {name!r}: not a local file or folder, and the hub did not provide it "
             f"({first_line(err)}); check the id, connect once to download it, or pass a local path"
         ) from err
+
+
+def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None):
+    name = str(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise UsageError(
+            f"{name} is a pickle checkpoint, which can run arbitrary code when loaded; convert it to "
+            ".safetensors or pass allow_pickle=True if you trust it"
+        )
+    cls = _single_file_class(path, config)
+    kwargs = {"config": config} if config else {}
+    try:
+        return cls.from_single_file(name, **_extras(cls), **kwargs)
+    except Exception as err:  # the single-file loader raises many types for unreadable files
+        raise UsageError(f"could not read checkpoint {name}: {first_line(err)}") from err
+
+
+def _extras(cls) -> dict:
+    """Constructor arguments per pipeline class: no safety checker for SD; SDXL has none."""
+    if cls is StableDiffusionPipeline:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return {}
+
+
+def _index_class(index: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None  # from_pretrained says what is wrong with the folder
+
+
+def _pipeline_class(name: str | Path, class_name: str | None):
+    """The pipeline class a model's ``_class_name`` names, if this project supports it."""
+    if class_name is None:
+        return StableDiffusionPipeline
+    if class_name not in PIPELINES:
+        hint = " (an SDXL refiner or image-to-image model: use the base model)" if "Img2Img" in class_name else ""
+        raise UsageError(f"model {name} is a {class_name}{hint}; supported are {SUPPORTED}")
+    return PIPELINES[class_name]
+
+
+def _single_file_class(path: Path, config: str | None):
+    """The pipeline class of a single-file checkpoint: its ``config``'s, else inferred from its keys."""
+    if config:
+        folder = Path(config).expanduser()
+        if folder.is_dir():
+            return _pipeline_class(config, _index_class(folder / "model_index.json"))
+        try:
+            from diffusers import DiffusionPipeline
+
+            return _pipeline_class(config, DiffusionPipeline.load_config(config).get("_class_name"))
+        except UsageError:
+            raise
+        except Exception as err:
+            raise UsageError(f"could not read the config {config!r}: {first_line(err)}") from err
+    if path.suffix.lower() != ".safetensors":
+        return StableDiffusionPipeline  # a trusted pickle: let diffusers' loader infer what it can
+    model_type = _infer_single_file_type(path)
+    if model_type not in SINGLE_FILE_TYPES:
+        raise UsageError(f"{path} looks like a {model_type!r} checkpoint; supported are {SUPPORTED}")
+    return PIPELINES[SINGLE_FILE_TYPES[model_type]]
+
+
+def _infer_single_file_type(path: Path) -> str:
+    """diffusers' model type of a ``.safetensors`` checkpoint, read from its keys (tensors loaded on demand)."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return infer_diffusers_model_type(_LazyTensors(handle))
+    except Exception as err:
+        raise UsageError(f"could not read checkpoint {path}: {first_line(err)}") from err
+
+
+class _LazyTensors:
+    """A read-only mapping over an open safetensors file: membership from its key list, tensors on access."""
+
+    def __init__(self, handle):
+        self.handle, self.names = handle, set(handle.keys())
+
+    def __contains__(self, key) -> bool:
+        return key in self.names
+
+    def __getitem__(self, key):
+        return self.handle.get_tensor(key)
+
+    def keys(self):
+        return self.names
 
 
 def _load_mini(allow_pickle: bool) -> StableDiffusionPipeline:
@@ -183,6 +280,40 @@ def _load_mini(allow_pickle: bool) -> StableDiffusionPipeline:
     if not (folder / "model_index.json").is_file():
         raise UsageError(f"the miniature model is not in {folder}; train it with `nonrigid mini train --install`")
     return _load_from_disk_or_hub(str(folder), allow_pickle=allow_pickle, config=None)
+
+
+def _load_mini_v(allow_pickle: bool) -> StableDiffusionPipeline:
+    """``mini-v``: the miniature model with its v-prediction LoRA fused into the UNet (see ``nonrigid.mini``)."""
+    from diffusers import DDIMScheduler
+
+    folder = mini_weights_dir() / "v"
+    if not (folder / "pytorch_lora_weights.safetensors").is_file():
+        raise UsageError(f"the v-prediction miniature model is not in {folder}; train it with "
+                         "`nonrigid mini train --variant v --install`")
+    pipe = _load_mini(allow_pickle)
+    pipe.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the fused weights stay; the UNet is a plain UNet again
+    return pipe
+
+
+def _load_mini_xl(allow_pickle: bool) -> StableDiffusionXLPipeline:
+    """``mini-xl``: the SDXL-layout miniature model, on the miniature model's VAE and tokenizer."""
+    folder = mini_weights_dir() / "xl"
+    if not (folder / "model_index.json").is_file():
+        raise UsageError(f"the SDXL-layout miniature model is not in {folder}; train it with "
+                         "`nonrigid mini train --variant xl --install`")
+    base = _load_mini(allow_pickle)
+    try:
+        return StableDiffusionXLPipeline.from_pretrained(
+            str(folder), vae=base.vae, tokenizer=base.tokenizer, tokenizer_2=base.tokenizer, use_safetensors=True
+        )
+    except Exception as err:
+        raise UsageError(f"could not load {folder}: {first_line(err)}") from err
+
+
+MINI_MODELS = {"mini": _load_mini, "mini-v": _load_mini_v, "mini-xl": _load_mini_xl}
 
 
 def mini_weights_dir() -> Path:

@@ -7,8 +7,9 @@ from typing import Any
 from ..errors import UsageError
 from .family import ModelFamily
 from .sd import StableDiffusion
+from .sdxl import StableDiffusionXL
 
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion,)
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL)
 
 
 def family_of(pipe: Any) -> ModelFamily:

@@ -1,4 +1,10 @@
-"""Stable Diffusion 1.x as a model family: CLIP text encoder, epsilon-predicting UNet, DDIM, VAE.
+"""Stable Diffusion 1.x and 2.x as a model family: one CLIP text encoder, a UNet predicting noise (epsilon) or
+velocity (v, SD 2.x's 768 px models), DDIM, VAE.
+
+The prediction type is read from the model's scheduler config, never assumed: DDIM sampling and inversion convert
+the output to noise and x0 estimates inside diffusers' ``DDIMScheduler.step`` / ``DDIMInverseScheduler.step``,
+text optimization regresses the model's own training target (:meth:`StableDiffusion.training_example`), and
+methods that need the noise estimate itself (DDS) ask :meth:`StableDiffusion.noise_estimate`.
 
 Every call is a translation into the pipeline's own components (``pipe.encode_prompt``, ``pipe.unet``,
 ``pipe.vae``, schedulers built from ``pipe.scheduler.config``); see :mod:`nonrigid.models.family` for what each
@@ -45,13 +51,26 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class StableDiffusion(ModelFamily):
-    """SD 1.x: ``tokens`` conditioning (1, 77, 768), epsilon prediction, DDIM with the reference's settings."""
+    """SD 1.x / 2.x: ``tokens`` conditioning (1, 77, 768 or 1024), epsilon or v prediction, DDIM with the
+    reference's settings."""
 
-    name = "sd1"
+    name = "sd"
+    networks = ("unet", "vae", "text_encoder")
+    default_guidance = 7.5  # diffusers' StableDiffusionPipeline default, and the paper's
 
     @classmethod
     def matches(cls, pipe) -> bool:
         return isinstance(pipe, StableDiffusionPipeline)
+
+    def describe(self) -> str:
+        """The layout as detected from the model: text-encoder width, prediction type, native size."""
+        width = self.pipe.text_encoder.config.hidden_size
+        layout = {768: "SD 1.x", 1024: "SD 2.x"}.get(width, f"SD layout, {width}-wide text encoder")
+        return f"{layout}, {self.prediction_type} prediction, {self.defaults.size} px"
+
+    @property
+    def prediction_type(self) -> str:
+        return self.pipe.scheduler.config.prediction_type
 
     @property
     def device(self) -> torch.device:
@@ -120,8 +139,22 @@ class StableDiffusion(ModelFamily):
         return torch.randint(0, self.pipe.scheduler.config.num_train_timesteps, (1,), generator=generator)
 
     def training_example(self, x0, noise, timesteps):
-        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` and the noise itself (epsilon prediction)."""
-        return self._noise_schedule.add_noise(x0, noise, timesteps), noise
+        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` and the model's target: the noise itself (epsilon),
+        or ``v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0`` (v prediction)."""
+        schedule = self._noise_schedule
+        noisy = schedule.add_noise(x0, noise, timesteps)
+        if self.prediction_type == "v_prediction":
+            return noisy, schedule.get_velocity(x0, noise, timesteps)
+        return noisy, noise
+
+    def noise_estimate(self, output: torch.Tensor, latents: torch.Tensor, timestep) -> torch.Tensor:
+        """The noise estimate of a model output at ``latents`` (x_t): the output itself for epsilon models,
+        ``sqrt(abar_t) v + sqrt(1 - abar_t) x_t`` for v models (what ``DDIMScheduler.step`` computes)."""
+        if self.prediction_type != "v_prediction":
+            return output
+        abar = self._noise_schedule.alphas_cumprod.to(latents.device)[torch.as_tensor(timestep).cpu().long()]
+        abar = abar.reshape(-1, *([1] * (latents.dim() - 1))).float()
+        return abar.sqrt() * output + (1 - abar).sqrt() * latents
 
     @functools.cached_property
     def _noise_schedule(self) -> DDIMScheduler:

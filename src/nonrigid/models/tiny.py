@@ -1,5 +1,6 @@
-"""Models built in code with random weights, for tests and smoke runs (no download): the tiny SD-1.x-shaped
-pipeline and CLIP byte-level BPE tokenizers with a chosen vocabulary."""
+"""Models built in code with random weights, for tests and smoke runs (no download): tiny pipelines in each
+supported family's layout (SD 1.x, SD 2.x epsilon and v, SDXL) and CLIP byte-level BPE tokenizers with a chosen
+vocabulary."""
 
 from __future__ import annotations
 
@@ -9,19 +10,110 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .sd import sd_ddim_scheduler
 
+# the built-in random-weight models, by name (``load_pipeline(name)``)
+TINY_KINDS = ("tiny", "tiny-sd2", "tiny-sd2-v", "tiny-sdxl")
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """A tiny SD-1.x-shaped pipeline with random weights, built without any download.
 
-    Same component classes and layout as SD 1.x (VAE downsampling by 8, cross-attention UNet, CLIP text encoder
-    with 77 positions) at a few hundred thousand parameters. Its output is noise: it is for tests and smoke runs.
-    The weights depend only on ``seed``; the global RNG is left as it was.
+def build_tiny_pipeline(seed: int = 0, kind: str = "tiny"):
+    """A tiny pipeline with random weights in the layout ``kind`` names, built without any download.
+
+    ``tiny``: SD 1.x's component classes and layout (VAE downsampling by 8, cross-attention UNet, CLIP text
+    encoder with 77 positions) at a few hundred thousand parameters. ``tiny-sd2`` / ``tiny-sd2-v``: SD 2.x's
+    (linear attention projections, head-size attention, a GELU text encoder, epsilon or v prediction; the v one
+    at 96 px as SD 2.1 is larger than SD 2 base). ``tiny-sdxl``: SDXL's (two text encoders, a pooled embedding,
+    size conditioning, two transformer layers in the inner attention blocks, Euler scheduler config).
+    Their output is noise: they are for tests and smoke runs. The weights depend only on ``seed``; the global RNG
+    is left as it was.
     """
+    if kind == "tiny":
+        return _build_tiny_sd1(seed)
+    if kind in ("tiny-sd2", "tiny-sd2-v"):
+        return _build_tiny_sd2(seed, v_prediction=kind == "tiny-sd2-v")
+    if kind == "tiny-sdxl":
+        return _build_tiny_sdxl(seed)
+    raise ValueError(f"unknown tiny model {kind!r}; choose one of {', '.join(TINY_KINDS)}")
+
+
+def _build_tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+
+
+def _tiny_text_config(hidden: int, act: str, projection: int | None = None) -> CLIPTextConfig:
+    extra = {"projection_dim": projection} if projection else {}
+    return CLIPTextConfig(
+        vocab_size=_TINY_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act=act, bos_token_id=_TINY_VOCAB_SIZE - 2,
+        eos_token_id=_TINY_VOCAB_SIZE - 1, pad_token_id=_TINY_VOCAB_SIZE - 1, **extra,
+    )
+
+
+def _build_tiny_sd2(seed: int, v_prediction: bool) -> StableDiffusionPipeline:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=12 if v_prediction else 8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=48,
+            attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+        )
+        vae = _build_tiny_vae()
+        text_encoder = CLIPTextModel(_tiny_text_config(48, "gelu"))
+    scheduler = DDIMScheduler(  # SD 2.x's scheduler config
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
+        set_alpha_to_one=False, prediction_type="v_prediction" if v_prediction else "epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=build_character_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _build_tiny_sdxl(seed: int) -> StableDiffusionXLPipeline:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+            cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        )
+        vae = _build_tiny_vae()
+        text_encoder = CLIPTextModel(_tiny_text_config(32, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(32, "gelu", projection=32))
+    scheduler = EulerDiscreteScheduler(  # SDXL base 1.0's scheduler config
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading", interpolation_type="linear",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=build_character_tokenizer(),
+        tokenizer_2=build_character_tokenizer(), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )
+
+
+def _build_tiny_sd1(seed: int) -> StableDiffusionPipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(

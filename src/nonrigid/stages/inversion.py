@@ -136,8 +136,9 @@ def invert(
     family = family_of(pipe)
     guidance_scale = DEFAULT_GUIDANCE[method] if guidance_scale is None else float(guidance_scale)
     source = family.encode_prompt(source_prompt)
-    # the unconditional conditioning: tau("") (NTI's starting point, DDIM's negative), or the source for NPI
-    empty = source if source_prompt == "" or method == "npi" else family.unconditional()
+    # the unconditional conditioning (NTI's starting point, DDIM's negative): the family's (SD: tau(""); SDXL:
+    # zeros, as its pipeline does without a negative prompt), or the source for NPI
+    empty = source if method == "npi" else family.unconditional()
     x0 = family.encode_image(image)
     trajectory = ddim_invert(family, x0, source, num_steps, progress=progress)
     result = Inversion(method, source_prompt, num_steps, guidance_scale, trajectory[-1:].clone(), trajectory,

@@ -1,0 +1,128 @@
+"""SD 2.x (epsilon and v) and SDXL through the model seam, with diffusers as the oracle.
+
+On tiny random-weight pipelines in each layout: with the edit switched off (no text optimization, eta 1, K 0),
+the paper's sampling from a given x_T equals diffusers' own ``StableDiffusionPipeline`` /
+``StableDiffusionXLPipeline`` called with ``latents=x_T``; our DDIM inversion equals a loop over diffusers'
+``DDIMInverseScheduler`` driven by the pipeline's own prompt encoding (and, for SDXL, its own size conditioning).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler, StableDiffusionXLPipeline
+
+from nonrigid.methods.ours import edit
+from nonrigid.models.loading import load_pipeline
+from nonrigid.models.registry import family_of
+from nonrigid.stages.inversion import ddim_invert
+from nonrigid.stages.sampling import sample
+
+KINDS = ("tiny-sd2", "tiny-sd2-v", "tiny-sdxl")
+PROMPT = "a photo of a jumping dog"
+STEPS = 6
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def pipe(request):
+    return load_pipeline(request.param, device="cpu", dtype="fp32")
+
+
+def size_of(pipe) -> int:
+    return family_of(pipe).defaults.size
+
+
+def test_families_are_detected_from_the_model(pipe):
+    family = family_of(pipe)
+    v = pipe.scheduler.config.prediction_type == "v_prediction"
+    assert family.name == ("sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd")
+    assert ("v_prediction" in family.describe()) == v
+    # the reference's DDIM settings on top of the model's own schedule, whatever scheduler class it shipped with
+    assert pipe.scheduler.config.clip_sample is False and pipe.scheduler.config.set_alpha_to_one is False
+    assert pipe.scheduler.config.steps_offset == 1
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_sampling_with_the_edit_off_equals_the_diffusers_pipeline(pipe, dog_image, guidance):
+    picture = dog_image.resize((size_of(pipe),) * 2)
+    result = edit(pipe, picture, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, inversion="ddim",
+                  guidance_scale=guidance, num_steps=STEPS)
+    x_t = result.inversion.latent
+    ours = sample(pipe, result.inversion, result.text_optimizations, etas=(1.0,), inject_steps=(0,),
+                  output_type="latent")
+    side = size_of(pipe)
+    theirs = pipe(prompt=PROMPT, latents=x_t.clone(), num_inference_steps=STEPS, guidance_scale=guidance,
+                  height=side, width=side, output_type="latent").images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert not torch.equal(ours, x_t)  # sampling moved the latent
+
+
+def test_sampling_with_a_negative_prompt_equals_the_diffusers_pipeline(pipe, dog_image):
+    """The inversion's unconditional conditioning is what the pipeline's negative prompt becomes."""
+    from dataclasses import replace
+
+    picture = dog_image.resize((size_of(pipe),) * 2)
+    result = edit(pipe, picture, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, inversion="ddim",
+                  guidance_scale=5.0, num_steps=STEPS)
+    inversion = replace(result.inversion, unconditional=family_of(pipe).encode_prompt("a blurry photo"))
+    ours = sample(pipe, inversion, result.text_optimizations, etas=(1.0,), inject_steps=(0,), output_type="latent")
+    side = size_of(pipe)
+    theirs = pipe(prompt=PROMPT, negative_prompt="a blurry photo", latents=inversion.latent.clone(),
+                  num_inference_steps=STEPS, guidance_scale=5.0, height=side, width=side,
+                  output_type="latent").images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def oracle_inversion(pipe, x0: torch.Tensor, prompt: str, steps: int) -> torch.Tensor:
+    """DDIM inversion at guidance 1 written against diffusers alone: its inverse scheduler, its prompt encoding,
+    its size conditioning."""
+    scheduler = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    kwargs = {}
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        tokens, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+        side = x0.shape[-1] * pipe.vae_scale_factor
+        time_ids = pipe._get_add_time_ids((side, side), (0, 0), (side, side), dtype=tokens.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+    else:
+        tokens, _ = pipe.encode_prompt(prompt, "cpu", 1, do_classifier_free_guidance=False)
+    x, path = x0, [x0]
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(pipe.unet(x, t, encoder_hidden_states=tokens, **kwargs).sample, t, x).prev_sample
+            path.append(x)
+    return torch.cat(path)
+
+
+def test_ddim_inversion_equals_a_loop_over_diffusers_inverse_scheduler(pipe, dog_image):
+    family = family_of(pipe)
+    x0 = family.encode_image(dog_image.resize((size_of(pipe),) * 2))
+    ours = ddim_invert(pipe, x0, family.encode_prompt(PROMPT), STEPS)
+    torch.testing.assert_close(ours, oracle_inversion(pipe, x0, PROMPT, STEPS), atol=1e-5, rtol=0)
+
+
+def test_text_optimization_regresses_the_model_own_target(pipe):
+    """v models learn ``v = sqrt(abar) eps - sqrt(1 - abar) x0``; epsilon models the noise."""
+    family = family_of(pipe)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([100, 900])
+    noisy, target = family.training_example(x0, noise, t)
+    abar = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
+    expected = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if "v_prediction" in family.describe() else noise
+    torch.testing.assert_close(target, expected)
+    # and the noise estimate of a perfect prediction is the noise, whatever the prediction type
+    torch.testing.assert_close(family.noise_estimate(target, noisy, t), noise, atol=1e-5, rtol=0)
+
+
+def test_sdxl_conditioning_has_tokens_and_pooled_and_unconditional_is_zero():
+    pipe = load_pipeline("tiny-sdxl", device="cpu", dtype="fp32")
+    family = family_of(pipe)
+    cond = family.encode_prompt(PROMPT)
+    assert set(cond.tensors) == {"tokens", "pooled"}
+    assert cond.tokens.shape == (1, 77, 64) and cond.tensors["pooled"].shape == (1, 32)
+    uncond = family.unconditional()
+    assert all(float(t.abs().max()) == 0 for t in uncond.tensors.values())  # force_zeros_for_empty_prompt
+    latents = torch.zeros(3, 4, 8, 12)
+    assert family.time_ids(latents).tolist() == [[64, 96, 0, 0, 64, 96]] * 3
