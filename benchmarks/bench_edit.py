@@ -1,8 +1,10 @@
 """Speed and memory of one default edit, per stage: the project's procedure vs the straightforward one.
 
-    python benchmarks/bench_edit.py                 # CUDA config when a GPU is present, else the CPU config
-    python benchmarks/bench_edit.py --config cpu    # mid-size random model at 256 px (minutes)
-    python benchmarks/bench_edit.py --config cuda   # SD v1.4 architecture, random weights, 512 px
+    python benchmarks/bench_edit.py                     # CUDA config when a GPU is present, else the CPU config
+    python benchmarks/bench_edit.py --config cpu        # mid-size SD-layout random model at 256 px (minutes)
+    python benchmarks/bench_edit.py --config cuda       # SD v1.4 architecture, random weights, 512 px
+    python benchmarks/bench_edit.py --config sdxl-cpu   # mid-size SDXL-layout random model at 256 px (minutes)
+    python benchmarks/bench_edit.py --config sdxl       # SDXL base 1.0 architecture, random weights, 1024 px
 
 For every stage (A text optimization, B inversion, C sampling) and the whole edit it measures wall time, UNet work
 (sample evaluations: a forward of one row counts 1, a forward + backward 2), the share of wall time spent inside
@@ -12,9 +14,16 @@ UNet calls and peak memory (RSS on CPU, ``torch.cuda.max_memory_allocated`` on C
   the stored reconstruction; one branch at guidance 1; on CUDA half precision and channels-last), then another
   eta from the cached stages, negative-prompt inversion, and on CUDA the ``--low-memory`` mode;
 - **straightforward**: the reference's organisation of the same edit (``benchmarks/straightforward.py``): fp32,
-  one seed and one variant per run, both guidance branches always, nothing shared between variants.
+  one seed and one variant per run, both guidance branches always, nothing shared between variants. SD 1.x
+  configurations only: it calls the UNet the SD 1.x way (token embeddings, no pooled or size conditioning).
 
-Results go to ``benchmarks/results/<config>.json`` and into their block of ``docs/PERFORMANCE.md``.
+Everything model-specific goes through the model family (``nonrigid.models.registry.family_of``): prompts are
+encoded and the UNet called by ``family.encode_prompt`` / ``family.predict``, and NTI and NPI invert for the
+family's default guidance scale (7.5 for SD, 5 for SDXL), as ``nonrigid.edit`` does.
+
+Results go to ``benchmarks/results/<config>.json`` and into their block of ``docs/PERFORMANCE.md``. ``--quick``
+shrinks every step count to check that the script runs: its results are marked as such, go to a scratch folder
+(not ``benchmarks/results``) and are never rendered into ``docs/PERFORMANCE.md``.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from random_models import build_random_pipeline, parameter_count  # noqa: E402
 from nonrigid.cli.common import LOW_MEMORY_BATCH_SIZE  # noqa: E402
 from nonrigid.images import load_image  # noqa: E402
 from nonrigid.methods.catalogue import DEFAULT_ETAS  # noqa: E402
-from nonrigid.models.loading import configure_pipeline  # noqa: E402
+from nonrigid.models.loading import configure_pipeline, load_pipeline  # noqa: E402
 from nonrigid.models.registry import family_of  # noqa: E402
 from nonrigid.models.tiny import build_tiny_pipeline  # noqa: E402
 from nonrigid.stages import DEFAULT_GUIDANCE  # noqa: E402
@@ -56,8 +65,38 @@ from nonrigid.stages.cached import cache_fields, inversion_stage, text_stage  # 
 from nonrigid.stages.sampling import sample  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+QUICK_RESULTS = Path(tempfile.gettempdir()) / "nonrigid-bench-quick"  # --quick's default: never the real results
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 TEDBENCH_DOG = ROOT.parent / "shared" / "data" / "tedbench" / "originals" / "dog_01.jpeg"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark configuration: where it runs, which model family and layout, at what size."""
+
+    name: str
+    device: str  # "cpu" or "cuda"
+    family: str  # "sd" (SD 1.x layouts) or "sdxl"
+    layout: str  # default model layout (``random_models``; "tiny"/"tiny-sdxl" for smoke runs)
+    size: int  # default image side in pixels
+    layouts: tuple[str, ...]  # layouts --layout may choose
+    summary: str
+
+    @property
+    def baseline(self) -> bool:
+        """Whether the straightforward procedure is measured too (it is written for SD 1.x's UNet call)."""
+        return self.family == "sd"
+
+
+SD_LAYOUTS = ("mid", "sd14", "tiny")
+SDXL_LAYOUTS = ("sdxl-mid", "sdxl", "tiny-sdxl")
+CONFIGS = {
+    "cpu": Config("cpu", "cpu", "sd", "mid", 256, SD_LAYOUTS, "mid-size SD-layout model at 256 px"),
+    "cuda": Config("cuda", "cuda", "sd", "sd14", 512, SD_LAYOUTS, "SD v1.4 architecture at 512 px"),
+    "sdxl-cpu": Config("sdxl-cpu", "cpu", "sdxl", "sdxl-mid", 256, SDXL_LAYOUTS,
+                       "mid-size SDXL-layout model at 256 px"),
+    "sdxl": Config("sdxl", "cuda", "sdxl", "sdxl", 1024, SDXL_LAYOUTS, "SDXL base 1.0 architecture at 1024 px"),
+}
 
 
 @dataclass
@@ -88,9 +127,15 @@ def ours_text(pipe, picture, plan: EditPlan, cache, common: dict):
     return text_stage(pipe, picture, plan.target_prompt, plan.opt_steps, plan.opt_lr, plan.seeds, cache, common)[0]
 
 
+def inversion_guidance(pipe, method: str) -> float:
+    """The guidance scale ``nonrigid.edit`` inverts for: the family's default with NTI and NPI (7.5 for SD, 5 for
+    SDXL), 1 with DDIM."""
+    return DEFAULT_GUIDANCE[method] if method == "ddim" else family_of(pipe).defaults.guidance_scale
+
+
 def ours_inversion(pipe, picture, plan: EditPlan, cache, common: dict, method: str = "nti"):
-    return inversion_stage(pipe, picture, plan.source_prompt, method, plan.num_steps, DEFAULT_GUIDANCE[method],
-                           plan.inner_steps, plan.early_stop, cache, common)[0]
+    return inversion_stage(pipe, picture, plan.source_prompt, method, plan.num_steps,
+                           inversion_guidance(pipe, method), plan.inner_steps, plan.early_stop, cache, common)[0]
 
 
 def ours_sampling(pipe, inversion, texts, etas, inject_steps: int, batch_size: int | None = None):
@@ -111,17 +156,19 @@ def ours_from_cache(pipe, picture, plan: EditPlan, cache, etas):
 
 
 def warm_up(pipe, size: int) -> None:
-    """First calls pay for kernel selection and allocator growth; neither side should be charged for that."""
-    unet = pipe.unet
+    """First calls pay for kernel selection and allocator growth; neither side should be charged for that.
+    The UNet is called through the family, with the empty prompt's conditioning (whatever tensors it has)."""
+    family = family_of(pipe)
     h = w = size // pipe.vae_scale_factor
+    channels = pipe.unet.config.in_channels
+    empty = family.encode_prompt("")
     for rows, grad in ((1, False), (2, False), (1, True)):
-        x = torch.randn(rows, 4, h, w, device=unet.device, dtype=unet.dtype)
-        e = torch.randn(rows, 77, unet.config.cross_attention_dim, device=unet.device, dtype=unet.dtype,
-                        requires_grad=grad)
+        x = torch.randn(rows, channels, h, w, device=family.device)
+        cond = empty.leaves() if grad else empty
         with torch.set_grad_enabled(grad):
-            out = unet(x, 500, encoder_hidden_states=e).sample
+            out = family.predict(x, 500, cond)
             if grad:
-                out.float().square().mean().backward()
+                out.square().mean().backward()
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -154,6 +201,22 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def build_pipeline(layout: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The benchmark's model: a random-weight pipeline of ``layout`` (``random_models``) or a built-in tiny one."""
+    if layout == "tiny":
+        return build_tiny_pipeline().to(device)
+    if layout == "tiny-sdxl":  # through the loader: it turns SDXL's Euler config into DDIM
+        return load_pipeline("tiny-sdxl", device=device, dtype=dtype)
+    return build_random_pipeline(layout, device=device, dtype=dtype)
+
+
+def cast_networks(pipe, dtype: torch.dtype) -> None:
+    """Every network of the family to ``dtype``, the VAE to the family's choice (SDXL's stays fp32 under fp16)."""
+    family = family_of(pipe)
+    for name in family.networks:
+        getattr(pipe, name).to(dtype=family.vae_dtype(dtype) if name == "vae" else dtype)
+
+
 # --------------------------------------------------------------------------------------------------- runs
 
 
@@ -170,62 +233,78 @@ class Run:
 
 
 def run_cpu(args, plan: EditPlan) -> Run:
-    """Ours and straightforward on one fp32 pipeline, stages interleaved so both see the same machine load."""
+    """Ours and (SD 1.x only) straightforward on one fp32 pipeline, stages interleaved so both see the same
+    machine load."""
+    config = CONFIGS[args.config]
     device = torch.device("cpu")
     torch.set_num_threads(args.threads)
-    pipe = build_tiny_pipeline() if args.layout == "tiny" else build_random_pipeline(args.layout, device=device)
+    pipe = build_pipeline(args.layout, device)
     configure_pipeline(pipe)
     picture = input_image(args.size)
-    run = Run("cpu", environment(args, pipe, "fp32"), asdict(plan))
+    run = Run(config.name, environment(args, pipe, "fp32"), asdict(plan))
     load_before = os.getloadavg()
     warm_up(pipe, args.size)
+    baseline = config.baseline
     with UNetCounter(pipe.unet) as counter, tempfile.TemporaryDirectory() as folder:
         rec = Recorder(counter, device)
         cache = StageCache(folder)
         k = plan.inject_steps
-        base_texts = rec.measure("straightforward.A", straightforward.text_optimizations, pipe, picture,
-                                 plan.target_prompt, plan.opt_steps, plan.opt_lr, plan.seeds)
+        if baseline:
+            base_texts = rec.measure("straightforward.A", straightforward.text_optimizations, pipe, picture,
+                                     plan.target_prompt, plan.opt_steps, plan.opt_lr, plan.seeds)
         common = rec.measure("ours.keys", cache_fields, pipe, picture)
         texts = rec.measure("ours.A", ours_text, pipe, picture, plan, cache, common)
-        base_inv = rec.measure("straightforward.B", straightforward.null_text_inversion, pipe, picture,
-                               plan.source_prompt, plan.num_steps, None, plan.inner_steps, plan.early_stop)
+        if baseline:
+            base_inv = rec.measure("straightforward.B", straightforward.null_text_inversion, pipe, picture,
+                                   plan.source_prompt, plan.num_steps, None, plan.inner_steps, plan.early_stop)
         inversion = rec.measure("ours.B", ours_inversion, pipe, picture, plan, cache, common)
         _, latents = rec.measure("ours.C", ours_sampling, pipe, inversion, texts, plan.etas, k)
-        _, base_latents = rec.measure("straightforward.C", straightforward.sample_variants, pipe, base_inv,
-                                      base_texts, plan.etas, (k,))
-        rec.measure("ours.sweep_cached", ours_from_cache, pipe, picture, plan, cache, plan.etas)
+        if baseline:
+            _, base_latents = rec.measure("straightforward.C", straightforward.sample_variants, pipe, base_inv,
+                                          base_texts, plan.etas, (k,))
+        _, cached_latents = rec.measure("ours.sweep_cached", ours_from_cache, pipe, picture, plan, cache, plan.etas)
         rec.measure("ours.extra_variant", ours_from_cache, pipe, picture, plan, cache, (plan.extra_eta,))
         npi = rec.measure("ours.B_npi", ours_inversion, pipe, picture, plan, None, common, "npi")
         rec.total("ours.edit", ["ours.keys", "ours.A", "ours.B", "ours.C"])
-        rec.total("straightforward.edit", ["straightforward.A", "straightforward.B", "straightforward.C"])
+        if baseline:
+            rec.total("straightforward.edit", ["straightforward.A", "straightforward.B", "straightforward.C"])
         run.sections = {name: s.as_dict() for name, s in rec.sections.items()}
     run.environment["load_average_before"] = load_before
     run.environment["load_average_after"] = os.getloadavg()
-    run.checks = agreement(texts, base_texts, inversion, base_inv, latents, base_latents)
+    if baseline:
+        run.checks = agreement(texts, base_texts, inversion, base_inv, latents, base_latents)
+    else:
+        run.checks = cache_agreement(latents, cached_latents)
     x0 = family_of(pipe).encode_image(picture)
     run.inversions["random_model"] = {
         "nti_latent_error": relative_error(inversion.reconstruction[-1:], x0),
         "npi_latent_error": relative_error(npi.reconstruction[-1:], x0),
     }
-    if args.mini:
+    if args.mini and config.name == "cpu":  # the miniature model compared there has SD 1.x's layout
         run.inversions["mini"] = inversion_errors_on_mini(args.mini_scenes, plan.num_steps, plan.inner_steps)
     return run
 
 
-def run_cuda(args, plan: EditPlan) -> Run:
-    """Ours (half precision, channels-last; then low-memory; then optionally compiled) and straightforward (fp32),
-    one after the other, each with only its own pipeline on the GPU so peak memory is its own."""
-    device = torch.device("cuda")
+def run_cuda(args, plan: EditPlan, device: torch.device | None = None) -> Run:
+    """Ours (half precision, channels-last; then low-memory; then optionally compiled) and, for SD 1.x,
+    straightforward (fp32), one after the other, each with only its own pipeline on the GPU so peak memory is its
+    own. ``device`` only serves smoke checks of this code path on another device (default: CUDA)."""
+    config = CONFIGS[args.config]
+    device = torch.device("cuda") if device is None else device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    reference = build_random_pipeline(args.layout, device=device, dtype=torch.float32)
-    pipe = copy.deepcopy(reference)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.to(dtype=dtype)
-    reference.to("cpu")
+    baseline = config.baseline
+    if baseline:
+        reference = build_pipeline(args.layout, device, torch.float32)
+        pipe = copy.deepcopy(reference)
+        cast_networks(pipe, dtype)
+        reference.to("cpu")
+    else:  # no fp32 reference: built in fp32 on the device, then cast (the VAE as the family keeps it)
+        pipe = build_pipeline(args.layout, device, torch.float32)
+        cast_networks(pipe, dtype)
     free(device)
     configure_pipeline(pipe)
     picture = input_image(args.size)
-    run = Run("cuda", environment(args, pipe, args.dtype), asdict(plan))
+    run = Run(config.name, environment(args, pipe, args.dtype), asdict(plan))
     k = plan.inject_steps
     warm_up(pipe, args.size)
     sections = {}
@@ -236,7 +315,7 @@ def run_cuda(args, plan: EditPlan) -> Run:
         texts = rec.measure("ours.A", ours_text, pipe, picture, plan, cache, common)
         inversion = rec.measure("ours.B", ours_inversion, pipe, picture, plan, cache, common)
         _, latents = rec.measure("ours.C", ours_sampling, pipe, inversion, texts, plan.etas, k)
-        rec.measure("ours.sweep_cached", ours_from_cache, pipe, picture, plan, cache, plan.etas)
+        _, cached_latents = rec.measure("ours.sweep_cached", ours_from_cache, pipe, picture, plan, cache, plan.etas)
         rec.measure("ours.extra_variant", ours_from_cache, pipe, picture, plan, cache, (plan.extra_eta,))
         npi = rec.measure("ours.B_npi", ours_inversion, pipe, picture, plan, None, common, "npi")
         rec.total("ours.edit", ["ours.keys", "ours.A", "ours.B", "ours.C"])
@@ -268,6 +347,10 @@ def run_cuda(args, plan: EditPlan) -> Run:
     del pipe
     free(device)
 
+    if not baseline:
+        run.sections = {name: s.as_dict() for name, s in sections.items()}
+        run.checks = cache_agreement(latents, cached_latents)
+        return run
     reference.to(device)
     warm_up(reference, args.size)
     with UNetCounter(reference.unet) as counter:
@@ -283,6 +366,13 @@ def run_cuda(args, plan: EditPlan) -> Run:
     run.sections = {name: s.as_dict() for name, s in sections.items()}
     run.checks = agreement(texts, base_texts, inversion, base_inv, latents, base_latents)
     return run
+
+
+def cache_agreement(latents: torch.Tensor, cached_latents: torch.Tensor) -> dict:
+    """Where there is no straightforward run (SDXL): how far the sweep from the cached stages (every conditioning
+    tensor saved and loaded) is from stage C's final latents (0 on the CPU)."""
+    return {"cached_sweep_latent_max_diff": max_difference(cached_latents, latents),
+            "cached_sweep_latent_relative_diff": relative_error(cached_latents, latents)}
 
 
 def agreement(texts, base_texts, inversion, base_inv, latents, base_latents) -> dict:
@@ -338,6 +428,9 @@ def inversion_errors_on_mini(scenes: int, num_steps: int = 50, inner_steps: int 
         "scenes": scenes}
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 def environment(args, pipe, dtype: str) -> dict:
     device = pipe.unet.device
     if device.type == "cuda":
@@ -347,7 +440,7 @@ def environment(args, pipe, dtype: str) -> dict:
         with contextlib.suppress(OSError, StopIteration):
             name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                         if line.startswith("model name"))
-    return {
+    env = {
         "device": str(device), "device_name": name, "dtype": dtype, "layout": args.layout, "size": args.size,
         "threads": torch.get_num_threads() if device.type == "cpu" else None, "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
@@ -357,6 +450,14 @@ def environment(args, pipe, dtype: str) -> dict:
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+    family = family_of(pipe)
+    if family.name != "sd":  # only what SD 1.x runs do not have, so their records keep their keys
+        env |= {"family": family.describe(), "guidance_scale": family.defaults.guidance_scale,
+                "vae_dtype": DTYPE_NAMES.get(pipe.vae.dtype, str(pipe.vae.dtype)),
+                "text_encoder_2_parameters": parameter_count(pipe.text_encoder_2)}
+    if args.quick:
+        env["quick"] = True
+    return env
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -389,7 +490,25 @@ def targets(run: Run) -> list[tuple[str, str, bool | str]]:
     bound = (n - k) / n * full_run_units
     rows.append((f"another eta from cached stages: UNet work <= (N-K)/N of a full {n}-step run ({bound:g})",
                  f"{extra} ({extra / full_run_units:.2f} of {full_run_units})", extra <= bound))
-    if run.config == "cpu":
+    if run.config == "sdxl-cpu":  # no straightforward run to compare with (SD 1.x only)
+        o = s["ours.edit"]
+        rows.append(("whole default edit: >= 90% of wall time inside UNet calls", f"{o['unet_share']:.1%}",
+                     o["unet_share"] >= 0.9))
+    elif run.config == "sdxl":
+        o, low = s["ours.edit"], s["ours_low_memory.edit"]
+        sweep, one = s["ours.sweep_cached"]["seconds"], s["ours.extra_variant"]["seconds"]
+        per_variant = (sweep - one) / (len(plan["etas"]) - 1)
+        gb = 1024**3
+        rows += [
+            (f"SDXL default edit at {run.environment['size']} px within 25 s", f"{o['seconds']:.1f} s",
+             o["seconds"] <= 25),
+            ("each additional variant (no SDXL target; SD 1.x's is 0.3 s)", f"{per_variant:.2f} s per variant in "
+             f"a sweep; {one:.2f} s for one extra variant alone", "no target"),
+            ("peak GPU memory within 24 GB (default)", f"{o['peak_bytes'] / gb:.2f} GB", o["peak_bytes"] <= 24 * gb),
+            ("peak GPU memory within 12 GB (--low-memory)", f"{low['peak_bytes'] / gb:.2f} GB",
+             low["peak_bytes"] <= 12 * gb),
+        ]
+    elif run.config == "cpu":
         base_c, ours_c = s["straightforward.C"], s["ours.sweep_cached"]
         rows.append(("default sweep from cached stages >= 2x faster than six straightforward sampling runs",
                      f"{base_c['seconds'] / ours_c['seconds']:.2f}x ({base_c['seconds']:.1f} s vs "
@@ -437,18 +556,30 @@ SECTION_LABELS = {
 def render_block(run: Run) -> str:
     env, plan = run.environment, run.plan
     mb = 1024**2
+    vae = env.get("vae_dtype", env["dtype"])
+    networks = env["dtype"] if vae == env["dtype"] else f"{env['dtype']} (the VAE in {vae}: force_upcast)"
+    if "text_encoder_2_parameters" in env:
+        encoders = (f"text encoders {env['text_encoder_parameters'] / 1e6:.1f} M + "
+                    f"{env['text_encoder_2_parameters'] / 1e6:.1f} M")
+    else:
+        encoders = f"text encoder {env['text_encoder_parameters'] / 1e6:.1f} M"
+    guidance = f", guidance {env['guidance_scale']:g}" if "guidance_scale" in env else ""
     lines = [
         f"- Measured {env['date']} on {env['device_name']} ({env['device']}"
         + (f", {env['threads']} thread(s), {env['cpu_count']} cores" if env["threads"] else "")
-        + f"), torch {env['torch']}, diffusers {env['diffusers']}; networks in {env['dtype']} for ours.",
+        + f"), torch {env['torch']}, diffusers {env['diffusers']}; networks in {networks} for ours.",
         f"- Model: `{env['layout']}` layout with random weights, UNet {env['unet_parameters'] / 1e6:.1f} M, VAE "
-        f"{env['vae_parameters'] / 1e6:.1f} M, text encoder {env['text_encoder_parameters'] / 1e6:.1f} M "
+        f"{env['vae_parameters'] / 1e6:.1f} M, {encoders} "
         f"parameters; attention: {', '.join(env['attention_processors'])}; {env['size']} px.",
         f"- Edit: {plan['opt_steps']} text-optimization steps, seeds {list(plan['seeds'])}, NTI "
-        f"({plan['inner_steps']} inner steps, source prompt {plan['source_prompt']!r}), {plan['num_steps']} steps, "
+        f"({plan['inner_steps']} inner steps, source prompt {plan['source_prompt']!r}{guidance}), "
+        f"{plan['num_steps']} steps, "
         f"etas {list(plan['etas'])}, inject {plan['inject']} (K = {round(plan['inject'] * plan['num_steps'])}).",
         f"- Command: `{env['command']}`",
     ]
+    if env.get("quick"):
+        lines.insert(0, "- **Quick check (`--quick`): a few steps of everything, to see that the script runs. Not a "
+                        "measurement of the default edit; not for docs/PERFORMANCE.md.**")
     if "load_average_before" in env:
         before, after = env["load_average_before"], env["load_average_after"]
         lines.append(f"- Machine load average (1/5/15 min) before: {before[0]:.1f}/{before[1]:.1f}/{before[2]:.1f}, "
@@ -460,14 +591,21 @@ def render_block(run: Run) -> str:
         lines.append(f"| {who.replace('_', ' ')} | {SECTION_LABELS.get(stage, stage)} | {s['seconds']:.1f} | "
                      f"{s['unet_units']} | {s['unet_calls']} | {s['unet_share']:.1%} | "
                      f"{s['peak_bytes'] / mb:,.0f} MB |")
-    memory = "process RSS, weights included" if run.config == "cpu" else "torch.cuda.max_memory_allocated"
+    memory = ("process RSS, weights included" if env["device"] == "cpu"
+              else "torch.cuda.max_memory_allocated")
     lines += ["", f"Peak memory is {memory}.", "", "| target | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {t} | {m} | {verdict(ok)} |" for t, m, ok in targets(run)]
     c = run.checks
-    lines += ["", f"Agreement with the straightforward computation: optimized embedding max |diff| "
-              f"{c['text_embedding_max_diff']:.2e}, null embeddings max |diff| {c['null_embedding_max_diff']:.2e} "
-              f"(relative {c['null_embedding_relative_diff']:.2e}), final "
-              f"latents max |diff| {c['final_latent_max_diff']:.2e} (relative {c['final_latent_relative_diff']:.2e})."]
+    if "text_embedding_max_diff" in c:
+        lines += ["", f"Agreement with the straightforward computation: optimized embedding max |diff| "
+                  f"{c['text_embedding_max_diff']:.2e}, null embeddings max |diff| {c['null_embedding_max_diff']:.2e} "
+                  f"(relative {c['null_embedding_relative_diff']:.2e}), final latents max |diff| "
+                  f"{c['final_latent_max_diff']:.2e} (relative {c['final_latent_relative_diff']:.2e})."]
+    else:
+        lines += ["", "No straightforward run: `benchmarks/straightforward.py` calls the UNet the SD 1.x way "
+                  "(token embeddings only, no pooled or size conditioning). The sweep from the cached stages "
+                  "(token and pooled embeddings saved and loaded) against stage C: final latents max |diff| "
+                  f"{c['cached_sweep_latent_max_diff']:.2e} (relative {c['cached_sweep_latent_relative_diff']:.2e})."]
     inv = run.inversions
     r = inv["random_model"]
     npi_s, nti_s = run.sections["ours.B_npi"], run.sections["ours.B"]
@@ -493,11 +631,15 @@ def render_block(run: Run) -> str:
 def update_doc(doc: Path, results: Path) -> None:
     """Replace each configuration's block in ``doc`` by the rendering of its latest results."""
     text = doc.read_text() if doc.is_file() else "# Performance\n"
-    for config in ("cpu", "cuda"):
+    for config in CONFIGS:
         path = results / f"{config}.json"
         if not path.is_file():
             continue
-        block = render_block(Run(**json.loads(path.read_text())))
+        run = Run(**json.loads(path.read_text()))
+        if run.environment.get("quick") and doc.resolve() == DOC.resolve():
+            print(f"not rendering {path} into {doc}: it is a --quick check, not a measurement")
+            continue
+        block = render_block(run)
         start, end = f"<!-- bench:{config}:start -->", f"<!-- bench:{config}:end -->"
         if start in text and end in text:
             head, rest = text.split(start, 1)
@@ -512,27 +654,41 @@ def update_doc(doc: Path, results: Path) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="cuda: SD v1.4 architecture at 512 px; cpu: mid-size model at 256 px; auto: cuda if present")
-    p.add_argument("--layout", choices=("mid", "sd14", "tiny"), default=None,
-                   help="model layout (default: mid on cpu, sd14 on cuda; tiny for a smoke run)")
-    p.add_argument("--size", type=int, default=None, help="image size (default: 256 on cpu, 512 on cuda)")
+    p.add_argument("--config", choices=("auto", *CONFIGS), default="auto",
+                   help="\n".join(f"{c.name}: {c.summary} ({c.device})" for c in CONFIGS.values())
+                   + "\nauto: cuda if a GPU is present, else cpu")
+    p.add_argument("--layout", choices=SD_LAYOUTS + SDXL_LAYOUTS, default=None,
+                   help="model layout (default: the config's; tiny / tiny-sdxl for a smoke run)")
+    p.add_argument("--size", type=int, default=None, help="image size (default: the config's)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1: on shared cores several threads per process wait on each other)")
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="CUDA: precision of ours' networks")
     p.add_argument("--compile", action="store_true", help="CUDA: also measure a torch.compile'd UNet")
-    p.add_argument("--quick", action="store_true", help="a few steps of everything (checks the script runs)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few steps of everything (checks the script runs); results are marked as a check, go to\n"
+                        f"{QUICK_RESULTS} unless --results is given and never into {DOC.name}")
     p.add_argument("--no-mini", dest="mini", action="store_false", help="skip NTI vs NPI on the miniature model")
     p.add_argument("--mini-scenes", type=int, default=2, help="scenes for the miniature model comparison")
-    p.add_argument("--results", type=Path, default=RESULTS, help="folder for <config>.json")
-    p.add_argument("--doc", type=Path, default=DOC, help="markdown file whose block is updated ('' to skip)")
+    p.add_argument("--results", type=Path, default=None, help="folder for <config>.json (default: benchmarks/results)")
+    p.add_argument("--doc", default=None,
+                   help="markdown file whose blocks are updated ('' to skip; default: docs/PERFORMANCE.md)")
     args = p.parse_args(argv)
     if args.config == "auto":
         args.config = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.config == "cuda" and not torch.cuda.is_available():
-        p.error("--config cuda needs a CUDA GPU")
-    args.layout = args.layout or ("sd14" if args.config == "cuda" else "mid")
-    args.size = args.size or (512 if args.config == "cuda" else 256)
+    config = CONFIGS[args.config]
+    if config.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"bench_edit.py: --config {config.name} needs a CUDA GPU and torch.cuda.is_available() is False"
+                 + (" (on the CPU: --config sdxl-cpu)" if config.family == "sdxl" else " (on the CPU: --config cpu)"))
+    args.layout = args.layout or config.layout
+    if args.layout not in config.layouts:
+        p.error(f"--config {config.name} takes --layout {' / '.join(config.layouts)}, not {args.layout}")
+    args.size = args.size or config.size
+    if args.results is None:
+        args.results = QUICK_RESULTS if args.quick else RESULTS
+    if args.doc is None:
+        args.doc = None if args.quick else DOC
+    else:
+        args.doc = Path(args.doc) if args.doc else None
     return args
 
 
@@ -542,14 +698,16 @@ def main(argv=None) -> None:
     if args.quick:
         plan = EditPlan(num_steps=5, opt_steps=3, inner_steps=2, etas=(0.0, 0.5), inject=0.4)
         args.mini_scenes = min(args.mini_scenes, 1)
-    run = run_cuda(args, plan) if args.config == "cuda" else run_cpu(args, plan)
+    run = run_cuda(args, plan) if CONFIGS[args.config].device == "cuda" else run_cpu(args, plan)
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"{args.config}.json"
     path.write_text(json.dumps(asdict(run), indent=1))
     print(render_block(run))
-    if str(args.doc):
+    if args.doc is not None:
         update_doc(args.doc, args.results)
         print(f"\nwrote {path} and updated {args.doc}")
+    else:
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

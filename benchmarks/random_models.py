@@ -1,4 +1,5 @@
-"""Random-weight pipelines of the SD 1.x layout for the benchmark: real weights would not change what is measured.
+"""Random-weight pipelines of the SD 1.x and SDXL layouts for the benchmark: real weights would not change what is
+measured.
 
 - ``"sd14"``: the full Stable Diffusion v1.4 architecture (UNet 860 M parameters, CLIP ViT-L/14 text encoder, the
   SD VAE): the cost of the real model, for CUDA at 512 px.
@@ -9,16 +10,37 @@
   (40 to 160): with SD's eight heads at a tenth of the width, the CPU attention kernels on 4-channel heads would
   take most of the time, which says nothing about SD.
 
-The tokenizer is the project's byte-level CLIP tokenizer (no download); tokenization costs nothing either way.
+- ``"sdxl"``: the full SDXL base 1.0 architecture (UNet 2.6 B parameters: three levels 320/640/1280 wide, 1, 2
+  and 10 transformer layers per attention block, 64-wide heads, linear projections, 2048-wide cross-attention,
+  pooled-text and size conditioning; CLIP ViT-L and OpenCLIP bigG text encoders; SD's VAE with SDXL's scaling
+  factor 0.13025 and ``force_upcast``): the cost of the real model, for CUDA at 1024 px.
+- ``"sdxl-mid"``: the SDXL layout cut down as ``"mid"`` cuts down SD's: a tenth of the UNet's channel widths
+  (32/64/128) with one head per attention layer (32 to 128 channels wide like SDXL's 64), the same levels, ResNet
+  and transformer layer counts (1, 2, 10) and the same conditioning shapes (tokens 77 x 2048, pooled 1280, six size
+  ids); ``"mid"``'s four-level VAE at a quarter of SD's widths; both text encoders at full width with four layers
+  each. For the CPU at 256 px.
+
+SDXL pipelines get the DDIM scheduler the project's loader gives SDXL (``ddim_scheduler_for`` of SDXL's
+Euler config) and ``force_zeros_for_empty_prompt`` as SDXL base; their VAE is kept in fp32 when the other networks
+are fp16 (``family.vae_dtype``), as the loader does. The tokenizer is the project's byte-level CLIP tokenizer (no
+download); tokenization costs nothing either way.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from nonrigid.models.sd import DDIM_OVERRIDES
+from nonrigid.models.registry import family_of
+from nonrigid.models.sd import DDIM_OVERRIDES, ddim_scheduler_for
 from nonrigid.models.tiny import build_clip_tokenizer
 
 LAYOUTS = {
@@ -34,6 +56,21 @@ LAYOUTS = {
     },
 }
 
+SDXL_LAYOUTS = {
+    "sdxl": {
+        "unet": {"block_out_channels": (320, 640, 1280), "attention_head_dim": (5, 10, 20), "norm_num_groups": 32},
+        "vae": {"block_out_channels": (128, 256, 512, 512), "norm_num_groups": 32},
+        "text": {"num_hidden_layers": 12},
+        "text_2": {"num_hidden_layers": 32},
+    },
+    "sdxl-mid": {
+        "unet": {"block_out_channels": (32, 64, 128), "attention_head_dim": (1, 1, 1), "norm_num_groups": 32},
+        "vae": {"block_out_channels": (32, 64, 128, 128), "norm_num_groups": 32},
+        "text": {"num_hidden_layers": 4},
+        "text_2": {"num_hidden_layers": 4},
+    },
+}
+
 
 def build_random_pipeline(
     layout: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
@@ -41,8 +78,10 @@ def build_random_pipeline(
     """A pipeline of ``layout`` with weights drawn from ``seed``, frozen, on ``device`` in ``dtype``.
 
     Built directly on ``device`` (no 3 GB detour through host memory for SD v1.4). The scheduler is the reference's
-    DDIM. The global RNG is left as it was.
+    DDIM. The global RNG is left as it was. ``"sdxl"`` and ``"sdxl-mid"`` give a ``StableDiffusionXLPipeline``.
     """
+    if layout in SDXL_LAYOUTS:
+        return build_random_sdxl_pipeline(layout, seed=seed, device=device, dtype=dtype)
     spec = LAYOUTS[layout]
     device = torch.device(device)
     tokenizer = build_clip_tokenizer()
@@ -91,6 +130,71 @@ def build_random_pipeline(
         module.requires_grad_(False)
         module.eval()
         module.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_random_sdxl_pipeline(
+    layout: str, *, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> StableDiffusionXLPipeline:
+    """An SDXL-layout pipeline (``SDXL_LAYOUTS[layout]``) as :func:`build_random_pipeline` builds SD's."""
+    spec = SDXL_LAYOUTS[layout]
+    device = torch.device(device)
+    tokenizer = build_clip_tokenizer()
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer), "max_position_embeddings": 77}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            use_linear_projection=True,
+            cross_attention_dim=2048,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,  # 6 size ids x 256 + the 1280-wide pooled embedding
+            **spec["unet"],
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=1024,
+            scaling_factor=0.13025,
+            force_upcast=True,
+            **spec["vae"],
+        )
+        text_encoder = CLIPTextModel(  # CLIP ViT-L/14
+            CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, hidden_act="quick_gelu",
+                           **special, **spec["text"])
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(  # OpenCLIP ViT-bigG/14
+            CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, hidden_act="gelu",
+                           projection_dim=1280, **special, **spec["text_2"])
+        )
+    euler = EulerDiscreteScheduler(  # SDXL base 1.0's scheduler config, turned into DDIM as the loader does
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading",  # (its interpolation_type "linear" is Euler's default and means nothing to DDIM)
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=build_clip_tokenizer(), unet=unet, scheduler=ddim_scheduler_for(euler.config),
+        force_zeros_for_empty_prompt=True,
+    )
+    family = family_of(pipe)
+    for name in family.networks:
+        module = getattr(pipe, name)
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device=device, dtype=family.vae_dtype(dtype) if name == "vae" else dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

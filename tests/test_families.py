@@ -121,8 +121,38 @@ def test_sdxl_conditioning_has_tokens_and_pooled_and_unconditional_is_zero():
     family = family_of(pipe)
     cond = family.encode_prompt(PROMPT)
     assert set(cond.tensors) == {"tokens", "pooled"}
-    assert cond.tokens.shape == (1, 77, 64) and cond.tensors["pooled"].shape == (1, 32)
+    assert cond.tokens.shape == (1, 77, 16 + 32) and cond.tensors["pooled"].shape == (1, 32)
     uncond = family.unconditional()
     assert all(float(t.abs().max()) == 0 for t in uncond.tensors.values())  # force_zeros_for_empty_prompt
     latents = torch.zeros(3, 4, 8, 12)
     assert family.time_ids(latents).tolist() == [[64, 96, 0, 0, 64, 96]] * 3
+
+
+def test_a_method_refuses_a_family_it_cannot_apply_to_in_one_line(monkeypatch, dog_image):
+    """The catalogue says which families a method applies to; run_method refuses the others before any work."""
+    from dataclasses import replace
+
+    from nonrigid.errors import UsageError
+    from nonrigid.methods import catalogue
+    from nonrigid.methods.run import run_method
+
+    restricted = replace(catalogue.NTI, families=("sd",), why_not="it needs SD's single text encoder")
+    monkeypatch.setitem(catalogue.METHODS, "nti", restricted)
+    pipe = load_pipeline("tiny-sdxl", device="cpu", dtype="fp32")
+    with pytest.raises(UsageError, match=r"^method 'nti' does not apply to this model \(SDXL layout.*single text") \
+            as refused:
+        run_method(pipe, dog_image, PROMPT, "nti", {"num_steps": 2})
+    assert "\n" not in str(refused.value)
+
+
+def test_family_defaults_pick_size_and_guidance_unless_told(dog_image):
+    """`edit` on SDXL samples at SDXL's guidance (5) and native size; explicit values win."""
+    pipe = load_pipeline("tiny-sdxl", device="cpu", dtype="fp32")
+    result = edit(pipe, dog_image, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, num_steps=2, inner_steps=0)
+    assert result.inversion.guidance_scale == 5.0 and result.input_image.size == (64, 64)
+    told = edit(pipe, dog_image, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, num_steps=2, inner_steps=0,
+                guidance_scale=7.5, size=128)
+    assert told.inversion.guidance_scale == 7.5 and told.input_image.size == (128, 128)
+    sd = load_pipeline("tiny-sd2-v", device="cpu", dtype="fp32")
+    assert edit(sd, dog_image, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, num_steps=2,
+                inner_steps=0).input_image.size == (96, 96)

@@ -33,7 +33,8 @@ def add_mini_parser(commands) -> None:
     train.add_argument("--out", type=Path, default=Path("runs/mini-train"), help="work folder")
     train.add_argument("--seed", type=int, default=defaults.seed, help="seed of data, initialisation and noise")
     train.add_argument("--vae-steps", type=int, default=defaults.vae_steps, help="VAE training steps")
-    train.add_argument("--unet-steps", type=int, default=defaults.unet_steps, help="UNet training steps")
+    train.add_argument("--unet-steps", type=int, default=None,
+                       help=f"UNet training steps (default {defaults.unet_steps}; v: 1000, xl: 2500)")
     train.add_argument("--unet-batch", type=int, default=defaults.unet_batch,
                        help="UNet batch size (the recipe benchmark found 32 better than 64 for the same samples)")
     train.add_argument("--snr-gamma", type=float, default=defaults.snr_gamma,
@@ -42,6 +43,11 @@ def add_mini_parser(commands) -> None:
     train.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (fixed, for reproducibility)")
     train.add_argument("--install", action="store_true",
                        help="copy the trained model into the package, where load_pipeline('mini') finds it")
+    train.add_argument("--variant", choices=("sd", "v", "xl"), default="sd",
+                       help="which miniature model: sd (the SD-1.x-layout model, 'mini'), v (its v-prediction "
+                       "fine-tune, a LoRA, 'mini-v'; needs 'mini'), xl (the SDXL-layout model, 'mini-xl'; needs "
+                       "'mini' for its VAE and tokenizer). v and xl take --seed, --threads, --dataset-size and "
+                       "--unet-steps (default 1000 for v, 2500 for xl)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     train.set_defaults(func=run_mini_train)
@@ -78,6 +84,10 @@ def add_mini_parser(commands) -> None:
     ev.add_argument("--opt-steps", type=int, default=200, help="text optimization steps")
     ev.add_argument("--baselines", default="imagic,masactrl,edit-friendly,dds,ledits",
                     help="comma-separated baselines to run besides NTI-only editing ('none' for none)")
+    ev.add_argument("--model", choices=("mini", "mini-v", "mini-xl"), default="mini",
+                    help="which miniature model: mini (SD 1.x layout: the full evaluation), mini-v (v prediction) "
+                    "or mini-xl (SDXL layout): ours against NTI-only editing, written as that model's section of "
+                    "MINIATURE.md with --docs")
     ev.add_argument("--docs", type=Path, default=None, help="write MINIATURE.md and its figures into this folder")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -89,13 +99,26 @@ def mini_train_config(args: argparse.Namespace):
     from ..mini.config import TrainConfig
 
     for name in ("vae_steps", "unet_steps", "unet_batch", "dataset_size", "threads"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not math.isfinite(args.snr_gamma) or args.snr_gamma < 0:
         raise UsageError(f"--snr-gamma must be 0 (plain loss) or positive, got {args.snr_gamma}")
-    return TrainConfig(seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+    unet_steps = TrainConfig.unet_steps if args.unet_steps is None else args.unet_steps
+    return TrainConfig(seed=args.seed, vae_steps=args.vae_steps, unet_steps=unet_steps,
                        unet_batch=args.unet_batch, snr_gamma=args.snr_gamma,
                        dataset_size=args.dataset_size, threads=args.threads)
+
+
+def variant_config(args: argparse.Namespace):
+    """The ``VariantConfig`` of ``nonrigid mini train --variant v|xl``, after checking the flags."""
+    from dataclasses import replace
+
+    from ..mini.config import VariantConfig
+    from ..mini.xl import xl_config
+
+    base = xl_config() if args.variant == "xl" else VariantConfig()
+    steps = base.steps if args.unet_steps is None else args.unet_steps
+    return replace(base, seed=args.seed, threads=args.threads, steps=steps, dataset_size=args.dataset_size)
 
 
 def run_mini_train(args: argparse.Namespace) -> int:
@@ -107,6 +130,8 @@ def run_mini_train(args: argparse.Namespace) -> int:
     config = mini_train_config(args)
     log = Log(args.out / "train_log.txt", echo=None if args.quiet else logger.info)
     log("command: nonrigid " + " ".join(sys.argv[1:]))
+    if args.variant != "sd":
+        return _train_variant(args, log)
     model = train(args.out, config, progress=not args.quiet, log=log)
     if args.install:
         target = mini_weights_dir()
@@ -114,6 +139,27 @@ def run_mini_train(args: argparse.Namespace) -> int:
             if (target / part.name).is_dir():
                 shutil.rmtree(target / part.name)
         shutil.copytree(model, target, dirs_exist_ok=True)
+        shutil.copy(args.out / "train_log.txt", target / "train_log.txt")
+        log(f"installed into {target}")
+    print(model)
+    return 0
+
+
+def _train_variant(args: argparse.Namespace, log) -> int:
+    """``mini-v`` or ``mini-xl``: trained into OUT/model, with --install copied to the package's weights/v or /xl."""
+    import shutil
+
+    from ..mini.variants import train_v
+    from ..mini.xl import train_xl
+    from ..models.loading import mini_weights_dir
+
+    trainer = train_xl if args.variant == "xl" else train_v
+    model = trainer(args.out, variant_config(args), progress=not args.quiet, log=log)
+    if args.install:
+        target = mini_weights_dir() / args.variant
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(model, target)
         shutil.copy(args.out / "train_log.txt", target / "train_log.txt")
         log(f"installed into {target}")
     print(model)
@@ -154,11 +200,20 @@ def run_mini_evaluate(args: argparse.Namespace) -> int:
     quiet_libraries(args.quiet)
     from ..models.loading import load_pipeline
 
-    pipe = load_pipeline("mini", device="cpu", dtype="fp32")
+    family_run = args.model != "mini"
+    if family_run and baselines:
+        raise UsageError(f"--model {args.model} compares ours with NTI-only editing; pass --baselines none")
+    pipe = load_pipeline(args.model, device="cpu", dtype="fp32")
     judge = load_judge()
     rows = evaluate(pipe, judge, pairs, args.out, num_steps=args.steps, opt_steps=args.opt_steps,
-                    baselines=baselines, progress=not args.quiet)
-    if args.docs:
+                    baselines=baselines, ablations=not family_run, progress=not args.quiet)
+    if args.docs and family_run:
+        from ..mini.family_doc import write_family_section
+
+        path = write_family_section(pipe, args.model, args.out, args.docs / "MINIATURE.md",
+                                    command="nonrigid " + " ".join(sys.argv[1:]), judge=judge)
+        logger.info(f"{args.model} section written to {path}")
+    elif args.docs:
         from ..mini.doc import write_miniature_doc
 
         write_miniature_doc(pipe, args.out, args.docs, command="nonrigid " + " ".join(sys.argv[1:]), judge=judge)

@@ -134,6 +134,16 @@ class MethodInfo:
     seeded: bool = True
     reference: str = ""
     memory: str = ""
+    # model families (``ModelFamily.name``) the method applies to, None for every family; ``why_not`` says why
+    # the others are refused
+    families: tuple[str, ...] | None = None
+    why_not: str = ""
+
+    def check_family(self, family) -> None:
+        """Refuse, in one line with the reason, a model family this method cannot run on."""
+        if self.families is not None and family.name not in self.families:
+            raise UsageError(f"method {self.name!r} does not apply to this model ({family.describe()}): "
+                             f"{self.why_not or 'it supports ' + ', '.join(self.families)}")
 
     def param(self, name: str) -> Param:
         for p in self.params:

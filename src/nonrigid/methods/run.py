@@ -12,6 +12,7 @@ from PIL import Image
 from ..errors import UsageError
 from ..images import load_image
 from ..models.registry import family_of
+from ..stages import DEFAULT_GUIDANCE
 from ..stages.cache import StageCache
 from ..stages.cached import cache_fields
 from ..timing import Stopwatch
@@ -53,6 +54,7 @@ def run_method(
     SD, 5 for SDXL) unless ``params`` set them.
     """
     info = method_info(method)
+    info.check_family(family_of(pipe))
     resolved = resolve_params(info, with_family_defaults(info, pipe, params or {}))
     seeds = tuple(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
@@ -87,9 +89,13 @@ def with_family_defaults(info: MethodInfo, pipe, params: Mapping[str, Any]) -> d
     names = {p.name for p in info.params}
     if "guidance_scale" not in names or params.get("guidance_scale") is not None:
         return params
-    if info.name == "ours" and params.get("inversion", "nti") == "ddim":
+    inversion = params.get("inversion", info.param("inversion").default) if "inversion" in names else None
+    if inversion == "ddim":
         return params
-    params["guidance_scale"] = family_of(pipe).defaults.guidance_scale
+    own = DEFAULT_GUIDANCE[inversion] if inversion else info.param("guidance_scale").default
+    family = family_of(pipe).defaults.guidance_scale
+    if family != own:  # the method's own default stays (and stays unset in the record) where the family agrees
+        params["guidance_scale"] = family
     return params
 
 

@@ -32,7 +32,7 @@ def reconstruction_errors(pipe, images: list[Image.Image], captions: list[str]) 
         for key, method, guidance in (("ddim_g1", "ddim", 1.0), ("ddim_g7.5", "ddim", 7.5),
                                       ("nti_g7.5", "nti", 7.5)):
             inversion = invert(pipe, image, source, method=method, guidance_scale=guidance)
-            keep = TextOptimization("", inversion.source_embedding, inversion.source_embedding, [], 0, 0, 0.0)
+            keep = TextOptimization("", inversion.source, inversion.source, [], 0, 0, 0.0)
             back = sample(pipe, inversion, keep, (0.0,), (inversion.num_steps,), output_type="latent",
                           use_reconstruction=False)[0]
             errors[key].append(float((back - x0).norm() / x0.norm()))
@@ -268,6 +268,10 @@ its reference default:
 {table}
 """
     path = docs / "MINIATURE.md"
+    families = "\n## Further model families"  # written by each family's own run (mini/family_doc.py): kept
+    old = path.read_text() if path.exists() else ""
+    if families in old:
+        text = text.rstrip() + "\n" + old[old.index(families):]
     path.write_text(text)
     return path
 

@@ -49,8 +49,12 @@ BASELINES: dict[str, dict] = {
 
 
 def evaluate(pipe, judge: SceneJudge, pairs: list[Pair], out: Path, *, num_steps: int = 50, opt_steps: int = 200,
-             baselines: tuple[str, ...] = tuple(BASELINES), progress: bool = True) -> list[dict]:
-    """Run every setting and baseline on every pair (skipping what is already done) and return all rows."""
+             baselines: tuple[str, ...] = tuple(BASELINES), ablations: bool = True,
+             progress: bool = True) -> list[dict]:
+    """Run every setting and baseline on every pair (skipping what is already done) and return all rows.
+
+    ``ablations=False`` runs ours and NTI-only editing alone (no DDIM inversion, no injection sweep): the
+    comparison made for each further model family."""
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
     cache = StageCache(out / "cache")
@@ -61,7 +65,7 @@ def evaluate(pipe, judge: SceneJudge, pairs: list[Pair], out: Path, *, num_steps
         path = results / f"{index:03d}.json"
         if path.exists():
             continue
-        rows, strip = _evaluate_pair(pipe, judge, pair, index, cache, num_steps, opt_steps)
+        rows, strip = _evaluate_pair(pipe, judge, pair, index, cache, num_steps, opt_steps, ablations)
         strip.save(results / f"{index:03d}.png")
         write_atomic(path, (json.dumps(rows) + "\n").encode())
     jobs = [(index, pair, method) for index, pair in enumerate(pairs) for method in baselines]
@@ -102,14 +106,16 @@ def _evaluate_baseline(
     return rows
 
 
-def _evaluate_pair(pipe, judge, pair: Pair, index: int, cache, num_steps: int, opt_steps: int):
+def _evaluate_pair(pipe, judge, pair: Pair, index: int, cache, num_steps: int, opt_steps: int,
+                   ablations: bool = True):
     image = Image.open(pair.image).convert("RGB")
     size = image.size[0]
     rows: list[dict] = []
     gallery: dict[str, Image.Image] = {}
     text = None
-    for name, (method, with_source) in INVERSIONS.items():
-        injects = INJECT_ABLATION if name == "NTI-w/o-src" else DEFAULT_INJECT
+    inversions = INVERSIONS if ablations else {k: v for k, v in INVERSIONS.items() if k != "DDIM"}
+    for name, (method, with_source) in inversions.items():
+        injects = INJECT_ABLATION if name == "NTI-w/o-src" and ablations else DEFAULT_INJECT
         result = edit(
             pipe, image, pair.target_text, size=size, cache=cache, source_prompt=pair.source_text if with_source
             else "", seeds=(0,), etas=ETAS, inject=injects, num_steps=num_steps, opt_steps=opt_steps,
@@ -136,7 +142,7 @@ def _evaluate_pair(pipe, judge, pair: Pair, index: int, cache, num_steps: int, o
 
 def _nti_only(pipe, inversion, text: TextOptimization) -> Image.Image:
     """Null-text inversion editing: the target prompt from x_T, no injection, no text optimization."""
-    plain = replace(text, optimized_embedding=text.target_embedding)
+    plain = replace(text, optimized=text.target)
     return sample(pipe, inversion, plain, (1.0,), (0,))[0]
 
 

@@ -193,9 +193,15 @@ def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None):
     cls = _single_file_class(path, config)
     kwargs = {"config": config} if config else {}
     try:
-        return cls.from_single_file(name, **_extras(cls), **kwargs)
+        pipe = cls.from_single_file(name, **_extras(cls), **kwargs)
     except Exception as err:  # the single-file loader raises many types for unreadable files
         raise UsageError(f"could not read checkpoint {name}: {first_line(err)}") from err
+    missing = [f"{module}.{key}" for module in family_of(pipe).networks
+               for key, tensor in getattr(pipe, module).state_dict().items() if tensor.device.type == "meta"]
+    if missing:  # a config of another shape: weights the file did not provide were never loaded
+        raise UsageError(f"checkpoint {name} does not match {config or 'the inferred config'}: {len(missing)} "
+                         f"weights were never loaded, e.g. {missing[0]}")
+    return pipe
 
 
 def _extras(cls) -> dict:

@@ -60,10 +60,10 @@ def _build_tiny_vae() -> AutoencoderKL:
     )
 
 
-def _tiny_text_config(hidden: int, act: str, projection: int | None = None) -> CLIPTextConfig:
+def _tiny_text_config(hidden: int, act: str, projection: int | None = None, layers: int = 2) -> CLIPTextConfig:
     extra = {"projection_dim": projection} if projection else {}
     return CLIPTextConfig(
-        vocab_size=_TINY_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        vocab_size=_TINY_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, max_position_embeddings=77, hidden_act=act, bos_token_id=_TINY_VOCAB_SIZE - 2,
         eos_token_id=_TINY_VOCAB_SIZE - 1, pad_token_id=_TINY_VOCAB_SIZE - 1, **extra,
     )
@@ -97,12 +97,14 @@ def _build_tiny_sdxl(seed: int) -> StableDiffusionXLPipeline:
             sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-            cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+            cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
             addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
         )
         vae = _build_tiny_vae()
-        text_encoder = CLIPTextModel(_tiny_text_config(32, "quick_gelu"))
-        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(32, "gelu", projection=32))
+        # Like SDXL's (768 + 1280 wide, the second with 32 layers), the encoders differ in width and the second
+        # has a tenth layer: diffusers' single-file loader tells them apart by width and recognises SDXL by it.
+        text_encoder = CLIPTextModel(_tiny_text_config(16, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(32, "gelu", projection=32, layers=10))
     scheduler = EulerDiscreteScheduler(  # SDXL base 1.0's scheduler config
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
         timestep_spacing="leading", interpolation_type="linear",

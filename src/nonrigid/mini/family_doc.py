@@ -1,0 +1,132 @@
+"""The sections of ``docs/MINIATURE.md`` on the miniature models of the further model families (``mini-v``,
+``mini-xl``): what the model is, how well it reconstructs and draws, and ours against NTI-only editing on it.
+
+Each section sits between ``<!-- family:NAME:start -->`` and ``<!-- family:NAME:end -->`` markers and is replaced
+in place when regenerated (appended the first time), so the SD-1.x page and each family's section are written by
+their own evaluation runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from ..models.loading import mini_weights_dir
+from ..models.registry import family_of
+from ..stages.cache import write_atomic
+from .dataset import read_dataset
+from .doc import _best_at, reconstruction_errors
+from .evaluate import ETAS, load_rows, summarize
+from .fidelity import sample_fidelity
+
+TITLES = {
+    "mini-v": "v prediction: `mini-v` (SD 2.x's 768 px models)",
+    "mini-xl": "SDXL layout: `mini-xl`",
+}
+FOLDERS = {"mini-v": "v", "mini-xl": "xl"}
+WHAT = {
+    "mini-v": "The miniature model fine-tuned to predict `v = sqrt(abar) eps - sqrt(1 - abar) x0` with the v "
+    "objective (min-SNR weights `min(SNR, 5) / (SNR + 1)`), as a rank-32 LoRA over every linear and convolution "
+    "of its UNet (text encoder, VAE and tokenizer are the miniature model's, unchanged). `load_pipeline(\"mini-v\")` "
+    "fuses the LoRA into the UNet and sets the scheduler's `prediction_type` to `v_prediction`.",
+    "mini-xl": "SDXL's component classes at the miniature world's size, trained from scratch on the miniature VAE's "
+    "latents: two 3-layer CLIP text encoders (32 wide each; tokens are both penultimate states side by side, 64 "
+    "wide; the pooled embedding is the second encoder's projected end-of-text state), a UNet with SDXL's "
+    "`text_time` added conditioning (pooled embedding + Fourier features of the size conditioning), SDXL's Euler "
+    "scheduler config (DDIM at load), and the miniature model's VAE and tokenizer, shared. Captions dropped 10% "
+    "of the time to zero embeddings (SDXL's unconditional). Every training scene is 64 x 64 and uncropped, so the "
+    "size conditioning is constant: the model has the input, not a learned use of it.",
+}
+
+
+def write_family_section(pipe, name: str, run: Path, doc: Path, command: str, judge) -> Path:
+    """Write ``name``'s section into ``doc`` from the evaluation run folder ``run``; returns ``doc``."""
+    rows = load_rows(run)
+    summary = summarize(rows)
+    pairs = sorted({r["pair"] for r in rows})
+    data = Path(json.loads((run / "meta.json").read_text())["data"])
+    first = read_dataset(data)[:3]
+    recon = reconstruction_errors(pipe, [Image.open(p.image).convert("RGB") for p in first],
+                                  [p.source_text for p in first])
+    fidelity = sample_fidelity(pipe, judge, per_pose=8, steps=20, guidance=4.0, seed=3, progress=False)
+    gallery = doc.parent / f"mini-{FOLDERS[name]}-gallery.png"
+    _gallery(run, pairs[:6], gallery)
+    section = _section(pipe, name, summary, len(pairs), recon, fidelity.line(), gallery.name, command)
+    _replace_section(doc, name, section)
+    return doc
+
+
+def _section(pipe, name: str, summary, count: int, recon: dict[str, float], fidelity: str, gallery: str,
+             command: str) -> str:
+    family = family_of(pipe)
+    folder = mini_weights_dir() / FOLDERS[name]
+    megabytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
+    log = (folder / "train_log.txt").read_text().splitlines() if (folder / "train_log.txt").exists() else []
+    done = next((line for line in reversed(log) if line.startswith("done in")), "")
+    lines = [
+        f"### {TITLES[name]}",
+        "",
+        WHAT[name],
+        "",
+        f"Detected as: {family.describe()}. Package data: {megabytes:.1f} MB in `weights/{FOLDERS[name]}/`. "
+        f"Training: {done.split(';')[0] if done else 'see its train_log.txt'} on 2 CPU threads or fewer "
+        f"(`nonrigid mini train --variant {FOLDERS[name]} --install`).",
+        "",
+        "Reconstruction (relative latent error, 50 steps, the scene's caption as source prompt, first 3 pairs): "
+        f"DDIM round trip at guidance 1: {recon['ddim_g1']:.3f}; DDIM sampled back at 7.5: {recon['ddim_g7.5']:.3f}; "
+        f"NTI at 7.5: {recon['nti_g7.5']:.3f}.",
+        "",
+        f"Samples (judge on 32 samples, 20 steps, guidance 4): {fidelity}.",
+        "",
+        f"Ours against NTI-only editing on {count} pairs (seed 0, 50 steps, text optimization 200 steps, injection "
+        f"20%, guidance {family.defaults.guidance_scale:g}, the family's default; mean ± standard error):",
+        "",
+        "| setting | eta | identity error | P(target pose) |",
+        "|---|---|---|---|",
+    ]
+    for eta in ETAS:
+        stats = summary.get(("methods", "ours", eta))
+        if stats:
+            lines.append(f"| ours | {eta:g} | {stats['identity_error']:.3f} ± {stats['identity_error_se']:.3f} | "
+                         f"{stats['edit_success']:.3f} ± {stats['edit_success_se']:.3f} |")
+    nti = summary.get(("methods", "NTI-only", 1.0))
+    if nti:
+        lines.append(f"| NTI-only | – | {nti['identity_error']:.3f} ± {nti['identity_error_se']:.3f} | "
+                     f"{nti['edit_success']:.3f} ± {nti['edit_success_se']:.3f} |")
+        best = _best_at(summary, "methods", "ours", round(nti["identity_error"], 2))
+        lines += ["", "At NTI-only's identity error (rounded to 0.01) or lower, ours reaches "
+                  + (f"P(target pose) {best[0]:.3f} (eta {best[1]:g})" if best else "no eta")
+                  + f", against NTI-only's {nti['edit_success']:.3f}. With {count} pairs the standard errors above "
+                  "say how much of a difference is noise."]
+    lines += ["", f"![{name} gallery]({gallery})", "",
+              "Rows: pairs; columns: input, ideal edit, ours at eta 0, 0.2, ..., 1, NTI-only.", "",
+              f"Made with `{command}`."]
+    return "\n".join(lines)
+
+
+def _gallery(run: Path, pairs: list[int], path: Path) -> None:
+    strips = [Image.open(run / "results" / f"{p:03d}.png") for p in pairs]
+    if not strips:
+        return
+    gallery = Image.new("RGB", (strips[0].width, 64 * len(strips)), "white")
+    for i, strip in enumerate(strips):
+        gallery.paste(strip, (0, 64 * i))
+    gallery.resize((gallery.width * 2, gallery.height * 2), Image.Resampling.NEAREST).save(path)
+
+
+def _replace_section(doc: Path, name: str, section: str) -> None:
+    start, end = f"<!-- family:{name}:start -->", f"<!-- family:{name}:end -->"
+    text = doc.read_text() if doc.exists() else ""
+    block = f"{start}\n{section}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        heading = "## Further model families"
+        if heading not in text:
+            text = text.rstrip() + f"\n\n{heading}\n\nThe stages and methods run unchanged on every family behind " \
+                "the model seam (docs/FAMILIES.md); each further case has its own miniature model so that quality, " \
+                "not only plumbing, is tested.\n"
+        text = text.rstrip() + "\n\n" + block + "\n"
+    write_atomic(doc, text.encode())
