@@ -165,8 +165,10 @@ def _fine_tune_v(pipe, latents, captions, config: VariantConfig, out: Path, log:
     unet, tokenizer, text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder
     scheduler = v_scheduler(pipe.scheduler.config)
     pipe.scheduler = scheduler
-    unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian",
-                                target_modules=list(LORA_TARGETS)))
+    with torch.random.fork_rng(devices=[]):  # the adapter's random initialisation comes from the seed
+        torch.manual_seed(config.seed)
+        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian",
+                                    target_modules=list(LORA_TARGETS)))
     unet.train()
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids

@@ -14,6 +14,7 @@ call means to the stages.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
 import numpy as np
@@ -131,7 +132,9 @@ class StableDiffusion(ModelFamily):
     def inversion_scheduler(self, num_steps: int) -> DDIMInverseScheduler:
         """diffusers' inverse DDIM: ascending timesteps, the UNet queried at the timestep being stepped to,
         ``alpha`` of step 0 from ``set_alpha_to_one`` (off for SD: ``abar_0``)."""
-        scheduler = DDIMInverseScheduler.from_config(self.pipe.scheduler.config)
+        accepted = inspect.signature(DDIMInverseScheduler.__init__).parameters  # others (Euler's) only earn warnings
+        config = {k: v for k, v in self.pipe.scheduler.config.items() if k in accepted}
+        scheduler = DDIMInverseScheduler.from_config(config)
         scheduler.set_timesteps(num_steps)
         return scheduler
 
