@@ -156,3 +156,28 @@ def test_family_defaults_pick_size_and_guidance_unless_told(dog_image):
     sd = load_pipeline("tiny-sd2-v", device="cpu", dtype="fp32")
     assert edit(sd, dog_image, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, num_steps=2,
                 inner_steps=0).input_image.size == (96, 96)
+
+
+def test_masactrl_counts_sdxl_self_attention_layers_as_the_reference():
+    """70 self-attention layers in SDXL base's UNet in forward order (24 down, 10 mid, 36 up), 16 in SD 1.x's; the
+    default start layer keeps the reference's relative depth: 10 of 16, 44 of 70 (inside the decoder)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from nonrigid.methods.masactrl import scaled_start_layer, self_attention_layers
+
+    sdxl = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816, sample_size=128)
+    with init_empty_weights():  # the architecture only: no 10 GB of weights
+        unets = {"sdxl": UNet2DConditionModel(**sdxl), "sd1": UNet2DConditionModel(cross_attention_dim=768)}
+    layers = self_attention_layers(unets["sdxl"])
+    parts = [name.split(".")[0] for name in layers]
+    assert (len(layers), parts.count("down_blocks"), parts.count("mid_block"), parts.count("up_blocks")) == (
+        70, 24, 10, 36)
+    assert parts == sorted(parts, key=["down_blocks", "mid_block", "up_blocks"].index)
+    assert scaled_start_layer(unets["sdxl"]) == 44 and layers[44].startswith("up_blocks.0")
+    assert len(self_attention_layers(unets["sd1"])) == 16 and scaled_start_layer(unets["sd1"]) == 10

@@ -90,8 +90,10 @@ def add_knob_flags(p: argparse.ArgumentParser) -> None:
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """Which model to load, and how."""
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id, local diffusers folder, single-file .safetensors checkpoint, 'mini' (the trained "
-                   "miniature model, 64 px, offline) or 'tiny' (random weights, output is noise, for smoke tests)")
+                   help="SD 1.x, SD 2.x or SDXL: hub id, local diffusers folder or single-file .safetensors "
+                   "checkpoint (the family is detected from the model); or built in, offline: 'mini', 'mini-v', "
+                   "'mini-xl' (the trained miniature models, 64 px) or 'tiny', 'tiny-sd2', 'tiny-sd2-v', 'tiny-sdxl' "
+                   "(random weights, output is noise, for smoke tests)")
     p.add_argument("--config", default=None,
                    help="for a single-file checkpoint: diffusers folder or hub id to read its configs from")
     p.add_argument("--allow-pickle", action="store_true",
@@ -105,6 +107,9 @@ def load_model(args: argparse.Namespace):
     quiet_libraries(args.quiet)
     say(args, f"loading model {args.model}")
     pipe = load_pipeline(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.config)
+    from ..models.registry import family_of
+
+    say(args, f"model: {family_of(pipe).describe()}")
     return configure_from_args(pipe, args)
 
 

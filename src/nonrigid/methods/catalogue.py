@@ -75,8 +75,8 @@ IMAGIC = MethodInfo(
     ),
     seeded=True,
     reference="Kawar et al., Imagic (CVPR 2023); SD re-implementation defaults",
-    memory="fine-tunes a full fp32 copy of the UNet with Adam (about 14 GB on CUDA for SD 1.x; the original "
-    "weights wait on the CPU meanwhile)",
+    memory="fine-tunes a full fp32 copy of the UNet with Adam (about 14 GB on CUDA for SD 1.x and 2.x, over 41 GB "
+    "for SDXL's 2.6 B-parameter UNet; the original weights wait on the CPU meanwhile)",
 )
 
 MASACTRL = MethodInfo(
@@ -89,7 +89,8 @@ MASACTRL = MethodInfo(
               "(reference 4; later keeps less of the source); the default is for 50 steps and scales with "
               "num_steps", label="step", low=0, per_steps=50),
         Param("start_layer", "int", None, "first self-attention layer with mutual attention, in forward order "
-              "(none: 10 of 16 on SD 1.x as the reference, the same relative depth on other UNets)", low=0,
+              "(none: 10 of 16 on SD 1.x as the reference, the same relative depth on other UNets: 44 of 70 on "
+              "SDXL)", low=0,
               optional=True),
         *_NTI_PARAMS,
     ),

@@ -31,7 +31,7 @@ class VariantConfig:
 
     seed: int = 0
     threads: int = 2
-    steps: int = 1000
+    steps: int = 600
     batch: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0

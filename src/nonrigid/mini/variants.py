@@ -1,7 +1,8 @@
 """The miniature world's other denoisers: one per model-family case the SD 1.x miniature does not cover.
 
 - ``mini-v``: the miniature model fine-tuned to predict ``v = sqrt(abar) eps - sqrt(1 - abar) x0`` (SD 2.x's
-  768 px models), as a LoRA adapter over its UNet (text encoder, VAE and tokenizer are the miniature model's).
+  768 px models), as a LoRA adapter over its UNet (text encoder, VAE and tokenizer are the miniature model's),
+  regressed onto the miniature model's own predictions converted to v (:func:`teacher_velocity`).
   A LoRA keeps the shipped file small (a full UNet is 13 MB in fp16) and is the way fine-tunes of this size are
   shipped in the field; :func:`nonrigid.models.loading.load_pipeline` fuses it into the UNet on loading.
 - ``mini-xl``: an SDXL-layout model (two text encoders, a pooled embedding, size conditioning) trained from scratch
@@ -181,14 +182,33 @@ def _fine_tune_v(pipe, latents, captions, config: VariantConfig, out: Path, log:
         tokens[torch.rand(config.batch, generator=generator) < config.caption_dropout] = empty
         t = torch.randint(0, num_train, (config.batch,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
+        noisy = scheduler.add_noise(x0, noise, t)
         with torch.no_grad():
             cond = text_encoder(tokens)[0]
-        prediction = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-        error = F.mse_loss(prediction, scheduler.get_velocity(x0, noise, t), reduction="none").mean(dim=(1, 2, 3))
-        return (error * snr_weights(scheduler, t, config.snr_gamma, "v_prediction")).mean()
+            target = teacher_velocity(unet, scheduler, noisy, t, cond)
+        prediction = unet(noisy, t, encoder_hidden_states=cond).sample
+        return F.mse_loss(prediction, target)
 
     fit(unet, loss_of_batch, config, _work(out) / "lora.pt", log, progress, "v-LoRA")
     unet.eval()
+
+
+def teacher_velocity(unet, scheduler, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """The miniature model's own prediction at ``x_t``, turned into a velocity: its noise estimate ``eps`` gives
+    ``x0 = (x_t - sigma eps) / alpha`` and ``v = alpha eps - sigma x0 = (eps - sigma x_t) / alpha``
+    (``alpha = sqrt(abar_t)``, ``sigma = sqrt(1 - abar_t)``). The adapter is switched off for it: the UNet without
+    its LoRA is the miniature model.
+
+    Regressing onto this instead of the sampled ``v`` of each training example (whose conditional spread is the
+    whole world's at high noise) gives the fine-tune the miniature model's conditional expectation directly: the
+    v model then inverts and reconstructs as well as the model it came from."""
+    unet.disable_adapters()
+    try:
+        eps = unet(noisy, t, encoder_hidden_states=cond).sample
+    finally:
+        unet.enable_adapters()
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    return (eps - (1 - abar).sqrt() * noisy) / abar.sqrt()
 
 
 def save_v_adapter(pipe, folder: Path) -> None:

@@ -37,7 +37,7 @@ TIME_DIM = 8  # Fourier features per size-conditioning number (SDXL: 256)
 SIZE = 64
 
 
-def xl_config(steps: int = 2500, lr: float = 8e-4, ema_decay: float = 0.995, weight_decay: float = 0.01,
+def xl_config(steps: int = 1200, lr: float = 8e-4, ema_decay: float = 0.995, weight_decay: float = 0.01,
               warmup: int = 100) -> VariantConfig:
     """The recipe of ``mini-xl`` (the miniature model's UNet recipe)."""
     return VariantConfig(steps=steps, lr=lr, ema_decay=ema_decay, weight_decay=weight_decay, warmup=warmup)
