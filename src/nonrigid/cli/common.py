@@ -107,9 +107,6 @@ def load_model(args: argparse.Namespace):
     quiet_libraries(args.quiet)
     say(args, f"loading model {args.model}")
     pipe = load_pipeline(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.config)
-    from ..models.registry import family_of
-
-    say(args, f"model: {family_of(pipe).describe()}")
     return configure_from_args(pipe, args)
 
 

@@ -77,7 +77,7 @@ def _section(pipe, name: str, summary, count: int, recon: dict[str, float], fide
         "",
         f"Detected as: {family.describe()}. Package data: {megabytes:.1f} MB in `weights/{FOLDERS[name]}/`. "
         f"Training: {done.split(';')[0] if done else 'see its train_log.txt'} (`{trained_with}`, then "
-        "installed with `--install`).",
+        "installed into the package).",
         "",
         "Reconstruction (relative latent error, 50 steps, the scene's caption as source prompt, first 3 pairs): "
         f"DDIM round trip at guidance 1: {recon['ddim_g1']:.3f}; DDIM sampled back at 7.5: {recon['ddim_g7.5']:.3f}; "

@@ -170,9 +170,7 @@ def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None)
     if _looks_like_path(name):
         raise UsageError(f"model path {name} does not exist")
     try:
-        from diffusers import DiffusionPipeline
-
-        cls = _pipeline_class(name, DiffusionPipeline.load_config(name).get("_class_name"))
+        cls = _pipeline_class(name, _hub_class_name(name))
         return cls.from_pretrained(name, use_safetensors=None if allow_pickle else True, **_extras(cls))
     except UsageError:
         raise
@@ -211,6 +209,17 @@ def _extras(cls) -> dict:
     return {}
 
 
+def _hub_class_name(repo: str) -> str | None:
+    """The pipeline class named by a hub repository's ``model_index.json`` (fetched into the hub cache)."""
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    with warnings.catch_warnings():  # huggingface_hub deprecation chatter from diffusers' call, not the user's
+        warnings.simplefilter("ignore")
+        return DiffusionPipeline.load_config(repo).get("_class_name")
+
+
 def _index_class(index: Path) -> str | None:
     import json
 
@@ -237,9 +246,7 @@ def _single_file_class(path: Path, config: str | None):
         if folder.is_dir():
             return _pipeline_class(config, _index_class(folder / "model_index.json"))
         try:
-            from diffusers import DiffusionPipeline
-
-            return _pipeline_class(config, DiffusionPipeline.load_config(config).get("_class_name"))
+            return _pipeline_class(config, _hub_class_name(config))
         except UsageError:
             raise
         except Exception as err:
