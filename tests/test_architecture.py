@@ -1,9 +1,10 @@
 """The package's shape: layers that point one way, no import circles, small modules, flags only in the CLI, and
 stages that reach the network only through the model-family seam.
 
-Layers (higher may import lower, never the reverse): ``cli`` 5; ``methods``, ``evaluation`` and ``mini`` 4
+Layers (higher may import lower, never the reverse): ``cli`` and ``ui`` 5; ``methods``, ``evaluation`` and ``mini`` 4
 (``mini`` may import the other two, they may not import it, and ``methods`` may not import ``evaluation``);
-``stages`` 2; ``models`` 1; the shared helpers ``errors``, ``images``, ``timing`` and the package ``__init__`` 0.
+``stages`` 2; ``models`` 1; the shared helpers ``errors``, ``images``, ``timing``, ``progress`` and the package
+``__init__`` 0.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from nonrigid.stages.text_optimization import optimize_text
 PACKAGE = ROOT / "src" / "nonrigid"
 MAX_LINES = 560
 
-LAYERS = {"cli": 5, "methods": 4, "evaluation": 4, "mini": 4, "stages": 2, "models": 1,
-          "errors": 0, "images": 0, "timing": 0}
+LAYERS = {"cli": 5, "ui": 5, "methods": 4, "evaluation": 4, "mini": 4, "stages": 2, "models": 1,
+          "errors": 0, "images": 0, "timing": 0, "progress": 0}
 # same-layer imports that are still forbidden: (importer group, imported group)
 FORBIDDEN_WITHIN = {("methods", "mini"), ("evaluation", "mini"), ("methods", "evaluation")}
 

@@ -73,6 +73,22 @@ def test_sampling_with_a_negative_prompt_equals_the_diffusers_pipeline(pipe, dog
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_generating_equals_the_diffusers_pipeline_from_the_same_noise(pipe, guidance):
+    """The page's "generate, then edit" input: our text-to-image loop is the pipeline's."""
+    import numpy as np
+
+    from nonrigid.stages.sampling import generate
+
+    side = size_of(pipe)
+    ours = generate(pipe, PROMPT, seed=5, num_steps=STEPS, guidance_scale=guidance)
+    noise = family_of(pipe).initial_noise(side, torch.Generator().manual_seed(5))
+    theirs = pipe(prompt=PROMPT, latents=noise, num_inference_steps=STEPS, guidance_scale=guidance, height=side,
+                  width=side).images[0]
+    assert ours.size == (side, side)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
 def oracle_inversion(pipe, x0: torch.Tensor, prompt: str, steps: int) -> torch.Tensor:
     """DDIM inversion at guidance 1 written against diffusers alone: its inverse scheduler, its prompt encoding,
     its size conditioning."""

@@ -20,6 +20,15 @@ class UsageError(NonrigidError):
     exit_code = 2
 
 
+class Cancelled(NonrigidError):
+    """The user stopped the work (the web UI's Cancel): raised between two steps, so nothing half-done is cached."""
+
+    exit_code = 130
+
+    def __init__(self, message: str = "cancelled") -> None:
+        super().__init__(message)
+
+
 class NonFiniteError(NonrigidError):
     """A stage produced NaN or inf; names the stage and suggests full precision."""
 

@@ -16,6 +16,7 @@ from .bench import add_bench_parsers
 from .common import HelpFormatter, Parser, configure_logging, for_the_command_line
 from .edit import add_edit_parser
 from .mini import add_mini_parser
+from .ui import add_ui_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_parser(commands)
     add_mini_parser(commands)
     add_bench_parsers(commands)
+    add_ui_parser(commands)
     return parser
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import UsageError
+from ..progress import Progress
 
 KINDS = ("int", "float", "str", "bool", "ints", "floats")
 
@@ -204,7 +205,7 @@ class MethodContext:
     source_prompt: str = ""
     cache: Any = None
     cache_fields: dict[str, str] = field(default_factory=dict)
-    progress: bool = False
+    progress: Progress = False
     batch_size: int | None = None
 
 
@@ -220,6 +221,7 @@ class MethodOutput:
     cache: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
     chosen: dict[str, Any] = field(default_factory=dict)
+    stages: Any = None  # what later variants can be sampled from without the earlier stages (ours: EditStages)
 
 
 @dataclass
@@ -238,3 +240,4 @@ class MethodResult:
     cache: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
     model_fingerprint: str = ""
+    stages: Any = None  # the method's reusable stage results (ours: EditStages), kept in memory by the web UI

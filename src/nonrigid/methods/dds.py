@@ -45,10 +45,10 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..errors import UsageError, check_finite
 from ..models.registry import family_of
+from ..progress import Progress, track
 from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant
 from .catalogue import DDS as INFO
@@ -168,7 +168,7 @@ def dds_optimize(
     t_max: int = 950,
     loss_scale: float = 2000.0,
     uncond_embedding: torch.Tensor | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> DDSResult:
     """Run DDS from ``source_latent`` (1, 4, h, w) up to ``max(iterations)``, keeping ``z`` after each listed count.
 
@@ -187,7 +187,7 @@ def dds_optimize(
     wanted = set(int(n) for n in iterations)
     result = DDSResult(seed, {0: source_latent.clone()} if 0 in wanted else {})
     gradient_scale = loss_scale / REFERENCE_LATENT_AREA
-    for step in tqdm(range(1, max(wanted) + 1), desc="DDS", disable=not progress, leave=False):
+    for step in track(range(1, max(wanted) + 1), "DDS", progress):
         (draw,) = dds_draws(generator, source_latent.shape, t_min, t_max, 1, source_latent.device)
         delta = dds_delta(pipe, latent, source_latent, draw, target_embedding, source_embedding,
                           uncond_embedding, guidance_scale, scheduler)

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..errors import UsageError, check_finite
 from ..models.registry import family_of
+from ..progress import Progress, track
 from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant
 from .catalogue import EDIT_FRIENDLY as INFO
@@ -97,7 +97,7 @@ def edit_friendly_invert(
     *,
     uncond_embedding: torch.Tensor | None = None,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> list[EditFriendlyInversion]:
     """Extract the noise maps of ``latent`` (1, 4, h, w) for every seed; the seeds run as one batch per step.
 
@@ -111,7 +111,7 @@ def edit_friendly_invert(
     xs = torch.stack([independent_noisy_latents(latent.float(), scheduler, s) for s in seeds])  # (S, N+1, ...)
     zs = torch.zeros_like(xs[:, :num_steps])
     chunk = batch_size or len(seeds)
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="noise maps", disable=not progress, leave=False)):
+    for i, t in enumerate(track(scheduler.timesteps, "noise maps", progress)):
         sigma = ddpm_sigma(scheduler, t)
         for rows in torch.arange(len(seeds)).split(chunk):
             x = xs[rows, i]
@@ -139,7 +139,7 @@ def edit_friendly_sample(
     *,
     uncond_embedding: torch.Tensor | None = None,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> torch.Tensor:
     """DDPM sampling with the stored noise maps: one row per (inversion, skip), in that order; final latents.
 
@@ -162,7 +162,7 @@ def edit_friendly_sample(
     rows = [(k, int(skip)) for k in range(len(inversions)) for skip in skips]
     latents = torch.stack([inversions[k].xs[skip] for k, skip in rows])  # each row's start (x0 for skip = N)
     chunk = batch_size or len(rows)
-    for i in tqdm(range(min(skips), num_steps), desc="DDPM sampling", disable=not progress, leave=False):
+    for i in track(range(min(skips), num_steps), "DDPM sampling", progress):
         t = scheduler.timesteps[i]
         active = torch.tensor([r for r, (_, skip) in enumerate(rows) if skip <= i])
         for part in active.split(chunk):

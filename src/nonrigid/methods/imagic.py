@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..errors import check_finite
 from ..models.family import Conditioning, ModelFamily
 from ..models.registry import family_of
+from ..progress import Progress, track
 from ..stages.cached import text_stage
 from ..stages.sampling import interpolate
 from ..stages.text_optimization import TextOptimization
@@ -127,7 +127,7 @@ def finetune_unet(
     *,
     latent_generator: torch.Generator | None = None,
     park_device: str | torch.device | None = "auto",
-    progress: bool = False,
+    progress: Progress = False,
 ) -> tuple[UNet2DConditionModel, list[float]]:
     """Fine-tune an fp32 copy of ``pipe.unet`` to denoise ``picture`` under the fixed ``embedding`` (Imagic step 2).
 
@@ -174,14 +174,14 @@ def _train(
     steps: int,
     lr: float,
     generator: torch.Generator,
-    progress: bool,
+    progress: Progress,
 ) -> list[float]:
     """The fine-tuning loop of ``tuned.denoiser`` under the model's own training loss; the optimizer (and its
     2x-the-weights state) is freed when it returns."""
     device = x0.device
     optimizer = torch.optim.Adam(tuned.denoiser.parameters(), lr=lr, fused=device.type == "cuda")
     losses: list[float] = []
-    for _ in tqdm(range(steps), desc="Imagic fine-tuning", disable=not progress, leave=False):
+    for _ in track(range(steps), "Imagic fine-tuning", progress):
         timestep = tuned.draw_training_timestep(generator)
         noise = torch.randn(x0.shape, generator=generator)
         timestep, noise = timestep.to(device), noise.to(device)
@@ -208,7 +208,7 @@ def imagic_sample(
     *,
     size: tuple[int, int] | None = None,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> torch.Tensor:
     """DDIM sampling from random noise with ``alpha * e_tgt + (1 - alpha) * e_opt`` for every alpha (Imagic step 3).
 
@@ -228,7 +228,7 @@ def imagic_sample(
     scheduler = family.sampling_scheduler(num_steps)
     latents = (x_T * scheduler.init_noise_sigma).repeat(len(alphas), 1, 1, 1)
     rows = torch.arange(len(alphas))
-    for t in tqdm(scheduler.timesteps, desc="Imagic sampling", disable=not progress, leave=False):
+    for t in track(scheduler.timesteps, "Imagic sampling", progress):
         for part in rows.split(batch_size or len(alphas)):
             eps = tuned.predict(latents[part], t, conds.rows(part), uncond, guidance_scale)
             latents[part] = scheduler.step(eps, t, latents[part]).prev_sample
@@ -248,7 +248,7 @@ def imagic_latents(
     num_steps: int,
     batch_size: int | None = None,
     park_device: str | torch.device | None = "auto",
-    progress: bool = False,
+    progress: Progress = False,
 ) -> ImagicSeedResult:
     """Steps 2 and 3 for the seed of ``text_optimization``: fine-tune a copy, sample every alpha, drop the copy."""
     seed = text_optimization.seed

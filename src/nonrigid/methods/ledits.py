@@ -35,6 +35,7 @@ from diffusers import (
 from PIL import Image
 
 from ..errors import UsageError
+from ..progress import Bar, Progress
 from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant
 from .catalogue import LEDITS as INFO
@@ -51,7 +52,9 @@ _SIZE_MULTIPLE = 32
 _MASK_MODES = {"intersect": (True, True), "attention": (True, False), "noise": (False, False)}
 
 
-def build_editor(pipe, progress: bool = False) -> LEditsPPPipelineStableDiffusion | LEditsPPPipelineStableDiffusionXL:
+def build_editor(
+    pipe, progress: Progress = False
+) -> LEditsPPPipelineStableDiffusion | LEditsPPPipelineStableDiffusionXL:
     """A LEDITS++ pipeline on ``pipe``'s modules with its own SDE DPM-Solver++ (order 2) scheduler: the SD editor
     for SD 1.x / 2.x (no safety checker), the SDXL editor for SDXL (zeros for an empty negative prompt, as SDXL's
     pipeline; no watermark).
@@ -77,7 +80,7 @@ def build_editor(pipe, progress: bool = False) -> LEditsPPPipelineStableDiffusio
             )
     finally:
         pipe.unet._internal_dict = unet_config
-    editor.set_progress_bar_config(disable=not progress, leave=False)
+    editor.set_progress_bar_config(disable=progress is not True, leave=False)
     return editor
 
 
@@ -142,15 +145,30 @@ def edit_image(
     edit_guidance: float,
     threshold: float,
     mask: str = "intersect",
+    progress: Progress = False,
 ) -> Image.Image:
-    """Edit the last inverted image toward ``target_prompt`` (installs attention stores on the shared UNet)."""
+    """Edit the last inverted image toward ``target_prompt`` (installs attention stores on the shared UNet).
+
+    A reporter ``progress`` hears of every step through the pipeline's step-end callback (its bar is the
+    pipeline's own otherwise)."""
     use_cross_attn_mask, use_intersect_mask = _MASK_MODES[mask]
     output = editor(
         editing_prompt=[target_prompt], edit_guidance_scale=float(edit_guidance), edit_threshold=threshold,
         use_cross_attn_mask=use_cross_attn_mask, use_intersect_mask=use_intersect_mask,
         generator=torch.Generator().manual_seed(seed), output_type="pil",
+        callback_on_step_end=_step_reporter(progress) if callable(progress) else None,
     )
     return output.images[0]
+
+
+def _step_reporter(report):
+    """A diffusers step-end callback that tells ``report`` how far the editing loop is."""
+
+    def on_step_end(editor, step: int, timestep, tensors: dict) -> dict:
+        report("LEDITS++ editing", step + 1, len(editor.scheduler.timesteps))
+        return tensors
+
+    return on_step_end
 
 
 def run(
@@ -165,12 +183,13 @@ def run(
     watch = Stopwatch()
     with restored_attention_processors(pipe.unet):
         for seed in ctx.seeds:
-            with watch("inversion"):
+            with watch("inversion"), Bar("LEDITS++ inversion", 1, ctx.progress) as bar:
                 invert_image(editor, picture, ctx.source_prompt, seed, num_steps=params["num_steps"],
                              skip=params["skip"], source_guidance=params["source_guidance"])
+                bar.update(1)
             with watch("editing"):
                 for scale in params["edit_guidance"]:
-                    image = edit_image(editor, target_prompt, seed, scale, params["threshold"], mask)
+                    image = edit_image(editor, target_prompt, seed, scale, params["threshold"], mask, ctx.progress)
                     variants.append(MethodVariant(seed, {"edit": scale}, image))
     total_steps = int(params["num_steps"] * (1 + params["skip"]))
     record = {

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..errors import UsageError, check_finite
 from ..models.family import Conditioning
 from ..models.registry import family_of
+from ..progress import Progress, track
 from ..stages.inversion import Inversion
 from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant
@@ -187,7 +187,7 @@ def masactrl_latents(
     start_layer: int,
     *,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> torch.Tensor:
     """Final latents of the source branch (row 0) and one target branch per ``start_steps`` value (rows 1..).
 
@@ -214,7 +214,7 @@ def _sample_branches(
     target: torch.Tensor,
     start_steps: tuple[int, ...],
     start_layer: int,
-    progress: bool,
+    progress: Progress,
 ) -> torch.Tensor:
     """One batch: the source branch and the targets ``start_steps``, sampled together under mutual attention."""
     family = family_of(pipe)
@@ -223,8 +223,7 @@ def _sample_branches(
     conds = Conditioning.cat([inversion.source, Conditioning.of(target).expand(len(start_steps))])
     latents = inversion.latent.expand(state.num_branches, -1, -1, -1).clone()
     with mutual_self_attention(pipe.unet, state, start_layer):
-        for i, t in enumerate(tqdm(scheduler.timesteps, desc="MasaCtrl sampling", disable=not progress,
-                                   leave=False)):
+        for i, t in enumerate(track(scheduler.timesteps, "MasaCtrl sampling", progress)):
             state.step = i
             eps = family.predict(latents, t, conds, inversion.uncond_at(i), inversion.guidance_scale)
             latents = scheduler.step(eps, t, latents).prev_sample

@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import UsageError
+from ..progress import Progress
 from ..stages import DEFAULT_GUIDANCE
 from ..stages.cache import StageCache
 from ..stages.cached import cache_fields, inversion_stage, text_stage
@@ -26,7 +27,7 @@ from .base import MethodContext, MethodOutput, MethodVariant, resolve_params
 from .catalogue import OURS as INFO
 from .run import prepare_image, with_family_defaults
 
-__all__ = ["INFO", "EditResult", "EditSettings", "Variant", "edit", "run"]
+__all__ = ["INFO", "EditResult", "EditSettings", "EditStages", "Variant", "edit", "resample", "run"]
 
 _DEFAULTS = INFO.defaults()
 
@@ -104,6 +105,51 @@ class EditResult:
     model_fingerprint: str = ""
 
 
+@dataclass(frozen=True)
+class EditStages:
+    """Stages A and B of an edit: all that another (eta, inject) variant needs. Sampling it from these costs
+    (N - K) / N of one sampling run, and no text optimization or inversion."""
+
+    text_optimizations: tuple[TextOptimization, ...]
+    inversion: Inversion
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(t.seed for t in self.text_optimizations)
+
+
+def resample(
+    pipe,
+    stages: EditStages,
+    etas: tuple[float, ...],
+    inject: tuple[float, ...],
+    seeds: tuple[int, ...] | None = None,
+    *,
+    batch_size: int | None = None,
+    progress: Progress = False,
+) -> list[Variant]:
+    """New variants of a finished edit (stage C alone): every (seed, inject ratio, eta), in grid order.
+
+    The values are checked against the method's table as an edit's would be; ``seeds`` default to all the edit's.
+    """
+    etas = INFO.param("etas").check(etas)
+    inject = INFO.param("inject").check(inject)
+    by_seed = {t.seed: t for t in stages.text_optimizations}
+    seeds = stages.seeds if seeds is None else tuple(dict.fromkeys(int(s) for s in seeds))
+    unknown = [s for s in seeds if s not in by_seed]
+    if unknown:
+        raise UsageError(f"seed {unknown[0]} was not part of this edit (its seeds: {', '.join(map(str, by_seed))})")
+    texts = [by_seed[s] for s in seeds]
+    num_steps = stages.inversion.num_steps
+    steps = tuple(dict.fromkeys(round(r * num_steps) for r in inject))
+    ratio_of = {round(r * num_steps): r for r in reversed(inject)}
+    images = sample(pipe, stages.inversion, texts, etas, steps, batch_size=batch_size, progress=progress)
+    return [
+        Variant(texts[s.text_index].seed, s.eta, s.inject_steps, ratio_of[s.inject_steps], img)
+        for s, img in zip(variant_grid(len(texts), etas, steps), images, strict=True)
+    ]
+
+
 def edit(
     pipe,
     image: str | os.PathLike | Image.Image,
@@ -111,7 +157,7 @@ def edit(
     *,
     size: int | None = None,
     cache: StageCache | None = None,
-    progress: bool = False,
+    progress: Progress = False,
     **settings,
 ) -> EditResult:
     """Edit ``image`` toward ``target_prompt``: text optimization per seed, one inversion, every variant.
@@ -132,7 +178,7 @@ def edit_stages(
     config: EditSettings,
     cache: StageCache | None,
     fields: dict[str, str],
-    progress: bool = False,
+    progress: Progress = False,
 ) -> EditResult:
     """The method on a prepared image: A for every seed (cached), B once (cached), C for all (seed, K, eta)."""
     watch = Stopwatch()
@@ -144,14 +190,8 @@ def edit_stages(
                                          config.guidance, config.inner_steps, config.early_stop, cache, fields,
                                          progress)
     with watch("sampling"):
-        steps = config.inject_steps()
-        images = sample(pipe, inversion, texts, config.etas, steps, batch_size=config.batch_size,
-                        progress=progress)
-    ratio_of = {round(r * config.num_steps): r for r in reversed(config.inject)}
-    variants = [
-        Variant(texts[s.text_index].seed, s.eta, s.inject_steps, ratio_of[s.inject_steps], img)
-        for s, img in zip(variant_grid(len(texts), config.etas, steps), images, strict=True)
-    ]
+        variants = resample(pipe, EditStages(tuple(texts), inversion), config.etas, config.inject, config.seeds,
+                            batch_size=config.batch_size, progress=progress)
     return EditResult(picture, config, variants, texts, inversion, watch.with_total(),
                       {"text_optimization": reused, "inversion": hit}, fields["model"])
 
@@ -172,4 +212,5 @@ def run(pipe, picture: Image.Image, target_prompt: str, params: dict[str, Any], 
                                          for t in result.text_optimizations},
     }
     timings = {k: v for k, v in result.timings.items() if k != "total"}
-    return MethodOutput(variants, timings, result.cache, record)
+    stages = EditStages(tuple(result.text_optimizations), result.inversion)
+    return MethodOutput(variants, timings, result.cache, record, stages=stages)

@@ -12,6 +12,7 @@ from PIL import Image
 from ..errors import UsageError
 from ..images import load_image
 from ..models.registry import family_of
+from ..progress import Progress
 from ..stages import DEFAULT_GUIDANCE
 from ..stages.cache import StageCache
 from ..stages.cached import cache_fields
@@ -43,7 +44,7 @@ def run_method(
     size: int | None = None,
     cache: StageCache | None = None,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> MethodResult:
     """Edit ``image`` toward ``target_prompt`` with ``method``; ``params`` override the method's defaults.
 
@@ -78,7 +79,7 @@ def run_method(
         method=method, input_image=picture, target_prompt=target_prompt, source_prompt=source_prompt,
         seeds=ctx.seeds, params={**resolved, **output.chosen}, variants=[with_params(info, v) for v in output.variants],
         knob_labels=tuple(p.label for p in info.sweeps), timings={**output.timings, "total": watch.total()},
-        cache=output.cache, record=output.record, model_fingerprint=fields["model"],
+        cache=output.cache, record=output.record, model_fingerprint=fields["model"], stages=output.stages,
     )
 
 

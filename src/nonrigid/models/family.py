@@ -174,6 +174,13 @@ class ModelFamily(ABC):
         """The model's native size (its UNet's sample size in pixels) and its pipeline's guidance scale."""
         return FamilyDefaults(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor, self.default_guidance)
 
+    def initial_noise(self, size: int, generator: torch.Generator) -> torch.Tensor:
+        """x_T for generating a ``size`` px image: standard normal latents drawn on the CPU (the same image on any
+        device), fp32, on the model's device."""
+        vae = self.pipe.vae
+        side = size // self.pipe.vae_scale_factor
+        return torch.randn((1, vae.config.latent_channels, side, side), generator=generator).to(self.device)
+
     def describe(self) -> str:
         """One line on what was detected (layout, prediction type, native size), for logs and records."""
         return f"{self.name}, {self.defaults.size} px"

@@ -14,6 +14,7 @@ from PIL import Image
 from ..images import image_digest
 from ..models.fingerprint import model_fingerprint
 from ..models.registry import family_of
+from ..progress import Progress
 from .cache import StageCache, stage_key
 from .inversion import Inversion, invert
 from .text_optimization import TextOptimization, optimize_text_batch
@@ -30,7 +31,7 @@ def text_stage(
     seeds: tuple[int, ...],
     cache: StageCache | None,
     common: dict[str, str],
-    progress: bool = False,
+    progress: Progress = False,
 ) -> tuple[list[TextOptimization], list[int]]:
     """Stage A for every seed: cached seeds are loaded, the rest optimised together in one batch.
 
@@ -70,7 +71,7 @@ def inversion_stage(
     early_stop: float,
     cache: StageCache | None,
     common: dict[str, str],
-    progress: bool = False,
+    progress: Progress = False,
 ) -> tuple[Inversion, bool]:
     """Stage B, from the cache when an inversion with the same inputs exists (NTI editing and MasaCtrl share it)."""
     key = stage_key("inversion", **common, prompt=source_prompt, method=method, steps=num_steps,

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..errors import NonFiniteError, check_finite
 from ..models.family import Conditioning, ModelFamily, guided
 from ..models.registry import family_of
+from ..progress import Bar, Progress, track
 from . import DEFAULT_GUIDANCE
 from . import INVERSION_METHODS as METHODS
 
@@ -117,7 +117,7 @@ def invert(
     inner_steps: int = 10,
     early_stop: float = 1e-5,
     *,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Inversion:
     """Invert ``image`` with ``method`` ("nti", "ddim" or "npi") over ``num_steps`` DDIM steps.
 
@@ -155,7 +155,7 @@ def invert(
 
 
 def ddim_invert(
-    pipe, x0: torch.Tensor, cond: Conditioning | torch.Tensor, num_steps: int, *, progress: bool = False
+    pipe, x0: torch.Tensor, cond: Conditioning | torch.Tensor, num_steps: int, *, progress: Progress = False
 ) -> torch.Tensor:
     """The DDIM inversion path x*_0 .. x*_N at guidance 1, shape (N + 1, C, h, w)."""
     family = family_of(pipe)
@@ -163,7 +163,7 @@ def ddim_invert(
 
 
 def conditional_sampling_path(
-    pipe, latent: torch.Tensor, cond: Conditioning | torch.Tensor, num_steps: int, *, progress: bool = False
+    pipe, latent: torch.Tensor, cond: Conditioning | torch.Tensor, num_steps: int, *, progress: Progress = False
 ) -> torch.Tensor:
     """DDIM sampling from ``latent`` with ``cond`` at guidance 1, every latent kept: shape (N + 1, C, h, w).
 
@@ -180,7 +180,7 @@ def _path(
 ) -> torch.Tensor:
     """Every latent of a walk along ``scheduler``'s timesteps at guidance 1 with ``cond``, the start included."""
     path = [x]
-    for t in tqdm(scheduler.timesteps, desc=stage, disable=not progress, leave=False):
+    for t in track(scheduler.timesteps, stage, progress):
         x = scheduler.step(family.predict(x, t, cond), t, x).prev_sample
         path.append(x)
     latents = torch.cat(path)
@@ -197,7 +197,7 @@ def null_text_optimization(
     inner_steps: int = 10,
     early_stop: float = 1e-5,
     *,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> tuple[Conditioning, torch.Tensor, list[float]]:
     """Optimise one unconditional conditioning per sampling step so guided sampling retraces ``trajectory``.
 
@@ -212,7 +212,7 @@ def null_text_optimization(
     loss_scale = float(trajectory[0].numel()) if family.dtype == torch.float16 else 1.0  # see text_optimization
     x = trajectory[-1:]
     nulls, path, losses = [], [x], []
-    bar = tqdm(total=num_steps * inner_steps, desc="null-text inversion", disable=not progress, leave=False)
+    bar = Bar("null-text inversion", num_steps * inner_steps, progress)
     for i, t in enumerate(scheduler.timesteps):
         target = trajectory[num_steps - 1 - i : num_steps - i]
         with torch.no_grad():

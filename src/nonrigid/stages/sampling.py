@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..errors import check_finite
 from ..models.family import Conditioning, ModelFamily, mix
 from ..models.registry import family_of
+from ..progress import Progress, track
 from .inversion import Inversion
 from .text_optimization import TextOptimization
 
@@ -58,7 +58,7 @@ def sample(
     *,
     batch_size: int | None = None,
     use_reconstruction: bool = True,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> list[Image.Image] | torch.Tensor:
     """Sample every (eta, K) variant of every given text optimization from ``inversion``, batched.
 
@@ -88,7 +88,7 @@ def sample_latents(
     *,
     batch_size: int | None = None,
     use_reconstruction: bool = True,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> torch.Tensor:
     """The sampling loop: row r follows the source path until step ``inject_steps[r]``, then ``conds[r]``."""
     family = family_of(pipe)
@@ -103,7 +103,7 @@ def sample_latents(
     latents = torch.zeros((rows, *inversion.latent.shape[1:]), device=inversion.latent.device)
     chunk = batch_size or rows
     first = min(inject_steps)
-    for i in tqdm(range(first, num_steps), desc="sampling", disable=not progress, leave=False):
+    for i in track(range(first, num_steps), "sampling", progress):
         t = scheduler.timesteps[i]
         for r, k in enumerate(inject_steps):
             if k == i:  # this variant leaves the source path here
@@ -135,3 +135,32 @@ def _source_path(
         x = scheduler.step(out, t, x).prev_sample
         path.append(x)
     return torch.cat(path)
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompt: str,
+    *,
+    seed: int = 0,
+    num_steps: int = 50,
+    guidance_scale: float | None = None,
+    size: int | None = None,
+    progress: Progress = False,
+) -> Image.Image:
+    """Text-to-image with the model's DDIM sampler from seeded noise: inputs for the paper's experiments on
+    generated images (an edit of a generated picture, with its prompt as the source).
+
+    The same loop as the edit's sampling (the family's ``predict`` and ``step``), so that with the same x_T it
+    equals the model's diffusers pipeline. ``guidance_scale`` and ``size`` default to the family's.
+    """
+    family = family_of(pipe)
+    size = family.defaults.size if size is None else size
+    scale = family.defaults.guidance_scale if guidance_scale is None else guidance_scale
+    x = family.initial_noise(size, torch.Generator().manual_seed(int(seed)))
+    cond, uncond = family.encode_prompt(prompt), family.unconditional()
+    scheduler = family.sampling_scheduler(num_steps)
+    for t in track(scheduler.timesteps, "generating", progress):
+        x = scheduler.step(family.predict(x, t, cond, uncond, scale), t, x).prev_sample
+    check_finite(x, "generating")
+    return family.decode(x)[0]

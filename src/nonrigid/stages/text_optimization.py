@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..errors import NonFiniteError, check_finite
 from ..models.family import Conditioning, ModelFamily
 from ..models.registry import family_of
+from ..progress import Progress, track
 
 
 @dataclass
@@ -77,7 +77,7 @@ def optimize_text(
     lr: float = 1e-3,
     seed: int = 0,
     *,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> TextOptimization:
     """Optimise ``tau(target_prompt)`` toward ``image`` for ``steps`` Adam steps (the paper: 200, lr 1e-3)."""
     return optimize_text_batch(pipe, image, target_prompt, steps=steps, lr=lr, seeds=[seed], progress=progress)[0]
@@ -91,7 +91,7 @@ def optimize_text_batch(
     lr: float = 1e-3,
     seeds: Sequence[int] = (0,),
     *,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> list[TextOptimization]:
     """:func:`optimize_text` for several seeds at once, one model batch per step; same results as one by one.
 
@@ -111,7 +111,7 @@ def optimize_text_batch(
     # constant factor on the loss (up to its eps), so half precision back-propagates the per-element sum instead.
     loss_scale = float(x0[0].numel()) if family.dtype == torch.float16 else 1.0
     losses: list[list[float]] = [[] for _ in seeds]
-    for _ in tqdm(range(steps), desc="text optimization", disable=not progress, leave=False):
+    for _ in track(range(steps), "text optimization", progress):
         timesteps, noise = _draw(family, generators, x0.shape[1:])
         noisy, wanted = family.training_example(x0, noise.to(device), timesteps.to(device))
         output = family.predict(noisy, timesteps.to(device), embedding)

@@ -1,0 +1,93 @@
+"""The page in a real browser: headless Chromium (Debian's package; Playwright cannot download its own browsers
+here) driven by Playwright, against ``nonrigid ui`` on 127.0.0.1 with the tiny model.
+
+A person's path through the page: upload a TEdBench photo, type the target prompt, fold out the rarely used
+settings to make the edit quick, press Edit, wait for the grid, drag the eta slider and see a new variant.
+Screenshots of each step are saved (``NONRIGID_SCREENSHOTS`` names a folder to keep them in).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio", reason="the ui extra (gradio) is part of the dev install")
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is part of the dev install")
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def page_url(tmp_path_factory):
+    from nonrigid.ui.app import launch
+    from nonrigid.ui.session import Editor
+
+    root = tmp_path_factory.mktemp("ui-browser")
+    editor = Editor("tiny", root / "out", cache_dir=root / "cache")
+    editor.load()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = launch(editor, port=port, block=False, quiet=True)
+    yield f"http://127.0.0.1:{port}/", editor
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Chromium is not installed (.ci/run installs Debian's chromium package)")
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def test_upload_edit_and_move_the_eta_slider_in_a_real_browser(page_url, browser, tedbench, tmp_path):
+    url, editor = page_url
+    shots = Path(os.environ.get("NONRIGID_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    page.goto(url)
+    page.wait_for_selector("#edit-button")
+
+    page.locator("#upload input[type=file]").set_input_files(str(tedbench / "originals" / "dog_01.jpeg"))
+    page.wait_for_selector("#preview img")  # the page shows the input as the model will see it
+    page.locator("#target textarea").fill("A photo of a jumping dog.")
+    page.locator("#ours-num_steps input").fill("8")
+    page.get_by_text("More settings").first.click()
+    page.locator("#ours-opt_steps input").fill("3")
+    page.locator("#ours-inner_steps input").fill("2")
+    page.locator("#ours-etas textarea, #ours-etas input").first.fill("0,1")
+    page.screenshot(path=str(shots / "ui-1-ready.png"), full_page=True)
+
+    page.locator("#edit-button").click()
+    page.wait_for_selector("#gallery img", timeout=120_000)
+    page.wait_for_selector("#eta input[type=range]", timeout=30_000)
+    status = page.locator("#status").inner_text()
+    assert "ours" in status and "2 variants" in status
+    assert page.locator("#gallery img").count() >= 3  # the grid and both variants
+    folders = [p for p in editor.out.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(folders) == 1 and (folders[0] / "edit.json").is_file()  # written to disk as the CLI would
+    page.screenshot(path=str(shots / "ui-2-edited.png"), full_page=True)
+
+    slider = page.locator("#eta input[type=range]")
+    box = slider.bounding_box()
+    page.mouse.move(box["x"] + 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] / 2, steps=5)
+    page.mouse.up()
+    page.wait_for_selector("#slider-image img", timeout=60_000)
+    page.wait_for_function("document.querySelector('#slider-info').innerText.includes('stage C only')",
+                           timeout=60_000)
+    info = page.locator("#slider-info").inner_text()
+    assert "of 8 steps" in info
+    eta = float(info.split(",")[0].removeprefix("eta "))
+    assert 0.5 < eta < 0.9  # the value the drag left the slider at
+    slider_files = list(folders[0].glob("slider/*.png"))
+    assert len(slider_files) == 1 and f"eta{eta:.2f}" in slider_files[0].name
+    page.screenshot(path=str(shots / "ui-3-slider.png"), full_page=True)
