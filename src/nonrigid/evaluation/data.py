@@ -1,5 +1,9 @@
-"""The pairs of a TEdBench-layout folder (``input_list.json`` + ``originals/``), their source captions, and the
-selection of some of them. Torch-free."""
+"""The pairs of a benchmark folder, their source captions, and the selection of some of them. Torch-free.
+
+Two layouts are recognised (:func:`.piebench.read_dataset`): TEdBench's (``input_list.json`` + ``originals/``),
+read here, and PIE-Bench's as released with PnPInversion (``mapping_file.json`` + ``annotation_images/``), read by
+:mod:`.piebench`.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ class Pair:
     image: Path
     target_text: str
     source_text: str = ""  # a caption of the input: the source prompt of settings that use one
-    source_origin: str = ""  # where that caption comes from: "sources", "input list", "file name"
+    source_origin: str = ""  # where that caption comes from: "sources", "input list", "file name", "mapping file"
+    edit_type: str = ""  # PIE-Bench's editing_type_id ("5": change pose); empty for TEdBench
+    mask: tuple[int, ...] | None = None  # PIE-Bench's edited region, run-length pairs over the flattened 512 x 512
 
     @property
     def slug(self) -> str:
