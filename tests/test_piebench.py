@@ -19,6 +19,7 @@ from PIL import Image
 
 from nonrigid.cli import main
 from nonrigid.errors import UsageError
+from nonrigid.evaluation.data import select_pairs
 from nonrigid.evaluation.metrics.piebench import PieBenchMetrics, build_tiny_dino
 from nonrigid.evaluation.piebench import decode_mask, encode_mask, mask_at, parse_types, read_dataset
 from nonrigid.evaluation.protocol import PIE_METRIC_NAMES, PIE_UNEDITED
@@ -103,7 +104,12 @@ def test_the_layout_is_recognised_and_types_selected(piedir, tmp_path):
     assert (horse.target_text, horse.source_text, horse.source_origin) == ("a running horse", "a standing horse",
                                                                            "mapping file")
     assert horse.edit_type == "5" and horse.image.is_file() and list(horse.mask) == rle(ITEMS["511000000000"][4])
-    assert [p.index for p in read_dataset(piedir, types="5")[1]] == [1, 2, 3]
+    poses = read_dataset(piedir, types="5")[1]
+    assert [p.index for p in poses] == [1, 2, 3]
+    assert [p.index for p in select_pairs(poses, "0-2")] == [1, 2]  # the mapping file's places, not the list's
+    assert [p.index for p in select_pairs(poses, "512000000001,3")] == [2, 3]  # by id (the image's stem)
+    with pytest.raises(UsageError, match="none of these pairs"):
+        select_pairs(poses, "0")
     assert parse_types("pose") == ("5",) and parse_types("attribute") == ("4", "5", "6", "7")
     assert parse_types("0,4-5") == ("0", "4", "5") and len(parse_types(None)) == 10
     for bad, message in (("12", "ids 0-9"), ("poses", "names")):

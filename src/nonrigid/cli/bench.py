@@ -73,7 +73,8 @@ def add_bench_parser(commands) -> None:
                    "each pair's caption as the source prompt (default: empty, the paper's choice); repeatable")
     add_knob_flags(p)  # as in `nonrigid edit`; each sets that parameter of every method that has it
     p.add_argument("--pairs", default=None, metavar="LIST",
-                   help="only these pairs: indices into input_list.json (0-based), ranges 3-7, image names or stems")
+                   help="only these pairs: indices into input_list.json or mapping_file.json (0-based), ranges "
+                   "3-7, image names or stems (PIE-Bench: ids)")
     p.add_argument("--limit", type=int, default=None, help="only the first N (selected) pairs")
     p.add_argument("--types", default=None, metavar="LIST",
                    help="PIE-Bench only: editing types by id (5: change pose), range (4-7) or name (pose, color, "

@@ -99,25 +99,32 @@ def read_captions(sources: str | os.PathLike) -> dict[str, str]:
 
 
 def select_pairs(pairs: Sequence[Pair], spec: str | None = None, limit: int | None = None) -> list[Pair]:
-    """``spec``: comma-separated indices (0-based, as in input_list.json), ranges ``3-7`` and image names or
-    stems (every pair of that image); then the first ``limit`` of those."""
+    """``spec``: comma-separated indices (0-based, as in input_list.json or PIE-Bench's mapping file), ranges
+    ``3-7`` and image names or stems (every pair of that image; a name wins over an index, since PIE-Bench's are
+    numbers); then the first ``limit`` of those. Indices are the pairs' own (``Pair.index``): a range over pairs
+    left out before (PIE-Bench's other editing types) takes those of it that are here."""
     chosen = list(pairs)
     if spec:
+        by_index = {p.index: p for p in pairs}
+        total = max(by_index) + 1 if by_index else 0
         wanted: dict[int, None] = {}
         for token in (t.strip() for t in spec.split(",")):
             if not token:
                 continue
-            if re.fullmatch(r"\d+(-\d+)?", token):
+            named = [p.index for p in pairs if token in (p.img_name, Path(p.img_name).stem)]  # PIE-Bench ids too
+            if not named and re.fullmatch(r"\d+(-\d+)?", token):
                 low, _, high = token.partition("-")
-                indices = range(int(low), int(high or low) + 1)
-                if not indices or indices[-1] >= len(pairs):
-                    raise UsageError(f"pairs {token}: there are {len(pairs)} pairs, numbered 0-{len(pairs) - 1}")
+                indices = [i for i in range(int(low), int(high or low) + 1) if i in by_index]
+                if int(high or low) >= total or int(high or low) < int(low):
+                    raise UsageError(f"pairs {token}: there are {total} pairs, numbered 0-{total - 1}")
+                if not indices:
+                    raise UsageError(f"pairs {token}: none of these pairs is among the selected ones")
             else:
-                indices = [p.index for p in pairs if token in (p.img_name, Path(p.img_name).stem)]
+                indices = named
                 if not indices:
                     raise UsageError(f"pairs {token}: no pair has that image (give indices or image names)")
             wanted.update(dict.fromkeys(indices))
-        chosen = [pairs[i] for i in sorted(wanted)]
+        chosen = [by_index[i] for i in sorted(wanted)]
     if limit is not None:
         if limit < 1:
             raise UsageError(f"limit must be >= 1, got {limit}")
