@@ -304,3 +304,24 @@ def test_a_run_folder_from_before_piebench_gains_the_new_columns(tmp_path):
     with opened(tmp_path / "run", identity) as run:
         columns = {row[1] for row in run.db.execute("PRAGMA table_info(edits)")}
     assert {name for name, _ in ADDED_COLUMNS} <= columns and read_rows(tmp_path / "run") == []
+
+
+def test_dino_loads_from_a_local_folder_and_fails_offline_in_one_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from nonrigid.evaluation.metrics.lpips import load_lpips_squeeze
+    from nonrigid.evaluation.metrics.piebench import load_dino
+
+    tiny = build_tiny_dino(0)
+    tiny.model.save_pretrained(tmp_path / "dino")
+    loaded = load_dino(tmp_path / "dino", device="cpu")
+    image = _images(9)
+    torch.testing.assert_close(loaded.key_self_similarity(image), tiny.key_self_similarity(image))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(UsageError, match="could not be loaded") as err:
+        load_dino("facebook/dino-vitb8", device="cpu")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UsageError, match="not found at") as err:
+        load_lpips_squeeze(squeezenet_weights=tmp_path / "missing.pth", device="cpu")
+    assert "\n" not in str(err.value)
