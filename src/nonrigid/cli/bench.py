@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UsageError
-from ..evaluation.protocol import DEFAULT_CLIP
+from ..evaluation.protocol import DEFAULT_CLIP, DEFAULT_DINO
 from ..methods.catalogue import METHODS
 from .common import (
     PARAM_FLAGS,
@@ -44,17 +44,20 @@ def add_bench_parser(commands) -> None:
 
     presets = "; ".join(f"{name}: {p.summary}" for name, p in PRESETS.items())
     p = commands.add_parser(
-        "bench", help="run methods over TEdBench (or any folder in its layout) and score every edit",
-        description="Run every (pair, seed, setting) of DATA (input_list.json + originals/) with each --method, "
-        "save every edited image and store one row per edit (pair, method, seed, every parameter, CLIP-T, LPIPS, "
-        "aesthetic score, timings, image path) in OUT/results.sqlite. Resumable: after an interruption (even a "
+        "bench", help="run methods over TEdBench or PIE-Bench (or any folder in their layouts) and score every edit",
+        description="Run every (pair, seed, setting) of DATA (TEdBench's input_list.json + originals/, or PIE-Bench's "
+        "mapping_file.json + annotation_images/) with each --method, save every edited image and store one row per "
+        "edit (pair, method, seed, every parameter, CLIP-T, LPIPS, aesthetic score, timings, image path; on "
+        "PIE-Bench also its structure distance, unedited-region PSNR, LPIPS, MSE and SSIM, and CLIP scores of the "
+        "whole edit and its edited region) in OUT/results.sqlite. Resumable: after an interruption (even a "
         "kill) run the same command again and it continues where it stopped, redoing no finished job; a different "
         "command on an existing OUT is refused. A method's own sweep parameters (ours: eta, inject) run in one job "
         "per pair and share its stages; sweeping any other parameter multiplies the jobs.",
         epilog=f"presets: {presets}",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--data", type=Path, required=True, help="TEdBench-layout folder (input_list.json, originals/)")
+    p.add_argument("--data", type=Path, required=True, help="TEdBench-layout folder (input_list.json, originals/) "
+                   "or PIE-Bench's (mapping_file.json, annotation_images/)")
     p.add_argument("--out", type=Path, required=True, help="run folder (created, or resumed if it exists)")
     p.add_argument("--method", action="append", choices=list(METHODS), default=None,
                    help="method to run; repeatable (default: ours); `nonrigid methods` lists their parameters")
@@ -70,8 +73,12 @@ def add_bench_parser(commands) -> None:
                    "each pair's caption as the source prompt (default: empty, the paper's choice); repeatable")
     add_knob_flags(p)  # as in `nonrigid edit`; each sets that parameter of every method that has it
     p.add_argument("--pairs", default=None, metavar="LIST",
-                   help="only these pairs: indices into input_list.json (0-based), ranges 3-7, image names or stems")
+                   help="only these pairs: indices into input_list.json or mapping_file.json (0-based), ranges "
+                   "3-7, image names or stems (PIE-Bench: ids)")
     p.add_argument("--limit", type=int, default=None, help="only the first N (selected) pairs")
+    p.add_argument("--types", default=None, metavar="LIST",
+                   help="PIE-Bench only: editing types by id (5: change pose), range (4-7) or name (pose, color, "
+                   "attribute = 4-7, ...), comma-separated; default: all ten")
     p.add_argument("--sources", type=Path, default=None,
                    help="JSON object image name -> caption, the source prompt of settings with source=pair (e.g. "
                    "the inversion preset's NTI-src); default: the source_text of input_list.json's entries, else "
@@ -144,6 +151,11 @@ def add_metric_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aesthetic-head", type=Path, default=None,
                    help="LAION aesthetic predictor head, e.g. sac+logos+ava1-l14-linearMSE.pth (default: the "
                    "metrics module's own)")
+    p.add_argument("--dino-model", default=None,
+                   help=f"PIE-Bench's structure distance: DINO ViT-B/8, hub id or local folder "
+                   f"(default: {DEFAULT_DINO})")
+    p.add_argument("--squeezenet-weights", type=Path, default=None,
+                   help="PIE-Bench's LPIPS: local torchvision SqueezeNet 1.1 weights (default: the torch hub cache)")
     p.add_argument("--metrics", choices=("default", "tiny"), default="default",
                    help="tiny: random-weight backbones, meaningless numbers, for tests only")
 
@@ -153,7 +165,8 @@ def add_metric_flags(p: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     from ..evaluation.bench import pending_jobs
-    from ..evaluation.data import read_pairs, select_pairs
+    from ..evaluation.data import select_pairs
+    from ..evaluation.piebench import parse_types, read_dataset
     from ..evaluation.plan import PRESETS, BenchSpec, plan_settings, uses_source_captions
     from ..evaluation.runfolder import opened
 
@@ -162,7 +175,8 @@ def run_bench(args: argparse.Namespace) -> int:
     check_bench_args(args)
     methods = [PRESETS[args.preset].method] if args.preset else (args.method or [DEFAULT_METHOD])
     settings = plan_settings(methods, args.sweep, with_knobs(args, methods), args.preset)
-    pairs = select_pairs(read_pairs(args.data, args.sources), args.pairs, args.limit)
+    dataset, pairs = read_dataset(args.data, args.sources, args.types)
+    pairs = select_pairs(pairs, args.pairs, args.limit)
     guessed = [p for p in pairs if p.source_origin == "file name"]
     if guessed and uses_source_captions(settings):
         logger.warning(f"warning: {len(guessed)} pairs have no caption for a source prompt; using one made from the "
@@ -170,7 +184,8 @@ def run_bench(args: argparse.Namespace) -> int:
     runtime = {"device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
                **{k: getattr(args, k) for k in ("low_memory", "compile") if getattr(args, k, False)}}
     spec = BenchSpec(args.data, pairs, settings, tuple(range(args.seeds)), model=args.model, size=args.size,
-                     runtime=runtime, metrics=metric_options(args), preset=args.preset)
+                     runtime=runtime, metrics=metric_options(args, dataset == "piebench"), preset=args.preset,
+                     dataset=dataset, types=parse_types(args.types) if dataset == "piebench" else ())
     jobs = spec.jobs()
     if args.dry_run:
         print(describe_plan(spec, args.out))
@@ -182,7 +197,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if todo:
             from ..evaluation.bench import run_benchmark
 
-            pipe, metrics = load_models(args, run)
+            pipe, metrics = load_models(args, run, piebench=dataset == "piebench")
 
             with _only_warnings(args.debug):
                 stats = run_benchmark(spec, run, pipe, metrics, progress=not args.quiet)
@@ -249,8 +264,9 @@ def _format_overrides(params: dict) -> str:
     return " ".join(f"{k}={','.join(f'{x:g}' for x in v) if isinstance(v, tuple) else v}" for k, v in params.items())
 
 
-def metric_options(args: argparse.Namespace) -> dict[str, str | None]:
-    """The metrics' identity in run.json: a run is only continued with the same networks."""
+def metric_options(args: argparse.Namespace, piebench: bool = False) -> dict[str, str | None]:
+    """The metrics' identity in run.json: a run is only continued with the same networks (PIE-Bench's only in
+    PIE-Bench runs, so that older TEdBench runs keep their identity)."""
     if args.metrics == "tiny":
         return {"kind": "tiny"}
 
@@ -261,19 +277,24 @@ def metric_options(args: argparse.Namespace) -> dict[str, str | None]:
             raise UsageError(f"{p} does not exist")
         return str(p.resolve())
 
-    return {"kind": "default", "clip_model": args.clip_model or DEFAULT_CLIP, "lpips_weights": path(args.lpips_weights),
-            "vgg_weights": path(args.vgg_weights), "aesthetic_head": path(args.aesthetic_head)}
+    options = {"kind": "default", "clip_model": args.clip_model or DEFAULT_CLIP,
+               "lpips_weights": path(args.lpips_weights), "vgg_weights": path(args.vgg_weights),
+               "aesthetic_head": path(args.aesthetic_head)}
+    if piebench:
+        options |= {"dino_model": getattr(args, "dino_model", None) or DEFAULT_DINO,
+                    "squeezenet_weights": path(getattr(args, "squeezenet_weights", None))}
+    return options
 
 
-def load_models(args: argparse.Namespace, run):
-    """The pipeline and the metrics (the slow imports happen here, after every check passed); what they are goes
-    into the run's ``meta`` table."""
+def load_models(args: argparse.Namespace, run, piebench: bool = False):
+    """The pipeline and the metrics (PIE-Bench's too with ``piebench``; the slow imports happen here, after every
+    check passed); what they are goes into the run's ``meta`` table."""
     from ..models.fingerprint import model_fingerprint
     from ..models.loading import describe_device
     from .common import load_model
 
     pipe = load_model(args)
-    metrics = _load_metrics(args, pipe.unet.device)
+    metrics = _load_metrics(args, pipe.unet.device, piebench)
     run.set_meta(model_fingerprint=model_fingerprint(pipe), **describe_device(pipe), metrics=_describe(metrics),
                  cache_dir=str(run.cache.root))
     return pipe, metrics
@@ -284,15 +305,16 @@ def _describe(metrics) -> dict:
     return describe() if callable(describe) else {}
 
 
-def _load_metrics(args: argparse.Namespace, device):
+def _load_metrics(args: argparse.Namespace, device, piebench: bool = False):
     from ..evaluation.bench import load_metrics
 
     say(args, "loading metrics" + (" (tiny random backbones: numbers are meaningless)" if args.metrics == "tiny"
                                     else ""))
-    options = metric_options(args)
+    options = metric_options(args, piebench)
     return load_metrics(args.metrics, clip_model=args.clip_model, lpips_weights=options.get("lpips_weights"),
                         vgg_weights=options.get("vgg_weights"), aesthetic_head=options.get("aesthetic_head"),
-                        device=device)
+                        device=device, piebench=piebench, dino_model=options.get("dino_model"),
+                        squeezenet_weights=options.get("squeezenet_weights"))
 
 
 # --------------------------------------------------------------------------------------------------- score

@@ -1,4 +1,5 @@
-"""The benchmark: every (pair, method, setting) of a TEdBench-layout folder, resumable, one SQLite row per edit.
+"""The benchmark: every (pair, method, setting) of a TEdBench- or PIE-Bench-layout folder, resumable, one SQLite row
+per edit (PIE-Bench pairs, which carry a mask, also get PIE-Bench's metric columns).
 
 :mod:`.plan` says what a run computes (settings, jobs, :class:`~.plan.BenchSpec`), :mod:`.runfolder` where and how
 it is stored; this module runs the jobs a run folder does not hold yet. The benchmark knows no method and no
@@ -15,21 +16,25 @@ from typing import Any
 from ..errors import UsageError
 from ..timing import Stopwatch
 from .plan import BenchSpec, Job
-from .protocol import METRIC_NAMES
+from .protocol import METRIC_NAMES, PIE_METRIC_NAMES
 from .runfolder import RunFolder
 
 
 def load_metrics(kind: str = "default", *, clip_model: str | None = None, lpips_weights: str | None = None,
-                 vgg_weights: str | None = None, aesthetic_head: str | None = None, device: Any = None):
+                 vgg_weights: str | None = None, aesthetic_head: str | None = None, device: Any = None,
+                 piebench: bool = False, dino_model: str | None = None, squeezenet_weights: str | None = None):
     """The metrics of the evaluation protocol, every network loaded now (a missing weight file fails before the
-    first edit, not after it); ``kind="tiny"``: random backbones, for tests only."""
+    first edit, not after it), PIE-Bench's too with ``piebench``; ``kind="tiny"``: random backbones, for tests
+    only."""
     from .metrics import Metrics
 
     if kind == "tiny":
         return Metrics.tiny(seed=0)
     options = {"lpips_weights": lpips_weights, "vgg_weights": vgg_weights, "aesthetic_head": aesthetic_head,
-               "device": device}
-    return Metrics(clip_model, **options).load() if clip_model else Metrics(**options).load()
+               "device": device, "squeezenet_weights": squeezenet_weights,
+               **({"dino_model": dino_model} if dino_model else {})}
+    metrics = Metrics(clip_model, **options) if clip_model else Metrics(**options)
+    return metrics.load(piebench=piebench)
 
 
 @dataclass
@@ -89,9 +94,10 @@ def run_job(job: Job, spec: BenchSpec, run: RunFolder, pipe: Any, metrics: Any) 
         run.write_image(path, variant.image)
     count = len(result.variants)
     watch = Stopwatch()
+    masks = {"masks": [job.pair.mask] * count} if job.pair.mask is not None else {}  # a PIE-Bench pair
     with watch("scoring"):
         scores = metrics.score_batch([result.input_image] * count, [v.image for v in result.variants],
-                                     [job.pair.target_text] * count)
+                                     [job.pair.target_text] * count, **masks)
     timings = {**result.timings, **watch.seconds}
     total = result.timings["total"]
     rows = []
@@ -101,6 +107,7 @@ def run_job(job: Job, spec: BenchSpec, run: RunFolder, pipe: Any, metrics: Any) 
             "target_text": job.pair.target_text, "source_prompt": job.source_prompt, "method": job.method,
             "setting": job.setting.label, "seed": variant.seed, "knobs": variant.knobs,
             "params": edit_params(result.params, variant), **{m: score.get(m) for m in METRIC_NAMES},
+            **{m: finite_or_none(score.get(m)) for m in PIE_METRIC_NAMES}, "edit_type": job.pair.edit_type or None,
             "image": path, "record": {**variant.record, "input": input_path},
             "job_seconds": total, "seconds_per_edit": total / count, "timings": timings, "cache": result.cache,
         })
@@ -109,6 +116,11 @@ def run_job(job: Job, spec: BenchSpec, run: RunFolder, pipe: Any, metrics: Any) 
                "cache": result.cache, "record": result.record}
     run.commit([(job_row, rows)])
     return count
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """NaN (a PIE-Bench region metric of an empty region, the reference's "nan") as SQL NULL; inf is kept."""
+    return None if value is None or value != value else value
 
 
 def edit_params(params: Mapping[str, Any], variant: Any) -> dict[str, Any]:

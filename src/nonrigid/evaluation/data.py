@@ -1,5 +1,9 @@
-"""The pairs of a TEdBench-layout folder (``input_list.json`` + ``originals/``), their source captions, and the
-selection of some of them. Torch-free."""
+"""The pairs of a benchmark folder, their source captions, and the selection of some of them. Torch-free.
+
+Two layouts are recognised (:func:`.piebench.read_dataset`): TEdBench's (``input_list.json`` + ``originals/``),
+read here, and PIE-Bench's as released with PnPInversion (``mapping_file.json`` + ``annotation_images/``), read by
+:mod:`.piebench`.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ class Pair:
     image: Path
     target_text: str
     source_text: str = ""  # a caption of the input: the source prompt of settings that use one
-    source_origin: str = ""  # where that caption comes from: "sources", "input list", "file name"
+    source_origin: str = ""  # where that caption comes from: "sources", "input list", "file name", "mapping file"
+    edit_type: str = ""  # PIE-Bench's editing_type_id ("5": change pose); empty for TEdBench
+    mask: tuple[int, ...] | None = None  # PIE-Bench's edited region, run-length pairs over the flattened 512 x 512
 
     @property
     def slug(self) -> str:
@@ -93,25 +99,32 @@ def read_captions(sources: str | os.PathLike) -> dict[str, str]:
 
 
 def select_pairs(pairs: Sequence[Pair], spec: str | None = None, limit: int | None = None) -> list[Pair]:
-    """``spec``: comma-separated indices (0-based, as in input_list.json), ranges ``3-7`` and image names or
-    stems (every pair of that image); then the first ``limit`` of those."""
+    """``spec``: comma-separated indices (0-based, as in input_list.json or PIE-Bench's mapping file), ranges
+    ``3-7`` and image names or stems (every pair of that image; a name wins over an index, since PIE-Bench's are
+    numbers); then the first ``limit`` of those. Indices are the pairs' own (``Pair.index``): a range over pairs
+    left out before (PIE-Bench's other editing types) takes those of it that are here."""
     chosen = list(pairs)
     if spec:
+        by_index = {p.index: p for p in pairs}
+        total = max(by_index) + 1 if by_index else 0
         wanted: dict[int, None] = {}
         for token in (t.strip() for t in spec.split(",")):
             if not token:
                 continue
-            if re.fullmatch(r"\d+(-\d+)?", token):
+            named = [p.index for p in pairs if token in (p.img_name, Path(p.img_name).stem)]  # PIE-Bench ids too
+            if not named and re.fullmatch(r"\d+(-\d+)?", token):
                 low, _, high = token.partition("-")
-                indices = range(int(low), int(high or low) + 1)
-                if not indices or indices[-1] >= len(pairs):
-                    raise UsageError(f"pairs {token}: there are {len(pairs)} pairs, numbered 0-{len(pairs) - 1}")
+                indices = [i for i in range(int(low), int(high or low) + 1) if i in by_index]
+                if int(high or low) >= total or int(high or low) < int(low):
+                    raise UsageError(f"pairs {token}: there are {total} pairs, numbered 0-{total - 1}")
+                if not indices:
+                    raise UsageError(f"pairs {token}: none of these pairs is among the selected ones")
             else:
-                indices = [p.index for p in pairs if token in (p.img_name, Path(p.img_name).stem)]
+                indices = named
                 if not indices:
                     raise UsageError(f"pairs {token}: no pair has that image (give indices or image names)")
             wanted.update(dict.fromkeys(indices))
-        chosen = [pairs[i] for i in sorted(wanted)]
+        chosen = [by_index[i] for i in sorted(wanted)]
     if limit is not None:
         if limit < 1:
             raise UsageError(f"limit must be >= 1, got {limit}")

@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 
 from .protocol import METRIC_NAMES
-from .tables import RunData, knob_text, plus_minus
+from .tables import PIE_COLUMNS, RunData, knob_text, piebench_cells, plus_minus
 
 
 def gallery_choices(
@@ -67,9 +67,10 @@ def write_gallery(
     figures: Sequence[Path],
     summary: Sequence[dict[str, Any]],
     thumb: int = 192,
+    piebench: Sequence[dict[str, Any]] = (),
 ) -> Path:
-    """gallery.html: the plots, the summary table, then per pair the input and each series' edit nearest each
-    LPIPS level (with its scores and knobs)."""
+    """gallery.html: the plots, the summary table (and PIE-Bench's, for runs over it), then per pair the input and
+    each series' edit nearest each LPIPS level (with its scores and knobs)."""
     thumbs = Thumbnails(out, thumb)
     series_names = list(dict.fromkeys(series for series, _, _ in labelled))
     parts = [_HTML_HEAD, "<h1>nonrigid benchmark report</h1>"]
@@ -79,6 +80,10 @@ def write_gallery(
         f'<a href="{html.escape(p.name)}"><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}"></a>'
         for p in figures if p.suffix == ".png") + "</div>")
     parts.append("<h2>Summary</h2>" + _summary_html(summary))
+    if piebench:
+        parts.append("<h2>PIE-Bench</h2><p>PnP Inversion's metrics per editing type, mean ± standard error (structure "
+                     "distance and LPIPS x10³, MSE x10⁴, SSIM x10²); empty region: edits whose unedited region is "
+                     "empty, left out of the background columns.</p>" + _piebench_html(piebench))
     level_text = ", ".join(f"{v:.3f}" for v in levels)
     parts.append(f"<h2>Edits at matched LPIPS ({level_text})</h2><p>Each cell: the method's edit of that pair whose "
                  "LPIPS to the input is closest to the row's level.</p>")
@@ -133,6 +138,14 @@ def _summary_html(lines: Sequence[dict[str, Any]]) -> str:
         cells.append("" if math.isnan(seconds) else f"{seconds:.2f}")
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f'<table class="summary"><tr>{head}</tr>{"".join(body)}</table>'
+
+
+def _piebench_html(lines: Sequence[dict[str, Any]]) -> str:
+    heads = ("run", "method", "setting", "knobs", "editing type", "n", "empty region", *(h for _, h, _ in PIE_COLUMNS))
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in heads)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in piebench_cells(line)) + "</tr>"
+                   for line in lines)
+    return f'<table class="summary"><tr>{head}</tr>{body}</table>'
 
 
 _HTML_HEAD = """<!DOCTYPE html>

@@ -266,6 +266,8 @@ class BenchSpec:
     runtime: dict[str, Any] = field(default_factory=dict)  # device, dtype, batch_size, low_memory, compile
     metrics: dict[str, Any] = field(default_factory=dict)  # kind and weights of the metrics' networks
     preset: str | None = None
+    dataset: str = "tedbench"  # the folder's layout: "tedbench" or "piebench"
+    types: tuple[str, ...] = ()  # PIE-Bench: the editing types selected (ids)
 
     def __post_init__(self) -> None:
         if self.size <= 0:
@@ -297,4 +299,6 @@ class BenchSpec:
             "runtime": dict(self.runtime),
             "metrics": dict(self.metrics),
             "preset": self.preset,
+            # PIE-Bench runs only, so that TEdBench run folders written before PIE-Bench existed still resume
+            **({"dataset": self.dataset, "types": list(self.types)} if self.dataset != "tedbench" else {}),
         }

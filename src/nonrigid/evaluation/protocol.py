@@ -3,3 +3,9 @@ metrics every edit is scored with, and the default CLIP backbone of CLIP-T and t
 
 METRIC_NAMES = ("clip_t", "lpips", "aesthetic")
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+# PIE-Bench's metrics (its evaluate.py's default set, Table 1 of PnP Inversion), scored on PIE-Bench pairs only
+PIE_METRIC_NAMES = ("structure_distance", "psnr_unedit_part", "lpips_unedit_part", "mse_unedit_part",
+                    "ssim_unedit_part", "clip_similarity_target_image", "clip_similarity_target_image_edit_part")
+PIE_UNEDITED = PIE_METRIC_NAMES[1:5]  # NaN when the mask covers the whole image
+DEFAULT_DINO = "facebook/dino-vitb8"

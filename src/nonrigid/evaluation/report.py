@@ -7,6 +7,8 @@
     figure6.csv                  the binned numbers behind both plots
     summary.csv, summary.md      per run, method, setting and knob values: n, mean and standard error of every
                                  metric, wall time per edit
+    piebench.csv, piebench.md    runs over PIE-Bench: its metrics per editing type and overall (mean ± standard
+                                 error, Table 1's scaling in the .md), with the count of empty-region edits
     ablation-<run>.png/.svg      for each preset run: each metric per ablation setting (one line per eta), and
                                  CLIP-T against LPIPS per setting
     gallery.html, gallery/       the plots, the table, and for every pair the input beside each method's edit
@@ -42,7 +44,9 @@ from .tables import (
     knob_text,
     load_runs,
     mean_and_se,
+    piebench_table,
     summarize,
+    write_piebench_table,
     write_summary,
 )
 
@@ -191,13 +195,15 @@ def write_report(
     written["figure6"].append(_write_points(points, out / "figure6.csv"))
     summary = summarize(data)
     written["summary"] = list(write_summary(summary, out))
+    pie = piebench_table(data)
+    written["piebench"] = list(write_piebench_table(pie, out)) if pie else []
     written["ablation"] = []
     for run in data:
         if run.preset is not None and run.rows:
             written["ablation"] += plot_ablation(run, out / f"ablation-{run.name}")
     levels = list(gallery_lpips) if gallery_lpips else [float(np.median(lpips))]
     figures = written["figure6"] + written["ablation"]
-    written["gallery"] = [write_gallery(out, labelled, levels, figures, summary, thumb)]
+    written["gallery"] = [write_gallery(out, labelled, levels, figures, summary, thumb, piebench=pie)]
     if log is not None:
         log(f"report of {sum(len(r.rows) for r in data)} edits from {len(data)} run(s) in {out}")
     return written

@@ -34,6 +34,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import UsageError
+from .protocol import PIE_METRIC_NAMES
 
 CONFIG_FILE = "run.json"
 DATABASE_FILE = "results.sqlite"
@@ -56,13 +57,17 @@ CREATE TABLE IF NOT EXISTS edits (
     job TEXT NOT NULL REFERENCES jobs(job),
     pair INTEGER NOT NULL, image_name TEXT NOT NULL, target_text TEXT NOT NULL, source_prompt TEXT NOT NULL,
     method TEXT NOT NULL, setting TEXT NOT NULL, seed INTEGER NOT NULL, knobs TEXT NOT NULL, params TEXT NOT NULL,
-    clip_t REAL, lpips REAL, aesthetic REAL,
+    clip_t REAL, lpips REAL, aesthetic REAL,{PIE_COLUMNS}
     image TEXT NOT NULL UNIQUE, record TEXT NOT NULL,
     job_seconds REAL, seconds_per_edit REAL, timings TEXT, cache TEXT, created_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS stage_entries (stage TEXT NOT NULL, key TEXT NOT NULL, job TEXT NOT NULL,
     PRIMARY KEY (stage, key));
 """
+# Columns added after the first run folders were written (PIE-Bench's metrics and editing type): nullable, added to
+# an older database when it is opened for writing; readers take whatever columns a database has.
+ADDED_COLUMNS = (*((name, "REAL") for name in PIE_METRIC_NAMES), ("edit_type", "TEXT"))
+SCHEMA = SCHEMA.replace("{PIE_COLUMNS}", "".join(f"\n    {name} {kind}," for name, kind in ADDED_COLUMNS))
 JSON_COLUMNS = ("knobs", "params", "record", "timings", "cache")
 
 
@@ -148,6 +153,7 @@ class RunFolder:
             config.chmod(_file_mode())
         db = connect(path / DATABASE_FILE)
         db.executescript(SCHEMA)
+        _add_missing_columns(db)
         _remove_partial_files(path)
         return cls(path, db, lock, Path(cache_dir) if cache_dir is not None else None)
 
@@ -218,6 +224,15 @@ def check_identity(path: Path, identity: dict[str, Any]) -> None:
         keys = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         raise UsageError(f"{path} holds a run of a different command (it differs in: {', '.join(keys)}); rerun the "
                          "original command to resume it, or choose a new folder for the run")
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """An ``edits`` table written before :data:`ADDED_COLUMNS` existed gets them (NULL in its old rows)."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(edits)")}
+    with db:
+        for name, kind in ADDED_COLUMNS:
+            if name not in present:
+                db.execute(f"ALTER TABLE edits ADD COLUMN {name} {kind}")
 
 
 def _lock(path: Path) -> Any:

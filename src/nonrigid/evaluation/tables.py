@@ -1,5 +1,6 @@
 """The numbers of a report: runs read back (:class:`RunData`), the series they compare, LPIPS bins and the
-per-bin points of Figure 6, and the summary table (mean and standard error per run, method, setting and knobs)."""
+per-bin points of Figure 6, the summary table (mean and standard error per run, method, setting and knobs), and
+PIE-Bench's table (the same per editing type and overall)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..methods.catalogue import METHODS
+from .piebench import type_name
 from .plan import PRESETS, Preset
 from .protocol import METRIC_NAMES
 from .runfolder import read_config, read_rows
@@ -210,3 +212,75 @@ def plus_minus(mean: float, se: float) -> str:
 
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+# --------------------------------------------------------------------------------------------------- PIE-Bench
+
+# (column, heading, factor): PnP Inversion's Table 1 shows structure distance and LPIPS x 10^3, MSE x 10^4, SSIM x 10^2
+PIE_COLUMNS = (
+    ("structure_distance", "Structure dist. x10³ ↓", 1e3), ("psnr_unedit_part", "PSNR ↑", 1.0),
+    ("lpips_unedit_part", "LPIPS x10³ ↓", 1e3), ("mse_unedit_part", "MSE x10⁴ ↓", 1e4),
+    ("ssim_unedit_part", "SSIM x10² ↑", 1e2), ("clip_similarity_target_image", "CLIP whole ↑", 1.0),
+    ("clip_similarity_target_image_edit_part", "CLIP edited ↑", 1.0),
+)
+PIE_TABLE_COLUMNS = ("run", "method", "setting", "knobs", "type", "n", "empty_unedited", "empty_edited",
+                     *(f"{c}{s}" for c, _, _ in PIE_COLUMNS for s in ("", "_se")))
+OVERALL = "overall"
+
+
+def piebench_table(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """PIE-Bench's table: per run, method, setting and knob values, one line per editing type and one ``overall``,
+    each with n, the mean and standard error of every PIE-Bench metric, and how many edits had an empty unedited
+    (or edited) region, whose metrics are NaN and left out of the means as the reference's "nan"s are. Only the
+    rows of PIE-Bench pairs (those with a structure distance) count; no such row, no table."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for order, run in enumerate(runs):
+        for row in run.rows:
+            if row.get("structure_distance") is None:
+                continue
+            key = (order, row["method"], row["setting"], tuple((row["knobs"] or {}).items()))
+            groups.setdefault(key, []).append(row)
+    lines = []
+    for (order, method, setting, knobs), members in groups.items():
+        types = sorted({str(r.get("edit_type") or "") for r in members}, key=lambda t: (not t.isdigit(), t.zfill(3)))
+        for edit_type in [*types, OVERALL]:
+            chosen = members if edit_type == OVERALL else [r for r in members if str(r.get("edit_type") or "") ==
+                                                           edit_type]
+            line: dict[str, Any] = {"run": runs[order].name, "method": method, "setting": setting,
+                                    "knobs": knob_text(dict(knobs)),
+                                    "type": OVERALL if edit_type == OVERALL else type_name(edit_type),
+                                    "n": len(chosen),
+                                    "empty_unedited": sum(r.get("psnr_unedit_part") is None for r in chosen),
+                                    "empty_edited": sum(r.get("clip_similarity_target_image_edit_part") is None
+                                                        for r in chosen)}
+            for column, _, _ in PIE_COLUMNS:
+                line[column], line[f"{column}_se"], _ = mean_and_se(r.get(column) for r in chosen)
+            lines.append(line)
+    return lines
+
+
+def write_piebench_table(lines: Sequence[dict[str, Any]], out: Path) -> tuple[Path, Path]:
+    """piebench.csv (raw numbers, NaN as empty) and piebench.md (Table 1's scaling, mean ± standard error)."""
+    csv_path, md_path = out / "piebench.csv", out / "piebench.md"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(PIE_TABLE_COLUMNS)
+        for line in lines:
+            writer.writerow([csv_value(line[c]) for c in PIE_TABLE_COLUMNS])
+    head = ["run", "method", "setting", "knobs", "editing type", "n", "empty region", *(h for _, h, _ in PIE_COLUMNS)]
+    md = ["PIE-Bench (PnP Inversion's metrics; mean ± standard error; 'empty region': edits whose unedited region is "
+          "empty, left out of the background columns' means)", "",
+          "| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + " |"]
+    md += ["| " + " | ".join(piebench_cells(line)) + " |" for line in lines]
+    md_path.write_text("\n".join(md) + "\n")
+    return csv_path, md_path
+
+
+def piebench_cells(line: dict[str, Any]) -> list[str]:
+    """A line of PIE-Bench's table as text cells, numbers in Table 1's scaling (for Markdown and HTML)."""
+    cells = [_md_escape(str(line[c])) for c in ("run", "method", "setting", "knobs", "type")]
+    cells += [str(line["n"]), str(line["empty_unedited"])]
+    for column, _, factor in PIE_COLUMNS:
+        mean, se = line[column] * factor, line[f"{column}_se"] * factor
+        cells.append("" if math.isnan(mean) else f"{mean:.2f}" if math.isnan(se) else f"{mean:.2f} ± {se:.2f}")
+    return cells

@@ -28,6 +28,10 @@ Where the weights come from (every one can be given as a local path; offline, a 
 | LPIPS linear layers | ``weights/v0.1/vgg.pth`` shipped inside the ``lpips`` package (a dependency) |
 | aesthetic head | ``$NONRIGID_AESTHETIC_HEAD``, else ``<cache>/weights/aesthetic/`` (fetched once); sha256 checked |
 
+PIE-Bench pairs (those with a mask) are also scored with PIE-Bench's own metrics (:mod:`.piebench`: structure
+distance on DINO ViT-B/8, PSNR, LPIPS on SqueezeNet, MSE and SSIM of the unedited region, CLIP score of the whole
+edit and of its edited region), whose networks load the first time a PIE-Bench pair is scored.
+
 The ``.pth`` files are pickles; they are read with ``torch.load(weights_only=True)``, which only rebuilds tensors
 and containers, never arbitrary objects.
 """
@@ -44,7 +48,7 @@ from PIL import Image
 from ...errors import UsageError
 from ...models.fingerprint import weights_fingerprint
 from ...models.loading import resolve_device
-from ..protocol import DEFAULT_CLIP
+from ..protocol import DEFAULT_CLIP, DEFAULT_DINO
 from .aesthetic import (
     AESTHETIC_ENV,
     AESTHETIC_FILENAME,
@@ -60,13 +64,33 @@ from .aesthetic import (
 from .clip import ClipBackbone, build_tiny_clip, clip_t, cosine, load_clip
 from .common import check_same_length, chunks, metrics_dtype
 from .lpips import LPIPS, VGG16_FILENAME, build_tiny_lpips, load_lpips, lpips_distance
+from .piebench import PieBenchMetrics
 from .weights import file_sha256
 
 __all__ = [
-    "AESTHETIC_ENV", "AESTHETIC_FILENAME", "AESTHETIC_SHA256", "AESTHETIC_URL", "DEFAULT_CLIP", "LPIPS",
-    "VGG16_FILENAME", "AestheticHead", "ClipBackbone", "Metrics", "aesthetic_score", "build_tiny_aesthetic_head",
-    "build_tiny_clip", "build_tiny_lpips", "clip_t", "cosine", "default_aesthetic_path", "file_sha256",
-    "load_aesthetic_head", "load_clip", "load_lpips", "lpips_distance",
+    "AESTHETIC_ENV",
+    "AESTHETIC_FILENAME",
+    "AESTHETIC_SHA256",
+    "AESTHETIC_URL",
+    "DEFAULT_CLIP",
+    "LPIPS",
+    "VGG16_FILENAME",
+    "AestheticHead",
+    "ClipBackbone",
+    "Metrics",
+    "PieBenchMetrics",
+    "aesthetic_score",
+    "build_tiny_aesthetic_head",
+    "build_tiny_clip",
+    "build_tiny_lpips",
+    "clip_t",
+    "cosine",
+    "default_aesthetic_path",
+    "file_sha256",
+    "load_aesthetic_head",
+    "load_clip",
+    "load_lpips",
+    "lpips_distance",
 ]
 
 
@@ -88,6 +112,8 @@ class Metrics:
         vgg_weights: str | os.PathLike | None = None,
         aesthetic_head: str | os.PathLike | None = None,
         aesthetic_clip_model: str | None = None,
+        dino_model: str = DEFAULT_DINO,
+        squeezenet_weights: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         batch_size: int = 8,
@@ -105,6 +131,8 @@ class Metrics:
         self._lpips: LPIPS | None = None
         self._head: AestheticHead | None = None
         self._file_digests: dict[str, str] = {}
+        self.dino_model, self.squeezenet_weights = str(dino_model), squeezenet_weights
+        self._pie: PieBenchMetrics | None = None
 
     # ---- the networks, loaded on first use
 
@@ -135,10 +163,21 @@ class Metrics:
             self._head = load_aesthetic_head(self.aesthetic_head_path, self.device)
         return self._head
 
-    def load(self) -> Metrics:
-        """Load every network now (so a missing weight fails before a long evaluation, not after it)."""
+    @property
+    def pie(self) -> PieBenchMetrics:
+        """PIE-Bench's metrics, sharing the CLIP backbone (both default to CLIP ViT-L/14)."""
+        if self._pie is None:
+            self._pie = PieBenchMetrics(self.clip_model, self.dino_model, squeezenet_weights=self.squeezenet_weights,
+                                        device=self.device, dtype=self.dtype, clip=self.clip)
+        return self._pie
+
+    def load(self, piebench: bool = False) -> Metrics:
+        """Load every network now (so a missing weight fails before a long evaluation, not after it); with
+        ``piebench``, PIE-Bench's too."""
         check_head_width(self.aesthetic_clip, self.aesthetic_head)
         _ = self.clip, self.lpips
+        if piebench:
+            self.pie.load()
         return self
 
     # ---- scoring
@@ -149,10 +188,12 @@ class Metrics:
         return self.score_batch([source], [edited], [target_text])[0]
 
     def score_batch(
-        self, sources: Sequence[Image.Image], edited: Sequence[Image.Image], texts: Sequence[str]
+        self, sources: Sequence[Image.Image], edited: Sequence[Image.Image], texts: Sequence[str],
+        masks: Sequence[Sequence[int] | None] | None = None,
     ) -> list[dict[str, float]]:
         """``score`` of each triple, computed in batches of ``batch_size``; one CLIP pass serves both CLIP-T and the
-        aesthetic score when they share a backbone."""
+        aesthetic score when they share a backbone. ``masks``: each edit's PIE-Bench run-length mask (None: not a
+        PIE-Bench pair); edits with one also get PIE-Bench's columns."""
         check_same_length(sources, edited, "sources", "edited images")
         check_same_length(edited, texts, "edited images", "texts")
         self.load()
@@ -167,10 +208,17 @@ class Metrics:
                 image_emb = self.aesthetic_clip.image_embeddings(images)
             aesthetic_scores.extend(self.aesthetic_head(image_emb).tolist())
         lpips_scores = lpips_distance(self.lpips, list(sources), list(edited), batch_size=self.batch_size)
-        return [
+        rows = [
             {"clip_t": c, "lpips": p, "aesthetic": a}
             for c, p, a in zip(clip_scores, lpips_scores, aesthetic_scores, strict=True)
         ]
+        pie = [i for i, mask in enumerate(masks or ()) if mask is not None]
+        if pie:
+            extra = self.pie.score_batch([sources[i] for i in pie], [edited[i] for i in pie], [texts[i] for i in pie],
+                                         [masks[i] for i in pie])
+            for i, scores in zip(pie, extra, strict=True):
+                rows[i].update(scores)
+        return rows
 
     # ---- the tiny variant and the record
 
@@ -186,6 +234,7 @@ class Metrics:
         metrics._clip = build_tiny_clip(seed)
         metrics._lpips = build_tiny_lpips(seed)
         metrics._head = build_tiny_aesthetic_head(metrics._clip.projection_dim, seed)
+        metrics._pie = PieBenchMetrics.tiny(seed, clip=metrics._clip)
         return metrics
 
     def describe(self) -> dict:
@@ -217,6 +266,7 @@ class Metrics:
             },
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            **({"piebench": self._pie.describe()} if self._pie is not None and self._pie._dino is not None else {}),
         }
 
     def _digest(self, path: str | None) -> str | None:

@@ -36,6 +36,10 @@ VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILENAME}"
 VGG16_SHA256_PREFIX = "397923af"
 LPIPS_LINEAR_IN_PACKAGE = ("weights", "v0.1", "vgg.pth")
 LPIPS_STAGES = 5  # VGG16's relu1_2 ... relu5_3, one linear layer each
+# PIE-Bench's LPIPS is torchmetrics' net_type="squeeze": the same network on torchvision's SqueezeNet 1.1 trunk
+SQUEEZENET_FILENAME = "squeezenet1_1-b8a52dc0.pth"
+SQUEEZENET_URL = f"https://download.pytorch.org/models/{SQUEEZENET_FILENAME}"
+SQUEEZENET_SHA256_PREFIX = "b8a52dc0"
 LPIPS_MIN_SIDE = 16  # VGG pools 4 times before its last stage
 
 
@@ -48,10 +52,10 @@ class LPIPS(lpips_package.LPIPS):
     gradients. ``sources`` records which files the weights came from.
     """
 
-    def __init__(self, sources: dict[str, str | None] | None = None):
+    def __init__(self, sources: dict[str, str | None] | None = None, net: str = "vgg"):
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torchvision's note that pretrained= is deprecated
-            super().__init__(pretrained=False, net="vgg", version="0.1", pnet_rand=True, verbose=False)
+            super().__init__(pretrained=False, net=net, version="0.1", pnet_rand=True, verbose=False)
         self.scaling_layer = lpips_package.ScalingLayer()  # constants, not weights: made for real
         self.sources = dict(sources or {})
 
@@ -65,7 +69,7 @@ class LPIPS(lpips_package.LPIPS):
         return {name: name.split(".", 1)[1] for name in self.net.state_dict()}
 
     def linear_names(self) -> list[str]:
-        return [f"lin{k}.model.1.weight" for k in range(LPIPS_STAGES)]
+        return [f"lin{k}.model.1.weight" for k in range(self.L)]  # one per stage: 5 (VGG), 7 (SqueezeNet)
 
     def fill_trunk(self, trunk: dict[str, torch.Tensor]) -> None:
         """Take the VGG16 trunk's tensors, named as in torchvision's ``features`` (:meth:`trunk_names`); ValueError
@@ -130,11 +134,37 @@ def load_lpips(
     return net.ready().to(device=device, dtype=dtype)
 
 
-def build_tiny_lpips(seed: int = 0) -> LPIPS:
-    """The package's LPIPS VGG network with a random trunk (torchvision's VGG initialisation) and random
-    non-negative linear weights, for tests: built without any download, same code path as the real metric. The
-    weights depend only on ``seed``; the global RNG is left as it was."""
-    net = LPIPS(sources={"vgg_weights": None, "linear_weights": None})
+def load_lpips_squeeze(
+    lpips_weights: str | os.PathLike | None = None,
+    squeezenet_weights: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LPIPS:
+    """LPIPS v0.1 on torchvision's ImageNet SqueezeNet 1.1 trunk, what torchmetrics'
+    ``LearnedPerceptualImagePatchSimilarity(net_type="squeeze")`` computes (PIE-Bench's LPIPS): the linear layers
+    ``weights/v0.1/squeeze.pth`` of the lpips package (or ``lpips_weights``), the trunk from ``squeezenet_weights``
+    or the torch hub cache (``squeezenet1_1-b8a52dc0.pth``, downloaded once and hash-checked when missing)."""
+    device = resolve_device(device)
+    dtype = metrics_dtype(dtype, device)
+    linear_path = _resolve_lpips_linear(lpips_weights, "squeeze")
+    trunk_path = _resolve_trunk(squeezenet_weights, SQUEEZENET_FILENAME, SQUEEZENET_URL, SQUEEZENET_SHA256_PREFIX,
+                                "torchvision's ImageNet SqueezeNet 1.1 weights", "squeezenet_weights=PATH")
+    net = LPIPS(sources={"squeezenet_weights": str(trunk_path), "linear_weights": str(linear_path)}, net="squeeze")
+    try:
+        net.fill_trunk(_vgg_features_state(read_tensors(trunk_path, "SqueezeNet 1.1 weights")))
+        net.fill_linear(read_tensors(linear_path, "LPIPS linear weights"))
+    except (KeyError, ValueError) as err:
+        raise UsageError(f"{trunk_path} or {linear_path} does not fit LPIPS on SqueezeNet 1.1: {first_line(err)}") \
+            from err
+    return net.ready().to(device=device, dtype=dtype)
+
+
+def build_tiny_lpips(seed: int = 0, net_type: str = "vgg") -> LPIPS:
+    """The package's LPIPS network (``net_type`` vgg or squeeze) with a random trunk (Kaiming-initialised) and
+    random non-negative linear weights, for tests: built without any download, same code path as the real metric.
+    The weights depend only on ``seed``; the global RNG is left as it was."""
+    net = LPIPS(sources={f"{'vgg' if net_type == 'vgg' else 'squeezenet'}_weights": None, "linear_weights": None},
+                net=net_type)
     state = net.state_dict()
     shapes = {source: state[f"net.{name}"].shape for name, source in net.trunk_names().items()}
     with torch.random.fork_rng(devices=[]):
@@ -142,7 +172,7 @@ def build_tiny_lpips(seed: int = 0) -> LPIPS:
         trunk = {}
         for name, shape in shapes.items():
             tensor = torch.zeros(shape)
-            if name.endswith("weight"):
+            if name.endswith("weight") and tensor.dim() > 1:
                 nn.init.kaiming_normal_(tensor, mode="fan_out", nonlinearity="relu")
             trunk[name] = tensor
         linear = {name: torch.rand(state[name].shape) for name in net.linear_names()}
@@ -192,24 +222,31 @@ def _lpips_pair(source: Image.Image, edited: Image.Image) -> tuple[Image.Image, 
     return source, edited
 
 
-def _resolve_lpips_linear(path: str | os.PathLike | None) -> Path:
+def _resolve_lpips_linear(path: str | os.PathLike | None, net: str = "vgg") -> Path:
     if path is not None:
-        return existing_file(path, "LPIPS linear weights (v0.1 vgg.pth of the lpips project)")
-    packaged = Path(lpips_package.__file__).parent.joinpath(*LPIPS_LINEAR_IN_PACKAGE)
+        return existing_file(path, f"LPIPS linear weights (v0.1 {net}.pth of the lpips project)")
+    packaged = Path(lpips_package.__file__).parent.joinpath(*LPIPS_LINEAR_IN_PACKAGE[:-1], f"{net}.pth")
     if packaged.is_file():
         return packaged
     raise UsageError(
-        f"the LPIPS v0.1 linear weights (vgg.pth) are not in the lpips package at {packaged}: reinstall it "
+        f"the LPIPS v0.1 linear weights ({net}.pth) are not in the lpips package at {packaged}: reinstall it "
         "(pip install lpips), or pass lpips_weights=PATH"
     )
 
 
 def _resolve_vgg16(path: str | os.PathLike | None) -> Path:
+    return _resolve_trunk(path, VGG16_FILENAME, VGG16_URL, VGG16_SHA256_PREFIX, "torchvision's ImageNet VGG16 weights",
+                          "vgg_weights=PATH")
+
+
+def _resolve_trunk(path: str | os.PathLike | None, filename: str, url: str, sha_prefix: str, what: str,
+                   how_to_pass: str) -> Path:
+    """A given trunk checkpoint, else torchvision's file in the torch hub cache (fetched once, hash-checked)."""
     if path is not None:
-        return existing_file(path, f"VGG16 weights (torchvision's {VGG16_FILENAME})")
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILENAME
+        return existing_file(path, f"{what} ({filename})")
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if not cached.is_file():
-        download(VGG16_URL, cached, VGG16_SHA256_PREFIX, "torchvision's ImageNet VGG16 weights", "vgg_weights=PATH")
+        download(url, cached, sha_prefix, what, how_to_pass)
     return cached
 
 
