@@ -206,6 +206,21 @@ def test_a_slider_release_samples_only_the_last_steps_and_equals_an_edit_with_th
     np.testing.assert_array_equal(pixels(image), np.asarray(direct.variants[0].image))
 
 
+def test_the_progress_bar_names_the_stage_and_its_step(server):
+    import time
+
+    client = Client(server["url"], verbose=False)
+    job = client.submit(image=handle_file(str(EXAMPLE)), target="a photo of a brown dog sitting on sand", source="",
+                        **{**FAST, "ours_opt_steps": 60}, api_name="/edit")
+    seen = set()
+    while not job.done():
+        for unit in job.status().progress_data or []:
+            seen.add((unit.desc, unit.length))
+        time.sleep(0.02)
+    job.result()
+    assert ("text optimization", 60) in seen  # the stage's name and its number of steps, as the CLI's bar shows
+
+
 def test_a_bad_upload_gets_a_message_and_nothing_is_written(server, tmp_path):
     client = Client(server["url"], verbose=False)
     before = sorted(server["editor"].out.glob("*"))
