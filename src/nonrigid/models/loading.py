@@ -2,10 +2,11 @@
 
 The family is detected from the model itself: a diffusers folder or hub id by its ``model_index.json`` pipeline
 class, a single file by its ``--config`` (``config``) folder's class or else by its keys (diffusers'
-``infer_diffusers_model_type``). Supported: ``StableDiffusionPipeline`` (SD 1.x and 2.x, epsilon or v prediction)
-and ``StableDiffusionXLPipeline`` (SDXL base and fine-tunes; no refiner). Whatever the model's own scheduler
-(PNDM, Euler, ...), the stages get DDIM built from its config (betas, prediction type, timestep spacing, offset),
-with the reference's settings: no sample clipping, ``set_alpha_to_one`` off. Loading never unpickles a file
+``infer_diffusers_model_type``). Supported: ``StableDiffusionPipeline`` (SD 1.x and 2.x, epsilon or v prediction),
+``StableDiffusionXLPipeline`` (SDXL base and fine-tunes; no refiner) and ``StableDiffusion3Pipeline`` (SD3, SD3.5
+medium and large; T5 optional). Whatever the model's own scheduler (PNDM, Euler, ...), SD and SDXL stages get DDIM
+built from its config (betas, prediction type, timestep spacing, offset), with the reference's settings: no sample
+clipping, ``set_alpha_to_one`` off; SD3 keeps its flow-matching schedule (its shift). Loading never unpickles a file
 unless the caller opts in: pickled checkpoints can run arbitrary code.
 """
 
@@ -16,22 +17,22 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ..errors import UsageError, first_line
 from . import DEFAULT_MODEL
 from .registry import family_of
-from .sd import ddim_scheduler_for
 from .tiny import TINY_KINDS, build_tiny_pipeline
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+             "StableDiffusion3Pipeline": StableDiffusion3Pipeline}
 # diffusers' names for single-file model types (infer_diffusers_model_type) -> the pipeline class that reads them
 SINGLE_FILE_TYPES = {"v1": "StableDiffusionPipeline", "v2": "StableDiffusionPipeline",
-                     "xl_base": "StableDiffusionXLPipeline"}
-SUPPORTED = "SD 1.x, SD 2.x (epsilon or v prediction) and SDXL base-layout models"
+                     "xl_base": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+                     "sd35_medium": "StableDiffusion3Pipeline", "sd35_large": "StableDiffusion3Pipeline"}
+SUPPORTED = "SD 1.x, SD 2.x (epsilon or v prediction), SDXL base-layout and SD3 / SD3.5 models"
 
 
 # --------------------------------------------------------------------------------------------------- devices
@@ -91,13 +92,9 @@ def load_pipeline(
         pipe = MINI_MODELS[name](allow_pickle)
     else:
         pipe = _load_from_disk_or_hub(name, allow_pickle=allow_pickle, config=config)
-    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise UsageError(f"model {name!r} predicts {prediction!r}; supported are epsilon and v_prediction models")
-    pipe.scheduler = ddim_scheduler_for(pipe.scheduler.config)
     family = family_of(pipe)
-    for module_name in family.networks:
-        module = getattr(pipe, module_name)
+    family.adopt_scheduler(name)  # SD: DDIM with the reference's settings; SD3: the model's own flow schedule
+    for module_name, module in family.modules().items():
         module.requires_grad_(False)
         module.eval()
         module.to(device=device)
@@ -134,25 +131,26 @@ def configure_pipeline(
     saves little, and accelerate's hooks move modules only when they run, while the stages read
     ``pipe.unet.device`` to place their tensors and to key the stage cache).
     """
-    device = pipe.unet.device
-    networks = family_of(pipe).networks
+    family = family_of(pipe)
+    network = family.network  # the UNet, or a flow model's transformer
+    device = network.device
     if channels_last is None:
         channels_last = device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for module in (pipe.unet, pipe.vae):
+    for module in (network, pipe.vae):
         module.to(memory_format=memory_format)
     if low_memory:
         pipe.vae.enable_slicing()
         pipe.vae.enable_tiling()
-        pipe.unet.enable_gradient_checkpointing()
+        network.enable_gradient_checkpointing()
     else:
         pipe.vae.disable_slicing()
         pipe.vae.disable_tiling()
-        pipe.unet.disable_gradient_checkpointing()
-    for module_name in networks:
-        getattr(pipe, module_name).requires_grad_(False)  # backward passes compute input gradients only
+        network.disable_gradient_checkpointing()
+    for module in family.modules().values():
+        module.requires_grad_(False)  # backward passes compute input gradients only
     if compile:
-        pipe.unet.compile()
+        network.compile()
     return pipe
 
 
@@ -194,8 +192,8 @@ def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None):
         pipe = cls.from_single_file(name, **_extras(cls), **kwargs)
     except Exception as err:  # the single-file loader raises many types for unreadable files
         raise UsageError(f"could not read checkpoint {name}: {first_line(err)}") from err
-    missing = [f"{module}.{key}" for module in family_of(pipe).networks
-               for key, tensor in getattr(pipe, module).state_dict().items() if tensor.device.type == "meta"]
+    missing = [f"{name}.{key}" for name, module in family_of(pipe).modules().items()
+               for key, tensor in module.state_dict().items() if tensor.device.type == "meta"]
     if missing:  # a config of another shape: weights the file did not provide were never loaded
         raise UsageError(f"checkpoint {name} does not match {config or 'the inferred config'}: {len(missing)} "
                          f"weights were never loaded, e.g. {missing[0]}")
@@ -335,10 +333,11 @@ def mini_weights_dir() -> Path:
 
 
 def _require_safetensors_or_opt_in(folder: Path, allow_pickle: bool) -> None:
-    unet = folder / "unet"
-    if allow_pickle or not unet.is_dir():
+    networks = [folder / name for name in ("unet", "transformer") if (folder / name).is_dir()]
+    if allow_pickle or not networks:
         return
-    if not any(unet.glob("*.safetensors")) and any(unet.glob("*.bin")):
+    network = networks[0]
+    if not any(network.glob("*.safetensors")) and any(network.glob("*.bin")):
         raise UsageError(
             f"{folder} holds only pickle (.bin) weights, which can run arbitrary code when loaded; "
             "pass allow_pickle=True if you trust them"
@@ -352,6 +351,7 @@ def _looks_like_path(name: str) -> bool:
 
 def describe_device(pipe) -> dict[str, str]:
     """Device and precision of the denoiser, for the record."""
-    device = pipe.unet.device
+    family = family_of(pipe)
+    device = family.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": str(device), "device_name": name, "dtype": str(pipe.unet.dtype).replace("torch.", "")}
+    return {"device": str(device), "device_name": name, "dtype": str(family.dtype).replace("torch.", "")}
