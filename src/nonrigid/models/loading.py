@@ -72,6 +72,7 @@ def load_pipeline(
     *,
     allow_pickle: bool = False,
     config: str | None = None,
+    t5: bool = True,
 ):
     """Load an SD 1.x / 2.x or SDXL pipeline with the reference's DDIM scheduler, on ``device`` in ``dtype``.
 
@@ -81,7 +82,9 @@ def load_pipeline(
     with ``allow_pickle``), or a Hugging Face hub id (downloaded once into the hub cache). ``config`` names the
     diffusers folder or hub id whose pipeline class, component configs and tokenizers a single-file checkpoint is
     read with (default: inferred from its keys, and diffusers fetches the matching configs, which needs the
-    network once).
+    network once). ``t5=False`` loads an SD3 model without its T5 text encoder (about 4.7 B parameters, over 9 GB
+    in half precision, saved; its part of the token embeddings is zeros, as diffusers does), and a folder saved
+    without T5 loads without it anyway.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -91,7 +94,7 @@ def load_pipeline(
     elif name in MINI_MODELS:
         pipe = MINI_MODELS[name](allow_pickle)
     else:
-        pipe = _load_from_disk_or_hub(name, allow_pickle=allow_pickle, config=config)
+        pipe = _load_from_disk_or_hub(name, allow_pickle=allow_pickle, config=config, t5=t5)
     family = family_of(pipe)
     family.adopt_scheduler(name)  # SD: DDIM with the reference's settings; SD3: the model's own flow schedule
     for module_name, module in family.modules().items():
@@ -154,22 +157,23 @@ def configure_pipeline(
     return pipe
 
 
-def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None):
+def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None, t5: bool = True):
     path = Path(name).expanduser()
     if path.is_file():
-        return _load_single_file(path, allow_pickle=allow_pickle, config=config)
+        return _load_single_file(path, allow_pickle=allow_pickle, config=config, t5=t5)
     if path.is_dir():
         _require_safetensors_or_opt_in(path, allow_pickle)
         cls = _pipeline_class(path, _index_class(path / "model_index.json"))
         try:
-            return cls.from_pretrained(str(path), use_safetensors=None if allow_pickle else True, **_extras(cls))
+            t5 = t5 and _index_has(path / "model_index.json", "text_encoder_3")
+            return cls.from_pretrained(str(path), use_safetensors=None if allow_pickle else True, **_extras(cls, t5))
         except Exception as err:
             raise UsageError(f"could not load diffusers folder {name}: {first_line(err)}") from err
     if _looks_like_path(name):
         raise UsageError(f"model path {name} does not exist")
     try:
         cls = _pipeline_class(name, _hub_class_name(name))
-        return cls.from_pretrained(name, use_safetensors=None if allow_pickle else True, **_extras(cls))
+        return cls.from_pretrained(name, use_safetensors=None if allow_pickle else True, **_extras(cls, t5))
     except UsageError:
         raise
     except Exception as err:
@@ -179,7 +183,7 @@ def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None)
         ) from err
 
 
-def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None):
+def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None, t5: bool = True):
     name = str(path)
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise UsageError(
@@ -189,7 +193,7 @@ def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None):
     cls = _single_file_class(path, config)
     kwargs = {"config": config} if config else {}
     try:
-        pipe = cls.from_single_file(name, **_extras(cls), **kwargs)
+        pipe = cls.from_single_file(name, **_extras(cls, t5), **kwargs)
     except Exception as err:  # the single-file loader raises many types for unreadable files
         raise UsageError(f"could not read checkpoint {name}: {first_line(err)}") from err
     missing = [f"{name}.{key}" for name, module in family_of(pipe).modules().items()
@@ -200,11 +204,25 @@ def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None):
     return pipe
 
 
-def _extras(cls) -> dict:
-    """Constructor arguments per pipeline class: no safety checker for SD; SDXL has none."""
+def _extras(cls, t5: bool = True) -> dict:
+    """Constructor arguments per pipeline class: no safety checker for SD; SDXL has none; SD3 without T5 when
+    asked (or saved so)."""
     if cls is StableDiffusionPipeline:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if cls is StableDiffusion3Pipeline and not t5:
+        return {"text_encoder_3": None, "tokenizer_3": None}
     return {}
+
+
+def _index_has(index: Path, component: str) -> bool:
+    """Whether a folder's ``model_index.json`` names ``component`` (a pipeline saved without T5 does not)."""
+    import json
+
+    try:
+        entry = json.loads(index.read_text()).get(component)
+    except (OSError, ValueError):
+        return True  # from_pretrained says what is wrong with the folder
+    return bool(entry) and entry[0] is not None
 
 
 def _hub_class_name(repo: str) -> str | None:
