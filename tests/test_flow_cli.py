@@ -26,7 +26,7 @@ STEPS = ["--steps", "3"]
 # methods that apply to SD3 -> (flags, number of variants)
 APPLIES = {
     "ours": ([*STEPS, "--opt-steps", "2", "--inner-steps", "1", "--eta", "0", "0.5"], 2),
-    "nti": ([*STEPS, "--inner-steps", "1"], 1),
+    "nti": ([*STEPS, "--inner-steps", "1", "--no-t5"], 1),  # the flag is accepted (this folder has no T5)
     "imagic": ([*STEPS, "--opt-steps", "1", "--set", "finetune_steps=1", "--set", "alphas=0.8,1.2"], 2),
     "flowedit": ([*STEPS, "--set", "n_max=2,3"], 2),
 }

@@ -74,7 +74,7 @@ def flowedit_latents(
     for i in track(range(num_steps), "FlowEdit", progress):
         t = scheduler.timesteps[i]
         s, s_next = float(scheduler.sigma_from[i]), float(scheduler.sigma_to[i])
-        active = torch.tensor([num_steps - i <= n for n in n_maxes])
+        active = torch.tensor([num_steps - i <= n for n in n_maxes], device=z.device)
         if not active.any():
             continue
         if num_steps - i > n_min:
