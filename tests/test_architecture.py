@@ -276,7 +276,7 @@ def same(a, b) -> bool:
 
 # The README's API with the signatures it had before the restructuring (issue 12: add, don't break).
 PUBLIC_API = {
-    "load_pipeline": ["model", "device", "dtype", "allow_pickle", "config"],
+    "load_pipeline": ["model", "device", "dtype", "allow_pickle", "config", "t5"],
     "load_image": ["image", "size"],
     "optimize_text": ["pipe", "image", "target_prompt", "steps", "lr", "seed", "progress"],
     "optimize_text_batch": ["pipe", "image", "target_prompt", "steps", "lr", "seeds", "progress"],

@@ -39,7 +39,10 @@ FAST = {
     "edit-friendly": {"num_steps": 6, "skip": (1, 3)},
     "dds": {"iterations": (1, 2)},
     "ledits": {"num_steps": 4, "edit_guidance": (3.0, 6.0), "mask": "noise"},  # tiny UNet: no maps for the others
+    "flowedit": {"num_steps": 4, "n_max": (2, 3)},  # flow models only: tests/test_flow_methods.py runs it
 }
+# the methods that apply to SD 1.x (the tiny model's family)
+SD_METHODS = [name for name, info in METHODS.items() if info.families is None or "sd" in info.families]
 
 
 def test_every_method_has_fast_settings_and_a_documented_table():
@@ -143,7 +146,7 @@ def test_methods_command_lists_every_method_and_parameter(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("nonrigid: error: unknown method 'sdedit'")
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", SD_METHODS)
 def test_every_method_edits_through_the_cli(method, tmp_path):
     image = TEDBENCH / "originals" / "cat.jpeg"
     if not image.is_file():

@@ -291,10 +291,11 @@ def load_models(args: argparse.Namespace, run, piebench: bool = False):
     check passed); what they are goes into the run's ``meta`` table."""
     from ..models.fingerprint import model_fingerprint
     from ..models.loading import describe_device
+    from ..models.registry import family_of
     from .common import load_model
 
     pipe = load_model(args)
-    metrics = _load_metrics(args, pipe.unet.device, piebench)
+    metrics = _load_metrics(args, family_of(pipe).device, piebench)
     run.set_meta(model_fingerprint=model_fingerprint(pipe), **describe_device(pipe), metrics=_describe(metrics),
                  cache_dir=str(run.cache.root))
     return pipe, metrics

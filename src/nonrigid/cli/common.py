@@ -99,6 +99,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="for a single-file checkpoint: diffusers folder or hub id to read its configs from")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pickle checkpoints (.ckpt/.bin), which can run arbitrary code")
+    p.add_argument("--no-t5", action="store_true",
+                   help="SD3: load without the T5 text encoder (4.7 B parameters; its token rows become zeros)")
 
 
 def load_model(args: argparse.Namespace):
@@ -107,7 +109,8 @@ def load_model(args: argparse.Namespace):
 
     quiet_libraries(args.quiet)
     say(args, f"loading model {args.model}")
-    pipe = load_pipeline(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.config)
+    pipe = load_pipeline(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.config,
+                         t5=not getattr(args, "no_t5", False))
     return configure_from_args(pipe, args)
 
 

@@ -169,6 +169,8 @@ def describe_methods(names: list[str] | None = None) -> str:
             lines.append("  deterministic: the seed does not change its result (one run serves every seed)")
         if info.memory:
             lines.append(f"  memory: {info.memory}")
+        if info.families is not None:
+            lines.append(f"  model families: {', '.join(info.families)} only")
         for p in info.params:
             default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in p.default) if p.is_sweep \
                 else ("none" if p.default is None else p.default)

@@ -2,8 +2,8 @@
 
 This module is the catalogue (torch-free, so ``nonrigid methods`` and usage errors answer at once): each method's
 name, summary and parameter table with the reference defaults of method.md section 2. The algorithms live in one
-module each (``ours``, ``nti``, ``imagic``, ``masactrl``, ``edit_friendly``, ``dds``, ``ledits``) with the signature
-of :mod:`nonrigid.methods.base`;
+module each (``ours``, ``nti``, ``imagic``, ``masactrl``, ``edit_friendly``, ``dds``, ``ledits``, ``flowedit``)
+with the signature of :mod:`nonrigid.methods.base`;
 :func:`nonrigid.methods.run.run_method` dispatches to them. Each table is the one place a method's parameters,
 defaults and bounds are written: the command line, the benchmark and the library all validate against it.
 """
@@ -17,6 +17,9 @@ from .base import MethodInfo, Param
 DEFAULT_ETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_INJECT = (0.2,)
 INJECT_ABLATION = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # the paper's injection-ratio ablation (Sec. 5.4)
+# model families (ModelFamily.name) of methods tied to a UNet and DDPM noise prediction, and of flow-only methods
+_UNET_FAMILIES = ("sd", "sdxl")
+_FLOW_FAMILIES = ("sd3",)
 
 _NTI_PARAMS = (
     Param("num_steps", "int", 50, "DDIM steps of inversion and sampling", low=1, high=1000),
@@ -96,6 +99,8 @@ MASACTRL = MethodInfo(
     ),
     seeded=False,
     reference="Cao et al., MasaCtrl (ICCV 2023), on a null-text inversion as in the paper",
+    families=_UNET_FAMILIES,
+    why_not="it rewires a UNet's self-attention layers, and a flow transformer (MMDiT) has joint attention only",
 )
 
 EDIT_FRIENDLY = MethodInfo(
@@ -112,6 +117,9 @@ EDIT_FRIENDLY = MethodInfo(
     ),
     seeded=True,
     reference="Huberman-Spiegelglas et al., An Edit Friendly DDPM Noise Space (CVPR 2024)",
+    families=_UNET_FAMILIES,
+    why_not="its noise maps belong to DDPM's stochastic sampler, and a flow model samples a deterministic ODE "
+    "(on flow models use flowedit)",
 )
 
 DDS = MethodInfo(
@@ -130,6 +138,8 @@ DDS = MethodInfo(
     ),
     seeded=True,
     reference="Hertz et al., Delta Denoising Score (ICCV 2023)",
+    families=_UNET_FAMILIES,
+    why_not="it distils noise estimates at DDPM timesteps; its flow-model counterpart is flowedit",
 )
 
 LEDITS = MethodInfo(
@@ -150,13 +160,40 @@ LEDITS = MethodInfo(
     ),
     seeded=True,
     reference="Brack et al., LEDITS++ (CVPR 2024), as shipped by diffusers",
+    families=_UNET_FAMILIES,
+    why_not="diffusers ships LEDITS++ for SD and SDXL UNets only",
 )
 
-METHODS: dict[str, MethodInfo] = {m.name: m for m in (OURS, NTI, IMAGIC, MASACTRL, EDIT_FRIENDLY, DDS, LEDITS)}
+FLOWEDIT = MethodInfo(
+    "flowedit",
+    "FlowEdit: no inversion; an ODE from the source latent to the target driven by the difference of the target's "
+    "and the source's guided velocities at shared-noise points, over the last n_max of num_steps Euler steps.",
+    (
+        Param("n_max", "ints", (33,), "edit steps: the ODE starts n_max steps before the end (reference 33 of 50 "
+              "for SD3; more edits more); the default is for 50 steps and scales with num_steps", label="nmax",
+              low=1, per_steps=50),
+        Param("num_steps", "int", 50, "Euler steps of the model's sigma schedule (reference 50 for SD3, 28 for "
+              "FLUX)", low=1, high=1000),
+        Param("n_min", "int", 0, "last steps sampled plainly with the target prompt (reference 0)", low=0),
+        Param("n_avg", "int", 1, "noise draws averaged per step (reference 1)", low=1),
+        Param("source_guidance", "float", 3.5, "guidance scale of the source velocity (reference 3.5 for SD3, "
+              "1.5 for FLUX)", low=1),
+        Param("target_guidance", "float", 13.5, "guidance scale of the target velocity (reference 13.5 for SD3, "
+              "5.5 for FLUX)", low=1),
+    ),
+    seeded=True,
+    reference="Kulikov et al., FlowEdit (ICCV 2025), the authors' SD3 settings",
+    families=_FLOW_FAMILIES,
+    why_not="it integrates a rectified-flow velocity field over sigmas, and this model predicts DDPM noise",
+)
+
+METHODS: dict[str, MethodInfo] = {m.name: m for m in (OURS, NTI, IMAGIC, MASACTRL, EDIT_FRIENDLY, DDS, LEDITS,
+                                                        FLOWEDIT)}
 
 # module implementing each method (imported on use: they import torch)
 MODULES = {"ours": "ours", "nti": "nti", "imagic": "imagic", "masactrl": "masactrl",
-           "edit-friendly": "edit_friendly", "dds": "dds", "ledits": "ledits"}
+           "edit-friendly": "edit_friendly", "dds": "dds", "ledits": "ledits",
+           "flowedit": "flowedit"}
 
 
 def method_info(name: str) -> MethodInfo:

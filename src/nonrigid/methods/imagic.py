@@ -97,7 +97,7 @@ def unet_parked(pipe: StableDiffusionPipeline, park_device: str | torch.device |
     Only the device changes (``Module.to(device)`` keeps each parameter's dtype and Parameter object, so
     ``requires_grad`` and identity survive), and the way back runs even when the block raises.
     """
-    unet = pipe.unet
+    unet = family_of(pipe).network  # the UNet, or a flow model's transformer
     home = unet.device
     if park_device is None or torch.device(park_device) == home:
         yield
@@ -111,7 +111,7 @@ def unet_parked(pipe: StableDiffusionPipeline, park_device: str | torch.device |
 
 def default_park_device(pipe: StableDiffusionPipeline) -> str | None:
     """Park the frozen UNet on the CPU during fine-tuning on CUDA; not when accelerate's offload hooks manage it."""
-    unet = pipe.unet
+    unet = family_of(pipe).network
     if unet.device.type != "cuda" or hasattr(unet, "_hf_hook"):
         return None
     return "cpu"
@@ -145,7 +145,7 @@ def finetune_unet(
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    device = pipe.unet.device
+    device = family_of(pipe).device
     if park_device == "auto":
         park_device = default_park_device(pipe)
     family = family_of(pipe)
@@ -154,7 +154,7 @@ def finetune_unet(
     with unet_parked(pipe, park_device), torch.enable_grad():
         # Copied where the original waits (the CPU on CUDA), so the GPU never holds both UNets at once.
         # (.float(): an explicit dtype in ModelMixin.to earns a spurious "keep in float32" warning)
-        trainee = copy.deepcopy(pipe.unet).to(device).float()
+        trainee = copy.deepcopy(family.network).to(device).float()
         trainee.requires_grad_(True)
         if device.type == "cuda":
             trainee.enable_gradient_checkpointing()
@@ -217,7 +217,7 @@ def imagic_sample(
     against ``tau("")`` at ``guidance_scale``. ``size`` is (width, height) in pixels (default: the UNet's native
     size). Returns the final latents (len(alphas), 4, h, w), fp32.
     """
-    width, height = size or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    width, height = size or (family_of(pipe).defaults.size,) * 2
     device = unet.device
     shape = (1, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     x_T = torch.randn(shape, generator=generator).to(device)

@@ -141,6 +141,7 @@ class ModelFamily(ABC):
 
     name: str = ""
     networks: tuple[str, ...] = ()  # the pipeline's networks (attribute names): frozen, moved and cast on loading
+    network_name: str = "unet"  # the denoiser's attribute name (a UNet, or a transformer for flow models)
     default_guidance: float = 7.5
 
     def __init__(self, pipe: Any, denoiser: Any = None):
@@ -168,6 +169,21 @@ class ModelFamily(ABC):
     @abstractmethod
     def latent_multiple(self) -> int:
         """Image sides must be a multiple of this."""
+
+    @property
+    def network(self) -> Any:
+        """The pipeline's own denoiser (``pipe.unet``, ``pipe.transformer``): what is moved, cast, compiled."""
+        return getattr(self.pipe, self.network_name)
+
+    def modules(self) -> dict[str, Any]:
+        """The pipeline's networks by attribute name, leaving out optional ones it was loaded without (SD3's T5)."""
+        found = {name: getattr(self.pipe, name, None) for name in self.networks}
+        return {name: module for name, module in found.items() if module is not None}
+
+    def adopt_scheduler(self, model: str) -> None:
+        """Give the pipeline the scheduler configuration the stages expect, or refuse the model in one line
+        (``model`` names it in the message). Called once on loading; the default keeps the model's own."""
+        return None
 
     @property
     def defaults(self) -> FamilyDefaults:

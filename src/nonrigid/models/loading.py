@@ -2,10 +2,11 @@
 
 The family is detected from the model itself: a diffusers folder or hub id by its ``model_index.json`` pipeline
 class, a single file by its ``--config`` (``config``) folder's class or else by its keys (diffusers'
-``infer_diffusers_model_type``). Supported: ``StableDiffusionPipeline`` (SD 1.x and 2.x, epsilon or v prediction)
-and ``StableDiffusionXLPipeline`` (SDXL base and fine-tunes; no refiner). Whatever the model's own scheduler
-(PNDM, Euler, ...), the stages get DDIM built from its config (betas, prediction type, timestep spacing, offset),
-with the reference's settings: no sample clipping, ``set_alpha_to_one`` off. Loading never unpickles a file
+``infer_diffusers_model_type``). Supported: ``StableDiffusionPipeline`` (SD 1.x and 2.x, epsilon or v prediction),
+``StableDiffusionXLPipeline`` (SDXL base and fine-tunes; no refiner) and ``StableDiffusion3Pipeline`` (SD3, SD3.5
+medium and large; T5 optional). Whatever the model's own scheduler (PNDM, Euler, ...), SD and SDXL stages get DDIM
+built from its config (betas, prediction type, timestep spacing, offset), with the reference's settings: no sample
+clipping, ``set_alpha_to_one`` off; SD3 keeps its flow-matching schedule (its shift). Loading never unpickles a file
 unless the caller opts in: pickled checkpoints can run arbitrary code.
 """
 
@@ -16,22 +17,22 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ..errors import UsageError, first_line
 from . import DEFAULT_MODEL
 from .registry import family_of
-from .sd import ddim_scheduler_for
 from .tiny import TINY_KINDS, build_tiny_pipeline
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+             "StableDiffusion3Pipeline": StableDiffusion3Pipeline}
 # diffusers' names for single-file model types (infer_diffusers_model_type) -> the pipeline class that reads them
 SINGLE_FILE_TYPES = {"v1": "StableDiffusionPipeline", "v2": "StableDiffusionPipeline",
-                     "xl_base": "StableDiffusionXLPipeline"}
-SUPPORTED = "SD 1.x, SD 2.x (epsilon or v prediction) and SDXL base-layout models"
+                     "xl_base": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+                     "sd35_medium": "StableDiffusion3Pipeline", "sd35_large": "StableDiffusion3Pipeline"}
+SUPPORTED = "SD 1.x, SD 2.x (epsilon or v prediction), SDXL base-layout and SD3 / SD3.5 models"
 
 
 # --------------------------------------------------------------------------------------------------- devices
@@ -71,6 +72,7 @@ def load_pipeline(
     *,
     allow_pickle: bool = False,
     config: str | None = None,
+    t5: bool = True,
 ):
     """Load an SD 1.x / 2.x or SDXL pipeline with the reference's DDIM scheduler, on ``device`` in ``dtype``.
 
@@ -80,7 +82,9 @@ def load_pipeline(
     with ``allow_pickle``), or a Hugging Face hub id (downloaded once into the hub cache). ``config`` names the
     diffusers folder or hub id whose pipeline class, component configs and tokenizers a single-file checkpoint is
     read with (default: inferred from its keys, and diffusers fetches the matching configs, which needs the
-    network once).
+    network once). ``t5=False`` loads an SD3 model without its T5 text encoder (about 4.7 B parameters, over 9 GB
+    in half precision, saved; its part of the token embeddings is zeros, as diffusers does), and a folder saved
+    without T5 loads without it anyway.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -90,14 +94,10 @@ def load_pipeline(
     elif name in MINI_MODELS:
         pipe = MINI_MODELS[name](allow_pickle)
     else:
-        pipe = _load_from_disk_or_hub(name, allow_pickle=allow_pickle, config=config)
-    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise UsageError(f"model {name!r} predicts {prediction!r}; supported are epsilon and v_prediction models")
-    pipe.scheduler = ddim_scheduler_for(pipe.scheduler.config)
+        pipe = _load_from_disk_or_hub(name, allow_pickle=allow_pickle, config=config, t5=t5)
     family = family_of(pipe)
-    for module_name in family.networks:
-        module = getattr(pipe, module_name)
+    family.adopt_scheduler(name)  # SD: DDIM with the reference's settings; SD3: the model's own flow schedule
+    for module_name, module in family.modules().items():
         module.requires_grad_(False)
         module.eval()
         module.to(device=device)
@@ -134,44 +134,46 @@ def configure_pipeline(
     saves little, and accelerate's hooks move modules only when they run, while the stages read
     ``pipe.unet.device`` to place their tensors and to key the stage cache).
     """
-    device = pipe.unet.device
-    networks = family_of(pipe).networks
+    family = family_of(pipe)
+    network = family.network  # the UNet, or a flow model's transformer
+    device = network.device
     if channels_last is None:
         channels_last = device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for module in (pipe.unet, pipe.vae):
+    for module in (network, pipe.vae):
         module.to(memory_format=memory_format)
     if low_memory:
         pipe.vae.enable_slicing()
         pipe.vae.enable_tiling()
-        pipe.unet.enable_gradient_checkpointing()
+        network.enable_gradient_checkpointing()
     else:
         pipe.vae.disable_slicing()
         pipe.vae.disable_tiling()
-        pipe.unet.disable_gradient_checkpointing()
-    for module_name in networks:
-        getattr(pipe, module_name).requires_grad_(False)  # backward passes compute input gradients only
+        network.disable_gradient_checkpointing()
+    for module in family.modules().values():
+        module.requires_grad_(False)  # backward passes compute input gradients only
     if compile:
-        pipe.unet.compile()
+        network.compile()
     return pipe
 
 
-def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None):
+def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None, t5: bool = True):
     path = Path(name).expanduser()
     if path.is_file():
-        return _load_single_file(path, allow_pickle=allow_pickle, config=config)
+        return _load_single_file(path, allow_pickle=allow_pickle, config=config, t5=t5)
     if path.is_dir():
         _require_safetensors_or_opt_in(path, allow_pickle)
         cls = _pipeline_class(path, _index_class(path / "model_index.json"))
         try:
-            return cls.from_pretrained(str(path), use_safetensors=None if allow_pickle else True, **_extras(cls))
+            t5 = t5 and _index_has(path / "model_index.json", "text_encoder_3")
+            return cls.from_pretrained(str(path), use_safetensors=None if allow_pickle else True, **_extras(cls, t5))
         except Exception as err:
             raise UsageError(f"could not load diffusers folder {name}: {first_line(err)}") from err
     if _looks_like_path(name):
         raise UsageError(f"model path {name} does not exist")
     try:
         cls = _pipeline_class(name, _hub_class_name(name))
-        return cls.from_pretrained(name, use_safetensors=None if allow_pickle else True, **_extras(cls))
+        return cls.from_pretrained(name, use_safetensors=None if allow_pickle else True, **_extras(cls, t5))
     except UsageError:
         raise
     except Exception as err:
@@ -181,7 +183,7 @@ def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None)
         ) from err
 
 
-def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None):
+def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None, t5: bool = True):
     name = str(path)
     if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         raise UsageError(
@@ -191,22 +193,36 @@ def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None):
     cls = _single_file_class(path, config)
     kwargs = {"config": config} if config else {}
     try:
-        pipe = cls.from_single_file(name, **_extras(cls), **kwargs)
+        pipe = cls.from_single_file(name, **_extras(cls, t5), **kwargs)
     except Exception as err:  # the single-file loader raises many types for unreadable files
         raise UsageError(f"could not read checkpoint {name}: {first_line(err)}") from err
-    missing = [f"{module}.{key}" for module in family_of(pipe).networks
-               for key, tensor in getattr(pipe, module).state_dict().items() if tensor.device.type == "meta"]
+    missing = [f"{name}.{key}" for name, module in family_of(pipe).modules().items()
+               for key, tensor in module.state_dict().items() if tensor.device.type == "meta"]
     if missing:  # a config of another shape: weights the file did not provide were never loaded
         raise UsageError(f"checkpoint {name} does not match {config or 'the inferred config'}: {len(missing)} "
                          f"weights were never loaded, e.g. {missing[0]}")
     return pipe
 
 
-def _extras(cls) -> dict:
-    """Constructor arguments per pipeline class: no safety checker for SD; SDXL has none."""
+def _extras(cls, t5: bool = True) -> dict:
+    """Constructor arguments per pipeline class: no safety checker for SD; SDXL has none; SD3 without T5 when
+    asked (or saved so)."""
     if cls is StableDiffusionPipeline:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if cls is StableDiffusion3Pipeline and not t5:
+        return {"text_encoder_3": None, "tokenizer_3": None}
     return {}
+
+
+def _index_has(index: Path, component: str) -> bool:
+    """Whether a folder's ``model_index.json`` names ``component`` (a pipeline saved without T5 does not)."""
+    import json
+
+    try:
+        entry = json.loads(index.read_text()).get(component)
+    except (OSError, ValueError):
+        return True  # from_pretrained says what is wrong with the folder
+    return bool(entry) and entry[0] is not None
 
 
 def _hub_class_name(repo: str) -> str | None:
@@ -335,10 +351,11 @@ def mini_weights_dir() -> Path:
 
 
 def _require_safetensors_or_opt_in(folder: Path, allow_pickle: bool) -> None:
-    unet = folder / "unet"
-    if allow_pickle or not unet.is_dir():
+    networks = [folder / name for name in ("unet", "transformer") if (folder / name).is_dir()]
+    if allow_pickle or not networks:
         return
-    if not any(unet.glob("*.safetensors")) and any(unet.glob("*.bin")):
+    network = networks[0]
+    if not any(network.glob("*.safetensors")) and any(network.glob("*.bin")):
         raise UsageError(
             f"{folder} holds only pickle (.bin) weights, which can run arbitrary code when loaded; "
             "pass allow_pickle=True if you trust them"
@@ -352,6 +369,7 @@ def _looks_like_path(name: str) -> bool:
 
 def describe_device(pipe) -> dict[str, str]:
     """Device and precision of the denoiser, for the record."""
-    device = pipe.unet.device
+    family = family_of(pipe)
+    device = family.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": str(device), "device_name": name, "dtype": str(pipe.unet.dtype).replace("torch.", "")}
+    return {"device": str(device), "device_name": name, "dtype": str(family.dtype).replace("torch.", "")}

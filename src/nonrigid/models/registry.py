@@ -7,9 +7,10 @@ from typing import Any
 from ..errors import UsageError
 from .family import ModelFamily
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL)
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3)
 
 
 def family_of(pipe: Any) -> ModelFamily:

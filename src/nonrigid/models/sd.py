@@ -22,7 +22,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from ..errors import check_finite
+from ..errors import UsageError, check_finite
 from .family import Conditioning, ModelFamily, guided
 
 logger = logging.getLogger("nonrigid")
@@ -30,6 +30,7 @@ logger = logging.getLogger("nonrigid")
 # The reference's scheduler settings (method.md, "Reference behaviour worth knowing"): no sample clipping, the
 # final alpha from abar_0 rather than 1.
 DDIM_OVERRIDES = {"clip_sample": False, "set_alpha_to_one": False}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def ddim_scheduler_for(config) -> DDIMScheduler:
@@ -68,6 +69,15 @@ class StableDiffusion(ModelFamily):
         width = self.pipe.text_encoder.config.hidden_size
         layout = {768: "SD 1.x", 1024: "SD 2.x"}.get(width, f"SD layout, {width}-wide text encoder")
         return f"{layout}, {self.prediction_type} prediction, {self.defaults.size} px"
+
+    def adopt_scheduler(self, model: str) -> None:
+        """DDIM with the model's betas and prediction type and the reference's settings, whatever scheduler class
+        the model shipped with; epsilon and v prediction only."""
+        prediction = self.pipe.scheduler.config.get("prediction_type", "epsilon")
+        if prediction not in PREDICTION_TYPES:
+            raise UsageError(f"model {model!r} predicts {prediction!r}; supported are epsilon and v_prediction "
+                             "models")
+        self.pipe.scheduler = ddim_scheduler_for(self.pipe.scheduler.config)
 
     @property
     def prediction_type(self) -> str:

@@ -1,5 +1,5 @@
 """Models built in code with random weights, for tests and smoke runs (no download): tiny pipelines in each
-supported family's layout (SD 1.x, SD 2.x epsilon and v, SDXL) and CLIP byte-level BPE tokenizers with a chosen
+supported family's layout (SD 1.x, SD 2.x epsilon and v, SDXL, SD3) and CLIP byte-level BPE tokenizers with a chosen
 vocabulary."""
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -23,7 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from .sd import sd_ddim_scheduler
 
 # the built-in random-weight models, by name (``load_pipeline(name)``)
-TINY_KINDS = ("tiny", "tiny-sd2", "tiny-sd2-v", "tiny-sdxl")
+TINY_KINDS = ("tiny", "tiny-sd2", "tiny-sd2-v", "tiny-sdxl", "tiny-sd3")
 
 
 def build_tiny_pipeline(seed: int = 0, kind: str = "tiny"):
@@ -34,6 +37,8 @@ def build_tiny_pipeline(seed: int = 0, kind: str = "tiny"):
     (linear attention projections, head-size attention, a GELU text encoder, epsilon or v prediction; the v one
     at 96 px as SD 2.1 is larger than SD 2 base). ``tiny-sdxl``: SDXL's (two text encoders, a pooled embedding,
     size conditioning, two transformer layers in the inner attention blocks, Euler scheduler config).
+    ``tiny-sd3``: SD3's (an MMDiT transformer predicting velocity, two CLIP encoders with projections and no T5,
+    a 16-channel VAE with a shift factor, a flow-matching scheduler with shift 3).
     Their output is noise: they are for tests and smoke runs. The weights depend only on ``seed``; the global RNG
     is left as it was.
     """
@@ -43,6 +48,8 @@ def build_tiny_pipeline(seed: int = 0, kind: str = "tiny"):
         return _build_tiny_sd2(seed, v_prediction=kind == "tiny-sd2-v")
     if kind == "tiny-sdxl":
         return _build_tiny_sdxl(seed)
+    if kind == "tiny-sd3":
+        return _build_tiny_sd3(seed)
     raise ValueError(f"unknown tiny model {kind!r}; choose one of {', '.join(TINY_KINDS)}")
 
 
@@ -112,6 +119,33 @@ def _build_tiny_sdxl(seed: int) -> StableDiffusionXLPipeline:
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=build_character_tokenizer(),
         tokenizer_2=build_character_tokenizer(), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )
+
+
+def _build_tiny_sd3(seed: int) -> StableDiffusion3Pipeline:
+    """SD3 medium's layout at toy width; no T5 (its part of the token embeddings is zeros, as diffusers builds it
+    for a pipeline loaded with ``text_encoder_3=None``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=48,
+            pos_embed_max_size=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+            latent_channels=16, norm_num_groups=4, sample_size=64, shift_factor=0.0609, scaling_factor=1.5305,
+            use_quant_conv=False, use_post_quant_conv=False,
+        )
+        # CLIP-L and CLIP-G stand-ins: penultimate states 16 + 32 wide (padded to the 64-wide joint attention),
+        # pooled projections 16 + 32 (the transformer's 48-wide pooled input)
+        text_encoder = CLIPTextModelWithProjection(_tiny_text_config(16, "quick_gelu", projection=16))
+        text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(32, "gelu", projection=32))
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=build_character_tokenizer(), text_encoder_2=text_encoder_2,
+        tokenizer_2=build_character_tokenizer(), text_encoder_3=None, tokenizer_3=None,
     )
 
 

@@ -1,0 +1,198 @@
+"""Stable Diffusion 3 / 3.5 as a model family: a rectified-flow transformer (MMDiT) predicting velocity, three
+text encoders (CLIP-L, CLIP-G, optional T5), real classifier-free guidance, a 16-channel VAE with a shift.
+
+What each call puts behind the seam (docs/FAMILIES.md has the derivation):
+
+- **Conditioning** has two tensors, as ``StableDiffusion3Pipeline.encode_prompt`` builds them: ``tokens``
+  (1, 77 + 256, 4096), both CLIPs' penultimate states side by side, zero-padded to T5's width, followed by T5's
+  states (zeros when the pipeline was loaded without T5, as diffusers does), and ``pooled`` (1, 2048), both
+  CLIPs' projected end-of-text states. Text optimization optimises both, eta interpolates both, NTI optimises both.
+- **Unconditional** is the empty prompt's encoding: SD3's pipeline feeds the encoded negative prompt (``""``
+  unless given) to the unconditional branch, never zeros.
+- **predict** is the transformer's velocity, guided by ``v_u + w (v_c - v_u)`` as the pipeline does.
+- **Schedules**: sampling is Euler on the model's own shifted sigma schedule (its ``FlowMatchEulerDiscreteScheduler``
+  config), inversion walks it backwards (:class:`~nonrigid.models.flow.FlowEuler`), training timesteps are
+  logit-normal over the shifted training schedule and the training target is ``noise - x0``.
+- **Latents**: ``(E(image) - shift) * scale`` and back, with the VAE config's ``shift_factor`` and
+  ``scaling_factor``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from PIL import Image
+
+from ..errors import UsageError, check_finite
+from .family import Conditioning, FamilyDefaults, ModelFamily, guided
+from .flow import FlowEuler, flow_training_example, logit_normal_timestep
+from .sd import image_to_tensor
+
+logger = logging.getLogger("nonrigid")
+
+
+class StableDiffusion3(ModelFamily):
+    """SD3 medium, SD3.5 medium and large (and fine-tunes in their layout)."""
+
+    name = "sd3"
+    networks = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    network_name = "transformer"
+    default_guidance = 7.0  # diffusers' StableDiffusion3Pipeline default
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        return isinstance(pipe, StableDiffusion3Pipeline)
+
+    def describe(self) -> str:
+        config = self.pipe.transformer.config
+        version = "SD3.5" if config.get("dual_attention_layers") or config.get("qk_norm") else "SD3"
+        t5 = "with T5" if self.pipe.text_encoder_3 is not None else "without T5"
+        shift = self.pipe.scheduler.config.get("shift", 1.0)
+        return (f"{version} layout, {config.num_layers} transformer layers, {t5}, flow (velocity) prediction, "
+                f"shift {shift:g}, {self.defaults.size} px")
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.transformer.dtype
+
+    @property
+    def latent_multiple(self) -> int:
+        """The VAE's factor times the transformer's patch size."""
+        return self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
+
+    @property
+    def defaults(self) -> FamilyDefaults:
+        return FamilyDefaults(self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor,
+                              self.default_guidance)
+
+    def adopt_scheduler(self, model: str) -> None:
+        """Keep the model's flow-matching schedule (its shift); refuse what the stages cannot reproduce."""
+        config = self.pipe.scheduler.config
+        if config.get("use_dynamic_shifting", False):
+            raise UsageError(f"model {model!r} uses resolution-dependent (dynamic) shifting, which this SD3 "
+                             "family does not reproduce; use a model with a fixed shift")
+        if not isinstance(self.pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+            self.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+
+    def vae_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """fp32 for a VAE that asks for it in half precision (``force_upcast``), else ``dtype``."""
+        if dtype == torch.float16 and self.pipe.vae.config.get("force_upcast", False):
+            return torch.float32
+        return dtype
+
+    # ---- conditioning
+
+    def encode_prompt(self, prompt: str) -> Conditioning:
+        """``tokens`` and ``pooled`` exactly as ``StableDiffusion3Pipeline.encode_prompt`` builds them."""
+        self.warn_if_truncated(prompt)
+        pipe = self.pipe
+        tokens, _, pooled, _ = pipe.encode_prompt(
+            prompt, None, None, device=pipe.text_encoder.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        return Conditioning({"tokens": tokens.float(), "pooled": pooled.float()})
+
+    def warn_if_truncated(self, prompt: str) -> None:
+        """The CLIP encoders see at most 77 tokens (T5, when loaded, up to 256): say what CLIP never sees."""
+        tokenizer = self.pipe.tokenizer
+        ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
+        limit = tokenizer.model_max_length
+        if len(ids) > limit:
+            dropped = tokenizer.decode(ids[limit - 1 : -1])
+            logger.warning("prompt is longer than %d CLIP tokens; CLIP ignores: %r", limit, dropped)
+
+    # ---- the network
+
+    def predict(self, latents, timestep, cond, uncond=None, guidance_scale=1.0) -> torch.Tensor:
+        batch = latents.shape[0]
+        cond = self._check(cond).expand(batch)
+        if guidance_scale == 1.0 or uncond is None:
+            return self._transformer(latents, timestep, cond)
+        both = Conditioning.cat([self._check(uncond).expand(batch), cond])
+        out_uncond, out_cond = self._transformer(torch.cat([latents, latents]), timestep, both).chunk(2)
+        return guided(out_uncond, out_cond, guidance_scale)
+
+    def _transformer(self, latents: torch.Tensor, timestep, cond: Conditioning) -> torch.Tensor:
+        network = self.denoiser or self.pipe.transformer
+        dtype = network.dtype
+        t = torch.as_tensor(timestep, device=latents.device, dtype=torch.float32).reshape(-1)
+        t = t.expand(latents.shape[0]) if t.numel() == 1 else t
+        return network(hidden_states=latents.to(dtype), timestep=t, encoder_hidden_states=cond.tokens.to(dtype),
+                       pooled_projections=cond.tensors["pooled"].to(dtype), return_dict=False)[0].float()
+
+    @staticmethod
+    def _check(cond: Conditioning | torch.Tensor) -> Conditioning:
+        if not isinstance(cond, Conditioning) or "pooled" not in cond.tensors:
+            raise UsageError("SD3 needs a conditioning with token and pooled embeddings (family.encode_prompt), "
+                             "not a bare token tensor")
+        return cond
+
+    # ---- schedules
+
+    def _diffusers_scheduler(self, num_steps: int) -> FlowMatchEulerDiscreteScheduler:
+        """A fresh copy of the model's scheduler set as the pipeline sets it (the pipeline's own stays as is)."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(num_steps)
+        return scheduler
+
+    def sampling_scheduler(self, num_steps: int) -> FlowEuler:
+        """Euler on the model's shifted sigmas: ``StableDiffusion3Pipeline``'s sampler, stateless."""
+        return FlowEuler.from_diffusers(self._diffusers_scheduler(num_steps))
+
+    def inversion_scheduler(self, num_steps: int) -> FlowEuler:
+        """The sampler's Euler steps undone in reverse order, image to noise (see :mod:`.flow`)."""
+        return self.sampling_scheduler(num_steps).inverse()
+
+    @functools.cached_property
+    def _training_timesteps(self) -> torch.Tensor:
+        """The full training schedule (``num_train_timesteps`` shifted timesteps, noisiest first)."""
+        return FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config).timesteps.float()
+
+    def draw_training_timestep(self, generator: torch.Generator) -> torch.Tensor:
+        """Logit-normal (mean 0, std 1) over the shifted training schedule, as diffusers' SD3 training scripts."""
+        return logit_normal_timestep(self._training_timesteps, generator)
+
+    def training_example(self, x0, noise, timesteps):
+        """``x_s = (1 - s) x0 + s noise`` and the velocity ``noise - x0``, with ``s = t / T``."""
+        sigmas = torch.as_tensor(timesteps, dtype=torch.float32) / self.pipe.scheduler.config.num_train_timesteps
+        return flow_training_example(x0, noise, sigmas)
+
+    def noise_estimate(self, output: torch.Tensor, latents: torch.Tensor, timestep) -> torch.Tensor:
+        """``x_s + (1 - s) v``: the noise a velocity implies at ``x_s``."""
+        s = torch.as_tensor(timestep, dtype=torch.float32, device=latents.device)
+        s = (s / self.pipe.scheduler.config.num_train_timesteps).reshape(-1, *([1] * (latents.dim() - 1)))
+        return latents + (1 - s) * output
+
+    # ---- latents
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(E(image) - shift) * scale``: the posterior mean, or a sample drawn with ``generator``."""
+        vae = self.pipe.vae
+        pixels = image_to_tensor(image).to(device=vae.device, dtype=vae.dtype)
+        dist = vae.encode(pixels).latent_dist
+        latent = dist.mean.float()
+        if generator is not None:
+            noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32).to(latent.device)
+            latent = latent + dist.std.float() * noise
+        return (latent - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 8) -> list[Image.Image]:
+        """``D(x / scale + shift)`` to PIL images, a few at a time."""
+        vae = self.pipe.vae
+        images: list[Image.Image] = []
+        for chunk in latents.split(batch_size):
+            scaled = chunk / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+            pixels = vae.decode(scaled.to(vae.dtype)).sample.float()
+            check_finite(pixels, "decoding")
+            array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            images.extend(Image.fromarray(a) for a in array)
+        return images
