@@ -221,6 +221,25 @@ def test_the_progress_bar_names_the_stage_and_its_step(server):
     assert ("text optimization", 60) in seen  # the stage's name and its number of steps, as the CLI's bar shows
 
 
+def test_cancel_in_the_page_stops_the_running_edit_between_steps(server):
+    import time
+
+    client = Client(server["url"], verbose=False)
+    editor = server["editor"]
+    before = sorted(editor.out.glob("*"))
+    job = client.submit(image=handle_file(str(EXAMPLE)), target="a photo of a brown dog lying on snow", source="",
+                        **{**FAST, "ours_opt_steps": 5000}, api_name="/edit")  # minutes, if nothing stops it
+    while not any(u.desc == "text optimization" for u in (job.status().progress_data or [])):
+        time.sleep(0.05)
+    client.predict(api_name="/cancel")
+    tick = time.perf_counter()
+    while editor.lock.locked():  # the worker thread lets go of the model at its next step
+        time.sleep(0.05)
+    assert time.perf_counter() - tick < 10
+    assert sorted(editor.out.glob("*")) == before  # nothing written
+    assert "variants" in page_edit(client)[2]  # and the next edit runs
+
+
 def test_a_bad_upload_gets_a_message_and_nothing_is_written(server, tmp_path):
     client = Client(server["url"], verbose=False)
     before = sorted(server["editor"].out.glob("*"))
