@@ -27,6 +27,15 @@ from .family import Conditioning, ModelFamily, guided
 
 logger = logging.getLogger("nonrigid")
 
+
+def warn_if_clip_truncates(tokenizer, prompt: str) -> None:
+    """CLIP sees at most 77 tokens; say which words it will never see (the pipelines cut them silently)."""
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
+    limit = tokenizer.model_max_length
+    if len(ids) > limit:
+        dropped = tokenizer.decode(ids[limit - 1 : -1])
+        logger.warning("prompt is longer than %d CLIP tokens; CLIP ignores: %r", limit, dropped)
+
 # The reference's scheduler settings (method.md, "Reference behaviour worth knowing"): no sample clipping, the
 # final alpha from abar_0 rather than 1.
 DDIM_OVERRIDES = {"clip_sample": False, "set_alpha_to_one": False}
@@ -106,13 +115,7 @@ class StableDiffusion(ModelFamily):
         return Conditioning({"tokens": embedding.float()})
 
     def warn_if_truncated(self, prompt: str) -> None:
-        """CLIP sees at most 77 tokens; say which words it will never see."""
-        tokenizer = self.pipe.tokenizer
-        ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
-        limit = tokenizer.model_max_length
-        if len(ids) > limit:
-            dropped = tokenizer.decode(ids[limit - 1 : -1])
-            logger.warning("prompt is longer than %d tokens; this part is ignored: %r", limit, dropped)
+        warn_if_clip_truncates(self.pipe.tokenizer, prompt)
 
     # ---- the network
 

@@ -20,7 +20,6 @@ What each call puts behind the seam (docs/FAMILIES.md has the derivation):
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
@@ -29,9 +28,7 @@ from PIL import Image
 from ..errors import UsageError, check_finite
 from .family import Conditioning, FamilyDefaults, ModelFamily, guided
 from .flow import FlowEuler, flow_training_example, logit_normal_timestep
-from .sd import image_to_tensor
-
-logger = logging.getLogger("nonrigid")
+from .sd import image_to_tensor, warn_if_clip_truncates
 
 
 class StableDiffusion3(ModelFamily):
@@ -101,12 +98,7 @@ class StableDiffusion3(ModelFamily):
 
     def warn_if_truncated(self, prompt: str) -> None:
         """The CLIP encoders see at most 77 tokens (T5, when loaded, up to 256): say what CLIP never sees."""
-        tokenizer = self.pipe.tokenizer
-        ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
-        limit = tokenizer.model_max_length
-        if len(ids) > limit:
-            dropped = tokenizer.decode(ids[limit - 1 : -1])
-            logger.warning("prompt is longer than %d CLIP tokens; CLIP ignores: %r", limit, dropped)
+        warn_if_clip_truncates(self.pipe.tokenizer, prompt)
 
     # ---- the network
 
