@@ -28,7 +28,7 @@ import shutil
 import signal
 import tempfile
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -273,98 +273,132 @@ def run_distributed(
     stats = BenchStats(jobs=len(jobs), done_before=len(jobs) - len(todo))
     if not todo:
         return stats
-    images = {p.index: Path(p.image).read_bytes() if Path(p.image).is_file() else _missing(p.image)
-              for p in spec.pairs}
-    group_of_pair = {index: hashlib.sha256(data).hexdigest() for index, data in images.items()}
-    image_refs = {group: ray.put(images[index]) for index, group in group_of_pair.items()}
-    groups = Groups(todo, lambda job: group_of_pair[job.pair.index])
-    committed = _committed_entries(run, group_of_pair)
-    count, resources = worker_plan(ray.cluster_resources(), cpus_per_worker, len(groups.queues))
-    if not setup.threads and "num_gpus" not in resources:
-        setup = replace(setup, threads=cpus_per_worker)
-    actor = ray.remote(max_restarts=0, max_task_retries=0, **resources)(BenchWorker)
-    spec_ref = ray.put(spec)
-
-    def start() -> _Worker:
-        handle = actor.remote(setup, spec_ref)
-        return _Worker(handle, handle.describe.remote())
-
-    lost_errors = _lost_errors(ray)
-    workers = [start() for _ in range(count)]
-    load_losses = 0
-    idle: list[_Worker] = []
-    running: dict[Any, tuple[_Worker, str, Job]] = {}
-    attempts: dict[str, int] = {}
-    described = False
+    driver = _Driver(ray, spec, run, setup, todo, cpus_per_worker, max_attempts)
     bar = tqdm(total=len(jobs), initial=stats.done_before, desc="bench", unit="job", disable=not progress)
     try:
         with bar:
-            while groups.remaining() or running:
-                for worker in list(idle):
-                    chosen = groups.take(worker.group)
-                    if chosen is None:
-                        break
-                    group, job = chosen
-                    idle.remove(worker)
-                    worker.group = group
-                    visible = committed.setdefault(group, set())
-                    entries = {e: run.cache.path(*e).read_bytes() for e in visible - worker.held}
-                    worker.held |= set(entries)
-                    running[worker.handle.run.remote(job, image_refs[group], sorted(visible), entries)] = (
-                        worker, group, job)
-                waiting = [w.ready for w in workers if w.ready is not None]
-                done, _ = ray.wait([*running, *waiting], num_returns=1)
-                ref = done[0]
-                if ref not in running:  # a worker finished loading
-                    worker = next(w for w in workers if w.ready == ref)
-                    worker.ready = None
-                    try:
-                        info = ray.get(ref)
-                    except lost_errors as err:
-                        load_losses += 1
-                        if load_losses >= max_attempts * count:
-                            raise NonrigidError(f"Ray workers died while loading the model {load_losses} times "
-                                                f"(last: {type(err).__name__}); giving up") from None
-                        workers.remove(worker)
-                        workers.append(start())
-                        continue
-                    if "error" in info:
-                        raise NonrigidError(f"a Ray worker could not load the model or metrics: {info['error']}")
-                    if not described:
-                        run.set_meta(**info, workers=len(workers), cache_dir=str(run.cache.root))
-                        described = True
-                    idle.append(worker)
-                    continue
-                worker, group, job = running.pop(ref)
-                try:
-                    output, written = ray.get(ref)
-                except lost_errors as err:
-                    attempts[job.key] = attempts.get(job.key, 0) + 1
-                    if attempts[job.key] >= max_attempts:
-                        raise NonrigidError(f"job {job.key} was lost with its Ray worker {max_attempts} times (last: "
-                                            f"{type(err).__name__}); giving up") from None
-                    groups.requeue(group, job)
-                    _kill(ray, worker)
-                    workers.remove(worker)
-                    workers.append(start())
-                    continue
-                except ray.exceptions.RayTaskError as err:  # the job raised: as in a serial run, the run stops
-                    cause = getattr(err, "cause", None)
-                    raise cause if isinstance(cause, NonrigidError) else err from None
-                store_job(run, output, written)
-                committed[group] |= set(output.entries)
-                worker.held |= set(output.entries)
-                groups.finished(group)
-                idle.append(worker)
+            for job, output in driver.finished_jobs():
                 stats.ran += 1
                 stats.edits += output.edits
                 bar.set_postfix_str(f"{job.pair.slug} {job.method} {job.setting.label}"[:60])
                 bar.update(1)
     finally:
-        ray.wait([w.handle.close.remote() for w in workers], num_returns=len(workers), timeout=10)
-        for worker in workers:
-            _kill(ray, worker)
+        driver.close()
     return stats
+
+
+class _Driver:
+    """The scheduling loop of :func:`run_distributed`: workers, the jobs they hold, and the cache entries each
+    group has committed (the only state besides the run folder)."""
+
+    def __init__(self, ray: Any, spec: BenchSpec, run: RunFolder, setup: WorkerSetup, todo: list[Job],
+                 cpus_per_worker: int, max_attempts: int):
+        self.ray, self.run, self.max_attempts = ray, run, max_attempts
+        images = {p.index: _read(p.image) for p in spec.pairs}
+        self.group_of_pair = {index: hashlib.sha256(data).hexdigest() for index, data in images.items()}
+        self.image_refs = {group: ray.put(images[index]) for index, group in self.group_of_pair.items()}
+        self.groups = Groups(todo, lambda job: self.group_of_pair[job.pair.index])
+        self.committed = _committed_entries(run, self.group_of_pair)
+        self.count, resources = worker_plan(ray.cluster_resources(), cpus_per_worker, len(self.groups.queues))
+        if not setup.threads and "num_gpus" not in resources:
+            setup = replace(setup, threads=cpus_per_worker)
+        self.setup, self.spec_ref = setup, ray.put(spec)
+        self.actor = ray.remote(max_restarts=0, max_task_retries=0, **resources)(BenchWorker)
+        self.lost_errors = _lost_errors(ray)
+        self.workers = [self.start() for _ in range(self.count)]
+        self.idle: list[_Worker] = []
+        self.running: dict[Any, tuple[_Worker, str, Job]] = {}
+        self.attempts: dict[str, int] = {}
+        self.load_losses = 0
+        self.described = False
+
+    def start(self) -> _Worker:
+        handle = self.actor.remote(self.setup, self.spec_ref)
+        return _Worker(handle, handle.describe.remote())
+
+    def finished_jobs(self) -> Iterator[tuple[Job, JobOutput]]:
+        """Hand out jobs and store them as they finish, yielding each stored one."""
+        while self.groups.remaining() or self.running:
+            self.dispatch()
+            waiting = [w.ready for w in self.workers if w.ready is not None]
+            (ref,), _ = self.ray.wait([*self.running, *waiting], num_returns=1)
+            if ref in self.running:
+                finished = self.collect(ref)
+                if finished is not None:
+                    yield finished
+            else:
+                self.loaded(next(w for w in self.workers if w.ready == ref))
+
+    def dispatch(self) -> None:
+        """Each idle worker gets its group's next job (else the first waiting group's), with the committed cache
+        entries of that group it does not hold yet."""
+        for worker in list(self.idle):
+            chosen = self.groups.take(worker.group)
+            if chosen is None:
+                return
+            group, job = chosen
+            self.idle.remove(worker)
+            worker.group = group
+            visible = self.committed.setdefault(group, set())
+            entries = {e: self.run.cache.path(*e).read_bytes() for e in visible - worker.held}
+            worker.held |= set(entries)
+            ref = worker.handle.run.remote(job, self.image_refs[group], sorted(visible), entries)
+            self.running[ref] = (worker, group, job)
+
+    def loaded(self, worker: _Worker) -> None:
+        """A worker finished loading its model (or died doing it, or could not load it)."""
+        ref, worker.ready = worker.ready, None
+        try:
+            info = self.ray.get(ref)
+        except self.lost_errors as err:
+            if getattr(err, "actor_init_failed", False):  # not a lost worker: loading raised (a bug), say so
+                raise
+            self.load_losses += 1
+            if self.load_losses >= self.max_attempts * self.count:
+                raise NonrigidError(f"Ray workers died while loading the model {self.load_losses} times (last: "
+                                    f"{type(err).__name__}); giving up") from None
+            self.replace(worker)
+            return
+        if "error" in info:
+            raise NonrigidError(f"a Ray worker could not load the model or metrics: {info['error']}")
+        if not self.described:
+            self.run.set_meta(**info, workers=len(self.workers), cache_dir=str(self.run.cache.root))
+            self.described = True
+        self.idle.append(worker)
+
+    def collect(self, ref: Any) -> tuple[Job, JobOutput] | None:
+        """Store a finished job; a job whose worker died goes back to its group (None)."""
+        worker, group, job = self.running.pop(ref)
+        try:
+            output, written = self.ray.get(ref)
+        except self.lost_errors as err:
+            self.attempts[job.key] = self.attempts.get(job.key, 0) + 1
+            if self.attempts[job.key] >= self.max_attempts:
+                raise NonrigidError(f"job {job.key} was lost with its Ray worker {self.max_attempts} times (last: "
+                                    f"{type(err).__name__}); giving up") from None
+            self.groups.requeue(group, job)
+            self.replace(worker)
+            return None
+        except self.ray.exceptions.RayTaskError as err:  # the job raised: as in a serial run, the run stops
+            cause = getattr(err, "cause", None)
+            raise cause if isinstance(cause, NonrigidError) else err from None
+        store_job(self.run, output, written)
+        self.committed[group] |= set(output.entries)
+        worker.held |= set(output.entries)
+        self.groups.finished(group)
+        self.idle.append(worker)
+        return job, output
+
+    def replace(self, worker: _Worker) -> None:
+        _kill(self.ray, worker)
+        self.workers.remove(worker)
+        self.workers.append(self.start())
+
+    def close(self) -> None:
+        """Workers remove their folders and end (a killed driver's workers are ended by Ray itself)."""
+        self.ray.wait([w.handle.close.remote() for w in self.workers], num_returns=len(self.workers), timeout=10)
+        for worker in self.workers:
+            _kill(self.ray, worker)
 
 
 def _kill(ray: Any, worker: _Worker) -> None:
@@ -377,11 +411,13 @@ def _committed_entries(run: RunFolder, group_of_pair: dict[int, str]) -> dict[st
     pair's index)."""
     entries: dict[str, set[Entry]] = {}
     for stage, key, job in run.db.execute("SELECT stage, key, job FROM stage_entries"):
-        index = int(job.split("/", 1)[0]) if job.split("/", 1)[0].isdigit() else None
-        if index in group_of_pair:
-            entries.setdefault(group_of_pair[index], set()).add((stage, key))
+        index = job.split("/", 1)[0]
+        if index.isdigit() and int(index) in group_of_pair:
+            entries.setdefault(group_of_pair[int(index)], set()).add((stage, key))
     return entries
 
 
-def _missing(path: Any) -> bytes:
-    raise UsageError(f"image {path} does not exist")
+def _read(path: Any) -> bytes:
+    if not Path(path).is_file():
+        raise UsageError(f"image {path} does not exist")
+    return Path(path).read_bytes()
