@@ -59,6 +59,7 @@ def connect(address: str | None = LOCAL, *, num_cpus: int | None = None) -> bool
     """Join a Ray cluster (``"auto"`` or an address) or start a local instance on 127.0.0.1 (``"local"``); returns
     whether this call started Ray (and so should shut it down). An already initialized Ray is used as it is."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # Ray's core: no retry warnings on stderr
     local = address in (None, LOCAL)
     if local:  # loopback only: Ray otherwise binds the machine's outward address
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -77,7 +78,8 @@ def connect(address: str | None = LOCAL, *, num_cpus: int | None = None) -> bool
     try:
         ray.init(**options)
     except ConnectionError as err:
-        raise UsageError(f"cannot reach the Ray cluster at {address}: {first_line(err)}") from None
+        raise UsageError(f"cannot reach the Ray cluster at {address} ({first_line(err)}); is it running, and, if it "
+                         "uses token authentication, are RAY_AUTH_MODE=token and its token set here?") from None
     return True
 
 
