@@ -92,6 +92,12 @@ def add_bench_parser(commands) -> None:
                    "its own finished jobs wrote there")
     add_runtime_flags(p)
     add_metric_flags(p)
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the jobs on Ray workers, one per GPU (or per --ray-cpus cores without GPUs), each "
+                   "loading the model once; alone: a local Ray instance; 'auto' or an address: join that cluster "
+                   "(needs pip install 'nonrigid[ray]'). Rows and images are a serial run's")
+    p.add_argument("--ray-cpus", type=int, default=1, metavar="N",
+                   help="cores per Ray worker on a cluster without GPUs")
     p.add_argument("--dry-run", action="store_true", help="list what would run (jobs, edits, done) and stop")
     add_output_flags(p)
     p.set_defaults(func=run_bench)
@@ -173,6 +179,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.preset and args.method:
         raise UsageError(f"--preset {args.preset} runs {PRESETS[args.preset].method} itself; leave out --method")
     check_bench_args(args)
+    check_ray(args)
     methods = [PRESETS[args.preset].method] if args.preset else (args.method or [DEFAULT_METHOD])
     settings = plan_settings(methods, args.sweep, with_knobs(args, methods), args.preset)
     dataset, pairs = read_dataset(args.data, args.sources, args.types)
@@ -195,17 +202,52 @@ def run_bench(args: argparse.Namespace) -> int:
         if todo and len(todo) < len(jobs):
             say(args, f"resuming {args.out}: {len(jobs) - len(todo)} of {len(jobs)} jobs already done")
         if todo:
-            from ..evaluation.bench import run_benchmark
-
-            pipe, metrics = load_models(args, run, piebench=dataset == "piebench")
-
-            with _only_warnings(args.debug):
-                stats = run_benchmark(spec, run, pipe, metrics, progress=not args.quiet)
+            piebench = dataset == "piebench"
+            stats = run_on_ray(args, spec, run, piebench) if args.ray else run_serially(args, spec, run, piebench)
             say(args, f"{stats.edits} edits in {stats.ran} jobs written to {args.out / 'results.sqlite'}")
         else:
             say(args, f"all {len(jobs)} jobs are done")
     print(args.out)
     return 0
+
+
+def run_serially(args: argparse.Namespace, spec, run, piebench: bool = False):
+    from ..evaluation.bench import run_benchmark
+
+    pipe, metrics = load_models(args, run, piebench=piebench)
+    with _only_warnings(args.debug):
+        return run_benchmark(spec, run, pipe, metrics, progress=not args.quiet)
+
+
+def run_on_ray(args: argparse.Namespace, spec, run, piebench: bool = False):
+    """The jobs on Ray workers that load the model and metrics themselves, from the same flags."""
+    from ..evaluation.distributed import WorkerSetup, connect, run_distributed
+
+    setup = WorkerSetup(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.config,
+                        low_memory=args.low_memory, compile=args.compile,
+                        metrics=metric_options(args, piebench), piebench=piebench)
+    where = "starting a local Ray instance" if args.ray == "local" else f"joining the Ray cluster at {args.ray}"
+    say(args, f"{where}; each worker loads model {args.model}")
+    started = connect(args.ray)
+    try:
+        with _only_warnings(args.debug):
+            return run_distributed(spec, run, setup, cpus_per_worker=args.ray_cpus, progress=not args.quiet)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def check_ray(args: argparse.Namespace) -> None:
+    """``--ray`` needs Ray importable, said before anything else runs."""
+    if args.ray_cpus < 1:
+        raise UsageError(f"--ray-cpus must be >= 1, got {args.ray_cpus}")
+    if args.ray:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UsageError("--ray needs Ray: pip install 'nonrigid[ray]'") from None
 
 
 def check_bench_args(args: argparse.Namespace) -> None:

@@ -10,7 +10,7 @@ parameters are the job's with the variant's own sweep values (``MethodVariant.pa
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
@@ -76,22 +76,48 @@ def run_benchmark(
 
 def run_job(job: Job, spec: BenchSpec, run: RunFolder, pipe: Any, metrics: Any) -> int:
     """Edit, save the images, score them, commit the rows; returns the number of edits."""
+    run.cache.pending.clear()  # stage entries of a job that failed before this one in this process do not count
+    output = compute_job(job, spec, pipe, metrics, run.cache)
+    store_job(run, output)
+    return output.edits
+
+
+@dataclass
+class JobOutput:
+    """What one job computed, before anything of it is stored: the images as PNG bytes (by their path in the run
+    folder), the ``jobs`` row and the ``edits`` rows, and the stage cache entries the job wrote. The split lets a
+    worker elsewhere compute a job and the run folder's owner store it, with the same bytes and rows as a serial
+    run (:mod:`.distributed`)."""
+
+    job: str
+    files: dict[str, bytes]
+    job_row: dict[str, Any]
+    rows: list[dict[str, Any]]
+    entries: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def edits(self) -> int:
+        return len(self.rows)
+
+
+def compute_job(job: Job, spec: BenchSpec, pipe: Any, metrics: Any, cache: Any) -> JobOutput:
+    """Edit and score one job, storing nothing but stage cache entries (into ``cache``, a
+    :class:`~.runfolder.RunCache` whose ``pending`` names the entries this job wrote)."""
     from ..methods.output import variant_filename
     from ..methods.run import run_method
+    from .runfolder import png_bytes
 
-    run.cache.pending.clear()  # stage entries of a job that failed before this one in this process do not count
     result = run_method(
         pipe, job.pair.image, job.pair.target_text, job.method, job.setting.params, seeds=job.seeds,
-        source_prompt=job.source_prompt, size=spec.size, cache=run.cache,
+        source_prompt=job.source_prompt, size=spec.size, cache=cache,
         batch_size=spec.runtime.get("batch_size"),
     )
     input_path = f"inputs/{job.pair.slug}.png"
-    run.write_image(input_path, result.input_image)
     paths = [f"{job.folder}/{variant_filename(v.seed, v.knobs)}" for v in result.variants]
     if len(set(paths)) != len(paths):
         raise UsageError(f"{job.method}: two variants of one job got the same file name; give distinct sweep values")
-    for path, variant in zip(paths, result.variants, strict=True):
-        run.write_image(path, variant.image)
+    files = {input_path: png_bytes(result.input_image)}
+    files.update((path, png_bytes(variant.image)) for path, variant in zip(paths, result.variants, strict=True))
     count = len(result.variants)
     watch = Stopwatch()
     masks = {"masks": [job.pair.mask] * count} if job.pair.mask is not None else {}  # a PIE-Bench pair
@@ -114,8 +140,22 @@ def run_job(job: Job, spec: BenchSpec, run: RunFolder, pipe: Any, metrics: Any) 
     job_row = {"job": job.key, "pair": job.pair.index, "method": job.method, "setting": job.setting.label,
                "params": result.params, "edits": count, "seconds": total, "timings": timings,
                "cache": result.cache, "record": result.record}
-    run.commit([(job_row, rows)])
-    return count
+    return JobOutput(job.key, files, job_row, rows, sorted(getattr(cache, "pending", ())))
+
+
+def store_job(run: RunFolder, output: JobOutput, entries: Mapping[tuple[str, str], bytes] | None = None) -> None:
+    """Write a job's images (atomically, before its rows) and commit its rows with its stage entries.
+
+    ``entries``: the entry files' bytes when the job ran elsewhere; they are written into the run's cache first.
+    Without them the entries are already in the run's cache, written there by :func:`compute_job`.
+    """
+    for path, data in output.files.items():
+        run.write_file(path, data)
+    if entries is not None:
+        run.cache.pending.clear()
+        for (stage, key), data in entries.items():
+            run.cache.put(stage, key, data)
+    run.commit([(output.job_row, output.rows)])
 
 
 def finite_or_none(value: float | None) -> float | None:

@@ -71,6 +71,13 @@ SCHEMA = SCHEMA.replace("{PIE_COLUMNS}", "".join(f"\n    {name} {kind}," for nam
 JSON_COLUMNS = ("knobs", "params", "record", "timings", "cache")
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    """The bytes of ``image`` as the run folder stores it (PNG, Pillow's default settings)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def jsonable(value: Any) -> Any:
     """Tuples as lists and dict keys as strings, recursively: what JSON gives back."""
     if isinstance(value, tuple):
@@ -116,6 +123,15 @@ class RunCache:
         path = self.store.save(stage, key, tensors, meta)
         self.pending.add((stage, key))
         return path
+
+    def put(self, stage: str, key: str, data: bytes) -> None:
+        """An entry file another process wrote (a worker's, see :mod:`.distributed`), pending like a saved one."""
+        from ..stages.cache import write_atomic
+
+        path = self.path(stage, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
+        self.pending.add((stage, key))
 
 
 class RunFolder:
@@ -167,13 +183,15 @@ class RunFolder:
 
     def write_image(self, relative: str, image: Image.Image) -> None:
         """A PNG written atomically: the file is whole or absent, never half-written."""
+        self.write_file(relative, png_bytes(image))
+
+    def write_file(self, relative: str, data: bytes) -> None:
+        """A file of the run folder (an image's PNG bytes) written atomically."""
         from ..stages.cache import write_atomic
 
         path = self.path / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        write_atomic(path, buffer.getvalue())
+        write_atomic(path, data)
         path.chmod(_file_mode())  # the temporary file was private; the image is as readable as any other file
 
     def commit(self, finished: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]]) -> None:
