@@ -11,11 +11,13 @@ by up to ~1e-3 where the inputs moved by 1e-6; the images stay within one grey l
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from nonrigid.methods.ours import edit, edit_many
 from nonrigid.mini.world import render_example
@@ -147,3 +149,69 @@ def test_edit_many_refuses_settings_that_differ(tiny_pipe, images):
     configs = [EditSettings("a", num_steps=3), EditSettings("b", num_steps=4)]
     with pytest.raises(UsageError, match="share their settings"):
         edit_stages_many(tiny_pipe, images[:2], configs, None, [{"model": "m"}, {"model": "m"}])
+
+
+# ------------------------------------------------------------------------------------ nonrigid bench --pairs-per-batch
+
+BENCH = ["--method", "ours", "--method", "nti", "--seeds", "2", "--sweep", "eta=0,0.5", "--set", "num_steps=3",
+         "--set", "inner_steps=2", "--set", "opt_steps=2", "--limit", "3", "--model", "tiny", "--size", "64",
+         "--metrics", "tiny", "--quiet"]
+METRICS = ("clip_t", "lpips", "aesthetic")
+
+
+def bench(tedbench, out, *extra) -> int:
+    from nonrigid.cli import main
+
+    return main(["bench", "--data", str(tedbench), "--out", str(out), *BENCH, *extra])
+
+
+def test_bench_pairs_per_batch_gives_the_rows_and_images_of_one_pair_at_a_time(tedbench, tmp_path, monkeypatch):
+    from nonrigid.evaluation.runfolder import VOLATILE_COLUMNS, done_job_keys, read_rows
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert bench(tedbench, tmp_path / "one") == 0
+    assert bench(tedbench, tmp_path / "two", "--pairs-per-batch", "2") == 0  # groups: pairs 0+1, then 2
+    one, two = read_rows(tmp_path / "one"), read_rows(tmp_path / "two")
+    assert done_job_keys(tmp_path / "one") == done_job_keys(tmp_path / "two") and len(one) == len(two) == 3 * 4 + 3
+    key = lambda row: (row["job"], row["seed"], json.dumps(row["knobs"], sort_keys=True))  # noqa: E731
+    two_by_key = {key(row): row for row in two}
+    for row in one:
+        other = two_by_key[key(row)]
+        for column, value in row.items():
+            if column in VOLATILE_COLUMNS or column in METRICS or column == "id":
+                continue
+            assert other[column] == value, column
+        for metric in METRICS:
+            if row.get(metric) is not None:
+                assert other[metric] == pytest.approx(row[metric], abs=1e-3), metric
+        a = np.asarray(Image.open(tmp_path / "one" / row["image"]), dtype=int)
+        b = np.asarray(Image.open(tmp_path / "two" / row["image"]), dtype=int)
+        assert np.abs(a - b).max() <= 1
+    # a rerun finds every job done, batched or not
+    rows_before = read_rows(tmp_path / "two")
+    assert bench(tedbench, tmp_path / "two", "--pairs-per-batch", "3") == 0
+    assert read_rows(tmp_path / "two") == rows_before
+
+
+def test_jobs_of_ours_with_one_setting_are_grouped_n_pairs_at_a_time_and_others_run_alone(tedbench):
+    from nonrigid.evaluation.bench import job_groups
+    from nonrigid.evaluation.data import read_pairs
+    from nonrigid.evaluation.plan import BenchSpec, plan_settings
+
+    settings = plan_settings(["ours", "nti"], ["opt_steps=1,2"], ["num_steps=3"])
+    spec = BenchSpec(tedbench, read_pairs(tedbench)[:3], settings, (0,), model="tiny", size=64)
+    groups = [[(job.pair.index, job.method, job.setting.label) for job in group]
+              for group in job_groups(spec.jobs(), 2)]
+    p0, p1, p2 = (p.index for p in spec.pairs)
+    assert groups == [
+        [(p0, "ours", "opt_steps=1"), (p1, "ours", "opt_steps=1")],
+        [(p0, "ours", "opt_steps=2"), (p1, "ours", "opt_steps=2")],
+        [(p0, "nti", "default")], [(p1, "nti", "default")],
+        [(p2, "ours", "opt_steps=1")], [(p2, "ours", "opt_steps=2")], [(p2, "nti", "default")],
+    ]
+    assert [len(g) for g in job_groups(spec.jobs(), 1)] == [1] * 9
+
+
+def test_bench_refuses_a_pairs_per_batch_below_one(tedbench, tmp_path, capsys):
+    assert bench(tedbench, tmp_path / "run", "--pairs-per-batch", "0") != 0
+    assert "--pairs-per-batch must be >= 1" in capsys.readouterr().err

@@ -87,6 +87,9 @@ def add_bench_parser(commands) -> None:
     p.add_argument("--size", type=int, default=512, help="working resolution in pixels")
     p.add_argument("--batch-size", type=int, default=None,
                    help="most variants per UNet batch (default: all of a job at once)")
+    p.add_argument("--pairs-per-batch", type=int, default=1, metavar="N",
+                   help="run N pairs' jobs of a method that batches across images (ours) as one UNet batch, same "
+                   "setting; results equal to one pair at a time up to float rounding (default: 1)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="stage cache folder of the run (default: OUT/cache); a resumed run only reads the entries "
                    "its own finished jobs wrote there")
@@ -200,7 +203,8 @@ def run_bench(args: argparse.Namespace) -> int:
             pipe, metrics = load_models(args, run, piebench=dataset == "piebench")
 
             with _only_warnings(args.debug):
-                stats = run_benchmark(spec, run, pipe, metrics, progress=not args.quiet)
+                stats = run_benchmark(spec, run, pipe, metrics, progress=not args.quiet,
+                                      pairs_per_batch=args.pairs_per_batch)
             say(args, f"{stats.edits} edits in {stats.ran} jobs written to {args.out / 'results.sqlite'}")
         else:
             say(args, f"all {len(jobs)} jobs are done")
@@ -215,7 +219,8 @@ def check_bench_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--seeds must be >= 1 (seeds 0..N-1), got {args.seeds}")
     if args.size <= 0:
         raise UsageError(f"--size must be positive, got {args.size}")
-    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--steps", args.steps)):
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--steps", args.steps),
+                        ("--pairs-per-batch", args.pairs_per_batch)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
 
