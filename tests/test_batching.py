@@ -215,3 +215,26 @@ def test_jobs_of_ours_with_one_setting_are_grouped_n_pairs_at_a_time_and_others_
 def test_bench_refuses_a_pairs_per_batch_below_one(tedbench, tmp_path, capsys):
     assert bench(tedbench, tmp_path / "run", "--pairs-per-batch", "0") != 0
     assert "--pairs-per-batch must be >= 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- nonrigid mini evaluate
+
+
+def test_mini_evaluation_in_batches_of_pairs_gives_the_rows_of_one_pair_at_a_time(tmp_path, model):
+    from nonrigid.mini.dataset import read_dataset, write_dataset
+    from nonrigid.mini.evaluate import evaluate
+    from nonrigid.mini.judge import load_judge
+
+    write_dataset(tmp_path / "data", count=3, edits_per_image=1, seed=3)
+    pairs, judge = read_dataset(tmp_path / "data"), load_judge()
+    runs = {n: evaluate(model, judge, pairs, tmp_path / f"run{n}", num_steps=3, opt_steps=1, baselines=(),
+                        progress=False, pairs_per_batch=n) for n in (1, 2)}
+    assert len(runs[1]) == len(runs[2]) > 3 * 20
+    for one, two in zip(runs[1], runs[2], strict=True):
+        assert one.keys() == two.keys()
+        for column, value in one.items():
+            assert two[column] == (pytest.approx(value, abs=1e-3) if isinstance(value, float) else value), column
+    for index in range(3):
+        a = np.asarray(Image.open(tmp_path / "run1" / "results" / f"{index:03d}.png"), dtype=int)
+        b = np.asarray(Image.open(tmp_path / "run2" / "results" / f"{index:03d}.png"), dtype=int)
+        assert np.abs(a - b).max() <= 1
