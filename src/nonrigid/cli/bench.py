@@ -87,6 +87,9 @@ def add_bench_parser(commands) -> None:
     p.add_argument("--size", type=int, default=512, help="working resolution in pixels")
     p.add_argument("--batch-size", type=int, default=None,
                    help="most variants per UNet batch (default: all of a job at once)")
+    p.add_argument("--pairs-per-batch", type=int, default=1, metavar="N",
+                   help="run N pairs' jobs of a method that batches across images (ours) as one UNet batch, same "
+                   "setting; results equal to one pair at a time up to float rounding (default: 1)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="stage cache folder of the run (default: OUT/cache); a resumed run only reads the entries "
                    "its own finished jobs wrote there")
@@ -216,7 +219,7 @@ def run_serially(args: argparse.Namespace, spec, run, piebench: bool = False):
 
     pipe, metrics = load_models(args, run, piebench=piebench)
     with _only_warnings(args.debug):
-        return run_benchmark(spec, run, pipe, metrics, progress=not args.quiet)
+        return run_benchmark(spec, run, pipe, metrics, progress=not args.quiet, pairs_per_batch=args.pairs_per_batch)
 
 
 def run_on_ray(args: argparse.Namespace, spec, run, piebench: bool = False):
@@ -243,6 +246,9 @@ def check_ray(args: argparse.Namespace) -> None:
     """``--ray`` needs Ray importable, said before anything else runs."""
     if args.ray_cpus < 1:
         raise UsageError(f"--ray-cpus must be >= 1, got {args.ray_cpus}")
+    if args.ray and args.pairs_per_batch != 1:
+        raise UsageError("--pairs-per-batch batches a serial run's pairs; with --ray each worker runs one job at a "
+                         "time: leave one of them out")
     if args.ray:
         try:
             import ray  # noqa: F401
@@ -257,7 +263,8 @@ def check_bench_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--seeds must be >= 1 (seeds 0..N-1), got {args.seeds}")
     if args.size <= 0:
         raise UsageError(f"--size must be positive, got {args.size}")
-    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--steps", args.steps)):
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--steps", args.steps),
+                        ("--pairs-per-batch", args.pairs_per_batch)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
 

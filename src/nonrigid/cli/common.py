@@ -25,7 +25,8 @@ LOW_MEMORY_BATCH_SIZE = 2
 # library parameters and the flags that set them: errors name the parameter, the command line shows the flag
 FLAGS = {"allow_pickle": "--allow-pickle", "batch_size": "--batch-size", "size": "--size", "device": "--device",
          "dtype": "--dtype", "out": "--out", "pairs": "--pairs", "limit": "--limit", "types": "--types",
-         "sources": "--sources", "squeezenet_weights": "--squeezenet-weights", "cpus_per_worker": "--ray-cpus"}
+         "sources": "--sources", "squeezenet_weights": "--squeezenet-weights", "cpus_per_worker": "--ray-cpus",
+         "pairs_per_batch": "--pairs-per-batch"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

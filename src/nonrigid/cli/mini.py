@@ -82,6 +82,9 @@ def add_mini_parser(commands) -> None:
     ev.add_argument("--limit", type=int, default=None, help="only the first N pairs")
     ev.add_argument("--steps", type=int, default=50, help="DDIM steps")
     ev.add_argument("--opt-steps", type=int, default=200, help="text optimization steps")
+    ev.add_argument("--pairs-per-batch", type=int, default=8, metavar="N",
+                    help="pairs whose stages run as one UNet batch (ours, its ablations, NTI-only); results equal "
+                    "to one pair at a time up to float rounding, several times faster at 16 x 16 latents")
     ev.add_argument("--baselines", default="imagic,masactrl,edit-friendly,dds,ledits",
                     help="comma-separated baselines to run besides NTI-only editing ('none' for none)")
     ev.add_argument("--model", choices=("mini", "mini-v", "mini-xl"), default="mini",
@@ -192,6 +195,8 @@ def run_mini_evaluate(args: argparse.Namespace) -> int:
     from ..mini.evaluate import BASELINES, evaluate
     from ..mini.judge import load_judge
 
+    if args.pairs_per_batch < 1:
+        raise UsageError(f"--pairs-per-batch must be >= 1, got {args.pairs_per_batch}")
     baselines = tuple(b for b in args.baselines.split(",") if b and b != "none")
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
@@ -206,7 +211,8 @@ def run_mini_evaluate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, device="cpu", dtype="fp32")
     judge = load_judge()
     rows = evaluate(pipe, judge, pairs, args.out, num_steps=args.steps, opt_steps=args.opt_steps,
-                    baselines=baselines, ablations=not family_run, progress=not args.quiet)
+                    baselines=baselines, ablations=not family_run, progress=not args.quiet,
+                    pairs_per_batch=args.pairs_per_batch)
     if args.docs and family_run:
         from ..mini.family_doc import write_family_section
 

@@ -57,29 +57,68 @@ def run_benchmark(
     metrics: Any,
     *,
     progress: bool = False,
+    pairs_per_batch: int = 1,
 ) -> BenchStats:
-    """Run every job of ``spec`` that ``run`` does not hold yet, committing each when its images are on disk."""
+    """Run every job of ``spec`` that ``run`` does not hold yet, committing each when its images are on disk.
+
+    ``pairs_per_batch`` > 1: pending jobs of a method that batches across images (ours), with the same setting
+    and seeds, run ``pairs_per_batch`` pairs at a time as one model batch (:func:`job_groups`); each job is still
+    saved, scored and committed on its own, and its results equal its run alone up to the last bits of batched
+    products. A job's seconds are then its share of its batch."""
     from tqdm.auto import tqdm
 
+    if pairs_per_batch < 1:
+        raise UsageError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
     jobs = spec.jobs()
     todo = pending_jobs(spec, run)
     stats = BenchStats(jobs=len(jobs), done_before=len(jobs) - len(todo))
     bar = tqdm(total=len(jobs), initial=stats.done_before, desc="bench", unit="job", disable=not progress)
     with bar:
-        for job in todo:
-            bar.set_postfix_str(f"{job.pair.slug} {job.method} {job.setting.label}"[:60])
-            stats.edits += run_job(job, spec, run, pipe, metrics)
-            stats.ran += 1
-            bar.update(1)
+        for group in job_groups(todo, pairs_per_batch):
+            first = group[0]
+            more = f" +{len(group) - 1} pairs" if len(group) > 1 else ""
+            bar.set_postfix_str(f"{first.pair.slug}{more} {first.method} {first.setting.label}"[:60])
+            run.cache.pending.clear()  # entries of a job that failed before this one in this process do not count
+            for job, result in zip(group, edit_jobs(group, spec, pipe, run.cache), strict=True):
+                output = job_output(job, result, metrics, run.cache)  # the group's entries go with its first job
+                store_job(run, output)
+                stats.edits += output.edits
+                stats.ran += 1
+                bar.update(1)
     return stats
 
 
-def run_job(job: Job, spec: BenchSpec, run: RunFolder, pipe: Any, metrics: Any) -> int:
-    """Edit, save the images, score them, commit the rows; returns the number of edits."""
-    run.cache.pending.clear()  # stage entries of a job that failed before this one in this process do not count
-    output = compute_job(job, spec, pipe, metrics, run.cache)
-    store_job(run, output)
-    return output.edits
+def job_groups(todo: list[Job], pairs_per_batch: int) -> list[list[Job]]:
+    """Jobs in the order they run: jobs of a method that batches across images, with the same setting and seeds,
+    gathered ``pairs_per_batch`` at a time (a group runs where its first job stood); every other job alone."""
+    from ..methods.run import batches_pairs
+
+    groups: list[list[Job]] = []
+    open_groups: dict[tuple, list[Job]] = {}
+    for job in todo:
+        if pairs_per_batch == 1 or not batches_pairs(job.method):
+            groups.append([job])
+            continue
+        key = (job.method, job.setting.slug, job.seeds)
+        group = open_groups.get(key)
+        if group is None or len(group) == pairs_per_batch:
+            group = open_groups[key] = []
+            groups.append(group)
+        group.append(job)
+    return groups
+
+
+def edit_jobs(group: list[Job], spec: BenchSpec, pipe: Any, cache: Any) -> list[Any]:
+    """The edits of jobs that share method, setting and seeds, as one call (one model batch where the method can),
+    reading and writing stage entries through ``cache``."""
+    from ..methods.run import EditRequest, run_method_many
+
+    first = group[0]
+    requests = [EditRequest(job.pair.image, job.pair.target_text, job.source_prompt) for job in group]
+    return run_method_many(
+        pipe, requests, first.method, first.setting.params, seeds=first.seeds, size=spec.size, cache=cache,
+        batch_size=spec.runtime.get("batch_size"),
+    )
 
 
 @dataclass
@@ -102,16 +141,16 @@ class JobOutput:
 
 def compute_job(job: Job, spec: BenchSpec, pipe: Any, metrics: Any, cache: Any) -> JobOutput:
     """Edit and score one job, storing nothing but stage cache entries (into ``cache``, a
-    :class:`~.runfolder.RunCache` whose ``pending`` names the entries this job wrote)."""
+    :class:`~.runfolder.RunCache` whose ``pending`` names the entries this job wrote): what a Ray worker runs."""
+    (result,) = edit_jobs([job], spec, pipe, cache)
+    return job_output(job, result, metrics, cache)
+
+
+def job_output(job: Job, result: Any, metrics: Any, cache: Any) -> JobOutput:
+    """A job's edit scored, as files and rows to store, with the stage entries ``cache`` holds pending."""
     from ..methods.output import variant_filename
-    from ..methods.run import run_method
     from .runfolder import png_bytes
 
-    result = run_method(
-        pipe, job.pair.image, job.pair.target_text, job.method, job.setting.params, seeds=job.seeds,
-        source_prompt=job.source_prompt, size=spec.size, cache=cache,
-        batch_size=spec.runtime.get("batch_size"),
-    )
     input_path = f"inputs/{job.pair.slug}.png"
     paths = [f"{job.folder}/{variant_filename(v.seed, v.knobs)}" for v in result.variants]
     if len(set(paths)) != len(paths):

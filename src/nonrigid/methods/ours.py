@@ -9,6 +9,7 @@ parameters are one table, the catalogue's ``OURS`` entry, validated once by
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,16 +19,17 @@ from ..errors import UsageError
 from ..progress import Progress
 from ..stages import DEFAULT_GUIDANCE
 from ..stages.cache import StageCache
-from ..stages.cached import cache_fields, inversion_stage, text_stage
+from ..stages.cached import TextRequest, cache_fields, inversion_stages, text_stages
 from ..stages.inversion import Inversion
-from ..stages.sampling import sample, variant_grid
+from ..stages.sampling import sample_many, variant_grid
 from ..stages.text_optimization import TextOptimization
 from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant, resolve_params
 from .catalogue import OURS as INFO
 from .run import prepare_image, with_family_defaults
 
-__all__ = ["INFO", "EditResult", "EditSettings", "EditStages", "Variant", "edit", "resample", "run"]
+__all__ = ["INFO", "EditResult", "EditSettings", "EditStages", "Variant", "edit", "edit_many", "resample",
+           "resample_many", "run", "run_many"]
 
 _DEFAULTS = INFO.defaults()
 
@@ -132,21 +134,42 @@ def resample(
 
     The values are checked against the method's table as an edit's would be; ``seeds`` default to all the edit's.
     """
+    return resample_many(pipe, [stages], etas, inject, None if seeds is None else [seeds], batch_size=batch_size,
+                         progress=progress)[0]
+
+
+def resample_many(
+    pipe,
+    stages: Sequence[EditStages],
+    etas: tuple[float, ...],
+    inject: tuple[float, ...],
+    seeds: Sequence[tuple[int, ...]] | None = None,
+    *,
+    batch_size: int | None = None,
+    progress: Progress = False,
+) -> list[list[Variant]]:
+    """:func:`resample` for several edits in one sampling batch (their inversions must share step count and
+    guidance scale); each edit's variants in grid order, equal to its own resample's."""
     etas = INFO.param("etas").check(etas)
     inject = INFO.param("inject").check(inject)
-    by_seed = {t.seed: t for t in stages.text_optimizations}
-    seeds = stages.seeds if seeds is None else tuple(dict.fromkeys(int(s) for s in seeds))
-    unknown = [s for s in seeds if s not in by_seed]
-    if unknown:
-        raise UsageError(f"seed {unknown[0]} was not part of this edit (its seeds: {', '.join(map(str, by_seed))})")
-    texts = [by_seed[s] for s in seeds]
-    num_steps = stages.inversion.num_steps
+    chosen = []
+    for index, edit_stages in enumerate(stages):
+        by_seed = {t.seed: t for t in edit_stages.text_optimizations}
+        wanted = edit_stages.seeds if seeds is None else tuple(dict.fromkeys(int(s) for s in seeds[index]))
+        unknown = [s for s in wanted if s not in by_seed]
+        if unknown:
+            raise UsageError(f"seed {unknown[0]} was not part of this edit (its seeds: "
+                             f"{', '.join(map(str, by_seed))})")
+        chosen.append([by_seed[s] for s in wanted])
+    num_steps = stages[0].inversion.num_steps
     steps = tuple(dict.fromkeys(round(r * num_steps) for r in inject))
     ratio_of = {round(r * num_steps): r for r in reversed(inject)}
-    images = sample(pipe, stages.inversion, texts, etas, steps, batch_size=batch_size, progress=progress)
+    images = sample_many(pipe, [s.inversion for s in stages], chosen, etas, steps, batch_size=batch_size,
+                         progress=progress)
     return [
-        Variant(texts[s.text_index].seed, s.eta, s.inject_steps, ratio_of[s.inject_steps], img)
-        for s, img in zip(variant_grid(len(texts), etas, steps), images, strict=True)
+        [Variant(texts[s.text_index].seed, s.eta, s.inject_steps, ratio_of[s.inject_steps], img)
+         for s, img in zip(variant_grid(len(texts), etas, steps), pictures, strict=True)]
+        for texts, pictures in zip(chosen, images, strict=True)
     ]
 
 
@@ -181,25 +204,90 @@ def edit_stages(
     progress: Progress = False,
 ) -> EditResult:
     """The method on a prepared image: A for every seed (cached), B once (cached), C for all (seed, K, eta)."""
+    return edit_stages_many(pipe, [picture], [config], cache, [fields], progress)[0]
+
+
+def edit_many(
+    pipe,
+    images: Sequence[str | os.PathLike | Image.Image],
+    target_prompts: Sequence[str],
+    *,
+    source_prompts: Sequence[str] | None = None,
+    size: int | None = None,
+    cache: StageCache | None = None,
+    progress: Progress = False,
+    **settings,
+) -> list[EditResult]:
+    """:func:`edit` for several images (each with its own target and source prompt) with the same settings, as
+    one model batch per step of every stage. Each result equals the image's own :func:`edit` up to the last bits
+    of batched convolutions, and goes through the stage cache under the same keys; ``timings`` are each image's
+    share of the batch (the batch's seconds divided by its images)."""
+    source_prompts = [""] * len(images) if source_prompts is None else list(source_prompts)
+    if not len(images) == len(target_prompts) == len(source_prompts):
+        raise UsageError("give one target prompt and one source prompt per image")
+    settings = with_family_defaults(INFO, pipe, settings)
+    configs = [EditSettings(target_prompt=target, source_prompt=source, **settings)
+               for target, source in zip(target_prompts, source_prompts, strict=True)]
+    pictures = [prepare_image(pipe, image, size) for image in images]
+    return edit_stages_many(pipe, pictures, configs, cache, [cache_fields(pipe, p) for p in pictures], progress)
+
+
+def edit_stages_many(
+    pipe,
+    pictures: Sequence[Image.Image],
+    configs: Sequence[EditSettings],
+    cache: StageCache | None,
+    fields: Sequence[dict[str, str]],
+    progress: Progress = False,
+) -> list[EditResult]:
+    """:func:`edit_stages` for several prepared images whose settings agree but for prompts and seeds: each stage
+    runs once for all of them (stage A over every (image, seed) the cache lacks, B over every image it lacks)."""
+    if not configs:
+        return []
+    first = configs[0]
+    if any(c.params() != first.params() or c.batch_size != first.batch_size for c in configs):
+        raise UsageError("edits run together must share their settings (prompts and seeds may differ)")
     watch = Stopwatch()
     with watch("text_optimization"):
-        texts, reused = text_stage(pipe, picture, config.target_prompt, config.opt_steps, config.opt_lr,
-                                   config.seeds, cache, fields, progress)
+        requests = [TextRequest(p, c.target_prompt, c.seeds, f) for p, c, f in zip(pictures, configs, fields,
+                                                                                    strict=True)]
+        texts = text_stages(pipe, requests, first.opt_steps, first.opt_lr, cache, progress)
     with watch("inversion"):
-        inversion, hit = inversion_stage(pipe, picture, config.source_prompt, config.inversion, config.num_steps,
-                                         config.guidance, config.inner_steps, config.early_stop, cache, fields,
-                                         progress)
+        inversions = inversion_stages(pipe, [(p, c.source_prompt, f) for p, c, f in zip(pictures, configs, fields,
+                                                                                          strict=True)],
+                                      first.inversion, first.num_steps, first.guidance, first.inner_steps,
+                                      first.early_stop, cache, progress)
     with watch("sampling"):
-        variants = resample(pipe, EditStages(tuple(texts), inversion), config.etas, config.inject, config.seeds,
-                            batch_size=config.batch_size, progress=progress)
-    return EditResult(picture, config, variants, texts, inversion, watch.with_total(),
-                      {"text_optimization": reused, "inversion": hit}, fields["model"])
+        stages = [EditStages(tuple(t), inv) for (t, _), (inv, _) in zip(texts, inversions, strict=True)]
+        variants = resample_many(pipe, stages, first.etas, first.inject, [c.seeds for c in configs],
+                                 batch_size=first.batch_size, progress=progress)
+    timings = {name: seconds / len(configs) for name, seconds in watch.with_total().items()}
+    return [
+        EditResult(picture, config, mine, list(stage.text_optimizations), stage.inversion, dict(timings),
+                   {"text_optimization": reused, "inversion": hit}, field_set["model"])
+        for picture, config, mine, stage, (_, reused), (_, hit), field_set
+        in zip(pictures, configs, variants, stages, texts, inversions, fields, strict=True)
+    ]
 
 
 def run(pipe, picture: Image.Image, target_prompt: str, params: dict[str, Any], ctx: MethodContext) -> MethodOutput:
     """The method interface: :func:`edit_stages`, its variants named by seed, K and eta."""
-    config = EditSettings.from_params(target_prompt, params, ctx.source_prompt, ctx.seeds, ctx.batch_size)
-    result = edit_stages(pipe, picture, config, ctx.cache, ctx.cache_fields, ctx.progress)
+    return run_many(pipe, [picture], [target_prompt], params, [ctx])[0]
+
+
+def run_many(pipe, pictures: Sequence[Image.Image], target_prompts: Sequence[str], params: dict[str, Any],
+             ctxs: Sequence[MethodContext]) -> list[MethodOutput]:
+    """:func:`run` for several pictures with the same parameters, as one batch (:func:`edit_stages_many`); each
+    output equals the picture's own run's, its timings its share of the batch."""
+    configs = [EditSettings.from_params(target, params, ctx.source_prompt, ctx.seeds, ctx.batch_size)
+               for target, ctx in zip(target_prompts, ctxs, strict=True)]
+    results = edit_stages_many(pipe, pictures, configs, ctxs[0].cache, [ctx.cache_fields for ctx in ctxs],
+                               ctxs[0].progress)
+    return [_output(config, result) for config, result in zip(configs, results, strict=True)]
+
+
+def _output(config: EditSettings, result: EditResult) -> MethodOutput:
+    """An edit's result as the method interface returns it."""
     variants = [
         MethodVariant(v.seed, {"K": v.inject_steps, "eta": v.eta}, v.image, {"inject_ratio": v.inject_ratio},
                       params={"etas": v.eta, "inject": v.inject_ratio})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -54,6 +55,41 @@ def run_method(
     defaults to the model's native size and a method's classifier-free guidance scale to its family's (7.5 for
     SD, 5 for SDXL) unless ``params`` set them.
     """
+    request = EditRequest(image, target_prompt, source_prompt)
+    return run_method_many(pipe, [request], method, params, seeds=seeds, size=size, cache=cache,
+                           batch_size=batch_size, progress=progress)[0]
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One image to edit in :func:`run_method_many`: the image and its prompts."""
+
+    image: str | os.PathLike | Image.Image
+    target_prompt: str
+    source_prompt: str = ""
+
+
+def batches_pairs(method: str) -> bool:
+    """Whether ``method`` runs several images as one model batch (its module has ``run_many``)."""
+    method_info(method)
+    return hasattr(importlib.import_module(f".{MODULES[method]}", __package__), "run_many")
+
+
+def run_method_many(
+    pipe,
+    requests: Sequence[EditRequest],
+    method: str = "ours",
+    params: Mapping[str, Any] | None = None,
+    *,
+    seeds: Sequence[int] = (0,),
+    size: int | None = None,
+    cache: StageCache | None = None,
+    batch_size: int | None = None,
+    progress: Progress = False,
+) -> list[MethodResult]:
+    """:func:`run_method` for several images with the same method and parameters. A method that batches across
+    images (a module-level ``run_many``: ours) runs them as one model batch, each result equal to the image's own
+    run up to the last bits of batched products, its timings its share of the batch; others run one by one."""
     info = method_info(method)
     info.check_family(family_of(pipe))
     resolved = resolve_params(info, with_family_defaults(info, pipe, params or {}))
@@ -62,25 +98,34 @@ def run_method(
         raise UsageError("give at least one seed")
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-    picture = prepare_image(pipe, image, size)
-    fields = cache_fields(pipe, picture)
-    ctx = MethodContext(
-        seeds=seeds if info.seeded else seeds[:1],
-        source_prompt=source_prompt,
-        cache=cache,
-        cache_fields=fields,
-        progress=progress,
-        batch_size=batch_size,
-    )
     module = importlib.import_module(f".{MODULES[method]}", __package__)
+    pictures = [prepare_image(pipe, request.image, size) for request in requests]
+    fields = [cache_fields(pipe, picture) for picture in pictures]
+    ctxs = [MethodContext(seeds=seeds if info.seeded else seeds[:1], source_prompt=request.source_prompt,
+                          cache=cache, cache_fields=field_set, progress=progress, batch_size=batch_size)
+            for request, field_set in zip(requests, fields, strict=True)]
+    targets = [request.target_prompt for request in requests]
     watch = Stopwatch()
-    output = module.run(pipe, picture, target_prompt, resolved, ctx)
-    return MethodResult(
-        method=method, input_image=picture, target_prompt=target_prompt, source_prompt=source_prompt,
-        seeds=ctx.seeds, params={**resolved, **output.chosen}, variants=[with_params(info, v) for v in output.variants],
-        knob_labels=tuple(p.label for p in info.sweeps), timings={**output.timings, "total": watch.total()},
-        cache=output.cache, record=output.record, model_fingerprint=fields["model"], stages=output.stages,
-    )
+    if hasattr(module, "run_many") and len(requests) > 1:
+        outputs = module.run_many(pipe, pictures, targets, resolved, ctxs)
+        totals = [watch.total() / len(requests)] * len(requests)
+    else:
+        outputs, totals = [], []
+        for picture, target, ctx in zip(pictures, targets, ctxs, strict=True):
+            single = Stopwatch()
+            outputs.append(module.run(pipe, picture, target, resolved, ctx))
+            totals.append(single.total())
+    return [
+        MethodResult(
+            method=method, input_image=picture, target_prompt=target, source_prompt=ctx.source_prompt,
+            seeds=ctx.seeds, params={**resolved, **output.chosen},
+            variants=[with_params(info, v) for v in output.variants],
+            knob_labels=tuple(p.label for p in info.sweeps), timings={**output.timings, "total": total},
+            cache=output.cache, record=output.record, model_fingerprint=field_set["model"], stages=output.stages,
+        )
+        for picture, target, ctx, output, total, field_set in zip(pictures, targets, ctxs, outputs, totals, fields,
+                                                                   strict=True)
+    ]
 
 
 def with_family_defaults(info: MethodInfo, pipe, params: Mapping[str, Any]) -> dict[str, Any]:

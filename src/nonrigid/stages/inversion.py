@@ -17,6 +17,7 @@ are sampled at guidance w with the source prompt as the negative prompt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -129,29 +130,58 @@ def invert(
     Model cost at batch 1: DDIM N; NPI 2N (inversion + its reconstruction), no backward pass; NTI N + N * (2 + 2 *
     inner iterations), counting a forward and backward pass as 2.
     """
+    return invert_many(pipe, [image], [source_prompt], method, num_steps, guidance_scale, inner_steps, early_stop,
+                       progress=progress)[0]
+
+
+def invert_many(
+    pipe,
+    images: Sequence[Image.Image],
+    source_prompts: Sequence[str],
+    method: str = "nti",
+    num_steps: int = 50,
+    guidance_scale: float | None = None,
+    inner_steps: int = 10,
+    early_stop: float = 1e-5,
+    *,
+    progress: Progress = False,
+) -> list[Inversion]:
+    """:func:`invert` for several images (each with its own source prompt) as one model batch per step.
+
+    Each image's result equals its run alone up to the last bits of batched convolutions; NTI's early stop is per
+    image (:func:`null_text_optimization_many`).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if len(images) != len(source_prompts):
+        raise ValueError("give one source prompt per image")
     family = family_of(pipe)
     guidance_scale = DEFAULT_GUIDANCE[method] if guidance_scale is None else float(guidance_scale)
-    source = family.encode_prompt(source_prompt)
+    encoded = {p: family.encode_prompt(p) for p in dict.fromkeys(source_prompts)}
+    sources = [encoded[p] for p in source_prompts]
     # the unconditional conditioning (NTI's starting point, DDIM's negative): the family's (SD: tau(""); SDXL:
     # zeros, as its pipeline does without a negative prompt), or the source for NPI
-    empty = source if method == "npi" else family.unconditional()
-    x0 = family.encode_image(image)
-    trajectory = ddim_invert(family, x0, source, num_steps, progress=progress)
-    result = Inversion(method, source_prompt, num_steps, guidance_scale, trajectory[-1:].clone(), trajectory,
-                       source, empty)
+    empties = sources if method == "npi" else [family.unconditional()] * len(images)
+    x0 = torch.cat([family.encode_image(image) for image in images])
+    walks = _walk(family, family.inversion_scheduler(num_steps), x0, Conditioning.cat(sources), "DDIM inversion",
+                  progress)
+    results = [Inversion(method, prompt, num_steps, guidance_scale, walk[-1:].clone(), walk.clone(), source,
+                         empty)
+               for prompt, walk, source, empty in zip(source_prompts, walks, sources, empties, strict=True)]
     if method == "nti":
-        nulls, reconstruction, losses = null_text_optimization(
-            family, trajectory, source, empty, guidance_scale, inner_steps, early_stop, progress=progress
-        )
-        result.nulls, result.reconstruction, result.losses = nulls, reconstruction, losses
+        optimized = null_text_optimization_many(family, list(walks), sources, empties, guidance_scale, inner_steps,
+                                                early_stop, progress=progress)
+        for result, (nulls, reconstruction, losses) in zip(results, optimized, strict=True):
+            result.nulls, result.reconstruction, result.losses = nulls, reconstruction, losses
     elif method == "npi":
-        result.reconstruction = conditional_sampling_path(family, result.latent, source, num_steps,
-                                                          progress=progress)
-    return result
+        latents = torch.cat([result.latent for result in results])
+        paths = _walk(family, family.sampling_scheduler(num_steps), latents, Conditioning.cat(sources),
+                      "negative-prompt inversion", progress)
+        for result, path in zip(results, paths, strict=True):
+            result.reconstruction = path.clone()
+    return results
 
 
 def ddim_invert(
@@ -159,7 +189,7 @@ def ddim_invert(
 ) -> torch.Tensor:
     """The DDIM inversion path x*_0 .. x*_N at guidance 1, shape (N + 1, C, h, w)."""
     family = family_of(pipe)
-    return _path(family, family.inversion_scheduler(num_steps), x0, cond, "DDIM inversion", progress)
+    return _walk(family, family.inversion_scheduler(num_steps), x0, cond, "DDIM inversion", progress).flatten(0, 1)
 
 
 def conditional_sampling_path(
@@ -171,19 +201,21 @@ def conditional_sampling_path(
     prediction equals the conditional one at any scale, so one branch is evaluated instead of two.
     """
     family = family_of(pipe)
-    return _path(family, family.sampling_scheduler(num_steps), latent, cond, "negative-prompt inversion", progress)
+    return _walk(family, family.sampling_scheduler(num_steps), latent, cond, "negative-prompt inversion",
+                 progress).flatten(0, 1)
 
 
 @torch.no_grad()
-def _path(
+def _walk(
     family: ModelFamily, scheduler, x: torch.Tensor, cond: Conditioning | torch.Tensor, stage: str, progress: bool
 ) -> torch.Tensor:
-    """Every latent of a walk along ``scheduler``'s timesteps at guidance 1 with ``cond``, the start included."""
+    """Every latent of a walk along ``scheduler``'s timesteps at guidance 1 with ``cond`` (one row per latent of
+    ``x``, or one for all), the start included: shape (B, N + 1, C, h, w)."""
     path = [x]
     for t in track(scheduler.timesteps, stage, progress):
         x = scheduler.step(family.predict(x, t, cond), t, x).prev_sample
         path.append(x)
-    latents = torch.cat(path)
+    latents = torch.stack(path, dim=1)
     check_finite(latents, stage)
     return latents
 
@@ -205,42 +237,84 @@ def null_text_optimization(
     last inner loss of each step. ``u`` starts at tau("") and each step starts from the previous step's result;
     Adam's learning rate decays as 1e-2 * (1 - i / 100); the conditional prediction is computed once per step.
     """
+    return null_text_optimization_many(pipe, [trajectory], [Conditioning.of(cond)], [Conditioning.of(empty)],
+                                       guidance_scale, inner_steps, early_stop, progress=progress)[0]
+
+
+def null_text_optimization_many(
+    pipe,
+    trajectories: Sequence[torch.Tensor],
+    conds: Sequence[Conditioning],
+    empties: Sequence[Conditioning],
+    guidance_scale: float,
+    inner_steps: int = 10,
+    early_stop: float = 1e-5,
+    *,
+    progress: Progress = False,
+) -> list[tuple[Conditioning, torch.Tensor, list[float]]]:
+    """:func:`null_text_optimization` for several images as one model batch per inner step.
+
+    Each image has its own leaves (one per tensor of its conditioning) in one Adam optimiser, and its own loss
+    term (its own mean, summed). The early stop is per image: an image whose loss is low enough leaves the batch
+    for the rest of that sampling step, so it gets no gradient and Adam skips it (its moments untouched), exactly
+    as its run alone breaks out of the inner loop. Results in input order.
+    """
     family: ModelFamily = family_of(pipe)
-    cond, uncond = Conditioning.of(cond), Conditioning.of(empty).clone()
-    num_steps = trajectory.shape[0] - 1
+    count = len(trajectories)
+    cond = Conditioning.cat([Conditioning.of(c) for c in conds])
+    unconds = [Conditioning.of(e).clone() for e in empties]
+    num_steps = trajectories[0].shape[0] - 1
     scheduler = family.sampling_scheduler(num_steps)
-    loss_scale = float(trajectory[0].numel()) if family.dtype == torch.float16 else 1.0  # see text_optimization
-    x = trajectory[-1:]
-    nulls, path, losses = [], [x], []
-    bar = Bar("null-text inversion", num_steps * inner_steps, progress)
+    loss_scale = float(trajectories[0][0].numel()) if family.dtype == torch.float16 else 1.0  # text_optimization
+    x = torch.cat([trajectory[-1:] for trajectory in trajectories])
+    nulls: list[list[Conditioning]] = [[] for _ in range(count)]
+    path, losses = [x], [[] for _ in range(count)]
+    bar = Bar("null-text inversion", num_steps * inner_steps * count, progress)
     for i, t in enumerate(scheduler.timesteps):
-        target = trajectory[num_steps - 1 - i : num_steps - i]
+        target = torch.cat([trajectory[num_steps - 1 - i : num_steps - i] for trajectory in trajectories])
         with torch.no_grad():
             out_cond = family.predict(x, t, cond)
-        uncond = uncond.leaves()  # nulls[i - 1] must not move with it
-        optimizer = torch.optim.Adam(uncond.parameters(), lr=1e-2 * (1.0 - i / 100.0))
-        loss_value = float("nan")
+        leaves = [u.leaves() for u in unconds]  # nulls[i - 1] must not move with them
+        optimizer = torch.optim.Adam([p for u in leaves for p in u.parameters()], lr=1e-2 * (1.0 - i / 100.0))
+        values = [float("nan")] * count
+        active = list(range(count))
         for j in range(inner_steps):
-            out = guided(family.predict(x, t, uncond), out_cond, guidance_scale)
-            loss = F.mse_loss(scheduler.step(out, t, x).prev_sample, target)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * loss_scale).backward()
-            optimizer.step()
-            loss_value = loss.item()
-            bar.update(1)
-            if loss_value < early_stop + i * 2e-5:
-                bar.update(inner_steps - j - 1)
+            if not active:
                 break
-        uncond = uncond.detach()
+            rows = _rows(active, count)
+            out = guided(family.predict(x[rows], t, Conditioning.cat([leaves[r] for r in active])), out_cond[rows],
+                         guidance_scale)
+            stepped = scheduler.step(out, t, x[rows]).prev_sample
+            per_image = [F.mse_loss(stepped[k : k + 1], target[r : r + 1]) for k, r in enumerate(active)]
+            optimizer.zero_grad(set_to_none=True)
+            (torch.stack(per_image).sum() * loss_scale).backward()
+            optimizer.step()
+            bar.update(len(active))
+            for k, r in enumerate(list(active)):
+                values[r] = per_image[k].item()
+                if values[r] < early_stop + i * 2e-5:
+                    bar.update(inner_steps - j - 1)
+                    active.remove(r)
+        unconds = [u.detach() for u in leaves]
         with torch.no_grad():
-            out = guided(family.predict(x, t, uncond), out_cond, guidance_scale)
+            out = guided(family.predict(x, t, Conditioning.cat(unconds)), out_cond, guidance_scale)
             x = scheduler.step(out, t, x).prev_sample
-        nulls.append(uncond)
+        for r in range(count):
+            nulls[r].append(unconds[r])
+            losses[r].append(values[r])
         path.append(x)
-        losses.append(loss_value)
     bar.close()
-    null_conditionings, reconstruction = Conditioning.cat(nulls), torch.cat(path)
-    if not null_conditionings.is_finite():
-        raise NonFiniteError("null-text inversion")
-    check_finite(reconstruction, "null-text inversion")
-    return null_conditionings, reconstruction, losses
+    results = []
+    for r in range(count):
+        null_conditionings = Conditioning.cat(nulls[r])
+        reconstruction = torch.cat([latents[r : r + 1] for latents in path])
+        if not null_conditionings.is_finite():
+            raise NonFiniteError("null-text inversion")
+        check_finite(reconstruction, "null-text inversion")
+        results.append((null_conditionings, reconstruction, losses[r]))
+    return results
+
+
+def _rows(active: list[int], count: int) -> slice | list[int]:
+    """The batch rows of the images still optimising: every row as a slice (no copy) when none has stopped."""
+    return slice(None) if len(active) == count else active

@@ -79,7 +79,36 @@ def sample(
     return latents if output_type == "latent" else family.decode(latents)
 
 
-@torch.no_grad()
+def sample_many(
+    pipe,
+    inversions: Sequence[Inversion],
+    text_optimizations: Sequence[Sequence[TextOptimization]],
+    etas: Sequence[float] = (0.0,),
+    inject_steps: Sequence[int] = (10,),
+    output_type: str = "pil",
+    *,
+    batch_size: int | None = None,
+    progress: Progress = False,
+) -> list[list[Image.Image]] | list[torch.Tensor]:
+    """:func:`sample` for several images at once: image b's variants come from ``inversions[b]`` and its own text
+    optimizations, all images' variants in one batch per step. Returns each image's outputs in
+    :func:`variant_grid` order; each image's latents are decoded on their own, as :func:`sample` decodes them."""
+    if output_type not in ("pil", "latent"):
+        raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+    family = family_of(pipe)
+    conds, steps, owners, counts = [], [], [], []
+    for image, texts in enumerate(text_optimizations):
+        specs = variant_grid(len(texts), etas, inject_steps)
+        conds += [interpolate(texts[s.text_index], s.eta) for s in specs]
+        steps += [s.inject_steps for s in specs]
+        owners += [image] * len(specs)
+        counts.append(len(specs))
+    latents = sample_latents_many(family, inversions, Conditioning.cat(conds), steps, owners,
+                                  batch_size=batch_size, progress=progress)
+    parts = list(latents.split(counts))
+    return parts if output_type == "latent" else [family.decode(part) for part in parts]
+
+
 def sample_latents(
     pipe,
     inversion: Inversion,
@@ -91,34 +120,66 @@ def sample_latents(
     progress: Progress = False,
 ) -> torch.Tensor:
     """The sampling loop: row r follows the source path until step ``inject_steps[r]``, then ``conds[r]``."""
+    return sample_latents_many(pipe, [inversion], conds, inject_steps, [0] * len(inject_steps),
+                               batch_size=batch_size, use_reconstruction=use_reconstruction, progress=progress)
+
+
+@torch.no_grad()
+def sample_latents_many(
+    pipe,
+    inversions: Sequence[Inversion],
+    conds: Conditioning | torch.Tensor,
+    inject_steps: Sequence[int],
+    owners: Sequence[int],
+    *,
+    batch_size: int | None = None,
+    use_reconstruction: bool = True,
+    progress: Progress = False,
+) -> torch.Tensor:
+    """:func:`sample_latents` over several images: row r starts from ``inversions[owners[r]]`` (its x_T, source
+    path, unconditional conditionings). The inversions must share their step count and guidance scale."""
     family = family_of(pipe)
     conds = Conditioning.of(conds)
-    num_steps = inversion.num_steps
+    num_steps = inversions[0].num_steps
+    scale = inversions[0].guidance_scale
+    if any(inv.num_steps != num_steps or inv.guidance_scale != scale for inv in inversions):
+        raise ValueError("inversions sampled together must share their step count and guidance scale")
     for k in inject_steps:
         if not 0 <= k <= num_steps:
             raise ValueError(f"inject steps must be in [0, {num_steps}], got {k}")
     scheduler = family.sampling_scheduler(num_steps)
-    source_path = _source_path(family, inversion, scheduler, max(inject_steps), use_reconstruction)
+    source_paths = [
+        _source_path(family, inv, scheduler, max(k for k, o in zip(inject_steps, owners, strict=True) if o == b),
+                     use_reconstruction) if b in owners else None
+        for b, inv in enumerate(inversions)
+    ]
     rows = len(inject_steps)
-    latents = torch.zeros((rows, *inversion.latent.shape[1:]), device=inversion.latent.device)
+    latents = torch.zeros((rows, *inversions[0].latent.shape[1:]), device=inversions[0].latent.device)
     chunk = batch_size or rows
     first = min(inject_steps)
     for i in track(range(first, num_steps), "sampling", progress):
         t = scheduler.timesteps[i]
         for r, k in enumerate(inject_steps):
             if k == i:  # this variant leaves the source path here
-                latents[r] = source_path[i]
+                latents[r] = source_paths[owners[r]][i]
         active = [r for r, k in enumerate(inject_steps) if k <= i]
         for part in torch.tensor(active).split(chunk):
             x = latents[part]
-            out = family.predict(x, t, conds.expand(rows).rows(part), inversion.uncond_at(i),
-                                 inversion.guidance_scale)
+            out = family.predict(x, t, conds.expand(rows).rows(part), _uncond(inversions, owners, part, i), scale)
             latents[part] = scheduler.step(out, t, x).prev_sample
     for r, k in enumerate(inject_steps):
         if k == num_steps:  # source for all N steps: the reconstruction itself
-            latents[r] = source_path[num_steps]
+            latents[r] = source_paths[owners[r]][num_steps]
     check_finite(latents, "sampling")
     return latents
+
+
+def _uncond(inversions: Sequence[Inversion], owners: Sequence[int], part: torch.Tensor, step: int) -> Conditioning:
+    """The unconditional conditioning of the rows ``part`` at ``step``: one row when they share an inversion."""
+    mine = [owners[r] for r in part.tolist()]
+    if len(set(mine)) == 1:
+        return inversions[mine[0]].uncond_at(step)
+    return Conditioning.cat([inversions[b].uncond_at(step) for b in mine])
 
 
 def _source_path(

@@ -8,7 +8,9 @@ has one, the token embeddings).
 
 Several seeds are optimised as one batch of independent conditionings: each seed has its own generator, its own
 rows and its own loss term (the total is a sum, so no row's gradient depends on another's), so a batched run
-equals the seeds run one by one.
+equals the seeds run one by one. Rows need not share an image or a prompt (:func:`optimize_texts`): several
+images' optimizations run as one batch the same way — Adam is elementwise, so one optimiser over independent rows
+moves each row as its own would. Each row's loss is its own mean, never divided by the batch.
 """
 
 from __future__ import annotations
@@ -98,37 +100,62 @@ def optimize_text_batch(
     ``pipe`` is a loaded pipeline (or its :class:`~nonrigid.models.family.ModelFamily`). A seed fixes the latent
     sample drawn from the VAE posterior and every step's timestep and noise.
     """
+    jobs = [TextJob(image, target_prompt, int(seed)) for seed in seeds]
+    return optimize_texts(pipe, jobs, steps=steps, lr=lr, progress=progress)
+
+
+@dataclass(frozen=True)
+class TextJob:
+    """One row of a text-optimization batch: an image, the prompt to optimise toward it, the row's seed."""
+
+    image: Image.Image
+    target_prompt: str
+    seed: int
+
+
+def optimize_texts(
+    pipe,
+    jobs: Sequence[TextJob],
+    steps: int = 200,
+    lr: float = 1e-3,
+    *,
+    progress: Progress = False,
+) -> list[TextOptimization]:
+    """Stage A for several (image, prompt, seed) rows as one model batch per step, results in ``jobs`` order.
+
+    Each row equals its run alone up to the last bits of batched convolutions (~1e-6; see tests/test_batching.py).
+    """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     family = family_of(pipe)
     device = family.device
-    target = family.encode_prompt(target_prompt)
-    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-    x0 = torch.cat([family.encode_image(image, generator=g) for g in generators])
-    embedding = target.repeat(len(seeds)).leaves()
+    targets = {p: family.encode_prompt(p) for p in dict.fromkeys(job.target_prompt for job in jobs)}
+    generators = [torch.Generator().manual_seed(int(job.seed)) for job in jobs]
+    x0 = torch.cat([family.encode_image(job.image, generator=g) for job, g in zip(jobs, generators, strict=True)])
+    embedding = Conditioning.cat([targets[job.target_prompt] for job in jobs]).leaves()
     optimizer = torch.optim.Adam(embedding.parameters(), lr=lr)
     # Half-precision backward passes underflow on the tiny gradients of a mean loss; Adam is invariant to a
     # constant factor on the loss (up to its eps), so half precision back-propagates the per-element sum instead.
     loss_scale = float(x0[0].numel()) if family.dtype == torch.float16 else 1.0
-    losses: list[list[float]] = [[] for _ in seeds]
+    losses: list[list[float]] = [[] for _ in jobs]
     for _ in track(range(steps), "text optimization", progress):
         timesteps, noise = _draw(family, generators, x0.shape[1:])
         noisy, wanted = family.training_example(x0, noise.to(device), timesteps.to(device))
         output = family.predict(noisy, timesteps.to(device), embedding)
-        per_seed = ((output - wanted) ** 2).mean(dim=(1, 2, 3))
-        check_finite(per_seed.detach(), "text optimization")
+        per_row = ((output - wanted) ** 2).mean(dim=(1, 2, 3))
+        check_finite(per_row.detach(), "text optimization")
         optimizer.zero_grad(set_to_none=True)
-        (per_seed.sum() * loss_scale).backward()
+        (per_row.sum() * loss_scale).backward()
         optimizer.step()
-        for row, value in enumerate(per_seed.detach().cpu().tolist()):
+        for row, value in enumerate(per_row.detach().cpu().tolist()):
             losses[row].append(value)
     optimized = embedding.detach()
     if not optimized.is_finite():
         raise NonFiniteError("text optimization")
     return [
-        TextOptimization(target_prompt, target, optimized.rows(slice(row, row + 1)).clone(), losses[row], int(seed),
-                         steps, lr)
-        for row, seed in enumerate(seeds)
+        TextOptimization(job.target_prompt, targets[job.target_prompt], optimized.rows(slice(row, row + 1)).clone(),
+                         losses[row], int(job.seed), steps, lr)
+        for row, job in enumerate(jobs)
     ]
 
 
