@@ -9,7 +9,8 @@ restructuring: all bit-identical (no float reordering needed a tolerance).
 Two columns are excepted, each for a reason of its own: ``lpips`` of benchmarks run with ``--metrics tiny`` (the
 tiny LPIPS network is now the ``lpips`` package's own architecture with random weights, not a narrow hand-written
 one; real LPIPS is checked against the package in test_metrics.py), and the manifests' and rows' ``params`` gain
-fields the restructuring added (checked: every earlier field keeps its value).
+fields the restructuring added (checked: every earlier field keeps its value). Rows also gained PIE-Bench's
+columns (issue 15), which must stay empty on these TEdBench runs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent / "fixtures" / "refactor"
 sys.path.insert(0, str(HERE))
 import make  # noqa: E402
+
+from nonrigid.evaluation.protocol import PIE_METRIC_NAMES  # noqa: E402
+
+ADDED_ROW_COLUMNS = {*PIE_METRIC_NAMES, "edit_type"}
 
 EXCEPTED_ROW_COLUMNS = ("lpips",)
 
@@ -98,6 +103,8 @@ def test_the_same_command_gives_the_same_result(produced, case):
                 old.pop(key), new.pop(key)
             for column in ("params", "knobs", "record"):
                 assert_fields_kept(json.loads(old.pop(column)), json.loads(new.pop(column)), f"{new['image']} {column}")
+            for column in set(new) - set(old):  # PIE-Bench's columns, added since: empty on a TEdBench run
+                assert column in ADDED_ROW_COLUMNS and new.pop(column) is None, column
             assert old == new
     else:
         assert_fields_kept(json.loads((expected / "edit.json").read_text()),
