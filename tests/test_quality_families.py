@@ -24,19 +24,12 @@ STEPS = 50
 FALLS_SHORT = {
     ("round_trip", "mini-v"): "mini-v's DDIM round trip is 0.053 on these six scenes (issue 13 asks < 0.05; "
     "its parent, the SD 1.x miniature model, 0.039)",
-    ("edit", "mini-xl"): "mini-xl is undertrained (1200 steps, 18 min; its samples show the captioned pose at "
-    "chance): its edits keep the input's pose (docs/MINIATURE.md)",
 }
 
-
-# too slow to rerun on every suite run for a result the evaluation already measured (about 2 min)
-NOT_RERUN = {("edit", "mini-xl")}
 
 
 def expect(request, check: str) -> None:
     name = request.node.callspec.params["family_model"]
-    if (check, name) in NOT_RERUN:
-        pytest.xfail(FALLS_SHORT[(check, name)])
     if (check, name) in FALLS_SHORT:
         request.applymarker(pytest.mark.xfail(strict=True, reason=FALLS_SHORT[(check, name)]))
 

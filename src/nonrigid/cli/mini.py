@@ -34,7 +34,7 @@ def add_mini_parser(commands) -> None:
     train.add_argument("--seed", type=int, default=defaults.seed, help="seed of data, initialisation and noise")
     train.add_argument("--vae-steps", type=int, default=defaults.vae_steps, help="VAE training steps")
     train.add_argument("--unet-steps", type=int, default=None,
-                       help=f"UNet training steps (default {defaults.unet_steps}; v: 600, xl: 1200)")
+                       help=f"UNet training steps (default {defaults.unet_steps}; v: 600, xl: 2500)")
     train.add_argument("--unet-batch", type=int, default=defaults.unet_batch,
                        help="UNet batch size (the recipe benchmark found 32 better than 64 for the same samples)")
     train.add_argument("--snr-gamma", type=float, default=defaults.snr_gamma,
@@ -47,7 +47,7 @@ def add_mini_parser(commands) -> None:
                        help="which miniature model: sd (the SD-1.x-layout model, 'mini'), v (its v-prediction "
                        "fine-tune, a LoRA, 'mini-v'; needs 'mini'), xl (the SDXL-layout model, 'mini-xl'; needs "
                        "'mini' for its VAE and tokenizer). v and xl take --seed, --threads, --dataset-size and "
-                       "--unet-steps (default 600 for v, 1200 for xl)")
+                       "--unet-steps (default 600 for v, 2500 for xl)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     train.set_defaults(func=run_mini_train)

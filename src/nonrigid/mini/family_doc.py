@@ -9,6 +9,7 @@ their own evaluation runs.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from PIL import Image
@@ -61,13 +62,25 @@ def write_family_section(pipe, name: str, run: Path, doc: Path, command: str, ju
     return doc
 
 
+def _training_time(log: list[str]) -> str:
+    """``done in 60.5 min (training 60.4 min)``, summed over the runs that finished (a resumed run logs only its
+    own part: an install after training logs 0.1 min)."""
+    parts = [re.match(r"done in ([0-9.]+) min \(training ([0-9.]+) min\)", line) for line in log]
+    parts = [m for m in parts if m]
+    if not parts:
+        return ""
+    total, training = (sum(float(m.group(i)) for m in parts) for i in (1, 2))
+    runs = f" over {len(parts)} runs" if len(parts) > 1 else ""
+    return f"done in {total:.1f} min (training {training:.1f} min){runs}"
+
+
 def _section(pipe, name: str, summary, count: int, recon: dict[str, float], fidelity: str, gallery: str,
              command: str) -> str:
     family = family_of(pipe)
     folder = mini_weights_dir() / FOLDERS[name]
     megabytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
     log = (folder / "train_log.txt").read_text().splitlines() if (folder / "train_log.txt").exists() else []
-    done = next((line for line in reversed(log) if line.startswith("done in")), "")
+    done = _training_time(log)
     trained_with = next((line.removeprefix("command: ") for line in log if line.startswith("command: ")),
                         f"nonrigid mini train --variant {FOLDERS[name]}")
     lines = [
@@ -76,7 +89,7 @@ def _section(pipe, name: str, summary, count: int, recon: dict[str, float], fide
         WHAT[name],
         "",
         f"Detected as: {family.describe()}. Package data: {megabytes:.1f} MB in `weights/{FOLDERS[name]}/`. "
-        f"Training: {done.split(';')[0] if done else 'see its train_log.txt'} (`{trained_with}`, then "
+        f"Training: {done or 'see its train_log.txt'} (`{trained_with}`, then "
         "installed into the package).",
         "",
         "Reconstruction (relative latent error, 50 steps, the scene's caption as source prompt, first 3 pairs): "

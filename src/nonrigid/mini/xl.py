@@ -37,9 +37,10 @@ TIME_DIM = 8  # Fourier features per size-conditioning number (SDXL: 256)
 SIZE = 64
 
 
-def xl_config(steps: int = 1200, lr: float = 8e-4, ema_decay: float = 0.995, weight_decay: float = 0.01,
+def xl_config(steps: int = 2500, lr: float = 8e-4, ema_decay: float = 0.995, weight_decay: float = 0.01,
               warmup: int = 100) -> VariantConfig:
-    """The recipe of ``mini-xl`` (the miniature model's UNet recipe)."""
+    """The recipe of ``mini-xl`` (the miniature model's UNet recipe, 2500 steps as the SD 1.x miniature model's:
+    1200 steps, 18 minutes, drew the captioned pose at chance; 2500, 60 minutes on one busy thread, 0.62)."""
     return VariantConfig(steps=steps, lr=lr, ema_decay=ema_decay, weight_decay=weight_decay, warmup=warmup)
 
 
