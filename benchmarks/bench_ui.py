@@ -2,7 +2,7 @@
 move cannot avoid ((N - K) of N sampling steps). Optionally drives the page in Chromium and saves a screenshot.
 
     python benchmarks/bench_ui.py                       # the miniature model, the paper's default settings
-    python benchmarks/bench_ui.py --screenshot docs/ui.png
+    python benchmarks/bench_ui.py --screenshot docs/ui.png     # and slider moves timed in Chromium
 
 Runs ``nonrigid ui`` in this process on 127.0.0.1; the edit goes through the page's API (``gradio_client``), as
 a browser's would. The target in the issue: a slider move within 10% of the UNet time of its steps.
@@ -11,6 +11,7 @@ a browser's would. The target in the issue: a slider move within 10% of the UNet
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 import statistics
 import tempfile
@@ -74,8 +75,9 @@ def measure(model: str, out: Path) -> dict:
     return {"model": model, "edit_seconds": edit_seconds, "moves": moves}
 
 
-def screenshot(model: str, out: Path, path: Path) -> None:
-    """The page as a person uses it: an example picked, Edit pressed, the eta slider dragged."""
+def browser(model: str, out: Path, path: Path | None) -> list[dict]:
+    """The page as a person uses it, in Chromium: an example picked, Edit pressed, then slider moves timed from
+    the mouse release to the new variant's line on the page; a screenshot at the end."""
     from playwright.sync_api import sync_playwright
 
     from nonrigid.ui.app import launch
@@ -83,27 +85,49 @@ def screenshot(model: str, out: Path, path: Path) -> None:
 
     editor = Editor(model, out, cache_dir=out / "cache")
     editor.load()
+    clock = UNetClock(editor.pipe.unet)
     port = free_port()
     app = launch(editor, port=port, block=False, quiet=True)
+    moves = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        chromium = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        page = chromium.new_page(viewport={"width": 1300, "height": 900})
         page.goto(f"http://127.0.0.1:{port}/")
         page.get_by_text("brown dog: standing -> jumping").click()
         page.wait_for_selector("#preview img")
         page.locator("#edit-button").click()
         page.wait_for_selector("#eta input[type=range]", timeout=600_000)
         box = page.locator("#eta input[type=range]").bounding_box()
-        page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] / 2)
-        page.mouse.down()
-        page.mouse.move(box["x"] + box["width"] * 0.9, box["y"] + box["height"] / 2, steps=4)
-        page.mouse.up()
-        page.wait_for_function("document.querySelector('#slider-info').innerText.includes('stage C only')",
-                               timeout=120_000)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(path), full_page=True)
-        browser.close()
+        for share in (0.3, 0.6, 0.9):
+            clock.reset()
+            tick = time.perf_counter()
+            page.mouse.click(box["x"] + box["width"] * share, box["y"] + box["height"] / 2)
+            eta = float(page.locator("#eta input[type=number]").input_value())
+            # the variant's line (the progress overlay inside the same element says other things meanwhile)
+            line = re.compile(rf"eta {eta:g}, injection [0-9.]+: ([0-9.]+) s for \d+ of \d+ steps \(stage C only\)")
+            page.wait_for_function("([pattern]) => new RegExp(pattern).test("
+                                   "document.querySelector('#slider-info').innerText)", arg=[line.pattern],
+                                   timeout=120_000)
+            seconds = time.perf_counter() - tick
+            found = line.search(page.locator("#slider-info").inner_text())
+            moves.append({"info": found.group(0).split(":")[0], "seconds": seconds, "unet_seconds": clock.seconds,
+                          "server_seconds": float(found.group(1))})
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(path), full_page=True)
+        chromium.close()
     app.close()
+    return moves
+
+
+def browser_report(moves: list[dict]) -> str:
+    lines = ["in Chromium, from the mouse release on the eta slider to the new variant on the page:", "",
+             "| move | page (s) | sampling in the server (s) | UNet time (s) | page over UNet |",
+             "|---|---|---|---|---|"]
+    for m in moves:
+        lines.append(f"| {m['info']} | {m['seconds']:.2f} | {m['server_seconds']:.2f} | "
+                     f"{m['unet_seconds']:.2f} | {m['seconds'] / m['unet_seconds'] - 1:+.0%} |")
+    return "\n".join(lines)
 
 
 def report(result: dict) -> str:
@@ -124,12 +148,14 @@ def report(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mini")
+    parser.add_argument("--browser", action="store_true", help="also time slider moves in Chromium")
     parser.add_argument("--screenshot", type=Path, default=None, help="also save the page in Chromium here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         print(report(measure(args.model, Path(tmp) / "measure")))
+        if args.browser or args.screenshot:
+            print(browser_report(browser(args.model, Path(tmp) / "browser", args.screenshot)))
         if args.screenshot:
-            screenshot(args.model, Path(tmp) / "shot", args.screenshot)
             print(f"screenshot: {args.screenshot}")
 
 
