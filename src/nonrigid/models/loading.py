@@ -74,7 +74,8 @@ def load_pipeline(
     config: str | None = None,
     t5: bool = True,
 ):
-    """Load an SD 1.x / 2.x or SDXL pipeline with the reference's DDIM scheduler, on ``device`` in ``dtype``.
+    """Load an SD 1.x / 2.x, SDXL or SD3 pipeline (SD: with the reference's DDIM scheduler) on ``device`` in
+    ``dtype``.
 
     ``model`` is a built-in name (``"tiny"``, ``"tiny-sd2"``, ``"tiny-sd2-v"``, ``"tiny-sdxl"``: random weights
     built in code, for smoke runs, their output is noise; ``"mini"``, ``"mini-v"``, ``"mini-xl"``: the miniature

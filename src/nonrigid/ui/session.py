@@ -40,6 +40,7 @@ class ModelOptions:
     compile: bool = False
     allow_pickle: bool = False
     config: str | None = None
+    t5: bool = True  # SD3: load the T5 encoder
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Editor:
             raise UsageError("give a model: a hub id, a folder, a single file or a built-in name such as mini")
         with self.lock:
             o = self.options
-            pipe = load_pipeline(name, o.device, o.dtype, allow_pickle=o.allow_pickle, config=o.config)
+            pipe = load_pipeline(name, o.device, o.dtype, allow_pickle=o.allow_pickle, config=o.config, t5=o.t5)
             self.pipe = configure_pipeline(pipe, low_memory=o.low_memory, compile=o.compile)
             self.model = name
             self._kept.clear()  # stages belong to the model that made them
