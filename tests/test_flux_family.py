@@ -117,3 +117,12 @@ def test_flow_inversion_equals_a_loop_over_diffusers_sigmas(pipe, picture):
     theirs = oracle_inversion(pipe, x0, PROMPT, STEPS, 1.0)
     assert ours.shape == (STEPS + 1, 16, 8, 8)
     torch.testing.assert_close(pack(ours), theirs, atol=1e-5, rtol=0)
+
+
+def test_a_saved_flux_folder_loads_as_the_flux_family(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "flux")
+    loaded = load_pipeline(str(tmp_path / "flux"), device="cpu", dtype="fp32")
+    family = family_of(loaded)
+    assert family.name == "flux" and family.defaults.size == 1024  # FluxPipeline's own default size
+    cond = family.encode_prompt(PROMPT)
+    torch.testing.assert_close(cond.tokens, family_of(pipe).encode_prompt(PROMPT).tokens, atol=0, rtol=0)
