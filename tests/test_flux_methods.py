@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
 
@@ -62,3 +65,29 @@ def test_flowedit_on_flux_moves_by_the_difference_of_distilled_guidance_velociti
     moved = flowedit_latents(pipe, x_src, source, source, (4,), num_steps=4, source_guidance=1.5,
                              target_guidance=5.5)
     assert float((moved - x_src).abs().max()) > 1e-4
+
+
+@pytest.fixture
+def nonrigid_logger():
+    """The CLI configures the package logger; put it back as it was."""
+    logger = logging.getLogger("nonrigid")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
+
+
+def test_the_cli_edits_with_tiny_flux_and_refuses_nti_in_one_line(tedbench, tmp_path, capsys, nonrigid_logger):
+    from nonrigid.cli import main
+
+    image = tedbench / "originals" / "dog_01.jpeg"
+    base = ["edit", str(image), TARGET, "--model", "tiny-flux", "--device", "cpu", "--dtype", "fp32",
+            "--steps", "3", "--opt-steps", "1", "--eta", "0", "--no-cache", "--quiet"]
+    code = main([*base, "--inversion", "ddim", "--out", str(tmp_path / "ok")])
+    assert code == 0, capsys.readouterr().err
+    assert "FLUX layout" in json.loads((tmp_path / "ok" / "edit.json").read_text())["model_family"]
+    code = main([*base, "--out", str(tmp_path / "nti")])  # ours' default inversion is NTI
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith("nonrigid: error: nti inversion works on the "
+                                                            "unconditional branch")
+    assert not (tmp_path / "nti").exists()
