@@ -5,6 +5,8 @@
     python benchmarks/bench_edit.py --config cuda       # SD v1.4 architecture, random weights, 512 px
     python benchmarks/bench_edit.py --config sdxl-cpu   # mid-size SDXL-layout random model at 256 px (minutes)
     python benchmarks/bench_edit.py --config sdxl       # SDXL base 1.0 architecture, random weights, 1024 px
+    python benchmarks/bench_edit.py --config sd3        # SD3 medium architecture (no T5), random weights, 1024 px
+    python benchmarks/bench_edit.py --config sd3-cpu --quick   # the SD3 path on the tiny SD3 model (a smoke run)
 
 For every stage (A text optimization, B inversion, C sampling) and the whole edit it measures wall time, UNet work
 (sample evaluations: a forward of one row counts 1, a forward + backward 2), the share of wall time spent inside
@@ -19,7 +21,8 @@ UNet calls and peak memory (RSS on CPU, ``torch.cuda.max_memory_allocated`` on C
 
 Everything model-specific goes through the model family (``nonrigid.models.registry.family_of``): prompts are
 encoded and the UNet called by ``family.encode_prompt`` / ``family.predict``, and NTI and NPI invert for the
-family's default guidance scale (7.5 for SD, 5 for SDXL), as ``nonrigid.edit`` does.
+family's default guidance scale (7.5 for SD, 5 for SDXL, 7 for SD3), as ``nonrigid.edit`` does. "UNet" below means
+the family's denoiser (``family.network``: SD3's MMDiT transformer).
 
 Results go to ``benchmarks/results/<config>.json`` and into their block of ``docs/PERFORMANCE.md``. ``--quick``
 shrinks every step count to check that the script runs: its results are marked as such, go to a scratch folder
@@ -76,7 +79,7 @@ class Config:
 
     name: str
     device: str  # "cpu" or "cuda"
-    family: str  # "sd" (SD 1.x layouts) or "sdxl"
+    family: str  # "sd" (SD 1.x layouts), "sdxl" or "sd3"
     layout: str  # default model layout (``random_models``; "tiny"/"tiny-sdxl" for smoke runs)
     size: int  # default image side in pixels
     layouts: tuple[str, ...]  # layouts --layout may choose
@@ -88,14 +91,19 @@ class Config:
         return self.family == "sd"
 
 
+CPU_CONFIG = {"sd": "cpu", "sdxl": "sdxl-cpu", "sd3": "sd3-cpu"}  # where a CUDA configuration's family runs on a CPU
 SD_LAYOUTS = ("mid", "sd14", "tiny")
 SDXL_LAYOUTS = ("sdxl-mid", "sdxl", "tiny-sdxl")
+SD3_LAYOUTS = ("sd3", "tiny-sd3")
 CONFIGS = {
     "cpu": Config("cpu", "cpu", "sd", "mid", 256, SD_LAYOUTS, "mid-size SD-layout model at 256 px"),
     "cuda": Config("cuda", "cuda", "sd", "sd14", 512, SD_LAYOUTS, "SD v1.4 architecture at 512 px"),
     "sdxl-cpu": Config("sdxl-cpu", "cpu", "sdxl", "sdxl-mid", 256, SDXL_LAYOUTS,
                        "mid-size SDXL-layout model at 256 px"),
     "sdxl": Config("sdxl", "cuda", "sdxl", "sdxl", 1024, SDXL_LAYOUTS, "SDXL base 1.0 architecture at 1024 px"),
+    "sd3-cpu": Config("sd3-cpu", "cpu", "sd3", "tiny-sd3", 64, SD3_LAYOUTS,
+                      "tiny SD3-layout model at 64 px (a smoke run of the SD3 path, not a measurement)"),
+    "sd3": Config("sd3", "cuda", "sd3", "sd3", 1024, SD3_LAYOUTS, "SD3 medium architecture (no T5) at 1024 px"),
 }
 
 
@@ -160,7 +168,7 @@ def warm_up(pipe, size: int) -> None:
     The UNet is called through the family, with the empty prompt's conditioning (whatever tensors it has)."""
     family = family_of(pipe)
     h = w = size // pipe.vae_scale_factor
-    channels = pipe.unet.config.in_channels
+    channels = family.network.config.in_channels
     empty = family.encode_prompt("")
     for rows, grad in ((1, False), (2, False), (1, True)):
         x = torch.randn(rows, channels, h, w, device=family.device)
@@ -205,8 +213,8 @@ def build_pipeline(layout: str, device: torch.device, dtype: torch.dtype = torch
     """The benchmark's model: a random-weight pipeline of ``layout`` (``random_models``) or a built-in tiny one."""
     if layout == "tiny":
         return build_tiny_pipeline().to(device)
-    if layout == "tiny-sdxl":  # through the loader: it turns SDXL's Euler config into DDIM
-        return load_pipeline("tiny-sdxl", device=device, dtype=dtype)
+    if layout in ("tiny-sdxl", "tiny-sd3"):  # through the loader (it turns SDXL's Euler config into DDIM)
+        return load_pipeline(layout, device=device, dtype=dtype)
     return build_random_pipeline(layout, device=device, dtype=dtype)
 
 
@@ -245,7 +253,7 @@ def run_cpu(args, plan: EditPlan) -> Run:
     load_before = os.getloadavg()
     warm_up(pipe, args.size)
     baseline = config.baseline
-    with UNetCounter(pipe.unet) as counter, tempfile.TemporaryDirectory() as folder:
+    with UNetCounter(family_of(pipe).network) as counter, tempfile.TemporaryDirectory() as folder:
         rec = Recorder(counter, device)
         cache = StageCache(folder)
         k = plan.inject_steps
@@ -308,7 +316,7 @@ def run_cuda(args, plan: EditPlan, device: torch.device | None = None) -> Run:
     k = plan.inject_steps
     warm_up(pipe, args.size)
     sections = {}
-    with UNetCounter(pipe.unet) as counter, tempfile.TemporaryDirectory() as folder:
+    with UNetCounter(family_of(pipe).network) as counter, tempfile.TemporaryDirectory() as folder:
         rec = Recorder(counter, device)
         cache = StageCache(folder)
         common = rec.measure("ours.keys", cache_fields, pipe, picture)
@@ -330,7 +338,7 @@ def run_cuda(args, plan: EditPlan, device: torch.device | None = None) -> Run:
         sections.update(rec.sections)
     if args.compile:
         configure_pipeline(pipe, compile=True)
-        with UNetCounter(pipe.unet) as counter:
+        with UNetCounter(family_of(pipe).network) as counter:
             rec = Recorder(counter, device)
             for name in ("ours_compiled_first", "ours_compiled"):  # the first run includes compilation
                 rec.measure(f"{name}.A", ours_text, pipe, picture, plan, None, common)
@@ -432,7 +440,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 
 def environment(args, pipe, dtype: str) -> dict:
-    device = pipe.unet.device
+    network = family_of(pipe).network
+    device = network.device
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -444,9 +453,9 @@ def environment(args, pipe, dtype: str) -> dict:
         "device": str(device), "device_name": name, "dtype": dtype, "layout": args.layout, "size": args.size,
         "threads": torch.get_num_threads() if device.type == "cpu" else None, "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-        "unet_parameters": parameter_count(pipe.unet), "vae_parameters": parameter_count(pipe.vae),
+        "unet_parameters": parameter_count(network), "vae_parameters": parameter_count(pipe.vae),
         "text_encoder_parameters": parameter_count(pipe.text_encoder),
-        "attention_processors": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()}),
+        "attention_processors": sorted({type(p).__name__ for p in network.attn_processors.values()}),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -490,10 +499,20 @@ def targets(run: Run) -> list[tuple[str, str, bool | str]]:
     bound = (n - k) / n * full_run_units
     rows.append((f"another eta from cached stages: UNet work <= (N-K)/N of a full {n}-step run ({bound:g})",
                  f"{extra} ({extra / full_run_units:.2f} of {full_run_units})", extra <= bound))
-    if run.config == "sdxl-cpu":  # no straightforward run to compare with (SD 1.x only)
+    if run.config in ("sdxl-cpu", "sd3-cpu"):  # no straightforward run to compare with (SD 1.x only)
         o = s["ours.edit"]
         rows.append(("whole default edit: >= 90% of wall time inside UNet calls", f"{o['unet_share']:.1%}",
                      o["unet_share"] >= 0.9))
+    elif run.config == "sd3":  # no SD3 targets: the numbers are reported, nothing is judged
+        o, low = s["ours.edit"], s["ours_low_memory.edit"]
+        gb = 1024**3
+        rows += [
+            (f"SD3 default edit at {run.environment['size']} px (no SD3 target; SDXL's is 25 s)",
+             f"{o['seconds']:.1f} s", "no target"),
+            ("peak GPU memory (no SD3 target; SDXL's is 24 GB)", f"{o['peak_bytes'] / gb:.2f} GB", "no target"),
+            ("peak GPU memory, --low-memory (no SD3 target; SDXL's is 12 GB)", f"{low['peak_bytes'] / gb:.2f} GB",
+             "no target"),
+        ]
     elif run.config == "sdxl":
         o, low = s["ours.edit"], s["ours_low_memory.edit"]
         sweep, one = s["ours.sweep_cached"]["seconds"], s["ours.extra_variant"]["seconds"]
@@ -657,8 +676,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", choices=("auto", *CONFIGS), default="auto",
                    help="\n".join(f"{c.name}: {c.summary} ({c.device})" for c in CONFIGS.values())
                    + "\nauto: cuda if a GPU is present, else cpu")
-    p.add_argument("--layout", choices=SD_LAYOUTS + SDXL_LAYOUTS, default=None,
-                   help="model layout (default: the config's; tiny / tiny-sdxl for a smoke run)")
+    p.add_argument("--layout", choices=SD_LAYOUTS + SDXL_LAYOUTS + SD3_LAYOUTS, default=None,
+                   help="model layout (default: the config's; tiny / tiny-sdxl / tiny-sd3 for a smoke run)")
     p.add_argument("--size", type=int, default=None, help="image size (default: the config's)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1: on shared cores several threads per process wait on each other)")
@@ -678,7 +697,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     config = CONFIGS[args.config]
     if config.device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"bench_edit.py: --config {config.name} needs a CUDA GPU and torch.cuda.is_available() is False"
-                 + (" (on the CPU: --config sdxl-cpu)" if config.family == "sdxl" else " (on the CPU: --config cpu)"))
+                 + f" (on the CPU: --config {CPU_CONFIG[config.family]})")
     args.layout = args.layout or config.layout
     if args.layout not in config.layouts:
         p.error(f"--config {config.name} takes --layout {' / '.join(config.layouts)}, not {args.layout}")

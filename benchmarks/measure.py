@@ -86,7 +86,7 @@ class UNetCounter:
 
     def _after_forward(self, module, args, kwargs, output) -> None:
         self.tally.forward_seconds += self._now() - self._started
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # UNet or transformer
         rows = int(sample.shape[0])
         self.tally.calls += 1
         self.tally.forward_rows += rows

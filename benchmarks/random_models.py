@@ -1,4 +1,4 @@
-"""Random-weight pipelines of the SD 1.x and SDXL layouts for the benchmark: real weights would not change what is
+"""Random-weight pipelines of the SD 1.x, SDXL and SD3 layouts for the benchmark: real weights would not change what is
 measured.
 
 - ``"sd14"``: the full Stable Diffusion v1.4 architecture (UNet 860 M parameters, CLIP ViT-L/14 text encoder, the
@@ -20,6 +20,13 @@ measured.
   ids); ``"mid"``'s four-level VAE at a quarter of SD's widths; both text encoders at full width with four layers
   each. For the CPU at 256 px.
 
+- ``"sd3"``: the full Stable Diffusion 3 medium architecture (MMDiT transformer 2 B parameters: 24 joint blocks
+  1536 wide, 24 heads of 64, patch 2, 4096-wide token and 2048-wide pooled conditioning; CLIP ViT-L and OpenCLIP
+  bigG text encoders with projections; the 16-channel VAE with SD3's shift and scaling factors; flow matching with
+  shift 3), without T5: its 256 token rows are zeros as diffusers makes them for ``text_encoder_3=None``, so the
+  transformer sees the same 333 tokens as with T5 and the per-step cost is the real model's (T5-XXL runs once per
+  prompt). For CUDA at 1024 px.
+
 SDXL pipelines get the DDIM scheduler the project's loader gives SDXL (``ddim_scheduler_for`` of SDXL's
 Euler config) and ``force_zeros_for_empty_prompt`` as SDXL base; their VAE is kept in fp32 when the other networks
 are fp16 (``family.vae_dtype``), as the loader does. The tokenizer is the project's byte-level CLIP tokenizer (no
@@ -33,6 +40,9 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -82,6 +92,8 @@ def build_random_pipeline(
     """
     if layout in SDXL_LAYOUTS:
         return build_random_sdxl_pipeline(layout, seed=seed, device=device, dtype=dtype)
+    if layout == "sd3":
+        return build_random_sd3_pipeline(seed=seed, device=device, dtype=dtype)
     spec = LAYOUTS[layout]
     device = torch.device(device)
     tokenizer = build_clip_tokenizer()
@@ -195,6 +207,49 @@ def build_random_sdxl_pipeline(
         module.requires_grad_(False)
         module.eval()
         module.to(device=device, dtype=family.vae_dtype(dtype) if name == "vae" else dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_random_sd3_pipeline(
+    *, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> StableDiffusion3Pipeline:
+    """SD3 medium's architecture (see the module's docstring) as :func:`build_random_pipeline` builds SD's."""
+    device = torch.device(device)
+    tokenizer = build_clip_tokenizer()
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer), "max_position_embeddings": 77}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(  # stabilityai/stable-diffusion-3-medium-diffusers's config
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, pos_embed_max_size=192,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+            latent_channels=16, norm_num_groups=32, sample_size=1024, shift_factor=0.0609, scaling_factor=1.5305,
+            use_quant_conv=False, use_post_quant_conv=False,
+        )
+        text_encoder = CLIPTextModelWithProjection(  # CLIP ViT-L/14
+            CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, hidden_act="quick_gelu",
+                           num_hidden_layers=12, projection_dim=768, **special)
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(  # OpenCLIP ViT-bigG/14
+            CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, hidden_act="gelu",
+                           num_hidden_layers=32, projection_dim=1280, **special)
+        )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(), text_encoder_3=None, tokenizer_3=None,
+    )
+    family = family_of(pipe)
+    for module in family.modules().values():
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device=device, dtype=family.vae_dtype(dtype) if module is pipe.vae else dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -232,7 +232,7 @@ def test_refiner_single_file_is_refused_by_its_keys(sgm_state, tmp_path):
 
 @pytest.mark.parametrize("class_name, named", [
     ("StableDiffusionXLImg2ImgPipeline", "refiner"),
-    ("FluxPipeline", "SD 1.x, SD 2.x"),
+    ("PixArtAlphaPipeline", "SD 1.x, SD 2.x"),  # (FLUX is supported now: tests/test_flux_family.py)
 ])
 def test_unsupported_pipeline_folders_are_refused_in_one_line(sdxl_folder, tmp_path, class_name, named):
     folder = with_class_name(sdxl_folder, class_name, tmp_path)

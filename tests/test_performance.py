@@ -290,3 +290,24 @@ def test_benchmark_measures_the_work_it_should_and_keeps_the_prose_of_its_docume
     text = doc.read_text()
     assert "hand-written intro" in text and "hand-written analysis" in text and "\nold\n" not in text
     assert text.index("hand-written intro") < text.index("| ours | C sampling") < text.index("hand-written analysis")
+
+
+def test_the_sd3_benchmark_counts_transformer_work_on_the_tiny_sd3_model(tmp_path):
+    import bench_edit
+
+    threads = torch.get_num_threads()
+    try:
+        bench_edit.main(["--config", "sd3-cpu", "--quick", "--results", str(tmp_path), "--doc", ""])
+    finally:
+        torch.set_num_threads(threads)
+    run = json.loads((tmp_path / "sd3-cpu.json").read_text())
+    s, plan = run["sections"], run["plan"]
+    n, k, variants = plan["num_steps"], round(plan["inject"] * plan["num_steps"]), len(plan["etas"])
+    assert "SD3 layout" in run["environment"]["family"] and run["environment"]["guidance_scale"] == 7.0
+    assert s["ours.C"]["unet_units"] == s["ours.sweep_cached"]["unet_units"] == variants * 2 * (n - k)
+    assert s["ours.extra_variant"]["unet_units"] == 2 * (n - k)  # the transformer's calls are the ones counted
+    assert s["ours.B_npi"]["unet_units"] == 2 * n
+    assert run["checks"]["cached_sweep_latent_max_diff"] == 0
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"--config sd3 needs a CUDA GPU .*--config sd3-cpu"):
+            bench_edit.parse_args(["--config", "sd3"])

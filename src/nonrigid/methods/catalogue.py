@@ -19,7 +19,8 @@ DEFAULT_INJECT = (0.2,)
 INJECT_ABLATION = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # the paper's injection-ratio ablation (Sec. 5.4)
 # model families (ModelFamily.name) of methods tied to a UNet and DDPM noise prediction, and of flow-only methods
 _UNET_FAMILIES = ("sd", "sdxl")
-_FLOW_FAMILIES = ("sd3",)
+_FLOW_FAMILIES = ("sd3", "flux")
+_CFG_FAMILIES = ("sd", "sdxl", "sd3")  # models with an unconditional branch (FLUX's guidance is distilled)
 
 _NTI_PARAMS = (
     Param("num_steps", "int", 50, "DDIM steps of inversion and sampling", low=1, high=1000),
@@ -58,6 +59,9 @@ NTI = MethodInfo(
     "inverted latent with the optimised null embeddings (no text optimization, no injection).",
     _NTI_PARAMS,
     seeded=False,
+    families=_CFG_FAMILIES,
+    why_not="it optimises the null text of classifier-free guidance, and this model has no unconditional branch "
+            "(its guidance is distilled)",
     reference="Mokady et al., Null-text Inversion (CVPR 2023)",
 )
 

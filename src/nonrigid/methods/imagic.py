@@ -219,12 +219,14 @@ def imagic_sample(
     """
     width, height = size or (family_of(pipe).defaults.size,) * 2
     device = unet.device
-    shape = (1, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    side = pipe.vae_scale_factor  # latent channels, not the denoiser's input (FLUX's are packed 2x2)
+    shape = (1, pipe.vae.config.latent_channels, height // side, width // side)
     x_T = torch.randn(shape, generator=generator).to(device)
     family = family_of(pipe)
     tuned = type(family)(pipe, denoiser=unet)
     conds = Conditioning.cat([interpolate(text_optimization, float(a)) for a in alphas]).to(device)
-    uncond = family.unconditional().to(device)
+    uncond = family.unconditional()  # None on FLUX: no unconditional branch
+    uncond = None if uncond is None else uncond.to(device)
     scheduler = family.sampling_scheduler(num_steps)
     latents = (x_T * scheduler.init_noise_sigma).repeat(len(alphas), 1, 1, 1)
     rows = torch.arange(len(alphas))

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ..errors import UsageError, first_line
 from . import DEFAULT_MODEL
@@ -27,12 +27,13 @@ from .tiny import TINY_KINDS, build_tiny_pipeline
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
-             "StableDiffusion3Pipeline": StableDiffusion3Pipeline}
+             "StableDiffusion3Pipeline": StableDiffusion3Pipeline, "FluxPipeline": FluxPipeline}
 # diffusers' names for single-file model types (infer_diffusers_model_type) -> the pipeline class that reads them
 SINGLE_FILE_TYPES = {"v1": "StableDiffusionPipeline", "v2": "StableDiffusionPipeline",
                      "xl_base": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
                      "sd35_medium": "StableDiffusion3Pipeline", "sd35_large": "StableDiffusion3Pipeline"}
-SUPPORTED = "SD 1.x, SD 2.x (epsilon or v prediction), SDXL base-layout and SD3 / SD3.5 models"
+SUPPORTED = ("SD 1.x, SD 2.x (epsilon or v prediction), SDXL base-layout, SD3 / SD3.5 and FLUX.1 (dev, schnell; "
+             "diffusers folders or hub ids) models")
 
 
 # --------------------------------------------------------------------------------------------------- devices

@@ -6,11 +6,12 @@ from typing import Any
 
 from ..errors import UsageError
 from .family import ModelFamily
+from .flux import Flux
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3)
+FAMILIES: tuple[type[ModelFamily], ...] = (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)
 
 
 def family_of(pipe: Any) -> ModelFamily:

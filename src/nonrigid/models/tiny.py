@@ -15,18 +15,28 @@ from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from .sd import sd_ddim_scheduler
 
 # the built-in random-weight models, by name (``load_pipeline(name)``)
-TINY_KINDS = ("tiny", "tiny-sd2", "tiny-sd2-v", "tiny-sdxl", "tiny-sd3")
+TINY_KINDS = ("tiny", "tiny-sd2", "tiny-sd2-v", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux-schnell")
 
 
 def build_tiny_pipeline(seed: int = 0, kind: str = "tiny"):
@@ -38,7 +48,10 @@ def build_tiny_pipeline(seed: int = 0, kind: str = "tiny"):
     at 96 px as SD 2.1 is larger than SD 2 base). ``tiny-sdxl``: SDXL's (two text encoders, a pooled embedding,
     size conditioning, two transformer layers in the inner attention blocks, Euler scheduler config).
     ``tiny-sd3``: SD3's (an MMDiT transformer predicting velocity, two CLIP encoders with projections and no T5,
-    a 16-channel VAE with a shift factor, a flow-matching scheduler with shift 3).
+    a 16-channel VAE with a shift factor, a flow-matching scheduler with shift 3). ``tiny-flux`` /
+    ``tiny-flux-schnell``: FLUX.1-dev's / schnell's (a FLUX transformer over packed 2x2 patches, with or without
+    the guidance embedding, a CLIP encoder's pooled output and a T5 encoder's tokens with a T5 tokenizer built in
+    code, the 16-channel VAE, a flow-matching scheduler with dynamic shifting), native size 64 px.
     Their output is noise: they are for tests and smoke runs. The weights depend only on ``seed``; the global RNG
     is left as it was.
     """
@@ -50,6 +63,8 @@ def build_tiny_pipeline(seed: int = 0, kind: str = "tiny"):
         return _build_tiny_sdxl(seed)
     if kind == "tiny-sd3":
         return _build_tiny_sd3(seed)
+    if kind in ("tiny-flux", "tiny-flux-schnell"):
+        return _build_tiny_flux(seed, guidance_embeds=kind == "tiny-flux")
     raise ValueError(f"unknown tiny model {kind!r}; choose one of {', '.join(TINY_KINDS)}")
 
 
@@ -147,6 +162,58 @@ def _build_tiny_sd3(seed: int) -> StableDiffusion3Pipeline:
         text_encoder=text_encoder, tokenizer=build_character_tokenizer(), text_encoder_2=text_encoder_2,
         tokenizer_2=build_character_tokenizer(), text_encoder_3=None, tokenizer_3=None,
     )
+
+
+def _build_tiny_flux(seed: int, guidance_embeds: bool) -> FluxPipeline:
+    """FLUX.1's layout at toy width (as diffusers' own FluxPipeline tests build theirs): CLIP 32 wide (its pooled
+    output is the transformer's pooled input), T5 32 wide (the joint attention width), rope axes 4 + 4 + 8 = the
+    head size. ``default_sample_size`` is set to 8 latents (64 px) instead of FluxPipeline's 128."""
+    t5_tokenizer = build_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 4, 8),
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+            latent_channels=16, norm_num_groups=4, sample_size=64, shift_factor=0.1159, scaling_factor=0.3611,
+            use_quant_conv=False, use_post_quant_conv=False,
+        )
+        text_encoder = CLIPTextModel(_tiny_text_config(32, "quick_gelu"))
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id, decoder_start_token_id=0,
+        ))
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=build_character_tokenizer(),
+        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer,
+    )
+    pipe.default_sample_size = 8
+    return pipe
+
+
+def build_t5_tokenizer() -> T5TokenizerFast:
+    """A T5 tokenizer built in code (no sentencepiece file): a unigram model whose pieces are the printable ASCII
+    characters, with T5's ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, the word-start marker and an appended ``</s>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(chr(code), -2.0) for code in range(33, 127)]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
 
 
 def _build_tiny_sd1(seed: int) -> StableDiffusionPipeline:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import NonFiniteError, check_finite
+from ..errors import NonFiniteError, UsageError, check_finite
 from ..models.family import Conditioning, ModelFamily, guided
 from ..models.registry import family_of
 from ..progress import Bar, Progress, track
@@ -158,6 +158,9 @@ def invert_many(
     if len(images) != len(source_prompts):
         raise ValueError("give one source prompt per image")
     family = family_of(pipe)
+    if method in ("nti", "npi") and family.unconditional() is None:
+        raise UsageError(f"{method} inversion works on the unconditional branch of classifier-free guidance, which "
+                         f"this model has none of ({family.describe()}); use ddim inversion")
     guidance_scale = DEFAULT_GUIDANCE[method] if guidance_scale is None else float(guidance_scale)
     encoded = {p: family.encode_prompt(p) for p in dict.fromkeys(source_prompts)}
     sources = [encoded[p] for p in source_prompts]

@@ -1,0 +1,93 @@
+"""Which editing methods run on FLUX (distilled guidance, no unconditional branch) and which refuse, in one line."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from nonrigid.errors import UsageError
+from nonrigid.methods.flowedit import flowedit_latents
+from nonrigid.methods.run import run_method
+from nonrigid.models.loading import load_pipeline
+from nonrigid.models.registry import family_of
+
+SOURCE = "a photo of a dog"
+TARGET = "a photo of a jumping dog"
+SIDE = 64
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("tiny-flux", device="cpu", dtype="fp32")
+
+
+def test_ours_with_ddim_inversion_runs_on_flux_at_the_distilled_guidance(pipe, dog_image):
+    result = run_method(pipe, dog_image, TARGET, "ours", {"num_steps": 3, "opt_steps": 2, "etas": (0.0, 1.0),
+                        "inject": (0.34,), "inversion": "ddim", "guidance_scale": 3.5}, source_prompt=SOURCE)
+    assert [v.image.size for v in result.variants] == [(SIDE, SIDE)] * 2
+
+
+@pytest.mark.parametrize("inversion", ["nti", "npi"])
+def test_inversions_of_the_unconditional_branch_refuse_flux_in_one_line(pipe, dog_image, inversion):
+    with pytest.raises(UsageError, match=rf"^{inversion} inversion works on the unconditional branch .*FLUX"
+                                         r".*; use ddim inversion$") as err:
+        run_method(pipe, dog_image, TARGET, "ours", {"num_steps": 3, "opt_steps": 1, "inversion": inversion})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["nti", "masactrl", "edit-friendly", "dds", "ledits"])
+def test_methods_that_need_a_unet_or_a_null_text_refuse_flux_in_one_line(pipe, dog_image, method):
+    with pytest.raises(UsageError, match=rf"^method '{method}' does not apply to this model \(FLUX layout") as err:
+        run_method(pipe, dog_image, TARGET, method)
+    assert "\n" not in str(err.value)
+
+
+def test_imagic_and_flowedit_with_flux_settings_run_on_flux(pipe, dog_image):
+    imagic = run_method(pipe, dog_image, TARGET, "imagic", {"num_steps": 3, "opt_steps": 1, "finetune_steps": 1,
+                        "alphas": (1.0,)}, source_prompt=SOURCE, seeds=(0,))
+    assert imagic.variants[0].image.size == (SIDE, SIDE)
+    # the authors' FLUX settings (28 steps, n_max 24, guidance 1.5 / 5.5) scaled down to 4 steps
+    flow = run_method(pipe, dog_image, TARGET, "flowedit", {"num_steps": 4, "n_max": (3,), "source_guidance": 1.5,
+                      "target_guidance": 5.5}, source_prompt=SOURCE, seeds=(0,))
+    assert flow.variants[0].image.size == (SIDE, SIDE)
+
+
+def test_flowedit_on_flux_moves_by_the_difference_of_distilled_guidance_velocities(pipe, dog_image):
+    family = family_of(pipe)
+    x_src = family.encode_image(dog_image.resize((SIDE, SIDE)))
+    source = family.encode_prompt(SOURCE)
+    same = flowedit_latents(pipe, x_src, source, source, (4,), num_steps=4, source_guidance=1.5, target_guidance=1.5)
+    torch.testing.assert_close(same, x_src, atol=1e-6, rtol=0)  # same prompt, same guidance value: no move
+    # a different guidance value alone moves it: the value reaches the transformer (no unconditional branch)
+    moved = flowedit_latents(pipe, x_src, source, source, (4,), num_steps=4, source_guidance=1.5,
+                             target_guidance=5.5)
+    assert float((moved - x_src).abs().max()) > 1e-4
+
+
+@pytest.fixture
+def nonrigid_logger():
+    """The CLI configures the package logger; put it back as it was."""
+    logger = logging.getLogger("nonrigid")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
+
+
+def test_the_cli_edits_with_tiny_flux_and_refuses_nti_in_one_line(tedbench, tmp_path, capsys, nonrigid_logger):
+    from nonrigid.cli import main
+
+    image = tedbench / "originals" / "dog_01.jpeg"
+    base = ["edit", str(image), TARGET, "--model", "tiny-flux", "--device", "cpu", "--dtype", "fp32",
+            "--steps", "3", "--opt-steps", "1", "--eta", "0", "--no-cache", "--quiet"]
+    code = main([*base, "--inversion", "ddim", "--out", str(tmp_path / "ok")])
+    assert code == 0, capsys.readouterr().err
+    assert "FLUX layout" in json.loads((tmp_path / "ok" / "edit.json").read_text())["model_family"]
+    code = main([*base, "--out", str(tmp_path / "nti")])  # ours' default inversion is NTI
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith("nonrigid: error: nti inversion works on the "
+                                                            "unconditional branch")
+    assert not (tmp_path / "nti").exists()
