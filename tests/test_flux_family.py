@@ -58,11 +58,13 @@ def test_flux_is_detected_with_its_conditioning_and_no_unconditional_branch(pipe
 def test_the_schedule_is_shifted_for_the_latent_at_hand(pipe):
     family = family_of(pipe)
     for side in (64, 128):
-        family.initial_noise(side, torch.Generator().manual_seed(0))
+        noise = family.initial_noise(side, torch.Generator().manual_seed(0))
         seq = (side // 16) ** 2
         reference = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         reference.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=calculate_shift(seq))
-        torch.testing.assert_close(family.sampling_scheduler(STEPS).timesteps, reference.timesteps.float())
+        torch.testing.assert_close(family.sampling_scheduler(STEPS, noise).timesteps, reference.timesteps.float())
+    native = family.sampling_scheduler(STEPS).timesteps  # no latents: the native size (64 px for the tiny model)
+    torch.testing.assert_close(native, family.sampling_scheduler(STEPS, family.initial_noise(64, None)).timesteps)
     assert not torch.equal(family.diffusers_scheduler(STEPS, 16).timesteps,
                            family.diffusers_scheduler(STEPS, 4096).timesteps)
 

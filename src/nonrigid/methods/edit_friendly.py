@@ -107,7 +107,7 @@ def edit_friendly_invert(
     family = family_of(pipe)
     if uncond_embedding is None:
         uncond_embedding = family.unconditional()
-    scheduler = family.sampling_scheduler(num_steps)
+    scheduler = family.sampling_scheduler(num_steps, latent)
     xs = torch.stack([independent_noisy_latents(latent.float(), scheduler, s) for s in seeds])  # (S, N+1, ...)
     zs = torch.zeros_like(xs[:, :num_steps])
     chunk = batch_size or len(seeds)

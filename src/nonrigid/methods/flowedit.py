@@ -63,7 +63,7 @@ def flowedit_latents(
 ) -> torch.Tensor:
     """The edited latents, one row per ``n_max`` (1, C, h, w each), from the source latent ``x_src``."""
     family: ModelFamily = family_of(pipe)
-    scheduler = family.sampling_scheduler(num_steps)
+    scheduler = family.sampling_scheduler(num_steps, x_src)
     if not hasattr(scheduler, "sigma_from"):
         raise UsageError(f"FlowEdit needs a flow model; {family.describe()} is not one")
     uncond = family.unconditional()

@@ -227,7 +227,7 @@ def imagic_sample(
     conds = Conditioning.cat([interpolate(text_optimization, float(a)) for a in alphas]).to(device)
     uncond = family.unconditional()  # None on FLUX: no unconditional branch
     uncond = None if uncond is None else uncond.to(device)
-    scheduler = family.sampling_scheduler(num_steps)
+    scheduler = family.sampling_scheduler(num_steps, x_T)
     latents = (x_T * scheduler.init_noise_sigma).repeat(len(alphas), 1, 1, 1)
     rows = torch.arange(len(alphas))
     for t in track(scheduler.timesteps, "Imagic sampling", progress):

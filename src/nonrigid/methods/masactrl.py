@@ -218,7 +218,7 @@ def _sample_branches(
 ) -> torch.Tensor:
     """One batch: the source branch and the targets ``start_steps``, sampled together under mutual attention."""
     family = family_of(pipe)
-    scheduler = family.sampling_scheduler(inversion.num_steps)
+    scheduler = family.sampling_scheduler(inversion.num_steps, inversion.latent)
     state = MutualAttentionState(start_steps)
     conds = Conditioning.cat([inversion.source, Conditioning.of(target).expand(len(start_steps))])
     latents = inversion.latent.expand(state.num_branches, -1, -1, -1).clone()

@@ -239,12 +239,13 @@ class ModelFamily(ABC):
     # ---- schedules
 
     @abstractmethod
-    def sampling_scheduler(self, num_steps: int) -> Any:
+    def sampling_scheduler(self, num_steps: int, latents: torch.Tensor | None = None) -> Any:
         """A fresh scheduler set to ``num_steps`` sampling steps: ``timesteps`` (noisiest first) and
-        ``step(model_output, t, x).prev_sample``. Never the pipeline's own object, which stays untouched."""
+        ``step(model_output, t, x).prev_sample``. Never the pipeline's own object, which stays untouched.
+        ``latents``: what it will step (FLUX shifts its schedule by the image's size); None: the native size."""
 
     @abstractmethod
-    def inversion_scheduler(self, num_steps: int) -> Any:
+    def inversion_scheduler(self, num_steps: int, latents: torch.Tensor | None = None) -> Any:
         """A fresh scheduler that walks the sampler's update backwards (image to noise), same interface."""
 
     @abstractmethod

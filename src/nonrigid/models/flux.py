@@ -14,9 +14,8 @@ What each call puts behind the seam (docs/FAMILIES.md has the reasoning):
   feeds ``guidance_scale`` to the transformer as the pipeline feeds its ``guidance_scale``. Schnell has no guidance
   input: the value is ignored.
 - **Schedules**: the pipeline's sigmas ``linspace(1, 1/N, N)`` shifted by ``mu = calculate_shift(seq_len)`` (the
-  scheduler's ``use_dynamic_shifting``), where ``seq_len`` is the packed latent's length for the image at hand. The
-  seam's ``sampling_scheduler(num_steps)`` has no size argument, so the family takes the size of the latent it last
-  encoded or drew on this pipeline (:meth:`Flux.encode_image`, :meth:`Flux.initial_noise`), else the native size.
+  scheduler's ``use_dynamic_shifting``), where ``seq_len`` is the packed length of the latents the scheduler is
+  for (the seam's ``sampling_scheduler(num_steps, latents)``), else of the native size.
 """
 
 from __future__ import annotations
@@ -25,15 +24,11 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from PIL import Image
 
 from ..errors import UsageError
 from .family import Conditioning, FamilyDefaults
-from .flow import FlowEuler
 from .sd import warn_if_clip_truncates
 from .sd3 import StableDiffusion3
-
-_SEQ_LEN = "_nonrigid_flux_seq_len"  # the pipeline attribute holding the last latent's packed length
 
 
 def packed_length(latent_shape: torch.Size | tuple[int, ...]) -> int:
@@ -127,17 +122,19 @@ class Flux(StableDiffusion3):
 
     # ---- schedules
 
-    def _seq_len(self) -> int:
+    def _seq_len(self, latents: torch.Tensor | None) -> int:
+        if latents is not None:
+            return packed_length(latents.shape)
         native = self.defaults.size // self.pipe.vae_scale_factor
-        return getattr(self.pipe, _SEQ_LEN, packed_length((native, native)))
+        return packed_length((native, native))
 
     def diffusers_scheduler(self, num_steps: int, seq_len: int | None = None) -> FlowMatchEulerDiscreteScheduler:
         """A fresh copy of the model's scheduler set as ``FluxPipeline.__call__`` sets it for ``seq_len`` image
-        tokens (default: the latent at hand, see the module's docstring)."""
+        tokens (default: the native size's)."""
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         config = scheduler.config
         sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
-        mu = calculate_shift(self._seq_len() if seq_len is None else seq_len, config.get("base_image_seq_len", 256),
+        mu = calculate_shift(self._seq_len(None) if seq_len is None else seq_len, config.get("base_image_seq_len", 256),
                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                              config.get("max_shift", 1.15))
         if sigmas is None:
@@ -146,22 +143,8 @@ class Flux(StableDiffusion3):
             scheduler.set_timesteps(sigmas=sigmas, mu=mu)
         return scheduler
 
-    def _diffusers_scheduler(self, num_steps: int) -> FlowMatchEulerDiscreteScheduler:
-        return self.diffusers_scheduler(num_steps)
+    def _diffusers_scheduler(
+        self, num_steps: int, latents: torch.Tensor | None = None
+    ) -> FlowMatchEulerDiscreteScheduler:
+        return self.diffusers_scheduler(num_steps, self._seq_len(latents))
 
-    def sampling_scheduler(self, num_steps: int) -> FlowEuler:
-        """Euler on FluxPipeline's dynamically shifted sigmas, stateless."""
-        return FlowEuler.from_diffusers(self.diffusers_scheduler(num_steps))
-
-    # ---- latents (SD3's arithmetic; the size at hand is recorded for the schedule)
-
-    def initial_noise(self, size: int, generator: torch.Generator) -> torch.Tensor:
-        noise = super().initial_noise(size, generator)
-        setattr(self.pipe, _SEQ_LEN, packed_length(noise.shape))
-        return noise
-
-    @torch.no_grad()
-    def encode_image(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        latent = super().encode_image(image, generator)
-        setattr(self.pipe, _SEQ_LEN, packed_length(latent.shape))
-        return latent

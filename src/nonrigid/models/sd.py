@@ -137,12 +137,12 @@ class StableDiffusion(ModelFamily):
 
     # ---- schedules
 
-    def sampling_scheduler(self, num_steps: int) -> DDIMScheduler:
+    def sampling_scheduler(self, num_steps: int, latents: torch.Tensor | None = None) -> DDIMScheduler:
         scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         scheduler.set_timesteps(num_steps)
         return scheduler
 
-    def inversion_scheduler(self, num_steps: int) -> DDIMInverseScheduler:
+    def inversion_scheduler(self, num_steps: int, latents: torch.Tensor | None = None) -> DDIMInverseScheduler:
         """diffusers' inverse DDIM: ascending timesteps, the UNet queried at the timestep being stepped to,
         ``alpha`` of step 0 from ``set_alpha_to_one`` (off for SD: ``abar_0``)."""
         accepted = inspect.signature(DDIMInverseScheduler.__init__).parameters  # others (Euler's) only earn warnings

@@ -128,19 +128,21 @@ class StableDiffusion3(ModelFamily):
 
     # ---- schedules
 
-    def _diffusers_scheduler(self, num_steps: int) -> FlowMatchEulerDiscreteScheduler:
+    def _diffusers_scheduler(
+        self, num_steps: int, latents: torch.Tensor | None = None
+    ) -> FlowMatchEulerDiscreteScheduler:
         """A fresh copy of the model's scheduler set as the pipeline sets it (the pipeline's own stays as is)."""
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
         scheduler.set_timesteps(num_steps)
         return scheduler
 
-    def sampling_scheduler(self, num_steps: int) -> FlowEuler:
-        """Euler on the model's shifted sigmas: ``StableDiffusion3Pipeline``'s sampler, stateless."""
-        return FlowEuler.from_diffusers(self._diffusers_scheduler(num_steps))
+    def sampling_scheduler(self, num_steps: int, latents: torch.Tensor | None = None) -> FlowEuler:
+        """Euler on the model's shifted sigmas: the pipeline's sampler, stateless."""
+        return FlowEuler.from_diffusers(self._diffusers_scheduler(num_steps, latents))
 
-    def inversion_scheduler(self, num_steps: int) -> FlowEuler:
+    def inversion_scheduler(self, num_steps: int, latents: torch.Tensor | None = None) -> FlowEuler:
         """The sampler's Euler steps undone in reverse order, image to noise (see :mod:`.flow`)."""
-        return self.sampling_scheduler(num_steps).inverse()
+        return self.sampling_scheduler(num_steps, latents).inverse()
 
     @functools.cached_property
     def _training_timesteps(self) -> torch.Tensor:

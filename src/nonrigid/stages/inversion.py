@@ -168,7 +168,7 @@ def invert_many(
     # zeros, as its pipeline does without a negative prompt), or the source for NPI
     empties = sources if method == "npi" else [family.unconditional()] * len(images)
     x0 = torch.cat([family.encode_image(image) for image in images])
-    walks = _walk(family, family.inversion_scheduler(num_steps), x0, Conditioning.cat(sources), "DDIM inversion",
+    walks = _walk(family, family.inversion_scheduler(num_steps, x0), x0, Conditioning.cat(sources), "DDIM inversion",
                   progress)
     results = [Inversion(method, prompt, num_steps, guidance_scale, walk[-1:].clone(), walk.clone(), source,
                          empty)
@@ -180,7 +180,7 @@ def invert_many(
             result.nulls, result.reconstruction, result.losses = nulls, reconstruction, losses
     elif method == "npi":
         latents = torch.cat([result.latent for result in results])
-        paths = _walk(family, family.sampling_scheduler(num_steps), latents, Conditioning.cat(sources),
+        paths = _walk(family, family.sampling_scheduler(num_steps, latents), latents, Conditioning.cat(sources),
                       "negative-prompt inversion", progress)
         for result, path in zip(results, paths, strict=True):
             result.reconstruction = path.clone()
@@ -192,7 +192,7 @@ def ddim_invert(
 ) -> torch.Tensor:
     """The DDIM inversion path x*_0 .. x*_N at guidance 1, shape (N + 1, C, h, w)."""
     family = family_of(pipe)
-    return _walk(family, family.inversion_scheduler(num_steps), x0, cond, "DDIM inversion", progress).flatten(0, 1)
+    return _walk(family, family.inversion_scheduler(num_steps, x0), x0, cond, "DDIM inversion", progress).flatten(0, 1)
 
 
 def conditional_sampling_path(
@@ -204,7 +204,7 @@ def conditional_sampling_path(
     prediction equals the conditional one at any scale, so one branch is evaluated instead of two.
     """
     family = family_of(pipe)
-    return _walk(family, family.sampling_scheduler(num_steps), latent, cond, "negative-prompt inversion",
+    return _walk(family, family.sampling_scheduler(num_steps, latent), latent, cond, "negative-prompt inversion",
                  progress).flatten(0, 1)
 
 
@@ -267,7 +267,7 @@ def null_text_optimization_many(
     cond = Conditioning.cat([Conditioning.of(c) for c in conds])
     unconds = [Conditioning.of(e).clone() for e in empties]
     num_steps = trajectories[0].shape[0] - 1
-    scheduler = family.sampling_scheduler(num_steps)
+    scheduler = family.sampling_scheduler(num_steps, trajectories[0])
     loss_scale = float(trajectories[0][0].numel()) if family.dtype == torch.float16 else 1.0  # text_optimization
     x = torch.cat([trajectory[-1:] for trajectory in trajectories])
     nulls: list[list[Conditioning]] = [[] for _ in range(count)]

@@ -147,7 +147,7 @@ def sample_latents_many(
     for k in inject_steps:
         if not 0 <= k <= num_steps:
             raise ValueError(f"inject steps must be in [0, {num_steps}], got {k}")
-    scheduler = family.sampling_scheduler(num_steps)
+    scheduler = family.sampling_scheduler(num_steps, inversions[0].latent)
     source_paths = [
         _source_path(family, inv, scheduler, max(k for k, o in zip(inject_steps, owners, strict=True) if o == b),
                      use_reconstruction) if b in owners else None
@@ -220,7 +220,7 @@ def generate(
     scale = family.defaults.guidance_scale if guidance_scale is None else guidance_scale
     x = family.initial_noise(size, torch.Generator().manual_seed(int(seed)))
     cond, uncond = family.encode_prompt(prompt), family.unconditional()
-    scheduler = family.sampling_scheduler(num_steps)
+    scheduler = family.sampling_scheduler(num_steps, x)
     for t in track(scheduler.timesteps, "generating", progress):
         x = scheduler.step(family.predict(x, t, cond, uncond, scale), t, x).prev_sample
     check_finite(x, "generating")
