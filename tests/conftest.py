@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,32 @@ def model_image(model):
     from nonrigid.mini.world import render_example
 
     return render_example(seed=0)
+
+
+@pytest.fixture
+def nonrigid_logger():
+    """The command line configures the "nonrigid" logger; later tests need it as it was."""
+    logger = logging.getLogger("nonrigid")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
+
+
+def weight_differences(expected, actual, modules: Iterable[str]) -> list[str]:
+    """Every network tensor that is missing, extra, never loaded or not bit-identical, as ``module.key (why)``."""
+    problems = []
+    for module in modules:
+        want = getattr(expected, module).state_dict()
+        got = getattr(actual, module).state_dict()
+        problems += [f"{module}.{key} (missing)" for key in want.keys() - got.keys()]
+        problems += [f"{module}.{key} (unexpected)" for key in got.keys() - want.keys()]
+        for key in sorted(want.keys() & got.keys()):
+            a, b = want[key], got[key]
+            if b.device.type == "meta":
+                problems.append(f"{module}.{key} (never loaded)")
+            elif a.shape != b.shape or a.dtype != b.dtype:
+                problems.append(f"{module}.{key} ({a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)})")
+            elif not torch.equal(a, b.to(a.device)):
+                problems.append(f"{module}.{key} (values differ)")
+    return problems

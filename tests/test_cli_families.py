@@ -10,7 +10,6 @@ is checked is the run's shape: the folder's files, the record's model family and
 from __future__ import annotations
 
 import json
-import logging
 
 import huggingface_hub.constants
 import pytest
@@ -58,15 +57,6 @@ def models(tmp_path_factory) -> dict[str, list[str]]:
     return {"sd2-v folder": ["--model", str(sd2v)],
             "sdxl single file": ["--model", str(sdxl_file), "--config", str(sdxl_folder)]}
 
-
-@pytest.fixture
-def nonrigid_logger():
-    """main configures the "nonrigid" logger for the command line; later tests need it as it was."""
-    logger = logging.getLogger("nonrigid")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    logger.handlers[:], logger.propagate = saved[0], saved[1]
-    logger.setLevel(saved[2])
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -7,7 +7,6 @@ exit code 2. In-process CLI, offline, tiny settings; the output is noise, so the
 from __future__ import annotations
 
 import json
-import logging
 
 import huggingface_hub.constants
 import pytest
@@ -51,14 +50,6 @@ def folder(built, tmp_path_factory):
     built.save_pretrained(path, safe_serialization=True)
     return path
 
-
-@pytest.fixture
-def nonrigid_logger():
-    logger = logging.getLogger("nonrigid")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    logger.handlers[:], logger.propagate = saved[0], saved[1]
-    logger.setLevel(saved[2])
 
 
 def test_an_sd3_folder_loads_bit_identically_with_its_flow_scheduler(built, folder):

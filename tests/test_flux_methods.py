@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
@@ -66,15 +65,6 @@ def test_flowedit_on_flux_moves_by_the_difference_of_distilled_guidance_velociti
                              target_guidance=5.5)
     assert float((moved - x_src).abs().max()) > 1e-4
 
-
-@pytest.fixture
-def nonrigid_logger():
-    """The CLI configures the package logger; put it back as it was."""
-    logger = logging.getLogger("nonrigid")
-    saved = (list(logger.handlers), logger.propagate, logger.level)
-    yield
-    logger.handlers[:], logger.propagate = saved[0], saved[1]
-    logger.setLevel(saved[2])
 
 
 def test_the_cli_edits_with_tiny_flux_and_refuses_nti_in_one_line(tedbench, tmp_path, capsys, nonrigid_logger):

@@ -16,6 +16,7 @@ import huggingface_hub.constants
 import pytest
 import safetensors.torch
 import torch
+from conftest import weight_differences
 from diffusers import DDIMScheduler
 from ldm_layout import to_ldm_state_dict
 
@@ -47,23 +48,6 @@ def diffusers_folder(tiny, tmp_path_factory):
     return folder
 
 
-def weight_differences(expected, actual) -> list[str]:
-    """Every network tensor that is missing, extra, or not bit-identical, as ``module.key (why)``."""
-    problems = []
-    for module in MODULES:
-        want = getattr(expected, module).state_dict()
-        got = getattr(actual, module).state_dict()
-        problems += [f"{module}.{key} (missing)" for key in want.keys() - got.keys()]
-        problems += [f"{module}.{key} (unexpected)" for key in got.keys() - want.keys()]
-        for key in sorted(want.keys() & got.keys()):
-            a, b = want[key], got[key]
-            if b.device.type == "meta":
-                problems.append(f"{module}.{key} (never loaded)")
-            elif a.shape != b.shape or a.dtype != b.dtype:
-                problems.append(f"{module}.{key} ({a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)})")
-            elif not torch.equal(a, b.to(a.device)):
-                problems.append(f"{module}.{key} (values differ)")
-    return problems
 
 
 def assert_reference_scheduler(pipe):
@@ -82,7 +66,7 @@ def load_cpu(path, **kwargs):
 
 def test_diffusers_folder_round_trips_bit_identically(tiny, diffusers_folder):
     pipe = load_cpu(diffusers_folder)
-    assert weight_differences(tiny, pipe) == []
+    assert weight_differences(tiny, pipe, MODULES) == []
     assert_reference_scheduler(pipe)
 
 
@@ -107,7 +91,7 @@ def test_single_file_ldm_checkpoint_loads_bit_identically(tiny, diffusers_folder
     # (``infer_diffusers_model_type``): that would fall back to "v1" and want stable-diffusion-v1-5's configs
     # from the hub, which are neither reachable offline nor the tiny model's shapes. Nothing is patched.
     pipe = load_cpu(path, config=str(diffusers_folder))
-    problems = weight_differences(tiny, pipe)
+    problems = weight_differences(tiny, pipe, MODULES)
     assert problems == [], f"{len(problems)} tensors differ after the single-file round trip: {problems}"
     assert_reference_scheduler(pipe)
 
@@ -149,7 +133,7 @@ def test_pickle_checkpoint_loads_with_opt_in(tiny, diffusers_folder, tmp_path):
     path = tmp_path / "model.ckpt"
     torch.save(to_ldm_state_dict(tiny), path)
     pipe = load_cpu(path, config=str(diffusers_folder), allow_pickle=True)
-    assert weight_differences(tiny, pipe) == []
+    assert weight_differences(tiny, pipe, MODULES) == []
 
 
 # ------------------------------------------------------------------------------------------- (d) .bin folder
@@ -169,13 +153,13 @@ def test_folder_with_only_bin_weights_needs_opt_in(tiny, tmp_path):
     with pytest.raises(UsageError, match=r"allow.pickle"):
         load_cpu(folder)
     pipe = load_cpu(folder, allow_pickle=True)
-    assert weight_differences(tiny, pipe) == []
+    assert weight_differences(tiny, pipe, MODULES) == []
     assert_reference_scheduler(pipe)
 
 
 def test_opt_in_still_loads_a_safetensors_folder(tiny, diffusers_folder):
     pipe = load_cpu(diffusers_folder, allow_pickle=True)
-    assert weight_differences(tiny, pipe) == []
+    assert weight_differences(tiny, pipe, MODULES) == []
 
 
 # --------------------------------------------------------------------------------------------- (e) bad paths

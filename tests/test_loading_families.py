@@ -16,6 +16,7 @@ import huggingface_hub.constants
 import pytest
 import safetensors.torch
 import torch
+from conftest import weight_differences
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 from ldm_layout import SDXL_OPEN_CLIP_PREFIX, to_ldm_state_dict
@@ -91,23 +92,6 @@ def load_cpu(path, **kwargs):
     return load_pipeline(str(path), device="cpu", dtype="fp32", **kwargs)
 
 
-def weight_differences(expected, actual, modules) -> list[str]:
-    """Every network tensor that is missing, extra, never loaded or not bit-identical, as ``module.key (why)``."""
-    problems = []
-    for module in modules:
-        want = getattr(expected, module).state_dict()
-        got = getattr(actual, module).state_dict()
-        problems += [f"{module}.{key} (missing)" for key in want.keys() - got.keys()]
-        problems += [f"{module}.{key} (unexpected)" for key in got.keys() - want.keys()]
-        for key in sorted(want.keys() & got.keys()):
-            a, b = want[key], got[key]
-            if b.device.type == "meta":
-                problems.append(f"{module}.{key} (never loaded)")
-            elif a.shape != b.shape or a.dtype != b.dtype:
-                problems.append(f"{module}.{key} ({a.dtype}{tuple(a.shape)} != {b.dtype}{tuple(b.shape)})")
-            elif not torch.equal(a, b.to(a.device)):
-                problems.append(f"{module}.{key} (values differ)")
-    return problems
 
 
 def assert_reference_ddim(pipe, original_config):

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -123,6 +124,25 @@ def caption_batch(tokenizer, captions: list[str], index: torch.Tensor, drop: tor
     return ["" if dropped else captions[i] for i, dropped in zip(index.tolist(), drop.tolist(), strict=True)]
 
 
+@contextmanager
+def training_run(out: Path, config: VariantConfig, log: Log | None) -> Iterator[tuple[Log, Stopwatch]]:
+    """What every variant's training run does around its work: torch's threads fixed to ``config.threads`` (for
+    reproducibility; restored after), the run's log with its config first, and a stopwatch."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        log = log or Log(out / "train_log.txt")
+        log(f"config {json.dumps(asdict(config))}")
+        yield log, Stopwatch()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def log_done(log: Log, watch: Stopwatch, saved: str) -> None:
+    """The run's last line, which the family's MINIATURE.md section reads (summed over resumed runs)."""
+    log(f"done in {watch.total() / 60:.1f} min (training {watch.seconds['train'] / 60:.1f} min); {saved}")
+
+
 # --------------------------------------------------------------------------------------------------- mini-v
 
 
@@ -131,12 +151,7 @@ def train_v(out: Path, config: VariantConfig, *, progress: bool = True, log: Log
     v-prediction scheduler config to ``out/model``."""
     from ..models.loading import load_pipeline
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
-        log = log or Log(out / "train_log.txt")
-        watch = Stopwatch()
-        log(f"config {json.dumps(asdict(config))}")
+    with training_run(out, config, log) as (log, watch):
         pipe = load_pipeline("mini", device="cpu", dtype="fp32")
         with watch("dataset"):
             latents, captions = world_latents(pipe.vae, config.dataset_size, config.seed, _work(out), progress)
@@ -144,11 +159,8 @@ def train_v(out: Path, config: VariantConfig, *, progress: bool = True, log: Log
             _fine_tune_v(pipe, latents, captions, config, out, log, progress)
         folder = out / "model"
         save_v_adapter(pipe, folder)
-        log(f"done in {watch.total() / 60:.1f} min (training {watch.seconds['train'] / 60:.1f} min); "
-            f"adapter saved to {folder}")
+        log_done(log, watch, f"adapter saved to {folder}")
         return folder
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _work(out: Path) -> Path:

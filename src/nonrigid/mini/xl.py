@@ -18,8 +18,6 @@ so the size conditioning is always ``(64, 64, 0, 0, 64, 64)``: the model has the
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,10 +25,9 @@ import torch.nn.functional as F
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ..timing import Stopwatch
 from .config import VariantConfig
 from .train import Log
-from .variants import fit, snr_weights, world_latents
+from .variants import fit, log_done, snr_weights, training_run, world_latents
 
 TEXT_DIM = 32  # each encoder; the UNet's cross-attention sees both side by side
 TIME_DIM = 8  # Fourier features per size-conditioning number (SDXL: 256)
@@ -106,12 +103,7 @@ def train_xl(out: Path, config: VariantConfig, *, progress: bool = True, log: Lo
     """Train ``mini-xl`` into ``out/model`` (checkpoints under ``out/work``) on the miniature VAE's latents."""
     from ..models.loading import load_pipeline
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
-        log = log or Log(out / "train_log.txt")
-        watch = Stopwatch()
-        log(f"config {json.dumps(asdict(config))}")
+    with training_run(out, config, log) as (log, watch):
         base = load_pipeline("mini", device="cpu", dtype="fp32")
         work = out / "work"
         work.mkdir(parents=True, exist_ok=True)
@@ -122,11 +114,8 @@ def train_xl(out: Path, config: VariantConfig, *, progress: bool = True, log: Lo
             _train(pipe, latents, captions, config, work, log, progress)
         folder = out / "model"
         save_xl(pipe, folder)
-        log(f"done in {watch.total() / 60:.1f} min (training {watch.seconds['train'] / 60:.1f} min); "
-            f"model saved to {folder}")
+        log_done(log, watch, f"model saved to {folder}")
         return folder
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(pipe, latents, captions, config: VariantConfig, work: Path, log: Log, progress: bool) -> None:

@@ -156,14 +156,14 @@ class ModelFamily(ABC):
     # ---- facts
 
     @property
-    @abstractmethod
     def device(self) -> torch.device:
         """Where the denoiser runs (tensors the stages make go there)."""
+        return self.network.device
 
     @property
-    @abstractmethod
     def dtype(self) -> torch.dtype:
         """The denoiser's precision (half precision scales the stages' backward passes)."""
+        return self.network.dtype
 
     @property
     @abstractmethod

@@ -93,14 +93,6 @@ class StableDiffusion(ModelFamily):
         return self.pipe.scheduler.config.prediction_type
 
     @property
-    def device(self) -> torch.device:
-        return self.pipe.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
-
-    @property
     def latent_multiple(self) -> int:
         """The VAE's factor times the UNet's downsampling."""
         return self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)

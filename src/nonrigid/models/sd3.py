@@ -52,14 +52,6 @@ class StableDiffusion3(ModelFamily):
                 f"shift {shift:g}, {self.defaults.size} px")
 
     @property
-    def device(self) -> torch.device:
-        return self.pipe.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.transformer.dtype
-
-    @property
     def latent_multiple(self) -> int:
         """The VAE's factor times the transformer's patch size."""
         return self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size
