@@ -171,27 +171,38 @@ class StableDiffusion(ModelFamily):
 
     # ---- latents
 
-    @torch.no_grad()
     def encode_image(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         """``s * E(image)``: the posterior mean (inversion), or a sample drawn with ``generator`` (text
         optimization, as the reference does)."""
-        vae = self.pipe.vae
-        pixels = image_to_tensor(image).to(device=vae.device, dtype=vae.dtype)
-        dist = vae.encode(pixels).latent_dist
-        latent = dist.mean.float()
-        if generator is not None:
-            noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32).to(latent.device)
-            latent = latent + dist.std.float() * noise
-        return latent * vae.config.scaling_factor
+        return vae_encode(self.pipe.vae, image, generator)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 8) -> list[Image.Image]:
         """``D(x_0 / s)`` to PIL images, a few at a time to bound the VAE decoder's memory."""
-        vae = self.pipe.vae
-        images: list[Image.Image] = []
-        for chunk in latents.split(batch_size):
-            pixels = vae.decode((chunk / vae.config.scaling_factor).to(vae.dtype)).sample.float()
-            check_finite(pixels, "decoding")
-            array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            images.extend(Image.fromarray(a) for a in array)
-        return images
+        return vae_decode(self.pipe.vae, latents, batch_size)
+
+
+@torch.no_grad()
+def vae_encode(vae, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(E(image) - shift) * scale`` in fp32 (shift 0 where the VAE has none, as SD's): the posterior mean, or a
+    sample drawn with ``generator`` on the CPU (the same latent on any device)."""
+    pixels = image_to_tensor(image).to(device=vae.device, dtype=vae.dtype)
+    dist = vae.encode(pixels).latent_dist
+    latent = dist.mean.float()
+    if generator is not None:
+        noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32).to(latent.device)
+        latent = latent + dist.std.float() * noise
+    return (latent - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def vae_decode(vae, latents: torch.Tensor, batch_size: int = 8) -> list[Image.Image]:
+    """``D(x / scale + shift)`` to PIL images, ``batch_size`` at a time to bound the decoder's memory."""
+    images: list[Image.Image] = []
+    for chunk in latents.split(batch_size):
+        scaled = chunk / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
+        pixels = vae.decode(scaled.to(vae.dtype)).sample.float()
+        check_finite(pixels, "decoding")
+        array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images.extend(Image.fromarray(a) for a in array)
+    return images

@@ -25,10 +25,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from PIL import Image
 
-from ..errors import UsageError, check_finite
+from ..errors import UsageError
 from .family import Conditioning, FamilyDefaults, ModelFamily, guided
 from .flow import FlowEuler, flow_training_example, logit_normal_timestep
-from .sd import image_to_tensor, warn_if_clip_truncates
+from .sd import vae_decode, vae_encode, warn_if_clip_truncates
 
 
 class StableDiffusion3(ModelFamily):
@@ -158,27 +158,11 @@ class StableDiffusion3(ModelFamily):
 
     # ---- latents
 
-    @torch.no_grad()
     def encode_image(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(E(image) - shift) * scale``: the posterior mean, or a sample drawn with ``generator``."""
-        vae = self.pipe.vae
-        pixels = image_to_tensor(image).to(device=vae.device, dtype=vae.dtype)
-        dist = vae.encode(pixels).latent_dist
-        latent = dist.mean.float()
-        if generator is not None:
-            noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32).to(latent.device)
-            latent = latent + dist.std.float() * noise
-        return (latent - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        return vae_encode(self.pipe.vae, image, generator)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 8) -> list[Image.Image]:
         """``D(x / scale + shift)`` to PIL images, a few at a time."""
-        vae = self.pipe.vae
-        images: list[Image.Image] = []
-        for chunk in latents.split(batch_size):
-            scaled = chunk / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-            pixels = vae.decode(scaled.to(vae.dtype)).sample.float()
-            check_finite(pixels, "decoding")
-            array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            images.extend(Image.fromarray(a) for a in array)
-        return images
+        return vae_decode(self.pipe.vae, latents, batch_size)
