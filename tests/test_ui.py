@@ -300,11 +300,15 @@ def test_the_model_is_switched_from_the_page_and_old_stages_are_dropped(server):
     """(Last of the page tests: it leaves the server on another model.)"""
     client = Client(server["url"], verbose=False)
     page_edit(client)
+    editor = server["editor"]
+    key = max((p for p in editor.out.iterdir() if p.is_dir() and not p.name.startswith(".")),
+              key=lambda p: p.stat().st_mtime).name
+    assert editor.resample(key, 0, 0.5, 0.25).sampled_steps == 6  # the edit's stages are there before the switch
     info, size, *_ = client.predict(name="tiny-sd2-v", api_name="/load_model")
     assert "tiny-sd2-v" in info and "v_prediction" in info and size == 96
     assert server["editor"].model == "tiny-sd2-v"
     with pytest.raises(Exception, match="no longer in memory"):  # stages of the old model are not reused
-        server["editor"].resample(next(iter(server["editor"].out.glob("2*"))).name, 0, 0.5, 0.2)
+        editor.resample(key, 0, 0.5, 0.25)
     with pytest.raises(Exception, match="no-such-model"):
         client.predict(name="./no-such-model", api_name="/load_model")
     assert server["editor"].model == "tiny-sd2-v"  # a failed load keeps the loaded model
