@@ -347,3 +347,21 @@ def test_the_knob_flags_of_edit_are_set_assignments_in_bench(tedbench, tmp_path,
     assert "--eta and --sweep eta both set etas" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "d"), "--method", "dds", "--eta", "0"]) == 2
     assert "--eta does not apply to dds" in capsys.readouterr().err
+
+
+def test_low_memory_batch_size_reaches_the_jobs(tedbench, tmp_path, monkeypatch):
+    """``--low-memory`` without ``--batch-size`` samples LOW_MEMORY_BATCH_SIZE variants at a time in every job (the
+    spec the jobs read, and the run's stored identity); an explicit ``--batch-size`` wins."""
+    import nonrigid.cli.bench as bench_cli
+    from nonrigid.cli.common import LOW_MEMORY_BATCH_SIZE
+    from nonrigid.evaluation.bench import BenchStats
+
+    seen = []
+    monkeypatch.setattr(bench_cli, "run_serially",
+                        lambda args, spec, run, piebench=False: seen.append(spec.runtime) or BenchStats())
+    common = ["bench", "--data", str(tedbench), "--limit", "1", "--model", "tiny", "--metrics", "tiny", "--quiet",
+              "--low-memory"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--batch-size", "3"]) == 0
+    assert [r["batch_size"] for r in seen] == [LOW_MEMORY_BATCH_SIZE, 3]
+    assert all(r["low_memory"] for r in seen)

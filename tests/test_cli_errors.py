@@ -247,11 +247,16 @@ def test_quiet_failure_prints_only_the_error_line(nan_run):
     [
         (("mini", "judge", "--steps", "0"), ("--steps", "0")),
         (("mini", "evaluate", "--data", "nowhere", "--baselines", "foo"), ("--baselines", "foo")),
+        (("mini", "evaluate", "--data", "nowhere", "--seeds", "0"), ("--seeds", "0")),
+        (("mini", "evaluate", "--data", "nowhere", "--ablation-etas", "0.3"), ("ablation etas", "0.3")),
+        (("mini", "evaluate", "--data", "nowhere", "--etas", "0,1.5"), ("etas", "1.5")),
+        (("mini", "evaluate", "--data", "nowhere", "--report-only"), ("--report-only", "--docs")),
         (("mini", "train", "--unet-steps", "0"), ("--unet-steps", "0")),
         (("mini", "train", "--snr-gamma", "nan"), ("--snr-gamma", "nan")),
         (("mini", "train", "--unet-batch", "-4"), ("--unet-batch", "-4")),
     ],
-    ids=["judge-steps-zero", "evaluate-unknown-baseline", "train-steps-zero", "train-gamma-nan",
+    ids=["judge-steps-zero", "evaluate-unknown-baseline", "evaluate-seeds-zero", "evaluate-ablation-eta-not-swept",
+         "evaluate-eta-out-of-range", "evaluate-report-only-without-docs", "train-steps-zero", "train-gamma-nan",
          "train-batch-negative"],
 )
 def test_mini_commands_fail_in_one_line(args, names, tmp_path):

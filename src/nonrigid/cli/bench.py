@@ -24,6 +24,7 @@ from .common import (
     add_model_flags,
     add_output_flags,
     add_runtime_flags,
+    effective_batch_size,
     say,
 )
 
@@ -191,7 +192,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if guessed and uses_source_captions(settings):
         logger.warning(f"warning: {len(guessed)} pairs have no caption for a source prompt; using one made from the "
                        f"file name (e.g. {guessed[0].source_text!r}); give --sources FILE for real captions")
-    runtime = {"device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
+    runtime = {"device": args.device, "dtype": args.dtype, "batch_size": effective_batch_size(args),
                **{k: getattr(args, k) for k in ("low_memory", "compile") if getattr(args, k, False)}}
     spec = BenchSpec(args.data, pairs, settings, tuple(range(args.seeds)), model=args.model, size=args.size,
                      runtime=runtime, metrics=metric_options(args, dataset == "piebench"), preset=args.preset,

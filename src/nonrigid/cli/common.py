@@ -120,9 +120,15 @@ def configure_from_args(pipe, args: argparse.Namespace):
     :data:`LOW_MEMORY_BATCH_SIZE` variants at a time unless --batch-size says otherwise."""
     from ..models.loading import configure_pipeline
 
-    if args.low_memory and getattr(args, "batch_size", None) is None:
-        args.batch_size = LOW_MEMORY_BATCH_SIZE
+    if hasattr(args, "batch_size"):
+        args.batch_size = effective_batch_size(args)
     return configure_pipeline(pipe, low_memory=args.low_memory, compile=args.compile)
+
+
+def effective_batch_size(args: argparse.Namespace) -> int | None:
+    """``--batch-size``, or :data:`LOW_MEMORY_BATCH_SIZE` under ``--low-memory`` when none is given."""
+    given = getattr(args, "batch_size", None)
+    return LOW_MEMORY_BATCH_SIZE if given is None and getattr(args, "low_memory", False) else given
 
 
 def parse_assignments(assignments: Sequence[str]) -> dict[str, str]:

@@ -74,14 +74,28 @@ def add_mini_parser(commands) -> None:
     ev = sub.add_parser(
         "evaluate", help="run the method, NTI-only editing and the paper's ablations on a world dataset",
         description="Resumable: results are stored per pair in OUT/results and stage results in OUT/cache; run "
-        "the same command again after an interruption and it continues. Then writes docs with --docs.",
+        "the same command again after an interruption and it continues. Then writes docs with --docs. "
+        "With several --data folders (worlds of different seeds) each runs into OUT/world-SEED, and the page "
+        "tests the paper's claims with paired intervals over all of them, choosing operating points on the "
+        "first world and testing them on the others.",
         formatter_class=HelpFormatter,
     )
-    ev.add_argument("--data", type=Path, required=True, help="a folder written by `nonrigid mini dataset`")
+    ev.add_argument("--data", type=Path, required=True, nargs="+", metavar="DIR",
+                    help="one or more folders written by `nonrigid mini dataset` (give worlds of different seeds)")
     ev.add_argument("--out", type=Path, default=Path("runs/mini-eval"), help="run folder")
     ev.add_argument("--limit", type=int, default=None, help="only the first N pairs")
     ev.add_argument("--steps", type=int, default=50, help="DDIM steps")
     ev.add_argument("--opt-steps", type=int, default=200, help="text optimization steps")
+    ev.add_argument("--seeds", type=int, default=1, metavar="N",
+                    help="text-optimization seeds per pair (0..N-1; the paper uses 5)")
+    ev.add_argument("--ablation-seeds", type=int, default=None, metavar="N",
+                    help="how many of the --seeds the inversion and injection ablations sample (default: all); "
+                    "each seed costs a sampling per eta and setting")
+    ev.add_argument("--etas", type=_floats, default=None, metavar="E,E,...",
+                    help="ours' eta sweep (default 0,0.2,...,1)")
+    ev.add_argument("--ablation-etas", type=_floats, default=None, metavar="E,E,...",
+                    help="the etas (among --etas) at which the inversion and injection ablations are sampled "
+                    "(default: all of --etas); each costs a sampling per seed and setting")
     ev.add_argument("--pairs-per-batch", type=int, default=8, metavar="N",
                     help="pairs whose stages run as one UNet batch (ours, its ablations, NTI-only); results equal "
                     "to one pair at a time up to float rounding, several times faster at 16 x 16 latents")
@@ -92,6 +106,9 @@ def add_mini_parser(commands) -> None:
                     "or mini-xl (SDXL layout): ours against NTI-only editing, written as that model's section of "
                     "MINIATURE.md with --docs")
     ev.add_argument("--docs", type=Path, default=None, help="write MINIATURE.md and its figures into this folder")
+    ev.add_argument("--report-only", action="store_true",
+                    help="run nothing: write --docs from the pairs the run folders already hold (a long run's "
+                    "results so far; the page says how many pairs it rests on)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     ev.set_defaults(func=run_mini_evaluate)
@@ -190,40 +207,83 @@ def run_mini_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def evaluation_protocol(args: argparse.Namespace, world: int | None, family_run: bool):
+    """The :class:`Protocol` the ``mini evaluate`` flags describe, after checking them."""
+    from ..mini.evaluate import ETAS, Protocol
+
+    for name in ("steps", "opt_steps", "seeds", "pairs_per_batch"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    etas = args.etas or ETAS
+    return Protocol(num_steps=args.steps, opt_steps=args.opt_steps, seeds=tuple(range(args.seeds)), etas=etas,
+                    ablation_etas=args.ablation_etas or etas, ablation_seeds=args.ablation_seeds,
+                    ablations=not family_run, world=world)
+
+
 def run_mini_evaluate(args: argparse.Namespace) -> int:
-    from ..mini.dataset import read_dataset
+    from ..mini.dataset import read_dataset, world_seed
     from ..mini.evaluate import BASELINES, evaluate
     from ..mini.judge import load_judge
 
-    if args.pairs_per_batch < 1:
-        raise UsageError(f"--pairs-per-batch must be >= 1, got {args.pairs_per_batch}")
     baselines = tuple(b for b in args.baselines.split(",") if b and b != "none")
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
-    pairs = read_dataset(args.data)[: args.limit]
-    quiet_libraries(args.quiet)
-    from ..models.loading import load_pipeline
-
     family_run = args.model != "mini"
     if family_run and baselines:
         raise UsageError(f"--model {args.model} compares ours with NTI-only editing; pass --baselines none")
+    if family_run and len(args.data) > 1:
+        raise UsageError(f"--model {args.model} takes one --data folder")
+    if args.report_only and not args.docs:
+        raise UsageError("--report-only writes the page: give --docs")
+    evaluation_protocol(args, None, family_run)  # the flags, before any folder is read
+    worlds = [(data, world_seed(data)) for data in args.data]
+    seeds = [seed for _, seed in worlds]
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"the --data folders must be worlds of different seeds, got seeds {seeds}")
+    runs = [(data, seed, args.out if len(worlds) == 1 else args.out / f"world-{seed}") for data, seed in worlds]
+    jobs = [(read_dataset(data)[: args.limit], evaluation_protocol(args, seed, family_run), out)
+            for data, seed, out in runs]
+    quiet_libraries(args.quiet)
+    from ..models.loading import load_pipeline
+
     pipe = load_pipeline(args.model, device="cpu", dtype="fp32")
     judge = load_judge()
-    rows = evaluate(pipe, judge, pairs, args.out, num_steps=args.steps, opt_steps=args.opt_steps,
-                    baselines=baselines, ablations=not family_run, progress=not args.quiet,
-                    pairs_per_batch=args.pairs_per_batch)
+    count = 0
+    for pairs, protocol, out in jobs:
+        if args.report_only:
+            from ..mini.evaluate import load_rows
+
+            count += len(load_rows(out))
+            continue
+        logger.info(f"world {protocol.world}: {len(pairs)} pairs into {out}")
+        count += len(evaluate(pipe, judge, pairs, out, baselines=baselines, progress=not args.quiet,
+                              pairs_per_batch=args.pairs_per_batch, protocol=protocol))
+    if args.report_only and count == 0:
+        raise UsageError(f"no results in {args.out} yet: run the evaluation first (without --report-only)")
+    command = "nonrigid " + " ".join(sys.argv[1:])
     if args.docs and family_run:
         from ..mini.family_doc import write_family_section
 
-        path = write_family_section(pipe, args.model, args.out, args.docs / "MINIATURE.md",
-                                    command="nonrigid " + " ".join(sys.argv[1:]), judge=judge)
+        path = write_family_section(pipe, args.model, args.out, args.docs / "MINIATURE.md", command=command,
+                                    judge=judge)
         logger.info(f"{args.model} section written to {path}")
     elif args.docs:
         from ..mini.doc import write_miniature_doc
 
-        write_miniature_doc(pipe, args.out, args.docs, command="nonrigid " + " ".join(sys.argv[1:]), judge=judge)
-    logger.info(f"{len(rows)} rows in {args.out}")
+        write_miniature_doc(pipe, [out for _, _, out in runs], args.docs, command=command, judge=judge,
+                            planned=sum(len(pairs) for pairs, _, _ in jobs))
+    logger.info(f"{count} rows in {args.out}")
     print(args.out)
     return 0
 

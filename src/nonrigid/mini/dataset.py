@@ -62,11 +62,20 @@ class Pair:
     source_text: str
 
 
-def read_dataset(folder: Path) -> list[Pair]:
+def _ground_truth(folder: Path) -> dict:
     try:
-        truth = json.loads((folder / GROUND_TRUTH).read_text())
+        return json.loads((folder / GROUND_TRUTH).read_text())
     except FileNotFoundError as err:
         raise UsageError(f"{folder} has no {GROUND_TRUTH}; write one with `nonrigid mini dataset`") from err
+
+
+def world_seed(folder: Path) -> int:
+    """The seed the dataset's scenes were drawn with: which world it is."""
+    return int(_ground_truth(folder)["seed"])
+
+
+def read_dataset(folder: Path) -> list[Pair]:
+    truth = _ground_truth(folder)
     return [
         Pair(folder / "originals" / p["img_name"], Scene.from_dict(truth["scenes"][p["img_name"]]),
              p["target_text"], p["target_pose"], p["source_text"])

@@ -126,28 +126,39 @@ def fidelity_table(pipe, judge, per_pose: int = 32) -> str:
     return "\n".join(lines)
 
 
-def write_miniature_doc(pipe, run: Path, docs: Path, command: str, judge=None) -> Path:
+def write_miniature_doc(pipe, runs: Path | list[Path], docs: Path, command: str, judge=None,
+                        planned: int | None = None) -> Path:
+    """MINIATURE.md from one evaluation run or several (one per world seed, pooled; the first gives the galleries
+    and the inversion table). ``planned``: the pairs the runs were asked for, so that a page written from an
+    unfinished run says so."""
+    runs = [runs] if isinstance(runs, Path) else list(runs)
+    run = runs[0]
     docs.mkdir(parents=True, exist_ok=True)
     judge = judge if judge is not None else load_judge()
     render_grid(docs / "mini-world.png")
     sample_grid(pipe, docs / "mini-samples.png")
     fidelity = fidelity_table(pipe, judge)
-    table = write_plots_and_tables(run, docs)
-    rows = load_rows(run)
+    rows = [row for path in runs for row in load_rows(path)]
+    table = write_plots_and_tables(rows, docs)
     summary = summarize(rows)
-    pairs = sorted({r["pair"] for r in rows})
+    pairs = sorted({r["pair"] for r in load_rows(run)})
     strips = [Image.open(run / "results" / f"{p:03d}.png") for p in pairs[:8]]
     gallery = Image.new("RGB", (strips[0].width, 64 * len(strips)), "white")
     for i, strip in enumerate(strips):
         gallery.paste(strip, (0, 64 * i))
     gallery.resize((gallery.width * 2, gallery.height * 2), Image.Resampling.NEAREST).save(docs / "mini-gallery.png")
-    data = Path(json.loads((run / "meta.json").read_text())["data"]) if (run / "meta.json").exists() else None
+    meta = json.loads((run / "meta.json").read_text()) if (run / "meta.json").exists() else {}
+    data = Path(meta["data"]) if "data" in meta else None
+    protocol = meta.get("protocol", {})
     first = read_dataset(data)[:3] if data else []
     images = [Image.open(p.image).convert("RGB") for p in first]
     recon = reconstruction_errors(pipe, images, [p.source_text for p in first]) if images else {}
     log_path = mini_weights_dir() / "train_log.txt"
     log = log_path.read_text().splitlines() if log_path.exists() else []
     params = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder")}
+    pair_count = len({(r.get("world"), r["pair"]) for r in rows})
+    claims_section = claims_text(rows, runs, protocol, planned if planned and planned > pair_count else None)
+    seeds = len(protocol.get("seeds", [0]))
     ours_vs = []
     nti = next((s for (g, st, _), s in summary.items() if g == "methods" and st == "NTI-only"), None)
     if nti is not None:  # one point: NTI-only has no knob
@@ -165,7 +176,14 @@ def write_miniature_doc(pipe, run: Path, docs: Path, command: str, judge=None) -
         ours_vs.append(f"- {method}: best P(target pose) {top['edit_success']:.3f} at identity error "
                        f"{top['identity_error']:.3f} ({label} {knob:g}). Ours at the same or lower identity error: "
                        + (f"{best[0]:.3f} (eta {best[1]:g})." if best else "no eta reaches it."))
-    _baseline_gallery(run, pairs[:8], docs / "mini-baselines.png")
+    baseline_pairs = sorted({r["pair"] for r in load_rows(run) if r["setting"] in BASELINES})
+    if baseline_pairs:
+        _baseline_gallery(run, baseline_pairs[:8], docs / "mini-baselines.png")
+    baselines_gallery = (
+        "The baselines on the same pairs: input, ideal edit, ours (eta 0.4, inject 20%), NTI-only, then Imagic (alpha\n"
+        "1.2), MasaCtrl (start step 4), Edit-friendly (skip 36), DDS (200 iterations), LEDITS++ (edit guidance 5) — "
+        "each at\nits reference default:\n\n![baselines](mini-baselines.png)"
+        if baseline_pairs else "(No baseline ran in this evaluation.)")
     text = f"""# The miniature world
 
 A world small enough to train a text-to-image model on two CPU cores, in which the quantities the paper argues
@@ -229,7 +247,13 @@ source prompt):
 
 ## Editing: the method, the baselines and the paper's ablations
 
-{len(pairs)} pairs (scene, target pose), one text-optimization seed, 50 DDIM steps, 200 text-optimization steps.
+{claims_section}
+
+### The curves
+
+{pair_count} pairs (scene, target pose) from {len(runs)} world(s), {seeds} text-optimization seed(s) per pair,
+{protocol.get('num_steps', 50)} DDIM steps, {protocol.get('opt_steps', 200)} text-optimization steps; the
+ablations sampled at eta {', '.join(f'{e:g}' for e in protocol.get('ablation_etas', ETAS))}.
 Metrics from the renderer's ground truth: **identity error** = mean of the background error (mean absolute pixel
 difference to the input over pixels that are background in both the input and the ideal edit) and the subject
 colour error (the mean colour of whatever departs from the scene's known empty background, against the animal's
@@ -246,6 +270,8 @@ on SD 1.x).
 ![inversion](mini-inversion.png)
 ![injection](mini-injection.png)
 
+Read off the pooled curves (in-sample, no interval: the claims table above is the test):
+
 {chr(10).join(ours_vs)}
 
 The paper's ablations, as hypotheses:
@@ -257,11 +283,7 @@ NTI-only:
 
 ![gallery](mini-gallery.png)
 
-The baselines on the same pairs: input, ideal edit, ours (eta 0.4, inject 20%), NTI-only, then Imagic (alpha
-1.2), MasaCtrl (start step 4), Edit-friendly (skip 36), DDS (200 iterations), LEDITS++ (edit guidance 5) — each at
-its reference default:
-
-![baselines](mini-baselines.png)
+{baselines_gallery}
 
 ### All numbers
 
@@ -310,9 +332,8 @@ def render_grid(path: Path, seed: int = 0, count: int = 6) -> None:
     grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST).save(path)
 
 
-def write_plots_and_tables(run: Path, docs: Path) -> str:
+def write_plots_and_tables(rows: list[dict], docs: Path) -> str:
     """The three identity-vs-success plots and a Markdown table of every (group, setting, eta)."""
-    rows = load_rows(run)
     summary = summarize(rows)
     titles = {"methods": "The method vs the baselines", "inversion": "Ablation: inversion type (inject 20%)",
               "injection": "Ablation: source injection ratio (NTI w/o source)"}
@@ -330,3 +351,66 @@ def write_plots_and_tables(run: Path, docs: Path) -> str:
     (docs / "mini-results.json").write_text(json.dumps(
         [{"group": g, "setting": s, "eta": e, **v} for (g, s, e), v in summary.items()], indent=1))
     return "\n".join(lines)
+
+
+def claims_text(rows: list[dict], runs: list[Path], protocol: dict, planned: int | None = None) -> str:
+    """The page's first editing section: every claim the rows can test, with its paired interval and verdict, and
+    what they do and do not settle (``planned``: the pairs asked for, when the runs hold fewer)."""
+    from .claims import all_claims, claims_table
+
+    claims, spread = all_claims(rows, BASELINES)
+    if not claims:
+        return ""
+    counts = {verdict: sum(c.verdict == verdict for c in claims if c.direction) for verdict in
+              ("supported", "contradicted", "undecided")}
+    worlds = sorted({r.get("world") for r in rows}, key=str)
+    spread_line = (f"Across eta, ours' P(target pose) on a pair ranges by {spread['mean']:.3f} on average "
+                   f"[{spread['low']:.3f}, {spread['high']:.3f}] ({spread['n']} pairs; "
+                   f"{spread['share_over_0.1'] * 100:.0f}% of pairs range over 0.1)."
+                   if spread["n"] else "")
+    pairs = len({(r.get("world"), r["pair"]) for r in rows})
+    unfinished = (f"**This page rests on {pairs} of the {planned} pairs the evaluation was asked for: the run is "
+                  "not finished, and the same command resumes it.**\n\n" if planned else "")
+    ablation_seeds = protocol.get("ablation_seeds")
+    seeds_line = (f" The inversion and injection ablations sample the first {ablation_seeds} seed(s) only (at eta 1 "
+                  "the seed does not matter: e_1 is the target text's embedding)." if ablation_seeds else "")
+    return f"""## The paper's claims, with paired 95% intervals
+
+{unfinished}Each row is a paired comparison: per pair (scene, target pose) the difference between two settings (each the
+mean over the pair's text-optimization seeds: {len(protocol.get('seeds', [0]))}), averaged over pairs, with a 95%
+percentile-bootstrap interval over pairs (10,000 resamplings, `nonrigid.mini.claims`). Worlds {', '.join(map(str,
+worlds))} are pooled, except where an operating point is chosen from the data (ours' eta with the highest edit
+success among those whose identity error is no higher than NTI-only's; a baseline's knob likewise against ours): it
+is chosen on one world and tested on the other. A claim is **supported** when its interval lies on the side the
+paper predicts, **contradicted** when on the other side, **undecided** when it contains zero. Questions (no
+prediction) say whether a difference was found.{seeds_line}
+Identity error and sky shift: lower is closer to the input; edit success: P(target pose), higher is better
+(defined under the curves below).
+
+{claims_table(claims)}
+
+Verdicts on the paper's predictions: {counts['supported']} supported, {counts['contradicted']} contradicted,
+{counts['undecided']} undecided. {spread_line}
+
+{sky_reading(claims)}
+"""
+
+
+def sky_reading(claims) -> str:
+    """Which stage the sky's colour moves with, read from the sky questions' intervals."""
+    sky = [c for c in claims if c.topic == "sky" and not c.claim.startswith("(question) does ours")]
+    if not sky:
+        return ""
+    names = {"the inversion without a source prompt?": "the inversion without a source prompt",
+             "the injection switch?": "injecting the source prompt for the first 20% of steps",
+             "the text optimization?": "the text optimization (eta 0 against eta 1)"}
+    moved, still = [], []
+    for c in sky:
+        name = names.get(c.claim.removeprefix("(question) "))
+        if name is None:
+            continue
+        effect = f"{name} ({c.mean:+.3f} [{c.low:+.3f}, {c.high:+.3f}])"
+        (moved if c.verdict == "differs" else still).append(effect)
+    return ("Where the sky's colour changes (sky shift: positive = the first setting moves it more): it moves with "
+            + ("; ".join(moved) if moved else "no stage tested") + ". No difference found for: "
+            + ("; ".join(still) if still else "none") + ".")

@@ -1,12 +1,14 @@
 """Evaluate editing settings on the miniature world's benchmark, resumably, and plot the results.
 
-For every pair it runs stage A once (seed 0), the three inversions the paper ablates (DDIM; NTI with the source
-caption; NTI without a source prompt), and then every setting as one batched sampling call per inversion:
+For every pair it runs stage A once per text-optimization seed (the :class:`Protocol`'s seeds; one, seed 0, by
+default), the three inversions the paper ablates (DDIM; NTI with the source caption; NTI without a source prompt),
+and then every setting as batched sampling calls over the pairs:
 
-- ``ours``: NTI without source prompt, injection 20%, eta swept;
-- ``NTI-only``: NTI with the source caption, then the target prompt (eta 1, no injection, no text optimization);
-- inversion ablation: DDIM / NTI-src / NTI-w/o-src at injection 20%, eta swept;
-- injection ablation: NTI-w/o-src at 0, 10, ..., 50%, eta swept.
+- ``ours``: NTI without source prompt, injection 20%, eta swept (every seed);
+- ``NTI-only``: NTI with the source caption, then the target prompt (eta 1, no injection, no text optimization:
+  no seed);
+- inversion ablation: DDIM / NTI-src / NTI-w/o-src at injection 20%, at the protocol's ablation etas;
+- injection ablation: NTI-w/o-src at 0, 10, ..., 50%, at the ablation etas.
 
 - the baselines (``BASELINES``, through :func:`nonrigid.methods.run.run_method`), each sweeping its main knob,
   with the source caption as source prompt (the reference codes are used that way).
@@ -19,13 +21,14 @@ progress. Stage results go to the stage cache in ``OUT/cache``, so even that job
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from ..methods.catalogue import DEFAULT_INJECT, INJECT_ABLATION
 from ..methods.ours import edit_many
 from ..stages.cache import StageCache, write_atomic
@@ -48,28 +51,71 @@ BASELINES: dict[str, dict] = {
 }
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """What one evaluation runs on each pair.
+
+    ``seeds`` are the text-optimization seeds (the paper's "5 seeds per edit" vary stage A only: inversion and
+    sampling are deterministic); ``etas`` are ours' sweep; ``ablation_etas`` (a subset of ``etas``) the etas at
+    which the inversion and injection ablations are sampled, which cost one sampling per seed, eta and setting;
+    ``world`` is the dataset's world seed, written into every row so that runs on several worlds can be pooled
+    and told apart."""
+
+    num_steps: int = 50
+    opt_steps: int = 200
+    seeds: tuple[int, ...] = (0,)
+    etas: tuple[float, ...] = ETAS
+    ablation_etas: tuple[float, ...] = ETAS
+    ablation_seeds: int | None = None  # how many of ``seeds`` the ablations sample (None: all)
+    ablations: bool = True
+    world: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UsageError(f"seeds must be distinct and at least one, got {self.seeds}")
+        if not set(self.ablation_etas) <= set(self.etas):
+            raise UsageError(f"the ablation etas {self.ablation_etas} must be among ours' etas {self.etas}")
+        if any(not 0.0 <= e <= 1.0 for e in self.etas):
+            raise UsageError(f"etas must be in [0, 1], got {self.etas}")
+        if self.ablation_seeds is not None and not 1 <= self.ablation_seeds <= len(self.seeds):
+            raise UsageError(f"the ablations sample 1 to {len(self.seeds)} seeds, got {self.ablation_seeds}")
+
+    @property
+    def seeds_of_ablations(self) -> tuple[int, ...]:
+        return self.seeds[: self.ablation_seeds] if self.ablation_seeds is not None else self.seeds
+
+    def to_dict(self) -> dict:
+        return {"num_steps": self.num_steps, "opt_steps": self.opt_steps, "seeds": list(self.seeds),
+                "etas": list(self.etas), "ablation_etas": list(self.ablation_etas),
+                **({"ablation_seeds": self.ablation_seeds} if self.ablation_seeds is not None else {}),
+                "ablations": self.ablations, "world": self.world}
+
+
 def evaluate(pipe, judge: SceneJudge, pairs: list[Pair], out: Path, *, num_steps: int = 50, opt_steps: int = 200,
              baselines: tuple[str, ...] = tuple(BASELINES), ablations: bool = True,
-             progress: bool = True, pairs_per_batch: int = 1) -> list[dict]:
+             progress: bool = True, pairs_per_batch: int = 1, protocol: Protocol | None = None) -> list[dict]:
     """Run every setting and baseline on every pair (skipping what is already done) and return all rows.
 
     ``ablations=False`` runs ours and NTI-only editing alone (no DDIM inversion, no injection sweep): the
-    comparison made for each further model family. ``pairs_per_batch`` pairs run their settings (ours, its
+    comparison made for each further model family. ``protocol`` (seeds, etas, world) replaces ``num_steps``,
+    ``opt_steps`` and ``ablations`` when given. ``pairs_per_batch`` pairs run their settings (ours, its
     ablations, NTI-only) as one model batch per step (:func:`nonrigid.methods.ours.edit_many`): same rows up to
-    the last bits of batched products, several times the throughput at the miniature model's 16 x 16 latents."""
+    the last bits of batched products, several times the throughput at the miniature model's 16 x 16 latents.
+    A run folder keeps its protocol (``meta.json``): resuming it with another one is refused."""
     if pairs_per_batch < 1:
         raise ValueError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
+    if protocol is None:
+        protocol = Protocol(num_steps=num_steps, opt_steps=opt_steps, ablations=ablations)
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
     cache = StageCache(out / "cache")
     if pairs:
-        data = str(pairs[0].image.parent.parent.resolve())
-        write_atomic(out / "meta.json", (json.dumps({"data": data}) + "\n").encode())
+        _check_meta(out, str(pairs[0].image.parent.parent.resolve()), protocol)
     todo = [(index, pair) for index, pair in enumerate(pairs) if not (results / f"{index:03d}.json").exists()]
     bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="pairs", disable=not progress)
     for start in range(0, len(todo), pairs_per_batch):
         chunk = todo[start : start + pairs_per_batch]
-        done = _evaluate_pairs(pipe, judge, chunk, cache, num_steps, opt_steps, ablations)
+        done = _evaluate_pairs(pipe, judge, chunk, cache, protocol)
         for (index, _), (rows, strip) in zip(chunk, done, strict=True):
             strip.save(results / f"{index:03d}.png")
             write_atomic(results / f"{index:03d}.json", (json.dumps(rows) + "\n").encode())
@@ -80,9 +126,21 @@ def evaluate(pipe, judge: SceneJudge, pairs: list[Pair], out: Path, *, num_steps
     for index, pair, method in tqdm(jobs, desc="baselines", disable=not progress or not jobs):
         path = out / "baselines" / f"{index:03d}-{method}.json"
         if not path.exists():
-            rows = _evaluate_baseline(pipe, judge, pair, index, method, cache, opt_steps, out / "baselines")
+            rows = _evaluate_baseline(pipe, judge, pair, index, method, cache, protocol, out / "baselines")
             write_atomic(path, (json.dumps(rows) + "\n").encode())
     return load_rows(out)
+
+
+def _check_meta(out: Path, data: str, protocol: Protocol) -> None:
+    """Write the run's data folder and protocol, or refuse to resume a run made with other ones."""
+    meta = out / "meta.json"
+    wanted = {"data": data, "protocol": protocol.to_dict()}
+    if meta.exists():
+        found = json.loads(meta.read_text())
+        if "protocol" in found and found != wanted:
+            raise UsageError(f"{out} was made with {json.dumps(found)}; resume it with the same data and "
+                             "settings, or use another run folder")
+    write_atomic(meta, (json.dumps(wanted) + "\n").encode())
 
 
 def load_rows(out: Path) -> list[dict]:
@@ -91,63 +149,102 @@ def load_rows(out: Path) -> list[dict]:
 
 
 def _evaluate_baseline(
-    pipe, judge, pair: Pair, index: int, method: str, cache, opt_steps: int, folder: Path
+    pipe, judge, pair: Pair, index: int, method: str, cache, protocol: Protocol, folder: Path
 ) -> list[dict]:
-    """One baseline on one pair: every value of its main knob, judged like the method's variants."""
+    """One baseline on one pair: every value of its main knob, judged like the method's variants (the
+    protocol's first seed: a baseline's randomness is not the paper's text-optimization seed)."""
     from ..methods.catalogue import method_info
     from ..methods.run import run_method
 
     params = dict(BASELINES[method])
     if method == "imagic":
-        params["opt_steps"] = opt_steps  # the same stage A as ours: shared through the cache
+        params["opt_steps"] = protocol.opt_steps  # the same stage A as ours: shared through the cache
     image = Image.open(pair.image).convert("RGB")
-    result = run_method(pipe, image, pair.target_text, method, params, seeds=(0,), source_prompt=pair.source_text,
+    result = run_method(pipe, image, pair.target_text, method, params, seeds=protocol.seeds[:1],
+                        source_prompt=pair.source_text,
                         size=image.size[0], cache=cache)
     label = method_info(method).sweeps[0].label
     rows = []
     for variant in result.variants:
         knob = variant.knobs[label]
         row = _row(judge, pair, index, variant.image, "", float(knob), 0.0)
-        rows.append({**row, "group": "methods", "setting": method, "knob": label})
+        rows.append({**row, "seed": variant.seed, "world": protocol.world, "group": "methods", "setting": method,
+                     "knob": label})
         variant.image.save(folder / f"{index:03d}-{method}-{label}{knob:g}.png")
     return rows
 
 
-def _evaluate_pairs(pipe, judge, chunk: list[tuple[int, Pair]], cache, num_steps: int, opt_steps: int,
-                    ablations: bool = True) -> list[tuple[list[dict], Image.Image]]:
-    """Every setting of ours and NTI-only on several pairs, each setting one batch over the pairs: each pair's
-    rows and strip."""
+def _evaluate_pairs(pipe, judge, chunk: list[tuple[int, Pair]], cache, protocol: Protocol
+                    ) -> list[tuple[list[dict], Image.Image]]:
+    """Every setting of ours, its ablations and NTI-only on several pairs, each setting one batch over the pairs:
+    each pair's rows and strip."""
     images = [Image.open(pair.image).convert("RGB") for _, pair in chunk]
-    size = images[0].size[0]
     rows: list[list[dict]] = [[] for _ in chunk]
     galleries: list[dict[str, Image.Image]] = [{} for _ in chunk]
-    inversions = INVERSIONS if ablations else {k: v for k, v in INVERSIONS.items() if k != "DDIM"}
-    for name, (method, with_source) in inversions.items():
-        injects = INJECT_ABLATION if name == "NTI-w/o-src" and ablations else DEFAULT_INJECT
-        results = edit_many(
-            pipe, images, [pair.target_text for _, pair in chunk], size=size, cache=cache,
-            source_prompts=[pair.source_text if with_source else "" for _, pair in chunk], seeds=(0,), etas=ETAS,
-            inject=injects, num_steps=num_steps, opt_steps=opt_steps, inversion=method,
-        )
-        for (index, pair), result, mine, gallery in zip(chunk, results, rows, galleries, strict=True):
-            for variant in result.variants:
-                row = _row(judge, pair, index, variant.image, name, variant.eta, variant.inject_ratio)
-                if name != "NTI-w/o-src":
-                    mine.append({**row, "group": "inversion", "setting": name})
-                    continue
-                mine.append({**row, "group": "injection", "setting": f"inject {round(variant.inject_ratio * 100)}%"})
-                if variant.inject_ratio == 0.2:
-                    mine.append({**row, "group": "inversion", "setting": name})
-                    mine.append({**row, "group": "methods", "setting": "ours"})
+
+    def add(variants: list[list], name: str, groups) -> None:
+        for (index, pair), mine, gallery, found in zip(chunk, rows, galleries, variants, strict=True):
+            for variant in found:
+                row = {**_row(judge, pair, index, variant.image, name, variant.eta, variant.inject_ratio),
+                       "seed": variant.seed, "world": protocol.world}
+                for group, setting in groups(variant):
+                    mine.append({**row, "group": group, "setting": setting})
+                if variant.seed == protocol.seeds[0] and variant.inject_ratio == DEFAULT_INJECT[0] and \
+                        name == "NTI-w/o-src":
                     gallery[f"ours eta {variant.eta:g}"] = variant.image
+
+    ablation_etas, ablation_seeds = protocol.ablation_etas, protocol.seeds_of_ablations
+
+    def in_ablations(variant) -> bool:
+        return variant.eta in ablation_etas and variant.seed in ablation_seeds
+
+    ours, results = _sweep(pipe, images, chunk, cache, protocol, "NTI-w/o-src", protocol.etas, DEFAULT_INJECT,
+                           protocol.seeds)
+    add(ours, "NTI-w/o-src", lambda v: [("methods", "ours")]
+        + ([("inversion", "NTI-w/o-src")] if in_ablations(v) else [])
+        + ([("injection", f"inject {round(v.inject_ratio * 100)}%")] if protocol.ablations and in_ablations(v)
+           else []))
+    if protocol.ablations:
+        others = tuple(r for r in INJECT_ABLATION if r not in DEFAULT_INJECT)
+        injected, _ = _sweep(pipe, images, chunk, cache, protocol, "NTI-w/o-src", ablation_etas, others,
+                             ablation_seeds)
+        add(injected, "NTI-w/o-src", lambda v: [("injection", f"inject {round(v.inject_ratio * 100)}%")])
+    for name in ("DDIM", "NTI-src") if protocol.ablations else ("NTI-src",):
+        found, results = _sweep(pipe, images, chunk, cache, protocol, name, ablation_etas, DEFAULT_INJECT,
+                                ablation_seeds)
+        add(found, name, lambda v, name=name: [("inversion", name)])
         if name == "NTI-src":
             edits = _nti_only(pipe, [r.inversion for r in results], [r.text_optimizations[0] for r in results])
             for (index, pair), nti_only, mine, gallery in zip(chunk, edits, rows, galleries, strict=True):
-                mine.append({**_row(judge, pair, index, nti_only, name, 1.0, 0.0), "group": "methods",
-                             "setting": "NTI-only"})
+                mine.append({**_row(judge, pair, index, nti_only, name, 1.0, 0.0), "seed": None,
+                             "world": protocol.world, "group": "methods", "setting": "NTI-only"})
                 gallery["NTI-only"] = nti_only
     return [(mine, _strip(image, pair, gallery))
             for (_, pair), image, mine, gallery in zip(chunk, images, rows, galleries, strict=True)]
+
+
+def _sweep(pipe, images, chunk, cache, protocol: Protocol, name: str, etas, injects, seeds: tuple[int, ...]
+           ) -> tuple[list[list], list]:
+    """Each pair's variants of one inversion over ``etas`` x ``injects`` x ``seeds``.
+
+    At eta 1 the conditioning is the target text's whatever the seed (``e_eta = e_tgt``), so it is sampled for the
+    first seed only: the seeds' copies would differ by float rounding alone."""
+    method, with_source = INVERSIONS[name]
+    variants: list[list] = [[] for _ in chunk]
+    results: list = []
+    seeded = tuple(e for e in etas if e != 1.0)
+    for these_etas, these_seeds in ((seeded, seeds), ((1.0,) if 1.0 in etas else (), seeds[:1])):
+        if not these_etas:
+            continue
+        results = edit_many(
+            pipe, images, [pair.target_text for _, pair in chunk], size=images[0].size[0], cache=cache,
+            source_prompts=[pair.source_text if with_source else "" for _, pair in chunk], seeds=these_seeds,
+            etas=these_etas, inject=injects, num_steps=protocol.num_steps, opt_steps=protocol.opt_steps,
+            inversion=method,
+        )
+        for mine, result in zip(variants, results, strict=True):
+            mine.extend(result.variants)
+    return variants, results
 
 
 def _nti_only(pipe, inversions: list, texts: list[TextOptimization]) -> list[Image.Image]:
@@ -177,15 +274,19 @@ def _strip(image: Image.Image, pair: Pair, gallery: dict[str, Image.Image]) -> I
 
 @torch.no_grad()
 def summarize(rows: list[dict]) -> dict[tuple[str, str, float], dict[str, float]]:
-    """Mean and standard error of each metric per (group, setting, eta)."""
-    groups: dict[tuple[str, str, float], list[dict]] = {}
+    """Mean and standard error of each metric per (group, setting, eta), over pairs: a pair's seeds are averaged
+    first, so ``n`` counts pairs and the error bars do not shrink with seeds that share a pair."""
+    metrics = ("identity_error", "background_error", "subject_error", "edit_success", "pose_correct")
+    pairs: dict[tuple[str, str, float], dict[tuple, list[dict]]] = {}
     for row in rows:
-        groups.setdefault((row["group"], row["setting"], row["eta"]), []).append(row)
+        key = (row["group"], row["setting"], row["eta"])
+        pairs.setdefault(key, {}).setdefault((row.get("world"), row["pair"]), []).append(row)
     summary = {}
-    for key, members in groups.items():
+    for key, members in pairs.items():
         stats = {"n": float(len(members))}
-        for metric in ("identity_error", "background_error", "subject_error", "edit_success", "pose_correct"):
-            values = torch.tensor([m[metric] for m in members], dtype=torch.float64)
+        for metric in metrics:
+            values = torch.tensor([sum(r[metric] for r in seeds) / len(seeds) for seeds in members.values()],
+                                  dtype=torch.float64)
             stats[metric] = float(values.mean())
             stats[metric + "_se"] = float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
         summary[key] = stats

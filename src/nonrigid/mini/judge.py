@@ -8,6 +8,8 @@ They stand in for LPIPS (identity) and CLIP-T (edit) of the paper's evaluation:
 - ``subject_error``: distance (0..1) between the subject's mean colour in the input and the edit's mean colour
   where the ideal edit has its subject;
 - ``identity_error``: the mean of the two;
+- ``sky_shift``: how far the sky's mean colour moved (0..1, the channels' mean absolute change of the mean over
+  the sky pixels that are background in both scenes): a global colour change, which pixel noise barely moves;
 - ``edit_success``: the judge's probability that the edit shows the target pose (``pose_correct``: its argmax
   is the target pose).
 
@@ -142,11 +144,14 @@ def identity_errors(source: Scene, target_pose: str, edited: Image.Image) -> dic
     departs = np.abs(edit - empty).max(axis=-1) > 0.25
     found = edit[departs].mean(axis=0) if departs.sum() >= 4 else empty[input_mask > 0.9].mean(axis=0)
     subject_error = float(np.linalg.norm(found - subject_colour) / np.sqrt(3))
+    sky = background & (np.arange(inp.shape[0])[:, None] < source.horizon * inp.shape[0] - 1)
+    sky_shift = float(np.abs(edit[sky].mean(axis=0) - inp[sky].mean(axis=0)).mean()) if sky.sum() >= 4 else 0.0
     return {
         "background_error": background_error,
         "subject_error": subject_error,
         "identity_error": 0.5 * (background_error + subject_error),
         "ideal_error": float(np.abs(edit - ideal).mean()),
+        "sky_shift": sky_shift,
     }
 
 
