@@ -271,7 +271,8 @@ def run_mini_evaluate(args: argparse.Namespace) -> int:
                               pairs_per_batch=args.pairs_per_batch, protocol=protocol))
     if args.report_only and count == 0:
         raise UsageError(f"no results in {args.out} yet: run the evaluation first (without --report-only)")
-    command = "nonrigid " + " ".join(sys.argv[1:])
+    # the page shows the command that runs (and resumes) the evaluation, which also writes the page
+    command = "nonrigid " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
     if args.docs and family_run:
         from ..mini.family_doc import write_family_section
 
