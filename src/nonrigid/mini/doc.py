@@ -191,7 +191,8 @@ about are known exactly: **identity** (the animal's kind and colour, its positio
 material and colour, the sky, the horizon and an uncaptioned ground texture) and **pose** (standing, sitting,
 jumping, lying). A non-rigid edit should change the pose and keep everything else. Code: `src/nonrigid/mini/`.
 
-Regenerate this page (after `nonrigid mini dataset --out runs/mini-data`):
+Regenerate this page (after writing each `--data` folder with `nonrigid mini dataset --out DIR --count 50 --seed S`;
+here S = {' and '.join(str(w) for w in sorted({r.get('world') for r in rows}, key=str))}):
 
     {command}
 
