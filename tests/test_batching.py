@@ -222,13 +222,14 @@ def test_bench_refuses_a_pairs_per_batch_below_one(tedbench, tmp_path, capsys):
 
 def test_mini_evaluation_in_batches_of_pairs_gives_the_rows_of_one_pair_at_a_time(tmp_path, model):
     from nonrigid.mini.dataset import read_dataset, write_dataset
-    from nonrigid.mini.evaluate import evaluate
+    from nonrigid.mini.evaluate import Protocol, evaluate
     from nonrigid.mini.judge import load_judge
 
     write_dataset(tmp_path / "data", count=3, edits_per_image=1, seed=3)
     pairs, judge = read_dataset(tmp_path / "data"), load_judge()
-    runs = {n: evaluate(model, judge, pairs, tmp_path / f"run{n}", num_steps=3, opt_steps=1, baselines=(),
-                        progress=False, pairs_per_batch=n) for n in (1, 2)}
+    protocol = Protocol(num_steps=3, opt_steps=1, ablation_etas=(0.0, 1.0))  # every group, fewer ablation samples
+    runs = {n: evaluate(model, judge, pairs, tmp_path / f"run{n}", baselines=(), progress=False,
+                        pairs_per_batch=n, protocol=protocol) for n in (1, 2)}
     assert len(runs[1]) == len(runs[2]) > 3 * 20
     for one, two in zip(runs[1], runs[2], strict=True):
         assert one.keys() == two.keys()
