@@ -26,13 +26,14 @@ Setting = tuple[str, str, float]  # (group, setting, eta): what a row measured
 PairKey = tuple[int | None, int]  # (world, pair)
 
 
-def pair_means(rows: Iterable[dict]) -> dict[PairKey, dict[Setting, dict[str, float]]]:
-    """Per pair and setting, each metric averaged over the pair's seeds."""
+def pair_means(rows: Iterable[dict], metrics: Iterable[str] = METRICS
+               ) -> dict[PairKey, dict[Setting, dict[str, float]]]:
+    """Per pair and setting, each of ``metrics`` averaged over the pair's seeds."""
     sums: dict[PairKey, dict[Setting, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(
         list)))
     for row in rows:
         values = sums[(row.get("world"), row["pair"])][(row["group"], row["setting"], float(row["eta"]))]
-        for metric in METRICS:
+        for metric in metrics:
             if metric in row:
                 values[metric].append(float(row[metric]))
     return {pair: {setting: {m: float(np.mean(v)) for m, v in metrics.items()} for setting, metrics in settings.items()}

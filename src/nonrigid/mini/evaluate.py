@@ -275,18 +275,18 @@ def _strip(image: Image.Image, pair: Pair, gallery: dict[str, Image.Image]) -> I
 @torch.no_grad()
 def summarize(rows: list[dict]) -> dict[tuple[str, str, float], dict[str, float]]:
     """Mean and standard error of each metric per (group, setting, eta), over pairs: a pair's seeds are averaged
-    first, so ``n`` counts pairs and the error bars do not shrink with seeds that share a pair."""
+    first (:func:`nonrigid.mini.claims.pair_means`), so ``n`` counts pairs and the error bars do not shrink with
+    seeds that share a pair."""
+    from .claims import pair_means
+
     metrics = ("identity_error", "background_error", "subject_error", "edit_success", "pose_correct")
-    pairs: dict[tuple[str, str, float], dict[tuple, list[dict]]] = {}
-    for row in rows:
-        key = (row["group"], row["setting"], row["eta"])
-        pairs.setdefault(key, {}).setdefault((row.get("world"), row["pair"]), []).append(row)
+    means = pair_means(rows, metrics)
     summary = {}
-    for key, members in pairs.items():
-        stats = {"n": float(len(members))}
+    for key in dict.fromkeys((r["group"], r["setting"], float(r["eta"])) for r in rows):  # first-seen order
+        stats: dict[str, float] = {}
         for metric in metrics:
-            values = torch.tensor([sum(r[metric] for r in seeds) / len(seeds) for seeds in members.values()],
-                                  dtype=torch.float64)
+            values = torch.tensor([pair[key][metric] for pair in means.values() if key in pair], dtype=torch.float64)
+            stats["n"] = float(len(values))
             stats[metric] = float(values.mean())
             stats[metric + "_se"] = float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
         summary[key] = stats
