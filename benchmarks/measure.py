@@ -180,10 +180,17 @@ class Section:
 class Recorder:
     """Runs named sections under one :class:`UNetCounter` and keeps a :class:`Section` for each."""
 
-    def __init__(self, counter: UNetCounter, device: torch.device) -> None:
+    def __init__(self, counter: UNetCounter, device: torch.device, after=None) -> None:
+        """``after(recorder)``, if given, is called once each section is recorded: a long run saves what it has
+        measured so far there, so that a run stopped at a time limit still leaves its finished sections."""
         self.counter = counter
         self.device = device
         self.sections: dict[str, Section] = {}
+        self.after = after
+
+    def _recorded(self) -> None:
+        if self.after is not None:
+            self.after(self)
 
     def measure(self, name: str, work, *args, **kwargs):
         """Call ``work(*args, **kwargs)`` as section ``name``; returns its result."""
@@ -193,6 +200,7 @@ class Recorder:
             result = work(*args, **kwargs)
             seconds = self.counter._now() - started
         self.sections[name] = Section(name, seconds, self.counter.snapshot() - before, memory.peak_bytes)
+        self._recorded()
         return result
 
     def total(self, name: str, parts: list[str]) -> Section:
@@ -203,4 +211,5 @@ class Recorder:
             tally = UNetTally(*(a + b for a, b in zip(astuple(tally), astuple(s.unet), strict=True)))
         total = Section(name, sum(s.seconds for s in sections), tally, max(s.peak_bytes for s in sections))
         self.sections[name] = total
+        self._recorded()
         return total

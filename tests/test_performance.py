@@ -311,3 +311,65 @@ def test_the_sd3_benchmark_counts_transformer_work_on_the_tiny_sd3_model(tmp_pat
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match=r"--config sd3 needs a CUDA GPU .*--config sd3-cpu"):
             bench_edit.parse_args(["--config", "sd3"])
+
+
+def test_the_vae_decodes_large_images_a_few_at_a_time_with_the_same_pixels(tiny_pipe):
+    """Six 1024 px variants through SDXL's fp32 VAE in one call took 28 GB on an H200; the decoder now takes at most
+    DECODE_PIXELS output pixels per call. The images are those of decoding each alone."""
+    from nonrigid.models.sd import DECODE_PIXELS, vae_decode
+
+    vae = tiny_pipe.vae
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    side = 1024 // factor  # latents of 1024 px images
+    latents = torch.randn(3, vae.config.latent_channels, side, side, generator=torch.Generator().manual_seed(0))
+    batches: list[int] = []
+    hook = vae.decoder.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        together = vae_decode(vae, latents)
+        small = vae_decode(vae, latents[:, :, :8, :8])  # 8 * factor px: a full batch of 3 in one call
+    finally:
+        hook.remove()
+    assert DECODE_PIXELS // (1024 * 1024) == 2
+    assert batches == [2, 1, 3]
+    alone = [vae_decode(vae, latents[i : i + 1])[0] for i in range(3)]
+    for a, b in zip(together, alone, strict=True):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    assert [im.size for im in small] == [(8 * factor, 8 * factor)] * 3
+
+
+def test_a_cuda_benchmark_stopped_at_its_time_limit_keeps_the_sections_it_finished(tmp_path):
+    """The CUDA configurations run under a time limit on a lent GPU: a run stopped mid-way must leave its finished
+    sections on disk, marked partial, and the targets those sections answer must still be judged."""
+    import bench_edit
+
+    class Stopped(Exception):
+        pass
+
+    path = tmp_path / "cuda.json"
+    saves = []
+
+    def save(run):
+        path.write_text(json.dumps(bench_edit.asdict(run)))
+        saves.append(len(run.sections))
+        if len(saves) == 6:  # keys, A, B, C, the whole edit, one more variant: then "the limit"
+            raise Stopped
+
+    args = bench_edit.argparse.Namespace(config="cuda", layout="tiny", size=64, threads=1, dtype="bf16",
+                                         compile=False, quick=True, mini=False, mini_scenes=1)
+    plan = bench_edit.EditPlan(num_steps=5, opt_steps=3, inner_steps=2, inject=0.4)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(Stopped):  # the GPU code path, run on the CPU
+            bench_edit.run_cuda(args, plan, device=torch.device("cpu"), save=save)
+    finally:
+        torch.set_num_threads(threads)
+    assert saves == [1, 2, 3, 4, 5, 6]
+    run = bench_edit.Run(**json.loads(path.read_text()))
+    assert run.environment["partial"] is True
+    assert list(run.sections) == ["ours.keys", "ours.A", "ours.B", "ours.C", "ours.edit", "ours.extra_variant"]
+    rows = {target: (measured, met) for target, measured, met in bench_edit.targets(run)}
+    assert rows["default edit at 64 px within 10 s"][1] is True  # judged from the sections that finished
+    assert rows["each additional variant within 0.3 s"][0].endswith("one extra variant alone")
+    assert rows["peak GPU memory within 8 GB (--low-memory)"] == (bench_edit.NOT_REACHED, "not measured")
+    block = bench_edit.render_block(run)
+    assert "**Partial: the run stopped (a time limit) after 6 sections" in block
