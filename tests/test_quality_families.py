@@ -1,4 +1,5 @@
-"""Quality on the further families' miniature models: `mini-v` (v prediction) and `mini-xl` (SDXL layout).
+"""Quality on the further families' miniature models: `mini-v` (v prediction), `mini-xl` (SDXL layout) and
+`mini-flow` (SD3 layout, rectified flow).
 
 As `test_quality.py` does for SD 1.x's miniature model: an inversion must reconstruct, null-text inversion must
 beat DDIM under guidance, and an edit must change the pose. These need trained models; they skip (saying so)
@@ -34,7 +35,7 @@ def expect(request, check: str) -> None:
         request.applymarker(pytest.mark.xfail(strict=True, reason=FALLS_SHORT[(check, name)]))
 
 
-@pytest.fixture(scope="module", params=["mini-v", "mini-xl"])
+@pytest.fixture(scope="module", params=["mini-v", "mini-xl", "mini-flow"])
 def family_model(request):
     try:
         return load_pipeline(request.param, device="cpu", dtype="fp32")
@@ -63,7 +64,8 @@ def test_the_model_is_the_family_it_stands_for(family_model):
     if family.name == "sd":
         assert family.prediction_type == "v_prediction"
     else:
-        assert family.name == "sdxl" and set(family.encode_prompt("a red dog").tensors) == {"tokens", "pooled"}
+        assert family.name in ("sdxl", "sd3") and set(family.encode_prompt("a red dog").tensors) == {"tokens",
+                                                                                                  "pooled"}
 
 
 def test_ddim_round_trip_at_guidance_1_is_below_5_percent(family_model, request):
@@ -80,11 +82,15 @@ def test_ddim_round_trip_at_guidance_1_is_below_5_percent(family_model, request)
 
 
 def test_nti_at_7_5_reconstructs_far_better_than_ddim_at_7_5(family_model):
-    """At 25 steps (NTI's cost grows with the steps; the doc's numbers are at 50)."""
+    """At 25 steps (NTI's cost grows with the steps; the doc's numbers are at 50). On the flow model at its
+    family's default guidance (SD3's 7), against the plain (Euler) inversion sampled back at that guidance."""
+    from nonrigid.mini.family_doc import guidance_for
+
+    guidance = guidance_for(family_model)
     image, caption = scene_and_caption(0)
     x0 = family_of(family_model).encode_image(image)[0]
-    nti = invert(family_model, image, caption, method="nti", num_steps=25, guidance_scale=7.5)
-    ddim = invert(family_model, image, caption, method="ddim", num_steps=25, guidance_scale=7.5)
+    nti = invert(family_model, image, caption, method="nti", num_steps=25, guidance_scale=guidance)
+    ddim = invert(family_model, image, caption, method="ddim", num_steps=25, guidance_scale=guidance)
     nti_error = relative_error(reconstruct(family_model, nti), x0)
     ddim_error = relative_error(reconstruct(family_model, ddim), x0)
     assert nti_error < 0.5 * ddim_error, (nti_error, ddim_error)

@@ -43,11 +43,12 @@ def add_mini_parser(commands) -> None:
     train.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (fixed, for reproducibility)")
     train.add_argument("--install", action="store_true",
                        help="copy the trained model into the package, where load_pipeline('mini') finds it")
-    train.add_argument("--variant", choices=("sd", "v", "xl"), default="sd",
+    train.add_argument("--variant", choices=("sd", "v", "xl", "flow"), default="sd",
                        help="which miniature model: sd (the SD-1.x-layout model, 'mini'), v (its v-prediction "
                        "fine-tune, a LoRA, 'mini-v'; needs 'mini'), xl (the SDXL-layout model, 'mini-xl'; needs "
-                       "'mini' for its VAE and tokenizer). v and xl take --seed, --threads, --dataset-size and "
-                       "--unet-steps (default 600 for v, 2500 for xl)")
+                       "'mini' for its VAE and tokenizer), flow (the SD3-layout rectified-flow model, 'mini-flow'; "
+                       "needs 'mini' for its VAE, tokenizer and as its teacher). v, xl and flow take --seed, "
+                       "--threads, --dataset-size and --unet-steps (default 600 for v, 2500 for xl and flow)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     train.set_defaults(func=run_mini_train)
@@ -99,12 +100,14 @@ def add_mini_parser(commands) -> None:
     ev.add_argument("--pairs-per-batch", type=int, default=8, metavar="N",
                     help="pairs whose stages run as one UNet batch (ours, its ablations, NTI-only); results equal "
                     "to one pair at a time up to float rounding, several times faster at 16 x 16 latents")
-    ev.add_argument("--baselines", default="imagic,masactrl,edit-friendly,dds,ledits",
-                    help="comma-separated baselines to run besides NTI-only editing ('none' for none)")
-    ev.add_argument("--model", choices=("mini", "mini-v", "mini-xl"), default="mini",
-                    help="which miniature model: mini (SD 1.x layout: the full evaluation), mini-v (v prediction) "
-                    "or mini-xl (SDXL layout): ours against NTI-only editing, written as that model's section of "
-                    "MINIATURE.md with --docs")
+    ev.add_argument("--baselines", default=None,
+                    help="comma-separated baselines to run besides NTI-only editing ('none' for none); default: "
+                    "imagic,masactrl,edit-friendly,dds,ledits with --model mini, flowedit with mini-flow, none with "
+                    "mini-v and mini-xl")
+    ev.add_argument("--model", choices=("mini", "mini-v", "mini-xl", "mini-flow"), default="mini",
+                    help="which miniature model: mini (SD 1.x layout: the full evaluation), mini-v (v prediction), "
+                    "mini-xl (SDXL layout) or mini-flow (SD3 layout, rectified flow; also FlowEdit): ours against "
+                    "NTI-only editing, written as that model's section of MINIATURE.md with --docs")
     ev.add_argument("--docs", type=Path, default=None, help="write MINIATURE.md and its figures into this folder")
     ev.add_argument("--report-only", action="store_true",
                     help="run nothing: write --docs from the pairs the run folders already hold (a long run's "
@@ -134,9 +137,10 @@ def variant_config(args: argparse.Namespace):
     from dataclasses import replace
 
     from ..mini.config import VariantConfig
+    from ..mini.flow import flow_config
     from ..mini.xl import xl_config
 
-    base = xl_config() if args.variant == "xl" else VariantConfig()
+    base = {"xl": xl_config, "flow": flow_config}.get(args.variant, VariantConfig)()
     steps = base.steps if args.unet_steps is None else args.unet_steps
     return replace(base, seed=args.seed, threads=args.threads, steps=steps, dataset_size=args.dataset_size)
 
@@ -166,14 +170,16 @@ def run_mini_train(args: argparse.Namespace) -> int:
 
 
 def _train_variant(args: argparse.Namespace, log) -> int:
-    """``mini-v`` or ``mini-xl``: trained into OUT/model, with --install copied to the package's weights/v or /xl."""
+    """``mini-v``, ``mini-xl`` or ``mini-flow``: trained into OUT/model, with --install copied to the package's
+    weights/v, /xl or /flow."""
     import shutil
 
+    from ..mini.flow import train_flow
     from ..mini.variants import train_v
     from ..mini.xl import train_xl
     from ..models.loading import mini_weights_dir
 
-    trainer = train_xl if args.variant == "xl" else train_v
+    trainer = {"xl": train_xl, "flow": train_flow, "v": train_v}[args.variant]
     model = trainer(args.out, variant_config(args), progress=not args.quiet, log=log)
     if args.install:
         target = mini_weights_dir() / args.variant
@@ -232,16 +238,17 @@ def evaluation_protocol(args: argparse.Namespace, world: int | None, family_run:
 
 def run_mini_evaluate(args: argparse.Namespace) -> int:
     from ..mini.dataset import read_dataset, world_seed
-    from ..mini.evaluate import BASELINES, evaluate
+    from ..mini.evaluate import BASELINES, FLOW_BASELINES, evaluate
     from ..mini.judge import load_judge
 
-    baselines = tuple(b for b in args.baselines.split(",") if b and b != "none")
-    unknown = [b for b in baselines if b not in BASELINES]
+    allowed = FLOW_BASELINES if args.model == "mini-flow" else BASELINES if args.model == "mini" else {}
+    chosen = ",".join(allowed) if args.baselines is None else args.baselines
+    baselines = tuple(b for b in chosen.split(",") if b and b != "none")
+    unknown = [b for b in baselines if b not in allowed]
     if unknown:
-        raise UsageError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+        raise UsageError(f"--baselines: {', '.join(unknown)} not for --model {args.model}; choose from "
+                         f"{', '.join(allowed) or 'none (it compares ours with NTI-only editing)'}")
     family_run = args.model != "mini"
-    if family_run and baselines:
-        raise UsageError(f"--model {args.model} compares ours with NTI-only editing; pass --baselines none")
     if family_run and len(args.data) > 1:
         raise UsageError(f"--model {args.model} takes one --data folder")
     if args.report_only and not args.docs:

@@ -23,14 +23,18 @@ from .judge import FACTORS, load_judge
 from .world import COLOURS, KINDS, POSES, caption, random_scene, render
 
 
-def reconstruction_errors(pipe, images: list[Image.Image], captions: list[str]) -> dict[str, float]:
-    """Relative latent error of: DDIM round trip at guidance 1; DDIM and NTI inversions sampled back at 7.5, all
-    with the scene's caption as source prompt (with an empty one, guidance would change nothing: cond = uncond)."""
-    errors: dict[str, list[float]] = {"ddim_g1": [], "ddim_g7.5": [], "nti_g7.5": []}
+def reconstruction_errors(pipe, images: list[Image.Image], captions: list[str], guidance_scale: float = 7.5
+                          ) -> dict[str, float]:
+    """Relative latent error of: DDIM round trip at guidance 1; DDIM and NTI inversions sampled back at
+    ``guidance_scale`` (keys ``ddim_g7.5`` and ``nti_g7.5`` at the default 7.5), all with the scene's caption as
+    source prompt (with an empty one, guidance would change nothing: cond = uncond). On a flow model "DDIM" is the
+    plain inversion (the Euler ODE walked backwards)."""
+    w = f"{guidance_scale:g}"
+    errors: dict[str, list[float]] = {"ddim_g1": [], f"ddim_g{w}": [], f"nti_g{w}": []}
     for image, source in zip(images, captions, strict=True):
         x0 = family_of(pipe).encode_image(image)[0]
-        for key, method, guidance in (("ddim_g1", "ddim", 1.0), ("ddim_g7.5", "ddim", 7.5),
-                                      ("nti_g7.5", "nti", 7.5)):
+        for key, method, guidance in (("ddim_g1", "ddim", 1.0), (f"ddim_g{w}", "ddim", guidance_scale),
+                                      (f"nti_g{w}", "nti", guidance_scale)):
             inversion = invert(pipe, image, source, method=method, guidance_scale=guidance)
             keep = TextOptimization("", inversion.source, inversion.source, [], 0, 0, 0.0)
             back = sample(pipe, inversion, keep, (0.0,), (inversion.num_steps,), output_type="latent",

@@ -49,6 +49,11 @@ BASELINES: dict[str, dict] = {
     "dds": {"iterations": (25, 50, 100, 200)},
     "ledits": {"edit_guidance": (5.0, 10.0, 15.0)},
 }
+# the flow models' baseline (``mini-flow``): FlowEdit with the authors' SD3 settings, its edit steps swept around
+# the reference's 33 of 50
+FLOW_BASELINES: dict[str, dict] = {
+    "flowedit": {"n_max": (20, 27, 33, 40)},
+}
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ def _evaluate_baseline(
     from ..methods.catalogue import method_info
     from ..methods.run import run_method
 
-    params = dict(BASELINES[method])
+    params = dict({**BASELINES, **FLOW_BASELINES}[method])
     if method == "imagic":
         params["opt_steps"] = protocol.opt_steps  # the same stage A as ours: shared through the cache
     image = Image.open(pair.image).convert("RGB")

@@ -1,5 +1,6 @@
 """The sections of ``docs/MINIATURE.md`` on the miniature models of the further model families (``mini-v``,
-``mini-xl``): what the model is, how well it reconstructs and draws, and ours against NTI-only editing on it.
+``mini-xl``, ``mini-flow``): what the model is, how well it reconstructs and draws, and ours against NTI-only
+editing on it (and, on the flow model, against FlowEdit).
 
 Each section sits between ``<!-- family:NAME:start -->`` and ``<!-- family:NAME:end -->`` markers and is replaced
 in place when regenerated (appended the first time), so the SD-1.x page and each family's section are written by
@@ -25,8 +26,10 @@ from .fidelity import sample_fidelity
 TITLES = {
     "mini-v": "v prediction: `mini-v` (SD 2.x's 768 px models)",
     "mini-xl": "SDXL layout: `mini-xl`",
+    "mini-flow": "Rectified flow, SD3 layout: `mini-flow`",
 }
-FOLDERS = {"mini-v": "v", "mini-xl": "xl"}
+FOLDERS = {"mini-v": "v", "mini-xl": "xl", "mini-flow": "flow"}
+FLOWEDIT_REFERENCE = 33.0  # the authors' n_max for SD3 at 50 steps: the gallery's FlowEdit column
 WHAT = {
     "mini-v": "The miniature model fine-tuned to predict `v = sqrt(abar) eps - sqrt(1 - abar) x0`, as a rank-32 "
     "LoRA over every linear and convolution of its UNet (text encoder, VAE and tokenizer are the miniature model's, "
@@ -42,6 +45,17 @@ WHAT = {
     "scheduler config (DDIM at load), and the miniature model's VAE and tokenizer, shared. Captions dropped 10% "
     "of the time to zero embeddings (SDXL's unconditional). Every training scene is 64 x 64 and uncropped, so the "
     "size conditioning is constant: the model has the input, not a learned use of it.",
+    "mini-flow": "SD3's component classes at the miniature world's size (`nonrigid.mini.flow`): an "
+    "`SD3Transformer2DModel` (4 joint-attention layers, 3 heads of 32, over 2 x 2 patches of the 16 x 16 latents), "
+    "two 3-layer CLIP text encoders with projections (tokens: both penultimate states side by side, 64 wide, then "
+    "the 256 zero rows diffusers puts where T5 would be; pooled: both projected end-of-text states, 64 wide), a "
+    "`FlowMatchEulerDiscreteScheduler` with shift 1 (SD3 uses 3 at 1024 px; the shift grows with resolution), and "
+    "the miniature model's VAE and tokenizer, shared. Trained from scratch on the flow-matching objective (velocity "
+    "`noise - x0` at `x_s = (1 - s) x0 + s noise`), its target the SD 1.x miniature model's conditional expectation "
+    "converted to a velocity where that model's noise levels reach (s up to about 0.94), the example's own velocity "
+    "beyond; timesteps half logit-normal (SD3's), half uniform; captions dropped 10% of the time to the empty "
+    "prompt (SD3's unconditional). Inversion is the Euler ODE walked backwards, NTI optimises the empty prompt's "
+    "token and pooled embeddings per step (docs/FAMILIES.md).",
 }
 
 
@@ -52,14 +66,23 @@ def write_family_section(pipe, name: str, run: Path, doc: Path, command: str, ju
     pairs = sorted({r["pair"] for r in rows})
     data = Path(json.loads((run / "meta.json").read_text())["data"])
     first = read_dataset(data)[:3]
+    guidance = guidance_for(pipe)
     recon = reconstruction_errors(pipe, [Image.open(p.image).convert("RGB") for p in first],
-                                  [p.source_text for p in first])
+                                  [p.source_text for p in first], guidance)
     fidelity = sample_fidelity(pipe, judge, per_pose=8, steps=20, guidance=4.0, seed=3, progress=False)
     gallery = doc.parent / f"mini-{FOLDERS[name]}-gallery.png"
-    _gallery(run, pairs[:6], gallery)
+    flowedit = any(r["setting"] == "flowedit" for r in rows)
+    _gallery(run, pairs[:6], gallery, flowedit)
     section = _section(pipe, name, summary, len(pairs), recon, fidelity.line(), gallery.name, command)
     _replace_section(doc, name, section)
     return doc
+
+
+def guidance_for(pipe) -> float:
+    """The guidance the reconstruction is measured at: 7.5 for the UNet families (the paper's), the family's
+    default for a flow model (SD3's 7), as its issue asks."""
+    family = family_of(pipe)
+    return family.defaults.guidance_scale if family.name == "sd3" else 7.5
 
 
 def _training_time(log: list[str]) -> str:
@@ -77,6 +100,8 @@ def _training_time(log: list[str]) -> str:
 def _section(pipe, name: str, summary, count: int, recon: dict[str, float], fidelity: str, gallery: str,
              command: str) -> str:
     family = family_of(pipe)
+    w = f"{guidance_for(pipe):g}"
+    plain = "Plain (Euler) inversion" if family.name == "sd3" else "DDIM"
     folder = mini_weights_dir() / FOLDERS[name]
     megabytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
     log = (folder / "train_log.txt").read_text().splitlines() if (folder / "train_log.txt").exists() else []
@@ -93,8 +118,8 @@ def _section(pipe, name: str, summary, count: int, recon: dict[str, float], fide
         "installed into the package).",
         "",
         "Reconstruction (relative latent error, 50 steps, the scene's caption as source prompt, first 3 pairs): "
-        f"DDIM round trip at guidance 1: {recon['ddim_g1']:.3f}; DDIM sampled back at 7.5: {recon['ddim_g7.5']:.3f}; "
-        f"NTI at 7.5: {recon['nti_g7.5']:.3f}.",
+        f"{plain} round trip at guidance 1: {recon['ddim_g1']:.3f}; {plain} sampled back at {w}: "
+        f"{recon[f'ddim_g{w}']:.3f}; NTI at {w}: {recon[f'nti_g{w}']:.3f}.",
         "",
         f"Samples (judge on 32 samples, 20 steps, guidance 4): {fidelity}.",
         "",
@@ -113,21 +138,42 @@ def _section(pipe, name: str, summary, count: int, recon: dict[str, float], fide
     if nti:
         lines.append(f"| NTI-only | – | {nti['identity_error']:.3f} ± {nti['identity_error_se']:.3f} | "
                      f"{nti['edit_success']:.3f} ± {nti['edit_success_se']:.3f} |")
-        best = _best_at(summary, "methods", "ours", round(nti["identity_error"], 2))
-        lines += ["", "At NTI-only's identity error (rounded to 0.01) or lower, ours reaches "
+    flowedit = sorted((eta, stats) for (group, setting, eta), stats in summary.items()
+                      if group == "methods" and setting == "flowedit")
+    for n_max, stats in flowedit:
+        lines.append(f"| FlowEdit, n_max {n_max:g} | – | {stats['identity_error']:.3f} ± "
+                     f"{stats['identity_error_se']:.3f} | {stats['edit_success']:.3f} ± "
+                     f"{stats['edit_success_se']:.3f} |")
+    for label, stats in ([("NTI-only", nti)] if nti else []) + [
+            (f"FlowEdit at n_max {n_max:g} (the reference's)", stats) for n_max, stats in flowedit
+            if n_max == FLOWEDIT_REFERENCE]:
+        best = _best_at(summary, "methods", "ours", round(stats["identity_error"], 2))
+        lines += ["", f"At the identity error of {label} (rounded to 0.01) or lower, ours reaches "
                   + (f"P(target pose) {best[0]:.3f} (eta {best[1]:g})" if best else "no eta")
-                  + f", against NTI-only's {nti['edit_success']:.3f}. With {count} pairs the standard errors above "
-                  "say how much of a difference is noise."]
-    lines += ["", f"![{name} gallery]({gallery})", "",
-              "Rows: pairs; columns: input, ideal edit, ours at eta 0, 0.2, ..., 1, NTI-only.", "",
+                  + f", against {label}'s {stats['edit_success']:.3f}."]
+    if nti:
+        lines += ["", f"With {count} pairs the standard errors above say how much of a difference is noise."]
+    columns = "input, ideal edit, ours at eta 0, 0.2, ..., 1, NTI-only" + (
+        f", FlowEdit at n_max {FLOWEDIT_REFERENCE:g}" if flowedit else "")
+    lines += ["", f"![{name} gallery]({gallery})", "", f"Rows: pairs; columns: {columns}.", "",
               f"Made with `{command}`."]
     return "\n".join(lines)
 
 
-def _gallery(run: Path, pairs: list[int], path: Path) -> None:
+def _gallery(run: Path, pairs: list[int], path: Path, flowedit: bool = False) -> None:
     strips = [Image.open(run / "results" / f"{p:03d}.png") for p in pairs]
     if not strips:
         return
+    if flowedit:  # FlowEdit's image at the reference n_max appended to each pair's strip
+        extended = []
+        for p, strip in zip(pairs, strips, strict=True):
+            wide = Image.new("RGB", (strip.width + 64, strip.height), "white")
+            wide.paste(strip, (0, 0))
+            edit = run / "baselines" / f"{p:03d}-flowedit-nmax{FLOWEDIT_REFERENCE:g}.png"
+            if edit.exists():
+                wide.paste(Image.open(edit).convert("RGB"), (strip.width, 0))
+            extended.append(wide)
+        strips = extended
     gallery = Image.new("RGB", (strips[0].width, 64 * len(strips)), "white")
     for i, strip in enumerate(strips):
         gallery.paste(strip, (0, 64 * i))

@@ -75,18 +75,18 @@ def load_pipeline(
     config: str | None = None,
     t5: bool = True,
 ):
-    """Load an SD 1.x / 2.x, SDXL or SD3 pipeline (SD: with the reference's DDIM scheduler) on ``device`` in
+    """Load an SD 1.x / 2.x, SDXL, SD3 or FLUX pipeline (SD: with the reference's DDIM scheduler) on ``device`` in
     ``dtype``.
 
     ``model`` is a built-in name (``"tiny"``, ``"tiny-sd2"``, ``"tiny-sd2-v"``, ``"tiny-sdxl"``: random weights
-    built in code, for smoke runs, their output is noise; ``"mini"``, ``"mini-v"``, ``"mini-xl"``: the miniature
-    world's trained models), a local diffusers folder, a single-file checkpoint (``.safetensors``; ``.ckpt`` only
-    with ``allow_pickle``), or a Hugging Face hub id (downloaded once into the hub cache). ``config`` names the
-    diffusers folder or hub id whose pipeline class, component configs and tokenizers a single-file checkpoint is
-    read with (default: inferred from its keys, and diffusers fetches the matching configs, which needs the
-    network once). ``t5=False`` loads an SD3 model without its T5 text encoder (about 4.7 B parameters, over 9 GB
-    in half precision, saved; its part of the token embeddings is zeros, as diffusers does), and a folder saved
-    without T5 loads without it anyway.
+    built in code, for smoke runs, their output is noise; ``"mini"``, ``"mini-v"``, ``"mini-xl"``, ``"mini-flow"``:
+    the miniature world's trained models), a local diffusers folder, a single-file checkpoint (``.safetensors``;
+    ``.ckpt`` only with ``allow_pickle``), or a Hugging Face hub id (downloaded once into the hub cache).
+    ``config`` names the diffusers folder or hub id whose pipeline class, component configs and tokenizers a
+    single-file checkpoint is read with (default: inferred from its keys, and diffusers fetches the matching
+    configs, which needs the network once). ``t5=False`` loads an SD3 model without its T5 text encoder (about
+    4.7 B parameters, over 9 GB in half precision, saved; its part of the token embeddings is zeros, as diffusers
+    does), and a folder saved without T5 loads without it anyway.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -344,7 +344,26 @@ def _load_mini_xl(allow_pickle: bool) -> StableDiffusionXLPipeline:
         raise UsageError(f"could not load {folder}: {first_line(err)}") from err
 
 
-MINI_MODELS = {"mini": _load_mini, "mini-v": _load_mini_v, "mini-xl": _load_mini_xl}
+def _load_mini_flow(allow_pickle: bool):
+    """``mini-flow``: the SD3-layout rectified-flow miniature model, on the miniature model's VAE and tokenizer."""
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = mini_weights_dir() / "flow"
+    if not (folder / "model_index.json").is_file():
+        raise UsageError(f"the SD3-layout miniature model is not in {folder}; train it with "
+                         "`nonrigid mini train --variant flow --install`")
+    base = _load_mini(allow_pickle)
+    base.vae.register_to_config(shift_factor=0.0)  # unshifted latents; SD3's pipeline adds the config's shift
+    try:
+        return StableDiffusion3Pipeline.from_pretrained(
+            str(folder), vae=base.vae, tokenizer=base.tokenizer, tokenizer_2=base.tokenizer, text_encoder_3=None,
+            tokenizer_3=None, use_safetensors=True,
+        )
+    except Exception as err:
+        raise UsageError(f"could not load {folder}: {first_line(err)}") from err
+
+
+MINI_MODELS = {"mini": _load_mini, "mini-v": _load_mini_v, "mini-xl": _load_mini_xl, "mini-flow": _load_mini_flow}
 
 
 def mini_weights_dir() -> Path:

@@ -25,7 +25,7 @@ from ..models import DEFAULT_MODEL
 from .knobs import Knob, all_knobs, params_from
 from .session import MAX_UPLOAD_BYTES, Editor, check_upload, examples
 
-BUILT_IN_MODELS = ("mini", "mini-v", "mini-xl", DEFAULT_MODEL, "stabilityai/stable-diffusion-2-1",
+BUILT_IN_MODELS = ("mini", "mini-v", "mini-xl", "mini-flow", DEFAULT_MODEL, "stabilityai/stable-diffusion-2-1",
                    "stabilityai/stable-diffusion-xl-base-1.0")
 QUEUE = {"concurrency_limit": 1, "concurrency_id": "model"}
 # small pictures (the miniature models work at 64 px) fill their box, with visible pixels rather than blur
