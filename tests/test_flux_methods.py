@@ -67,7 +67,10 @@ def test_flowedit_on_flux_moves_by_the_difference_of_distilled_guidance_velociti
 
 
 
-def test_the_cli_edits_with_tiny_flux_and_refuses_nti_in_one_line(tedbench, tmp_path, capsys, nonrigid_logger):
+def test_the_cli_edits_with_tiny_flux_by_default_with_the_plain_inversion_and_refuses_nti_in_one_line(
+        tedbench, tmp_path, capsys, nonrigid_logger):
+    """FLUX has no null text: with no --inversion, ours takes the stand-in (the plain inversion at the distilled
+    guidance, 3.5), the same edit as asking for it; asking for NTI is refused in one line."""
     from nonrigid.cli import main
 
     image = tedbench / "originals" / "dog_01.jpeg"
@@ -76,7 +79,15 @@ def test_the_cli_edits_with_tiny_flux_and_refuses_nti_in_one_line(tedbench, tmp_
     code = main([*base, "--inversion", "ddim", "--out", str(tmp_path / "ok")])
     assert code == 0, capsys.readouterr().err
     assert "FLUX layout" in json.loads((tmp_path / "ok" / "edit.json").read_text())["model_family"]
-    code = main([*base, "--out", str(tmp_path / "nti")])  # ours' default inversion is NTI
+    code = main([*base, "--out", str(tmp_path / "default")])
+    assert code == 0, capsys.readouterr().err
+    chosen = json.loads((tmp_path / "default" / "edit.json").read_text())
+    asked = json.loads((tmp_path / "ok" / "edit.json").read_text())
+    for record in (chosen, asked):  # --inversion ddim alone also takes the distilled guidance
+        assert record["inversion"] == "ddim" and record["guidance_scale_used"] == 3.5
+    for name in sorted(p.name for p in (tmp_path / "ok").glob("*.png")):
+        assert (tmp_path / "default" / name).read_bytes() == (tmp_path / "ok" / name).read_bytes(), name
+    code = main([*base, "--inversion", "nti", "--out", str(tmp_path / "nti")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and err.startswith("nonrigid: error: nti inversion works on the "
                                                             "unconditional branch")

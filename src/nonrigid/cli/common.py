@@ -70,7 +70,8 @@ def add_knob_flags(p: argparse.ArgumentParser) -> None:
     """The flags of :data:`PARAM_FLAGS`: the knobs of the paper's method and of the baselines that share them."""
     p.add_argument("--inversion", choices=INVERSION_METHODS, default=None,
                    help="ours: nti (null-text inversion at guidance 7.5, default), ddim (guidance 1) or npi "
-                   "(negative-prompt inversion: fast, no optimization)")
+                   "(negative-prompt inversion: fast, no optimization); on FLUX (no unconditional branch) the "
+                   "default is ddim at the distilled guidance, the stand-in for nti")
     p.add_argument("--eta", type=float, nargs="+", default=None, metavar="ETA",
                    help="ours: interpolation weights in [0, 1]: e = eta*target + (1-eta)*optimized; higher edits "
                    f"more (default: {' '.join(f'{e:g}' for e in DEFAULT_ETAS)})")

@@ -130,18 +130,25 @@ def run_method_many(
 
 def with_family_defaults(info: MethodInfo, pipe, params: Mapping[str, Any]) -> dict[str, Any]:
     """``params`` with the model family's guidance scale where the method has a plain classifier-free guidance
-    scale the caller left unset (not for ours with DDIM inversion, which samples at guidance 1)."""
+    scale the caller left unset (not for ours with DDIM inversion, which samples at guidance 1).
+
+    On a family without an unconditional branch (FLUX), ours' inversion, when unset, is the plain inversion (the
+    stand-in for NTI there: inverting and sampling at the same distilled guidance walk one vector field both
+    ways, docs/FAMILIES.md), and its guidance the family's distilled value."""
     params = dict(params)
     names = {p.name for p in info.params}
+    family = family_of(pipe)
+    if "inversion" in names and params.get("inversion") is None and not family.classifier_free:
+        params["inversion"] = "ddim"
     if "guidance_scale" not in names or params.get("guidance_scale") is not None:
         return params
     inversion = params.get("inversion", info.param("inversion").default) if "inversion" in names else None
-    if inversion == "ddim":
+    if inversion == "ddim" and family.classifier_free:
         return params
     own = DEFAULT_GUIDANCE[inversion] if inversion else info.param("guidance_scale").default
-    family = family_of(pipe).defaults.guidance_scale
-    if family != own:  # the method's own default stays (and stays unset in the record) where the family agrees
-        params["guidance_scale"] = family
+    guidance = family.defaults.guidance_scale
+    if guidance != own:  # the method's own default stays (and stays unset in the record) where the family agrees
+        params["guidance_scale"] = guidance
     return params
 
 

@@ -143,6 +143,9 @@ class ModelFamily(ABC):
     networks: tuple[str, ...] = ()  # the pipeline's networks (attribute names): frozen, moved and cast on loading
     network_name: str = "unet"  # the denoiser's attribute name (a UNet, or a transformer for flow models)
     default_guidance: float = 7.5
+    # whether guidance combines a conditional and an unconditional branch (False: FLUX's distilled guidance, where
+    # there is no null text for NTI or NPI and the plain inversion at the sampling guidance stands in for them)
+    classifier_free: bool = True
 
     def __init__(self, pipe: Any, denoiser: Any = None):
         self.pipe = pipe

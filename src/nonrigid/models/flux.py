@@ -44,6 +44,7 @@ class Flux(StableDiffusion3):
     networks = ("transformer", "vae", "text_encoder", "text_encoder_2")
     network_name = "transformer"
     default_guidance = 3.5  # FluxPipeline's default guidance_scale (the distilled value for dev)
+    classifier_free = False  # distilled guidance: no unconditional branch
     max_sequence_length = 512  # FluxPipeline's default T5 length
 
     @classmethod
