@@ -150,7 +150,7 @@ def _section(pipe, name: str, summary, count: int, recon: dict[str, float], fide
         best = _best_at(summary, "methods", "ours", round(stats["identity_error"], 2))
         lines += ["", f"At the identity error of {label} (rounded to 0.01) or lower, ours reaches "
                   + (f"P(target pose) {best[0]:.3f} (eta {best[1]:g})" if best else "no eta")
-                  + f", against {label}'s {stats['edit_success']:.3f}."]
+                  + f", against its {stats['edit_success']:.3f}."]
     if nti:
         lines += ["", f"With {count} pairs the standard errors above say how much of a difference is noise."]
     columns = "input, ideal edit, ours at eta 0, 0.2, ..., 1, NTI-only" + (
