@@ -7,6 +7,8 @@
     python benchmarks/bench_edit.py --config sdxl       # SDXL base 1.0 architecture, random weights, 1024 px
     python benchmarks/bench_edit.py --config sd3        # SD3 medium architecture (no T5), random weights, 1024 px
     python benchmarks/bench_edit.py --config sd3-cpu --quick   # the SD3 path on the tiny SD3 model (a smoke run)
+    python benchmarks/bench_edit.py --config flux       # FLUX.1-dev architecture, random weights, 1024 px
+    python benchmarks/bench_edit.py --config flux-cpu --quick  # the FLUX path on the tiny FLUX model (a smoke run)
 
 For every stage (A text optimization, B inversion, C sampling) and the whole edit it measures wall time, UNet work
 (sample evaluations: a forward of one row counts 1, a forward + backward 2), the share of wall time spent inside
@@ -79,7 +81,7 @@ class Config:
 
     name: str
     device: str  # "cpu" or "cuda"
-    family: str  # "sd" (SD 1.x layouts), "sdxl" or "sd3"
+    family: str  # "sd" (SD 1.x layouts), "sdxl", "sd3" or "flux"
     layout: str  # default model layout (``random_models``; "tiny"/"tiny-sdxl" for smoke runs)
     size: int  # default image side in pixels
     layouts: tuple[str, ...]  # layouts --layout may choose
@@ -91,10 +93,12 @@ class Config:
         return self.family == "sd"
 
 
-CPU_CONFIG = {"sd": "cpu", "sdxl": "sdxl-cpu", "sd3": "sd3-cpu"}  # where a CUDA configuration's family runs on a CPU
+# where a CUDA configuration's family runs on a CPU
+CPU_CONFIG = {"sd": "cpu", "sdxl": "sdxl-cpu", "sd3": "sd3-cpu", "flux": "flux-cpu"}
 SD_LAYOUTS = ("mid", "sd14", "tiny")
 SDXL_LAYOUTS = ("sdxl-mid", "sdxl", "tiny-sdxl")
 SD3_LAYOUTS = ("sd3", "tiny-sd3")
+FLUX_LAYOUTS = ("flux", "tiny-flux")
 CONFIGS = {
     "cpu": Config("cpu", "cpu", "sd", "mid", 256, SD_LAYOUTS, "mid-size SD-layout model at 256 px"),
     "cuda": Config("cuda", "cuda", "sd", "sd14", 512, SD_LAYOUTS, "SD v1.4 architecture at 512 px"),
@@ -104,6 +108,9 @@ CONFIGS = {
     "sd3-cpu": Config("sd3-cpu", "cpu", "sd3", "tiny-sd3", 64, SD3_LAYOUTS,
                       "tiny SD3-layout model at 64 px (a smoke run of the SD3 path, not a measurement)"),
     "sd3": Config("sd3", "cuda", "sd3", "sd3", 1024, SD3_LAYOUTS, "SD3 medium architecture (no T5) at 1024 px"),
+    "flux-cpu": Config("flux-cpu", "cpu", "flux", "tiny-flux", 64, FLUX_LAYOUTS,
+                       "tiny FLUX-layout model at 64 px (a smoke run of the FLUX path, not a measurement)"),
+    "flux": Config("flux", "cuda", "flux", "flux", 1024, FLUX_LAYOUTS, "FLUX.1-dev architecture at 1024 px"),
 }
 
 
@@ -137,11 +144,18 @@ def ours_text(pipe, picture, plan: EditPlan, cache, common: dict):
 
 def inversion_guidance(pipe, method: str) -> float:
     """The guidance scale ``nonrigid.edit`` inverts for: the family's default with NTI and NPI (7.5 for SD, 5 for
-    SDXL), 1 with DDIM."""
-    return DEFAULT_GUIDANCE[method] if method == "ddim" else family_of(pipe).defaults.guidance_scale
+    SDXL), 1 with DDIM; on FLUX (no unconditional branch) the distilled default, 3.5, with its plain inversion."""
+    family = family_of(pipe)
+    return DEFAULT_GUIDANCE[method] if method == "ddim" and family.classifier_free else family.defaults.guidance_scale
 
 
-def ours_inversion(pipe, picture, plan: EditPlan, cache, common: dict, method: str = "nti"):
+def default_inversion(pipe) -> str:
+    """``nonrigid edit``'s default inversion: NTI, or on FLUX the plain inversion that stands in for it."""
+    return "nti" if family_of(pipe).classifier_free else "ddim"
+
+
+def ours_inversion(pipe, picture, plan: EditPlan, cache, common: dict, method: str | None = None):
+    method = method or default_inversion(pipe)
     return inversion_stage(pipe, picture, plan.source_prompt, method, plan.num_steps,
                            inversion_guidance(pipe, method), plan.inner_steps, plan.early_stop, cache, common)[0]
 
@@ -168,7 +182,7 @@ def warm_up(pipe, size: int) -> None:
     The UNet is called through the family, with the empty prompt's conditioning (whatever tensors it has)."""
     family = family_of(pipe)
     h = w = size // pipe.vae_scale_factor
-    channels = family.network.config.in_channels
+    channels = pipe.vae.config.latent_channels  # the seam's latents (FLUX packs them inside predict)
     empty = family.encode_prompt("")
     for rows, grad in ((1, False), (2, False), (1, True)):
         x = torch.randn(rows, channels, h, w, device=family.device)
@@ -213,7 +227,7 @@ def build_pipeline(layout: str, device: torch.device, dtype: torch.dtype = torch
     """The benchmark's model: a random-weight pipeline of ``layout`` (``random_models``) or a built-in tiny one."""
     if layout == "tiny":
         return build_tiny_pipeline().to(device)
-    if layout in ("tiny-sdxl", "tiny-sd3"):  # through the loader (it turns SDXL's Euler config into DDIM)
+    if layout in ("tiny-sdxl", "tiny-sd3", "tiny-flux"):  # through the loader (SDXL's Euler config becomes DDIM)
         return load_pipeline(layout, device=device, dtype=dtype)
     return build_random_pipeline(layout, device=device, dtype=dtype)
 
@@ -275,7 +289,7 @@ def run_cpu(args, plan: EditPlan) -> Run:
                                           base_texts, plan.etas, (k,))
         _, cached_latents = rec.measure("ours.sweep_cached", ours_from_cache, pipe, picture, plan, cache, plan.etas)
         rec.measure("ours.extra_variant", ours_from_cache, pipe, picture, plan, cache, (plan.extra_eta,))
-        npi = rec.measure("ours.B_npi", ours_inversion, pipe, picture, plan, None, common, "npi")
+        npi = npi_inversion(rec, pipe, picture, plan, common)
         rec.total("ours.edit", ["ours.keys", "ours.A", "ours.B", "ours.C"])
         if baseline:
             rec.total("straightforward.edit", ["straightforward.A", "straightforward.B", "straightforward.C"])
@@ -286,11 +300,7 @@ def run_cpu(args, plan: EditPlan) -> Run:
         run.checks = agreement(texts, base_texts, inversion, base_inv, latents, base_latents)
     else:
         run.checks = cache_agreement(latents, cached_latents)
-    x0 = family_of(pipe).encode_image(picture)
-    run.inversions["random_model"] = {
-        "nti_latent_error": relative_error(inversion.reconstruction[-1:], x0),
-        "npi_latent_error": relative_error(npi.reconstruction[-1:], x0),
-    }
+    run.inversions.update(inversion_errors(pipe, picture, inversion, npi))
     if args.mini and config.name == "cpu":  # the miniature model compared there has SD 1.x's layout
         run.inversions["mini"] = inversion_errors_on_mini(args.mini_scenes, plan.num_steps, plan.inner_steps)
     return run
@@ -343,13 +353,9 @@ def run_cuda(args, plan: EditPlan, device: torch.device | None = None, save=None
         free(device)
 
         _, cached_latents = rec.measure("ours.sweep_cached", ours_from_cache, pipe, picture, plan, cache, plan.etas)
-        npi = rec.measure("ours.B_npi", ours_inversion, pipe, picture, plan, None, common, "npi")
+        npi = npi_inversion(rec, pipe, picture, plan, common)
         sections.update(rec.sections)
-    x0 = family_of(pipe).encode_image(picture)
-    run.inversions["random_model"] = {
-        "nti_latent_error": relative_error(inversion.reconstruction[-1:], x0),
-        "npi_latent_error": relative_error(npi.reconstruction[-1:], x0),
-    }
+    run.inversions.update(inversion_errors(pipe, picture, inversion, npi))
     run.checks = cache_agreement(latents, cached_latents)
     if args.compile:
         configure_pipeline(pipe, compile=True)
@@ -396,6 +402,22 @@ def partial_saver(run: Run, done: dict, save):
         save(run)
 
     return after
+
+
+def npi_inversion(rec: Recorder, pipe, picture, plan: EditPlan, common: dict):
+    """NPI measured as a section where the family has an unconditional branch (not FLUX: None)."""
+    if not family_of(pipe).classifier_free:
+        return None
+    return rec.measure("ours.B_npi", ours_inversion, pipe, picture, plan, None, common, "npi")
+
+
+def inversion_errors(pipe, picture, inversion, npi) -> dict:
+    """NTI's and NPI's reconstruction errors on the random model (their cost is the point), where both ran."""
+    if npi is None or inversion.reconstruction is None:  # FLUX: the plain inversion keeps no reconstruction
+        return {}
+    x0 = family_of(pipe).encode_image(picture)
+    return {"random_model": {"nti_latent_error": relative_error(inversion.reconstruction[-1:], x0),
+                             "npi_latent_error": relative_error(npi.reconstruction[-1:], x0)}}
 
 
 def cache_agreement(latents: torch.Tensor, cached_latents: torch.Tensor) -> dict:
@@ -521,7 +543,7 @@ def targets(run: Run) -> list[tuple[str, str, bool | str]]:
     bound = (n - k) / n * full_run_units
     rows.append((f"another eta from cached stages: UNet work <= (N-K)/N of a full {n}-step run ({bound:g})",
                  f"{extra} ({extra / full_run_units:.2f} of {full_run_units})", extra <= bound))
-    if run.config in ("sdxl-cpu", "sd3-cpu"):  # no straightforward run to compare with (SD 1.x only)
+    if run.config in ("sdxl-cpu", "sd3-cpu", "flux-cpu"):  # no straightforward run to compare with (SD 1.x only)
         o = s["ours.edit"]
         return [*rows, ("whole default edit: >= 90% of wall time inside UNet calls", f"{o['unet_share']:.1%}",
                         o["unet_share"] >= 0.9)]
@@ -557,6 +579,7 @@ GPU_TARGETS = {  # config: (family name, edit seconds, variant seconds, peak GB,
     "cuda": ("default", 10, 0.3, 16, 8),
     "sdxl": ("SDXL default", 25, None, 24, 12),
     "sd3": ("SD3 default", 20, None, None, None),  # the flow-model issue's SD3-medium target
+    "flux": ("FLUX.1-dev default", None, None, None, 24),  # the flow-model issue's FLUX target: 24 GB, low memory
 }
 
 
@@ -622,8 +645,11 @@ def render_block(run: Run) -> str:
         f"- Model: `{env['layout']}` layout with random weights, UNet {env['unet_parameters'] / 1e6:.1f} M, VAE "
         f"{env['vae_parameters'] / 1e6:.1f} M, {encoders} "
         f"parameters; attention: {', '.join(env['attention_processors'])}; {env['size']} px.",
-        f"- Edit: {plan['opt_steps']} text-optimization steps, seeds {list(plan['seeds'])}, NTI "
-        f"({plan['inner_steps']} inner steps, source prompt {plan['source_prompt']!r}{guidance}), "
+        f"- Edit: {plan['opt_steps']} text-optimization steps, seeds {list(plan['seeds'])}, "
+        + (f"plain inversion (FLUX's stand-in for NTI; source prompt {plan['source_prompt']!r}{guidance}), "
+           if env.get("family", "").startswith("FLUX") else
+           f"NTI ({plan['inner_steps']} inner steps, source prompt {plan['source_prompt']!r}{guidance}), ")
+        +
         f"{plan['num_steps']} steps, "
         f"etas {list(plan['etas'])}, inject {plan['inject']} (K = {round(plan['inject'] * plan['num_steps'])}).",
         f"- Command: `{env['command']}`",
@@ -641,9 +667,12 @@ def render_block(run: Run) -> str:
                      f"after: {after[0]:.1f}/{after[1]:.1f}/{after[2]:.1f} (other processes shared the cores).")
     lines += ["", "| procedure | stage | wall s | UNet evaluations | UNet calls | inside UNet | peak memory |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    labels = SECTION_LABELS
+    if env.get("family", "").startswith("FLUX"):  # no null text: the plain inversion stands in for NTI
+        labels = {**SECTION_LABELS, "B": "B inversion (plain, FLUX's stand-in for NTI)"}
     for name, s in run.sections.items():
         who, stage = name.split(".", 1)
-        lines.append(f"| {who.replace('_', ' ')} | {SECTION_LABELS.get(stage, stage)} | {s['seconds']:.1f} | "
+        lines.append(f"| {who.replace('_', ' ')} | {labels.get(stage, stage)} | {s['seconds']:.1f} | "
                      f"{s['unet_units']} | {s['unet_calls']} | {s['unet_share']:.1%} | "
                      f"{s['peak_bytes'] / mb:,.0f} MB |")
     memory = ("process RSS, weights included" if env["device"] == "cpu"
@@ -717,8 +746,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", choices=("auto", *CONFIGS), default="auto",
                    help="\n".join(f"{c.name}: {c.summary} ({c.device})" for c in CONFIGS.values())
                    + "\nauto: cuda if a GPU is present, else cpu")
-    p.add_argument("--layout", choices=SD_LAYOUTS + SDXL_LAYOUTS + SD3_LAYOUTS, default=None,
-                   help="model layout (default: the config's; tiny / tiny-sdxl / tiny-sd3 for a smoke run)")
+    p.add_argument("--layout", choices=SD_LAYOUTS + SDXL_LAYOUTS + SD3_LAYOUTS + FLUX_LAYOUTS, default=None,
+                   help="model layout (default: the config's; tiny / tiny-sdxl / tiny-sd3 / tiny-flux for a smoke "
+                   "run)")
     p.add_argument("--size", type=int, default=None, help="image size (default: the config's)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1: on shared cores several threads per process wait on each other)")

@@ -41,17 +41,19 @@ from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from nonrigid.models.registry import family_of
 from nonrigid.models.sd import DDIM_OVERRIDES, ddim_scheduler_for
-from nonrigid.models.tiny import build_clip_tokenizer
+from nonrigid.models.tiny import build_clip_tokenizer, build_t5_tokenizer
 
 LAYOUTS = {
     "sd14": {
@@ -94,6 +96,8 @@ def build_random_pipeline(
         return build_random_sdxl_pipeline(layout, seed=seed, device=device, dtype=dtype)
     if layout == "sd3":
         return build_random_sd3_pipeline(seed=seed, device=device, dtype=dtype)
+    if layout == "flux":
+        return build_random_flux_pipeline(seed=seed, device=device, dtype=dtype)
     spec = LAYOUTS[layout]
     device = torch.device(device)
     tokenizer = build_clip_tokenizer()
@@ -245,6 +249,54 @@ def build_random_sd3_pipeline(
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
         tokenizer_2=build_clip_tokenizer(), text_encoder_3=None, tokenizer_3=None,
     )
+    family = family_of(pipe)
+    for module in family.modules().values():
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device=device, dtype=family.vae_dtype(dtype) if module is pipe.vae else dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_random_flux_pipeline(
+    *, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> FluxPipeline:
+    """FLUX.1-dev's architecture with random weights, as :func:`build_random_pipeline` builds SD's: the FLUX
+    transformer (19 double- and 38 single-stream blocks, 24 heads of 128, guidance embedding; 11.9 B parameters),
+    CLIP ViT-L (its pooled output), T5-XXL's encoder (24 layers, 4096 wide; 4.7 B parameters, its token table cut
+    to the built tokenizer's ~100 entries: a lookup costs the same), the 16-channel VAE with FLUX's shift and scale,
+    and FLUX.1-dev's scheduler config (dynamic shifting)."""
+    device = torch.device(device)
+    tokenizer, t5_tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(  # black-forest-labs/FLUX.1-dev's config
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+            latent_channels=16, norm_num_groups=32, sample_size=1024, shift_factor=0.1159, scaling_factor=0.3611,
+            use_quant_conv=False, use_post_quant_conv=False,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, hidden_act="quick_gelu",
+            num_hidden_layers=12, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), max_position_embeddings=77,
+        ))
+        text_encoder_2 = T5EncoderModel(T5Config(  # google/t5-v1_1-xxl's encoder
+            vocab_size=len(t5_tokenizer), d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+            feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id, decoder_start_token_id=0,
+        ))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer)
     family = family_of(pipe)
     for module in family.modules().values():
         module.requires_grad_(False)

@@ -87,6 +87,14 @@ def test_the_cli_edits_with_tiny_flux_by_default_with_the_plain_inversion_and_re
         assert record["inversion"] == "ddim" and record["guidance_scale_used"] == 3.5
     for name in sorted(p.name for p in (tmp_path / "ok").glob("*.png")):
         assert (tmp_path / "default" / name).read_bytes() == (tmp_path / "ok" / name).read_bytes(), name
+    # with the stage cache (FLUX's inversion has no unconditional conditioning to store): a second run reads both
+    # stages back and draws the same images
+    cached = [a for a in base if a != "--no-cache"] + ["--cache-dir", str(tmp_path / "cache")]
+    for out in ("first", "second"):
+        assert main([*cached, "--out", str(tmp_path / out)]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "second" / "edit.json").read_text())["cache"]["inversion"] is True
+    for name in sorted(p.name for p in (tmp_path / "ok").glob("*.png")):
+        assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name
     code = main([*base, "--inversion", "nti", "--out", str(tmp_path / "nti")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and err.startswith("nonrigid: error: nti inversion works on the "

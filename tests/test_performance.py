@@ -373,3 +373,25 @@ def test_a_cuda_benchmark_stopped_at_its_time_limit_keeps_the_sections_it_finish
     assert rows["peak GPU memory within 8 GB (--low-memory)"] == (bench_edit.NOT_REACHED, "not measured")
     block = bench_edit.render_block(run)
     assert "**Partial: the run stopped (a time limit) after 6 sections" in block
+
+
+def test_the_flux_benchmark_inverts_with_the_stand_in_for_nti_and_its_cached_stages_reload(tmp_path):
+    """FLUX has no null text: its benchmark inverts with the plain inversion at the distilled guidance (one
+    transformer call per step), measures no NPI, and the sweep from the cached stages (an inversion record without
+    an unconditional conditioning, which the stage cache once failed to write) equals stage C."""
+    import bench_edit
+
+    threads = torch.get_num_threads()
+    try:
+        bench_edit.main(["--config", "flux-cpu", "--quick", "--results", str(tmp_path), "--doc", ""])
+    finally:
+        torch.set_num_threads(threads)
+    run = json.loads((tmp_path / "flux-cpu.json").read_text())
+    s, plan = run["sections"], run["plan"]
+    n, k, variants = plan["num_steps"], round(plan["inject"] * plan["num_steps"]), len(plan["etas"])
+    assert "FLUX layout" in run["environment"]["family"] and run["environment"]["guidance_scale"] == 3.5
+    assert "ours.B_npi" not in s and s["ours.B"]["unet_units"] == s["ours.B"]["unet_calls"] == n
+    assert s["ours.C"]["unet_units"] == variants * (n - k) + k  # one branch; the K source steps computed once
+    assert s["ours.extra_variant"]["unet_units"] == n
+    assert run["checks"]["cached_sweep_latent_max_diff"] == 0
+    assert "B inversion (plain, FLUX's stand-in for NTI)" in bench_edit.render_block(bench_edit.Run(**run))

@@ -81,8 +81,9 @@ class Inversion:
         return None if self.nulls is None else self.nulls.tokens
 
     def to_record(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {"latent": self.latent, "trajectory": self.trajectory, **self.source.to_record("source"),
-                   **self.unconditional.to_record("unconditional")}
+        tensors = {"latent": self.latent, "trajectory": self.trajectory, **self.source.to_record("source")}
+        if self.unconditional is not None:  # None on FLUX: no unconditional branch (read back as None)
+            tensors.update(self.unconditional.to_record("unconditional"))
         if self.nulls is not None:
             tensors.update(self.nulls.to_record("nulls"))
         if self.reconstruction is not None:
