@@ -100,3 +100,18 @@ def test_the_cli_edits_with_tiny_flux_by_default_with_the_plain_inversion_and_re
     assert code == 2 and "\n" not in err and err.startswith("nonrigid: error: nti inversion works on the "
                                                             "unconditional branch")
     assert not (tmp_path / "nti").exists()
+
+
+def test_flux_schnell_edits_with_the_4_steps_it_is_distilled_for_unless_told(tedbench, tmp_path, capsys,
+                                                                              nonrigid_logger):
+    from nonrigid.cli import main
+
+    image = tedbench / "originals" / "dog_01.jpeg"
+    base = ["edit", str(image), TARGET, "--model", "tiny-flux-schnell", "--device", "cpu", "--dtype", "fp32",
+            "--opt-steps", "1", "--eta", "0", "--no-cache", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "default")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "default" / "edit.json").read_text())["num_steps"] == 4
+    assert main([*base, "--steps", "6", "--out", str(tmp_path / "six")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "six" / "edit.json").read_text())["num_steps"] == 6
+    dev = family_of(load_pipeline("tiny-flux", device="cpu", dtype="fp32"))
+    assert dev.default_steps is None  # dev takes the methods' own step counts (ours: 50)

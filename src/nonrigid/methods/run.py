@@ -134,12 +134,15 @@ def with_family_defaults(info: MethodInfo, pipe, params: Mapping[str, Any]) -> d
 
     On a family without an unconditional branch (FLUX), ours' inversion, when unset, is the plain inversion (the
     stand-in for NTI there: inverting and sampling at the same distilled guidance walk one vector field both
-    ways, docs/FAMILIES.md), and its guidance the family's distilled value."""
+    ways, docs/FAMILIES.md), and its guidance the family's distilled value. A family made for another number of
+    steps (FLUX schnell: 4) sets ``num_steps`` when unset; step-counting defaults (FlowEdit's ``n_max``) follow."""
     params = dict(params)
     names = {p.name for p in info.params}
     family = family_of(pipe)
     if "inversion" in names and params.get("inversion") is None and not family.classifier_free:
         params["inversion"] = "ddim"
+    if "num_steps" in names and params.get("num_steps") is None and family.default_steps is not None:
+        params["num_steps"] = family.default_steps  # FLUX schnell: the few steps it is distilled for
     if "guidance_scale" not in names or params.get("guidance_scale") is not None:
         return params
     inversion = params.get("inversion", info.param("inversion").default) if "inversion" in names else None

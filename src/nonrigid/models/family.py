@@ -146,6 +146,9 @@ class ModelFamily(ABC):
     # whether guidance combines a conditional and an unconditional branch (False: FLUX's distilled guidance, where
     # there is no null text for NTI or NPI and the plain inversion at the sampling guidance stands in for them)
     classifier_free: bool = True
+    # the sampling steps a model is made for, where they differ from the methods' own defaults (None: theirs; FLUX
+    # schnell, distilled for few steps: 4)
+    default_steps: int | None = None
 
     def __init__(self, pipe: Any, denoiser: Any = None):
         self.pipe = pipe

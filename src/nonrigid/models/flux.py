@@ -56,6 +56,11 @@ class Flux(StableDiffusion3):
         """Whether the transformer takes a guidance value (dev) or not (schnell)."""
         return bool(self.pipe.transformer.config.get("guidance_embeds", False))
 
+    @property
+    def default_steps(self) -> int | None:  # type: ignore[override]
+        """Schnell is distilled for 4 steps (its model card's setting); dev takes the methods' own step counts."""
+        return None if self.guidance_embedded else 4
+
     def describe(self) -> str:
         config = self.pipe.transformer.config
         kind = "distilled guidance (dev)" if self.guidance_embedded else "no guidance (schnell)"
