@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from nonrigid.errors import UsageError
+from nonrigid.methods.base import resolve_params
+from nonrigid.methods.catalogue import METHODS
 from nonrigid.methods.flowedit import flowedit_latents
-from nonrigid.methods.run import run_method
+from nonrigid.methods.run import run_method, with_family_defaults
 from nonrigid.models.loading import load_pipeline
 from nonrigid.models.registry import family_of
 
@@ -52,6 +55,27 @@ def test_imagic_and_flowedit_with_flux_settings_run_on_flux(pipe, dog_image):
     flow = run_method(pipe, dog_image, TARGET, "flowedit", {"num_steps": 4, "n_max": (3,), "source_guidance": 1.5,
                       "target_guidance": 5.5}, source_prompt=SOURCE, seeds=(0,))
     assert flow.variants[0].image.size == (SIDE, SIDE)
+
+
+def test_flowedit_takes_its_authors_flux_settings_on_flux_scaled_to_the_steps_run(pipe, dog_image):
+    """Unset, FlowEdit's parameters are the authors' FLUX settings (28 steps, n_max 24, distilled guidance 1.5 /
+    5.5), not their SD3 ones; n_max counts out of 28 steps and follows --steps; what the caller sets stays."""
+    result = run_method(pipe, dog_image, TARGET, "flowedit", {"num_steps": 7}, source_prompt=SOURCE)
+    assert result.params["n_max"] == (6,)  # 24 of 28, at 7 steps
+    assert (result.params["source_guidance"], result.params["target_guidance"]) == (1.5, 5.5)
+    spelled = run_method(pipe, dog_image, TARGET, "flowedit", {"num_steps": 7, "n_max": (6,), "source_guidance": 1.5,
+                         "target_guidance": 5.5}, source_prompt=SOURCE)
+    assert np.array_equal(np.asarray(result.variants[0].image), np.asarray(spelled.variants[0].image))
+    told = run_method(pipe, dog_image, TARGET, "flowedit", {"num_steps": 7, "n_max": (2,), "target_guidance": 4.0},
+                      source_prompt=SOURCE)
+    assert (told.params["n_max"], told.params["source_guidance"], told.params["target_guidance"]) == ((2,), 1.5, 4.0)
+    assert resolve_params(METHODS["flowedit"], with_family_defaults(METHODS["flowedit"], pipe, {}))["num_steps"] == 28
+    schnell = load_pipeline("tiny-flux-schnell", device="cpu", dtype="fp32")  # 4 steps: 24 of 28 becomes 3
+    assert with_family_defaults(METHODS["flowedit"], schnell, {})["n_max"] == (3,)
+    sd3 = load_pipeline("tiny-sd3", device="cpu", dtype="fp32")  # SD3 keeps the SD3 settings
+    on_sd3 = resolve_params(METHODS["flowedit"], with_family_defaults(METHODS["flowedit"], sd3, {}))
+    assert (on_sd3["num_steps"], on_sd3["n_max"], on_sd3["source_guidance"], on_sd3["target_guidance"]) == (
+        50, (33,), 3.5, 13.5)
 
 
 def test_flowedit_on_flux_moves_by_the_difference_of_distilled_guidance_velocities(pipe, dog_image):

@@ -139,6 +139,10 @@ class MethodInfo:
     # the others are refused
     families: tuple[str, ...] | None = None
     why_not: str = ""
+    # the reference's own settings for a model family (``ModelFamily.name`` -> parameter values), used where the
+    # caller leaves a parameter unset: FlowEdit's authors tuned FLUX apart from SD3. A step-counting value
+    # (``Param.per_steps``) counts out of that family's ``num_steps`` and scales with the steps actually run.
+    family_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def check_family(self, family) -> None:
         """Refuse, in one line with the reason, a model family this method cannot run on."""

@@ -174,20 +174,21 @@ FLOWEDIT = MethodInfo(
     "and the source's guided velocities at shared-noise points, over the last n_max of num_steps Euler steps.",
     (
         Param("n_max", "ints", (33,), "edit steps: the ODE starts n_max steps before the end (reference 33 of 50 "
-              "for SD3; more edits more); the default is for 50 steps and scales with num_steps", label="nmax",
+              "for SD3, 24 of 28 for FLUX; more edits more); the default scales with num_steps", label="nmax",
               low=1, per_steps=50),
         Param("num_steps", "int", 50, "Euler steps of the model's sigma schedule (reference 50 for SD3, 28 for "
-              "FLUX)", low=1, high=1000),
+              "FLUX, the default on each)", low=1, high=1000),
         Param("n_min", "int", 0, "last steps sampled plainly with the target prompt (reference 0)", low=0),
         Param("n_avg", "int", 1, "noise draws averaged per step (reference 1)", low=1),
         Param("source_guidance", "float", 3.5, "guidance scale of the source velocity (reference 3.5 for SD3, "
-              "1.5 for FLUX)", low=1),
+              "1.5 for FLUX's distilled guidance, the default on each)", low=1),
         Param("target_guidance", "float", 13.5, "guidance scale of the target velocity (reference 13.5 for SD3, "
-              "5.5 for FLUX)", low=1),
+              "5.5 for FLUX's distilled guidance, the default on each)", low=1),
     ),
     seeded=True,
-    reference="Kulikov et al., FlowEdit (ICCV 2025), the authors' SD3 settings",
+    reference="Kulikov et al., FlowEdit (ICCV 2025): the authors' SD3 settings, and on FLUX their FLUX settings",
     families=_FLOW_FAMILIES,
+    family_settings={"flux": {"num_steps": 28, "n_max": (24,), "source_guidance": 1.5, "target_guidance": 5.5}},
     why_not="it integrates a rectified-flow velocity field over sigmas, and this model predicts DDPM noise",
 )
 

@@ -14,10 +14,13 @@ switch to plain guided sampling of the target from ``z`` noised to that level. S
 share the noise, so where the prompts agree the difference of velocities vanishes: with the target prompt equal to
 the source and equal guidance, the image latent does not move.
 
-It needs a flow model's velocity and sigmas, so it applies to the flow families only (SD3 here; the reference's
-FLUX settings are 28 steps, n_max 24, guidance 1.5 / 5.5). Noise: one generator per seed on the CPU, drawn for
-every step ``i = 0..N-1`` and average ``k`` in that order (steps a variant skips too), so every ``n_max`` variant
-of a seed sees the same noise at the same step; the variants run as one batch.
+It needs a flow model's velocity and sigmas, so it applies to the flow families only (SD3 and FLUX). The defaults
+are the authors' SD3 settings (50 steps, n_max 33, guidance 3.5 / 13.5); on FLUX their FLUX settings (28 steps,
+n_max 24, distilled guidance 1.5 / 5.5; the catalogue's ``family_settings``).
+
+Noise: one generator per seed on the CPU, drawn for every step ``i = 0..N-1`` and average ``k`` in that order
+(steps a variant skips too), so every ``n_max`` variant of a seed sees the same noise at the same step; the
+variants run as one batch.
 """
 
 from __future__ import annotations

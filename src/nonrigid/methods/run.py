@@ -135,7 +135,9 @@ def with_family_defaults(info: MethodInfo, pipe, params: Mapping[str, Any]) -> d
     On a family without an unconditional branch (FLUX), ours' inversion, when unset, is the plain inversion (the
     stand-in for NTI there: inverting and sampling at the same distilled guidance walk one vector field both
     ways, docs/FAMILIES.md), and its guidance the family's distilled value. A family made for another number of
-    steps (FLUX schnell: 4) sets ``num_steps`` when unset; step-counting defaults (FlowEdit's ``n_max``) follow."""
+    steps (FLUX schnell: 4) sets ``num_steps`` when unset; step-counting defaults (FlowEdit's ``n_max``) follow.
+    A method's reference settings for the family (FlowEdit on FLUX: 28 steps, ``n_max`` 24, guidance 1.5 / 5.5)
+    fill what the caller left unset."""
     params = dict(params)
     names = {p.name for p in info.params}
     family = family_of(pipe)
@@ -143,6 +145,7 @@ def with_family_defaults(info: MethodInfo, pipe, params: Mapping[str, Any]) -> d
         params["inversion"] = "ddim"
     if "num_steps" in names and params.get("num_steps") is None and family.default_steps is not None:
         params["num_steps"] = family.default_steps  # FLUX schnell: the few steps it is distilled for
+    params = _with_reference_settings(info, family.name, params)
     if "guidance_scale" not in names or params.get("guidance_scale") is not None:
         return params
     inversion = params.get("inversion", info.param("inversion").default) if "inversion" in names else None
@@ -152,6 +155,20 @@ def with_family_defaults(info: MethodInfo, pipe, params: Mapping[str, Any]) -> d
     guidance = family.defaults.guidance_scale
     if guidance != own:  # the method's own default stays (and stays unset in the record) where the family agrees
         params["guidance_scale"] = guidance
+    return params
+
+
+def _with_reference_settings(info: MethodInfo, family_name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the method's reference settings for this family (``MethodInfo.family_settings``) where
+    unset; a step-counting one (FlowEdit's ``n_max``, 24 of FLUX's 28 steps) scaled to the steps run."""
+    reference = info.family_settings.get(family_name, {})
+    steps = int(params.get("num_steps") or reference.get("num_steps", 0))
+    for name, value in reference.items():
+        if params.get(name) is not None:
+            continue
+        if info.param(name).per_steps is not None and "num_steps" in reference:
+            value = tuple(dict.fromkeys(max(1, round(v * steps / reference["num_steps"])) for v in value))
+        params[name] = value
     return params
 
 
