@@ -128,3 +128,49 @@ def test_a_saved_flux_folder_loads_as_the_flux_family(pipe, tmp_path):
     assert family.name == "flux" and family.defaults.size == 1024  # FluxPipeline's own default size
     cond = family.encode_prompt(PROMPT)
     torch.testing.assert_close(cond.tokens, family_of(pipe).encode_prompt(PROMPT).tokens, atol=0, rtol=0)
+
+
+class ParkedEncoder(torch.nn.Module):
+    """A text encoder that reports itself parked on ``home`` (what ``--low-memory`` does on a GPU machine: the
+    CPU, while the transformer is on the GPU) and records where it is moved; it refuses to encode anywhere but on
+    ``works_on``. On a CPU-only machine this stands in for the second device."""
+
+    def __init__(self, inner: torch.nn.Module, home: torch.device, works_on: torch.device):
+        super().__init__()
+        self.inner, self.at, self.works_on, self.moves = inner, home, works_on, []
+
+    @property
+    def device(self) -> torch.device:
+        return self.at
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    def to(self, device):  # type: ignore[override]
+        self.moves.append(torch.device(device))
+        self.at = torch.device(device)
+        return self
+
+    def forward(self, *args, **kwargs):
+        assert self.at == self.works_on, f"encoded on {self.at}, not on the transformer's {self.works_on}"
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_parked_text_encoders_come_to_the_transformer_for_each_encoding_and_go_back(model):
+    pipe = load_pipeline(model, device="cpu", dtype="fp32")  # its own: the encoders are swapped below
+    family = family_of(pipe)
+    assert family.parks_text_encoders
+    want = family.encode_prompt(PROMPT)
+    elsewhere = torch.device("meta")  # "not the transformer's device"
+    parked = [ParkedEncoder(pipe.text_encoder, elsewhere, family.device),
+              ParkedEncoder(pipe.text_encoder_2, elsewhere, family.device)]
+    pipe.text_encoder, pipe.text_encoder_2 = parked
+    for _ in range(2):  # every encoding brings them over and parks them again
+        got = family.encode_prompt(PROMPT)
+        for name in want.tensors:
+            torch.testing.assert_close(got.tensors[name], want.tensors[name], atol=0, rtol=0)
+            assert got.tensors[name].device == family.device
+    for encoder in parked:
+        assert encoder.at == elsewhere and encoder.moves == [family.device, elsewhere] * 2

@@ -87,8 +87,9 @@ class Flux(StableDiffusion3):
     def encode_prompt(self, prompt: str) -> Conditioning:
         """``tokens`` (T5) and ``pooled`` (CLIP) exactly as ``FluxPipeline.encode_prompt`` builds them."""
         warn_if_clip_truncates(self.pipe.tokenizer, prompt)
-        tokens, pooled, _ = self.pipe.encode_prompt(prompt, prompt, device=self.pipe.text_encoder.device,
-                                                    max_sequence_length=self.max_sequence_length)
+        with self.text_encoders_on_device():
+            tokens, pooled, _ = self.pipe.encode_prompt(prompt, prompt, device=self.device,
+                                                        max_sequence_length=self.max_sequence_length)
         return Conditioning({"tokens": tokens.float(), "pooled": pooled.float()})
 
     def unconditional(self) -> None:  # type: ignore[override]

@@ -125,7 +125,10 @@ def configure_pipeline(
       than the VAE's own sample size, 512 px for SD), and UNet gradient checkpointing (the backward passes of text
       optimization and null-text inversion recompute activations instead of keeping them: about a third more time
       in those two stages). Results are identical up to tiling, which only larger images reach. ``False`` turns
-      all three off again. (Callers short of memory also sample fewer variants per batch.)
+      all three off again. (Callers short of memory also sample fewer variants per batch.) On the flow families
+      (SD3, FLUX: ``ModelFamily.parks_text_encoders``) it also parks the text encoders on the CPU; each encoding
+      brings them to the GPU and back (T5-XXL: 9.5 GB each way, a fraction of a second), so they hold no GPU
+      memory while the transformer works. ``False`` brings them back to the transformer's device.
     - ``compile``: ``torch.compile`` the UNet in place (its default mode: "reduce-overhead" CUDA graphs suit
       neither the changing batch sizes of the stages nor their backward passes). The first call of each batch
       shape compiles (tens of seconds), so it pays off for long runs only. It cannot be undone.
@@ -152,6 +155,10 @@ def configure_pipeline(
         pipe.vae.disable_slicing()
         pipe.vae.disable_tiling()
         network.disable_gradient_checkpointing()
+    if family.parks_text_encoders:
+        home = torch.device("cpu") if low_memory else device
+        for encoder in family.text_encoders():
+            encoder.to(home)
     for module in family.modules().values():
         module.requires_grad_(False)  # backward passes compute input gradients only
     if compile:

@@ -38,6 +38,7 @@ class StableDiffusion3(ModelFamily):
     networks = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
     network_name = "transformer"
     default_guidance = 7.0  # diffusers' StableDiffusion3Pipeline default
+    parks_text_encoders = True  # with T5, 5.4 B parameters of text encoders; --low-memory parks them on the CPU
 
     @classmethod
     def matches(cls, pipe) -> bool:
@@ -81,11 +82,10 @@ class StableDiffusion3(ModelFamily):
     def encode_prompt(self, prompt: str) -> Conditioning:
         """``tokens`` and ``pooled`` exactly as ``StableDiffusion3Pipeline.encode_prompt`` builds them."""
         self.warn_if_truncated(prompt)
-        pipe = self.pipe
-        tokens, _, pooled, _ = pipe.encode_prompt(
-            prompt, None, None, device=pipe.text_encoder.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )
+        with self.text_encoders_on_device():
+            tokens, _, pooled, _ = self.pipe.encode_prompt(
+                prompt, None, None, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+            )
         return Conditioning({"tokens": tokens.float(), "pooled": pooled.float()})
 
     def warn_if_truncated(self, prompt: str) -> None:
