@@ -113,27 +113,9 @@ def build_random_pipeline(
             cross_attention_dim=768,
             **spec["unet"],
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=512,
-            **spec["vae"],
-        )
+        vae = four_level_vae(latent_channels=4, sample_size=512, **spec["vae"])
         text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=768,
-                intermediate_size=3072,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **spec["text"],
-            )
+            CLIPTextConfig(hidden_size=768, intermediate_size=3072, **clip_special_tokens(tokenizer), **spec["text"])
         )
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, **DDIM_OVERRIDES
@@ -142,12 +124,7 @@ def build_random_pipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return frozen(pipe, device, dtype)
 
 
 def build_random_sdxl_pipeline(
@@ -157,8 +134,7 @@ def build_random_sdxl_pipeline(
     spec = SDXL_LAYOUTS[layout]
     device = torch.device(device)
     tokenizer = build_clip_tokenizer()
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer), "max_position_embeddings": 77}
+    special = clip_special_tokens(tokenizer)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
@@ -176,18 +152,8 @@ def build_random_sdxl_pipeline(
             projection_class_embeddings_input_dim=2816,  # 6 size ids x 256 + the 1280-wide pooled embedding
             **spec["unet"],
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=1024,
-            scaling_factor=0.13025,
-            force_upcast=True,
-            **spec["vae"],
-        )
+        vae = four_level_vae(latent_channels=4, sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+                             **spec["vae"])
         text_encoder = CLIPTextModel(  # CLIP ViT-L/14
             CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, hidden_act="quick_gelu",
                            **special, **spec["text"])
@@ -205,14 +171,7 @@ def build_random_sdxl_pipeline(
         tokenizer_2=build_clip_tokenizer(), unet=unet, scheduler=ddim_scheduler_for(euler.config),
         force_zeros_for_empty_prompt=True,
     )
-    family = family_of(pipe)
-    for name in family.networks:
-        module = getattr(pipe, name)
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device=device, dtype=family.vae_dtype(dtype) if name == "vae" else dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return frozen(pipe, device, dtype)
 
 
 def build_random_sd3_pipeline(
@@ -221,8 +180,7 @@ def build_random_sd3_pipeline(
     """SD3 medium's architecture (see the module's docstring) as :func:`build_random_pipeline` builds SD's."""
     device = torch.device(device)
     tokenizer = build_clip_tokenizer()
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer), "max_position_embeddings": 77}
+    special = clip_special_tokens(tokenizer)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(  # stabilityai/stable-diffusion-3-medium-diffusers's config
@@ -230,12 +188,7 @@ def build_random_sd3_pipeline(
             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
             pooled_projection_dim=2048, pos_embed_max_size=192,
         )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-            latent_channels=16, norm_num_groups=32, sample_size=1024, shift_factor=0.0609, scaling_factor=1.5305,
-            use_quant_conv=False, use_post_quant_conv=False,
-        )
+        vae = flow_vae(shift_factor=0.0609, scaling_factor=1.5305)  # SD3's
         text_encoder = CLIPTextModelWithProjection(  # CLIP ViT-L/14
             CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, hidden_act="quick_gelu",
                            num_hidden_layers=12, projection_dim=768, **special)
@@ -249,13 +202,7 @@ def build_random_sd3_pipeline(
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
         tokenizer_2=build_clip_tokenizer(), text_encoder_3=None, tokenizer_3=None,
     )
-    family = family_of(pipe)
-    for module in family.modules().values():
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device=device, dtype=family.vae_dtype(dtype) if module is pipe.vae else dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return frozen(pipe, device, dtype)
 
 
 def build_random_flux_pipeline(
@@ -275,16 +222,10 @@ def build_random_flux_pipeline(
             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
             axes_dims_rope=(16, 56, 56),
         )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-            latent_channels=16, norm_num_groups=32, sample_size=1024, shift_factor=0.1159, scaling_factor=0.3611,
-            use_quant_conv=False, use_post_quant_conv=False,
-        )
+        vae = flow_vae(shift_factor=0.1159, scaling_factor=0.3611)  # FLUX's
         text_encoder = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14
             hidden_size=768, intermediate_size=3072, num_attention_heads=12, hidden_act="quick_gelu",
-            num_hidden_layers=12, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), max_position_embeddings=77,
+            num_hidden_layers=12, **clip_special_tokens(tokenizer),
         ))
         text_encoder_2 = T5EncoderModel(T5Config(  # google/t5-v1_1-xxl's encoder
             vocab_size=len(t5_tokenizer), d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -297,6 +238,31 @@ def build_random_flux_pipeline(
     )
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer)
+    return frozen(pipe, device, dtype)
+
+
+def four_level_vae(**config) -> AutoencoderKL:
+    """SD's four-level VAE layout (two ResNet layers per level) with ``config``'s widths, channels and factors."""
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, **config)
+
+
+def flow_vae(*, shift_factor: float, scaling_factor: float) -> AutoencoderKL:
+    """The 16-channel VAE of SD3 and FLUX (SD's widths, no quant convolutions); they differ in shift and scale."""
+    return four_level_vae(block_out_channels=(128, 256, 512, 512), latent_channels=16, norm_num_groups=32,
+                          sample_size=1024, shift_factor=shift_factor, scaling_factor=scaling_factor,
+                          use_quant_conv=False, use_post_quant_conv=False)
+
+
+def clip_special_tokens(tokenizer) -> dict:
+    """The CLIP text config entries the tokenizer decides (special ids, vocabulary) and CLIP's 77 positions."""
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer), "max_position_embeddings": 77}
+
+
+def frozen(pipe, device: torch.device, dtype: torch.dtype):
+    """``pipe`` with every network frozen in eval mode on ``device`` in ``dtype`` (the VAE in the precision its
+    family keeps it in, as the loader does), progress bars off."""
     family = family_of(pipe)
     for module in family.modules().values():
         module.requires_grad_(False)

@@ -33,11 +33,12 @@ from transformers import CLIPTextModelWithProjection
 
 from .config import VariantConfig
 from .train import Log
-from .variants import fit, log_done, training_run, world_latents
+from .variants import caption_ids, fit, log_done, save_trained, trainable, training_run, world_latents
 from .xl import build_text_encoder
 
 SIZE = 64
 SHIFT = 1.0
+NETWORKS = ("transformer", "text_encoder", "text_encoder_2")  # what training moves and saving keeps (in fp16)
 
 
 def flow_config(steps: int = 2500, lr: float = 5e-4, ema_decay: float = 0.995, weight_decay: float = 0.01,
@@ -134,19 +135,16 @@ def train_flow(out: Path, config: VariantConfig, *, progress: bool = True, log: 
         with watch("train"):
             _train(pipe, teacher, latents, captions, config, work, log, progress)
         folder = out / "model"
-        save_flow(pipe, folder)
+        save_trained(pipe, folder, NETWORKS)
         log_done(log, watch, f"model saved to {folder}")
         return folder
 
 
 def _train(pipe, teacher, latents, captions, config: VariantConfig, work: Path, log: Log, progress: bool) -> None:
-    modules = torch.nn.ModuleDict({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
-                                   "text_encoder_2": pipe.text_encoder_2})
-    modules.train().requires_grad_(True)
+    modules = trainable(pipe, NETWORKS)
     teacher.unet.requires_grad_(False)
     teacher.text_encoder.requires_grad_(False)
-    ids = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                         return_tensors="pt").input_ids
+    ids = caption_ids(pipe.tokenizer, captions)
     empty = pipe.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
     num_train = pipe.scheduler.config.num_train_timesteps
 
@@ -173,24 +171,3 @@ def _train(pipe, teacher, latents, captions, config: VariantConfig, work: Path, 
 
     fit(modules, loss_of_batch, config, work / "flow.pt", log, progress, "mini-flow")
     modules.eval().requires_grad_(False)
-
-
-def save_flow(pipe, folder: Path) -> None:
-    """Save as an SD3 diffusers folder in fp16 without the VAE and tokenizers (the miniature model's, shared)."""
-    from diffusers.utils import logging as diffusers_logging
-
-    from .xl import _remove_tree
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    modules = (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2)
-    try:
-        for module in modules:
-            module.to(torch.float16)
-        pipe.save_pretrained(folder, safe_serialization=True)
-    finally:
-        for module in modules:
-            module.to(torch.float32)
-        diffusers_logging.set_verbosity(verbosity)
-    for shared in ("vae", "tokenizer", "tokenizer_2"):
-        _remove_tree(folder / shared)

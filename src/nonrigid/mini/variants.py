@@ -119,6 +119,42 @@ def fit(
             p.copy_(ema[name])
 
 
+def trainable(pipe, names: tuple[str, ...]) -> torch.nn.ModuleDict:
+    """The pipeline's networks ``names`` as one module, in training mode with gradients on: what :func:`fit`
+    moves (and checkpoints, by these names)."""
+    modules = torch.nn.ModuleDict({name: getattr(pipe, name) for name in names})
+    modules.train().requires_grad_(True)
+    return modules
+
+
+def caption_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """The captions as CLIP token ids (N, 77), padded and cut as the pipelines' prompt encoders do."""
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def save_trained(pipe, folder: Path, networks: tuple[str, ...]) -> None:
+    """Save ``pipe`` as a diffusers folder, ``networks`` in fp16 (back in fp32 after), without the VAE and the
+    tokenizers: those are the miniature model's, shared, and the loader puts them back."""
+    import shutil
+
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    modules = [getattr(pipe, name) for name in networks]
+    try:
+        for module in modules:
+            module.to(torch.float16)
+        pipe.save_pretrained(folder, safe_serialization=True)
+    finally:
+        for module in modules:
+            module.to(torch.float32)
+        diffusers_logging.set_verbosity(verbosity)
+    for shared in ("vae", "tokenizer", "tokenizer_2"):
+        if (folder / shared).exists():
+            shutil.rmtree(folder / shared)
+
+
 def caption_batch(tokenizer, captions: list[str], index: torch.Tensor, drop: torch.Tensor) -> list[str]:
     """The captions at ``index``, the dropped ones empty (the unconditional model classifier-free guidance needs)."""
     return ["" if dropped else captions[i] for i, dropped in zip(index.tolist(), drop.tolist(), strict=True)]

@@ -27,11 +27,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .config import VariantConfig
 from .train import Log
-from .variants import fit, log_done, snr_weights, training_run, world_latents
+from .variants import caption_ids, fit, log_done, save_trained, snr_weights, trainable, training_run, world_latents
 
 TEXT_DIM = 32  # each encoder; the UNet's cross-attention sees both side by side
 TIME_DIM = 8  # Fourier features per size-conditioning number (SDXL: 256)
 SIZE = 64
+NETWORKS = ("unet", "text_encoder", "text_encoder_2")  # what training moves and saving keeps (in fp16)
 
 
 def xl_config(steps: int = 2500, lr: float = 8e-4, ema_decay: float = 0.995, weight_decay: float = 0.01,
@@ -113,18 +114,15 @@ def train_xl(out: Path, config: VariantConfig, *, progress: bool = True, log: Lo
         with watch("train"):
             _train(pipe, latents, captions, config, work, log, progress)
         folder = out / "model"
-        save_xl(pipe, folder)
+        save_trained(pipe, folder, NETWORKS)
         log_done(log, watch, f"model saved to {folder}")
         return folder
 
 
 def _train(pipe, latents, captions, config: VariantConfig, work: Path, log: Log, progress: bool) -> None:
-    modules = torch.nn.ModuleDict({"unet": pipe.unet, "text_encoder": pipe.text_encoder,
-                                   "text_encoder_2": pipe.text_encoder_2})
-    modules.train().requires_grad_(True)
+    modules = trainable(pipe, NETWORKS)
     scheduler = pipe.scheduler
-    ids = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                         return_tensors="pt").input_ids
+    ids = caption_ids(pipe.tokenizer, captions)
     time_ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32)
 
     def loss_of_batch(generator: torch.Generator) -> torch.Tensor:
@@ -143,29 +141,3 @@ def _train(pipe, latents, captions, config: VariantConfig, work: Path, log: Log,
 
     fit(modules, loss_of_batch, config, work / "xl.pt", log, progress, "mini-xl")
     modules.eval().requires_grad_(False)
-
-
-def save_xl(pipe, folder: Path) -> None:
-    """Save as an SDXL diffusers folder in fp16 without the VAE and tokenizers (the miniature model's, shared)."""
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    modules = (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
-    try:
-        for module in modules:
-            module.to(torch.float16)
-        pipe.save_pretrained(folder, safe_serialization=True)
-    finally:
-        for module in modules:
-            module.to(torch.float32)
-        diffusers_logging.set_verbosity(verbosity)
-    for shared in ("vae", "tokenizer", "tokenizer_2"):
-        _remove_tree(folder / shared)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    if path.exists():
-        shutil.rmtree(path)
