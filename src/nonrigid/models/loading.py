@@ -21,6 +21,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPip
 
 from ..errors import UsageError, first_line
 from . import DEFAULT_MODEL
+from . import single_file as sf
 from .registry import family_of
 from .tiny import TINY_KINDS, build_tiny_pipeline
 
@@ -31,9 +32,11 @@ PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusio
 # diffusers' names for single-file model types (infer_diffusers_model_type) -> the pipeline class that reads them
 SINGLE_FILE_TYPES = {"v1": "StableDiffusionPipeline", "v2": "StableDiffusionPipeline",
                      "xl_base": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
-                     "sd35_medium": "StableDiffusion3Pipeline", "sd35_large": "StableDiffusion3Pipeline"}
-SUPPORTED = ("SD 1.x, SD 2.x (epsilon or v prediction), SDXL base-layout, SD3 / SD3.5 and FLUX.1 (dev, schnell; "
-             "diffusers folders or hub ids) models")
+                     "sd35_medium": "StableDiffusion3Pipeline", "sd35_large": "StableDiffusion3Pipeline",
+                     sf.SD3_OTHER_SIZE: "StableDiffusion3Pipeline", "flux-dev": "FluxPipeline",
+                     "flux-schnell": "FluxPipeline"}
+SUPPORTED = "SD 1.x, SD 2.x (epsilon or v prediction), SDXL base-layout, SD3 / SD3.5 and FLUX.1 (dev, schnell) models"
+FLOW_PIPELINES = (StableDiffusion3Pipeline, FluxPipeline)
 
 
 # --------------------------------------------------------------------------------------------------- devices
@@ -192,10 +195,14 @@ def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None, t5:
             f"{name} is a pickle checkpoint, which can run arbitrary code when loaded; convert it to "
             ".safetensors or pass allow_pickle=True if you trust it"
         )
-    cls = _single_file_class(path, config)
-    kwargs = {"config": config} if config else {}
+    cls, shapes = _single_file_kind(path, config)
     try:
-        pipe = cls.from_single_file(name, **_extras(cls, t5), **kwargs)
+        if cls in FLOW_PIPELINES and shapes:  # (a trusted pickle goes to diffusers as it is)
+            pipe = _load_flow_file(path, cls, shapes, config or sf.default_repo(shapes), t5)
+        else:
+            pipe = cls.from_single_file(name, **_extras(cls, t5), **({"config": config} if config else {}))
+    except UsageError:
+        raise
     except Exception as err:  # the single-file loader raises many types for unreadable files
         raise UsageError(f"could not read checkpoint {name}: {first_line(err)}") from err
     missing = [f"{name}.{key}" for name, module in family_of(pipe).modules().items()
@@ -204,6 +211,57 @@ def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None, t5:
         raise UsageError(f"checkpoint {name} does not match {config or 'the inferred config'}: {len(missing)} "
                          f"weights were never loaded, e.g. {missing[0]}")
     return pipe
+
+
+def _load_flow_file(path: Path, cls, shapes: dict, source: str, t5: bool):
+    """An SD3 / SD3.5 or FLUX.1 single file, with ``source`` (a config folder or hub id) for what it lacks.
+
+    Components whose weights the file does not hold (all but the transformer for FLUX.1; SD3 files come with or
+    without CLIPs and T5) are read from ``source`` and passed in: diffusers' single-file loader looks for them
+    under diffusers' weight names only, so it would refuse a saved pipeline's text encoders. A FLUX transformer of
+    another width than FLUX.1's is converted by ``flux_to_diffusers`` (diffusers' converter assumes 3072).
+    """
+    flux = cls is FluxPipeline
+    index = _model_index(source)
+    sf.check_depth(path, flux, shapes, source)
+    passed = {}
+    if not flux and not (t5 and (index.get("text_encoder_3") or [None])[0]):
+        passed.update(text_encoder_3=None, tokenizer_3=None)
+    for name in sf.absent_components(flux, shapes):
+        if name not in passed and (index.get(name) or [None])[0]:
+            passed[name] = _component_class(index[name]).from_pretrained(source, subfolder=name)
+    if flux and sf.flux_width(shapes) != sf.FLUX_WIDTH:
+        from diffusers import FluxTransformer2DModel
+        from safetensors.torch import load_file
+
+        passed["transformer"] = FluxTransformer2DModel.from_single_file(
+            sf.flux_to_diffusers(load_file(str(path))), config=source, subfolder="transformer")
+    return cls.from_single_file(str(path), config=source, **passed)
+
+
+def _model_index(source: str) -> dict:
+    """A config folder's or hub id's ``model_index.json`` (component name -> [library, class])."""
+    import json
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    folder = Path(source).expanduser()
+    try:
+        if folder.is_dir():
+            return json.loads((folder / "model_index.json").read_text())
+        with warnings.catch_warnings():  # huggingface_hub deprecation chatter from diffusers' call
+            warnings.simplefilter("ignore")
+            return DiffusionPipeline.load_config(source)
+    except Exception as err:
+        raise UsageError(f"could not read the config {source!r}: {first_line(err)}") from err
+
+
+def _component_class(entry: list):
+    """The class a ``model_index.json`` entry ([library, class]) names."""
+    import importlib
+
+    return getattr(importlib.import_module(entry[0]), entry[1])
 
 
 def _extras(cls, t5: bool = True) -> dict:
@@ -259,50 +317,44 @@ def _pipeline_class(name: str | Path, class_name: str | None):
 
 def _single_file_class(path: Path, config: str | None):
     """The pipeline class of a single-file checkpoint: its ``config``'s, else inferred from its keys."""
+    return _single_file_kind(path, config)[0]
+
+
+def _single_file_kind(path: Path, config: str | None) -> tuple[type, dict]:
+    """The pipeline class of a single-file checkpoint and its tensors' shapes (read from the header only; empty
+    for pickles). A flow model's file and its ``config`` must be of the same family."""
+    shapes = sf.read_header(path) if path.suffix.lower() == ".safetensors" and path.is_file() else {}
+    model_type = sf.model_type_of(shapes) if shapes else None
+    if model_type and model_type.startswith("flux") and model_type not in SINGLE_FILE_TYPES:
+        raise UsageError(f"{path} is a {model_type!r} checkpoint; supported FLUX single files are FLUX.1 dev and "
+                         "schnell (not Fill, Depth, FLUX.2 or later)")
+    layout = PIPELINES[SINGLE_FILE_TYPES[model_type]] if model_type in SINGLE_FILE_TYPES else None
     if config:
-        folder = Path(config).expanduser()
-        if folder.is_dir():
-            return _pipeline_class(config, _index_class(folder / "model_index.json"))
-        try:
-            return _pipeline_class(config, _hub_class_name(config))
-        except UsageError:
-            raise
-        except Exception as err:
-            raise UsageError(f"could not read the config {config!r}: {first_line(err)}") from err
-    if path.suffix.lower() != ".safetensors":
-        return StableDiffusionPipeline  # a trusted pickle: let diffusers' loader infer what it can
-    model_type = _infer_single_file_type(path)
-    if model_type not in SINGLE_FILE_TYPES:
+        cls = _config_class(config)
+        if model_type and (cls in FLOW_PIPELINES or layout in FLOW_PIPELINES) and cls is not layout:
+            raise UsageError(f"checkpoint {path} is a {model_type!r} checkpoint but config {config} is a "
+                             f"{cls.__name__}; give a config of the checkpoint's family")
+        return cls, shapes
+    if model_type is None:
+        return StableDiffusionPipeline, shapes  # a trusted pickle: let diffusers' loader infer what it can
+    if model_type == sf.SD3_OTHER_SIZE:
+        raise UsageError(f"{path} has SD3's layout at a size diffusers has no config for; read it with a config: "
+                         "a diffusers folder or hub id of the same shape")
+    if layout is None:
         raise UsageError(f"{path} looks like a {model_type!r} checkpoint; supported are {SUPPORTED}")
-    return PIPELINES[SINGLE_FILE_TYPES[model_type]]
+    return layout, shapes
 
 
-def _infer_single_file_type(path: Path) -> str:
-    """diffusers' model type of a ``.safetensors`` checkpoint, read from its keys (tensors loaded on demand)."""
-    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
-    from safetensors import safe_open
-
+def _config_class(config: str):
+    folder = Path(config).expanduser()
+    if folder.is_dir():
+        return _pipeline_class(config, _index_class(folder / "model_index.json"))
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return infer_diffusers_model_type(_LazyTensors(handle))
+        return _pipeline_class(config, _hub_class_name(config))
+    except UsageError:
+        raise
     except Exception as err:
-        raise UsageError(f"could not read checkpoint {path}: {first_line(err)}") from err
-
-
-class _LazyTensors:
-    """A read-only mapping over an open safetensors file: membership from its key list, tensors on access."""
-
-    def __init__(self, handle):
-        self.handle, self.names = handle, set(handle.keys())
-
-    def __contains__(self, key) -> bool:
-        return key in self.names
-
-    def __getitem__(self, key):
-        return self.handle.get_tensor(key)
-
-    def keys(self):
-        return self.names
+        raise UsageError(f"could not read the config {config!r}: {first_line(err)}") from err
 
 
 def _load_mini(allow_pickle: bool) -> StableDiffusionPipeline:
