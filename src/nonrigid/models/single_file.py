@@ -155,8 +155,8 @@ def flux_to_diffusers(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Te
         if prefix and base in _FLUX_FUSED:
             targets = _FLUX_FUSED[base]
             sizes = [width] * 3 + [value.shape[0] - 3 * width] if len(targets) == 4 else [value.shape[0] // 3] * 3
-            parts = value.split(sizes)
-            out.update({f"{prefix}{target}.{kind}": part for target, part in zip(targets, parts, strict=True)})
+            parts = value.split(sizes)  # copied: views into one storage would be loaded as they are, unaligned
+            out.update({f"{prefix}{target}.{kind}": part.clone() for target, part in zip(targets, parts, strict=True)})
             continue
         target = next((new + name[len(old):] for old, new in table.items()
                        if name == old or name.startswith(old + ".")), None)
