@@ -102,6 +102,36 @@ def test_an_sd3_file_without_clips_takes_them_from_the_config(sd3, tmp_path):
     assert_same_weights(built, loaded)
 
 
+@pytest.fixture(scope="module")
+def sd3_with_t5(sd3, tmp_path_factory):
+    """tiny-sd3 with a T5 encoder as wide as its joint attention (SD3's 4096 in miniature), saved with it."""
+    from transformers import T5Config, T5EncoderModel
+
+    from nonrigid.models.tiny import build_t5_tokenizer
+
+    tokenizer = build_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=8, d_ff=64, num_layers=1,
+                                     num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    pipe = StableDiffusion3Pipeline(**{**sd3[0].components, "text_encoder_3": t5, "tokenizer_3": tokenizer})
+    folder, path = _saved(pipe, tmp_path_factory.mktemp("sd3-t5"), sd3_state_dict(pipe))
+    return pipe, folder, path
+
+
+def test_an_sd3_file_with_t5_loads_it_bit_for_bit_unless_told_not_to(sd3_with_t5):
+    built, folder, path = sd3_with_t5
+    assert "text_encoders.t5xxl.transformer.shared.weight" in sf.read_header(path)
+    loaded = load_pipeline(str(path), device="cpu", dtype="fp32", config=str(folder))
+    assert_same_weights(built, loaded)
+    want, got = built.text_encoder_3.state_dict(), loaded.text_encoder_3.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    without = load_pipeline(str(path), device="cpu", dtype="fp32", config=str(folder), t5=False)
+    assert without.text_encoder_3 is None and without.tokenizer_3 is None
+    assert_same_weights(built, without)
+
+
 def test_a_flux_file_holds_the_transformer_and_loads_bit_for_bit_with_the_rest_from_its_config(flux):
     built, folder, path, model_type = flux
     keys = sf.read_header(path).keys()
@@ -212,6 +242,15 @@ def test_flux_variants_other_than_dev_and_schnell_are_refused_in_one_line(flux, 
     for config in (None, str(folder)):
         assert_one_line_usage_error(lambda c=config: load_pipeline(str(path), device="cpu", config=c),
                                     repr(model_type), "FLUX.1 dev and schnell")
+
+
+def test_without_a_config_a_flux_file_reads_the_rest_from_the_hub_repo_diffusers_infers(flux):
+    """Offline, the repository is named in one line (online it is downloaded; FLUX.1-dev is gated)."""
+    _, _, path, model_type = flux
+    repo = {"flux-dev": "black-forest-labs/FLUX.1-dev", "flux-schnell": "black-forest-labs/FLUX.1-schnell"}
+    assert sf.default_repo(sf.read_header(path)) == repo[model_type]
+    assert_one_line_usage_error(lambda: load_pipeline(str(path), device="cpu"), repr(repo[model_type]),
+                                "local diffusers folder")
 
 
 def test_a_file_and_a_config_of_different_families_are_refused_in_one_line(flux, sd3):

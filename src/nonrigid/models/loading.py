@@ -3,8 +3,12 @@
 The family is detected from the model itself: a diffusers folder or hub id by its ``model_index.json`` pipeline
 class, a single file by its ``--config`` (``config``) folder's class or else by its keys (diffusers'
 ``infer_diffusers_model_type``). Supported: ``StableDiffusionPipeline`` (SD 1.x and 2.x, epsilon or v prediction),
-``StableDiffusionXLPipeline`` (SDXL base and fine-tunes; no refiner) and ``StableDiffusion3Pipeline`` (SD3, SD3.5
-medium and large; T5 optional). Whatever the model's own scheduler (PNDM, Euler, ...), SD and SDXL stages get DDIM
+``StableDiffusionXLPipeline`` (SDXL base and fine-tunes; no refiner), ``StableDiffusion3Pipeline`` (SD3, SD3.5
+medium and large; T5 optional) and ``FluxPipeline`` (FLUX.1 dev and schnell), each from hub ids, diffusers folders
+and single files. A FLUX.1 single file (Black Forest Labs' layout) holds the transformer only: the VAE, text
+encoders, tokenizers and scheduler come from ``config``, or from the hub repository diffusers infers from the file
+(``black-forest-labs/FLUX.1-dev``, gated: accept its licence and log in once); an SD3 file's missing CLIPs or T5
+likewise. Whatever the model's own scheduler (PNDM, Euler, ...), SD and SDXL stages get DDIM
 built from its config (betas, prediction type, timestep spacing, offset), with the reference's settings: no sample
 clipping, ``set_alpha_to_one`` off; SD3 keeps its flow-matching schedule (its shift). Loading never unpickles a file
 unless the caller opts in: pickled checkpoints can run arbitrary code.
@@ -268,7 +272,8 @@ def _model_index(source: str) -> dict:
             warnings.simplefilter("ignore")
             return DiffusionPipeline.load_config(source)
     except Exception as err:
-        raise UsageError(f"could not read the config {source!r}: {first_line(err)}") from err
+        raise UsageError(f"could not read the config {source!r} ({first_line(err)}); connect once to download it, "
+                         "or pass a local diffusers folder of the same model as config") from err
 
 
 def _component_class(entry: list):
