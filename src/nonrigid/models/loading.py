@@ -343,7 +343,12 @@ def _single_file_kind(path: Path, config: str | None) -> tuple[type, dict]:
     """The pipeline class of a single-file checkpoint and its tensors' shapes (read from the header only; empty
     for pickles). A flow model's file and its ``config`` must be of the same family."""
     shapes = sf.read_header(path) if path.suffix.lower() == ".safetensors" and path.is_file() else {}
-    model_type = sf.model_type_of(shapes) if shapes else None
+    try:
+        model_type = sf.model_type_of(shapes) if shapes else None
+    except Exception as err:  # diffusers' inference trips over some key sets; a config says what the file is
+        if not config:
+            raise UsageError(f"could not read checkpoint {path}: {first_line(err)}") from err
+        model_type = None
     if model_type and model_type.startswith("flux") and model_type not in SINGLE_FILE_TYPES:
         raise UsageError(f"{path} is a {model_type!r} checkpoint; supported FLUX single files are FLUX.1 dev and "
                          "schnell (not Fill, Depth, FLUX.2 or later)")
