@@ -3,8 +3,12 @@
 The family is detected from the model itself: a diffusers folder or hub id by its ``model_index.json`` pipeline
 class, a single file by its ``--config`` (``config``) folder's class or else by its keys (diffusers'
 ``infer_diffusers_model_type``). Supported: ``StableDiffusionPipeline`` (SD 1.x and 2.x, epsilon or v prediction),
-``StableDiffusionXLPipeline`` (SDXL base and fine-tunes; no refiner) and ``StableDiffusion3Pipeline`` (SD3, SD3.5
-medium and large; T5 optional). Whatever the model's own scheduler (PNDM, Euler, ...), SD and SDXL stages get DDIM
+``StableDiffusionXLPipeline`` (SDXL base and fine-tunes; no refiner), ``StableDiffusion3Pipeline`` (SD3, SD3.5
+medium and large; T5 optional) and ``FluxPipeline`` (FLUX.1 dev and schnell), each from hub ids, diffusers folders
+and single files. A FLUX.1 single file (Black Forest Labs' layout) holds the transformer only: the VAE, text
+encoders, tokenizers and scheduler come from ``config``, or from the hub repository diffusers infers from the file
+(``black-forest-labs/FLUX.1-dev``, gated: accept its licence and log in once); an SD3 file's missing CLIPs or T5
+likewise. Whatever the model's own scheduler (PNDM, Euler, ...), SD and SDXL stages get DDIM
 built from its config (betas, prediction type, timestep spacing, offset), with the reference's settings: no sample
 clipping, ``set_alpha_to_one`` off; SD3 keeps its flow-matching schedule (its shift). Loading never unpickles a file
 unless the caller opts in: pickled checkpoints can run arbitrary code.
@@ -21,6 +25,7 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPip
 
 from ..errors import UsageError, first_line
 from . import DEFAULT_MODEL
+from . import single_file as sf
 from .registry import family_of
 from .tiny import TINY_KINDS, build_tiny_pipeline
 
@@ -31,9 +36,11 @@ PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusio
 # diffusers' names for single-file model types (infer_diffusers_model_type) -> the pipeline class that reads them
 SINGLE_FILE_TYPES = {"v1": "StableDiffusionPipeline", "v2": "StableDiffusionPipeline",
                      "xl_base": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
-                     "sd35_medium": "StableDiffusion3Pipeline", "sd35_large": "StableDiffusion3Pipeline"}
-SUPPORTED = ("SD 1.x, SD 2.x (epsilon or v prediction), SDXL base-layout, SD3 / SD3.5 and FLUX.1 (dev, schnell; "
-             "diffusers folders or hub ids) models")
+                     "sd35_medium": "StableDiffusion3Pipeline", "sd35_large": "StableDiffusion3Pipeline",
+                     sf.SD3_OTHER_SIZE: "StableDiffusion3Pipeline", "flux-dev": "FluxPipeline",
+                     "flux-schnell": "FluxPipeline"}
+SUPPORTED = "SD 1.x, SD 2.x (epsilon or v prediction), SDXL base-layout, SD3 / SD3.5 and FLUX.1 (dev, schnell) models"
+FLOW_PIPELINES = (StableDiffusion3Pipeline, FluxPipeline)
 
 
 # --------------------------------------------------------------------------------------------------- devices
@@ -106,8 +113,22 @@ def load_pipeline(
         wanted = family.vae_dtype(dtype) if module_name == "vae" else dtype
         if module.dtype != wanted:  # casting to the dtype a module already has only earns a diffusers warning
             module.to(dtype=wanted)
+        if device.type == "cpu":
+            _align_storage(module)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _align_storage(module: torch.nn.Module, alignment: int = 64) -> None:
+    """Give weights read in place from a file (memory-mapped, at the file's offsets) storage of their own.
+
+    CPU kernels' results depend on their operands' alignment: the same SD3 weights mapped from a diffusers folder
+    and from a single file gave transformer outputs 3.6e-7 apart. Aligned copies make the output depend on the
+    values alone, wherever they were read from (CUDA copies every weight to the device anyway).
+    """
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type == "cpu" and tensor.data_ptr() % alignment:
+            tensor.data = tensor.data.clone()
 
 
 def configure_pipeline(
@@ -199,10 +220,14 @@ def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None, t5:
             f"{name} is a pickle checkpoint, which can run arbitrary code when loaded; convert it to "
             ".safetensors or pass allow_pickle=True if you trust it"
         )
-    cls = _single_file_class(path, config)
-    kwargs = {"config": config} if config else {}
+    cls, shapes = _single_file_kind(path, config)
     try:
-        pipe = cls.from_single_file(name, **_extras(cls, t5), **kwargs)
+        if cls in FLOW_PIPELINES and shapes:  # (a trusted pickle goes to diffusers as it is)
+            pipe = _load_flow_file(path, cls, shapes, config or sf.default_repo(shapes), t5)
+        else:
+            pipe = cls.from_single_file(name, **_extras(cls, t5), **({"config": config} if config else {}))
+    except UsageError:
+        raise
     except Exception as err:  # the single-file loader raises many types for unreadable files
         raise UsageError(f"could not read checkpoint {name}: {first_line(err)}") from err
     missing = [f"{name}.{key}" for name, module in family_of(pipe).modules().items()
@@ -211,6 +236,58 @@ def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None, t5:
         raise UsageError(f"checkpoint {name} does not match {config or 'the inferred config'}: {len(missing)} "
                          f"weights were never loaded, e.g. {missing[0]}")
     return pipe
+
+
+def _load_flow_file(path: Path, cls, shapes: dict, source: str, t5: bool):
+    """An SD3 / SD3.5 or FLUX.1 single file, with ``source`` (a config folder or hub id) for what it lacks.
+
+    Components whose weights the file does not hold (all but the transformer for FLUX.1; SD3 files come with or
+    without CLIPs and T5) are read from ``source`` and passed in: diffusers' single-file loader looks for them
+    under diffusers' weight names only, so it would refuse a saved pipeline's text encoders. A FLUX transformer of
+    another width than FLUX.1's is converted by ``flux_to_diffusers`` (diffusers' converter assumes 3072).
+    """
+    flux = cls is FluxPipeline
+    index = _model_index(source)
+    sf.check_depth(path, flux, shapes, source)
+    passed = {}
+    if not flux and not (t5 and (index.get("text_encoder_3") or [None])[0]):
+        passed.update(text_encoder_3=None, tokenizer_3=None)
+    for name in sf.absent_components(flux, shapes):
+        if name not in passed and (index.get(name) or [None])[0]:
+            passed[name] = _component_class(index[name]).from_pretrained(source, subfolder=name)
+    if flux and sf.flux_width(shapes) != sf.FLUX_WIDTH:
+        from diffusers import FluxTransformer2DModel
+        from safetensors.torch import load_file
+
+        passed["transformer"] = FluxTransformer2DModel.from_single_file(
+            sf.flux_to_diffusers(load_file(str(path))), config=source, subfolder="transformer")
+    return cls.from_single_file(str(path), config=source, **passed)
+
+
+def _model_index(source: str) -> dict:
+    """A config folder's or hub id's ``model_index.json`` (component name -> [library, class])."""
+    import json
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    folder = Path(source).expanduser()
+    try:
+        if folder.is_dir():
+            return json.loads((folder / "model_index.json").read_text())
+        with warnings.catch_warnings():  # huggingface_hub deprecation chatter from diffusers' call
+            warnings.simplefilter("ignore")
+            return DiffusionPipeline.load_config(source)
+    except Exception as err:
+        raise UsageError(f"could not read the config {source!r} ({first_line(err)}); connect once to download it, "
+                         "or pass a local diffusers folder of the same model as config") from err
+
+
+def _component_class(entry: list):
+    """The class a ``model_index.json`` entry ([library, class]) names."""
+    import importlib
+
+    return getattr(importlib.import_module(entry[0]), entry[1])
 
 
 def _extras(cls, t5: bool = True) -> dict:
@@ -266,50 +343,49 @@ def _pipeline_class(name: str | Path, class_name: str | None):
 
 def _single_file_class(path: Path, config: str | None):
     """The pipeline class of a single-file checkpoint: its ``config``'s, else inferred from its keys."""
-    if config:
-        folder = Path(config).expanduser()
-        if folder.is_dir():
-            return _pipeline_class(config, _index_class(folder / "model_index.json"))
-        try:
-            return _pipeline_class(config, _hub_class_name(config))
-        except UsageError:
-            raise
-        except Exception as err:
-            raise UsageError(f"could not read the config {config!r}: {first_line(err)}") from err
-    if path.suffix.lower() != ".safetensors":
-        return StableDiffusionPipeline  # a trusted pickle: let diffusers' loader infer what it can
-    model_type = _infer_single_file_type(path)
-    if model_type not in SINGLE_FILE_TYPES:
-        raise UsageError(f"{path} looks like a {model_type!r} checkpoint; supported are {SUPPORTED}")
-    return PIPELINES[SINGLE_FILE_TYPES[model_type]]
+    return _single_file_kind(path, config)[0]
 
 
-def _infer_single_file_type(path: Path) -> str:
-    """diffusers' model type of a ``.safetensors`` checkpoint, read from its keys (tensors loaded on demand)."""
-    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
-    from safetensors import safe_open
-
+def _single_file_kind(path: Path, config: str | None) -> tuple[type, dict]:
+    """The pipeline class of a single-file checkpoint and its tensors' shapes (read from the header only; empty
+    for pickles). A flow model's file and its ``config`` must be of the same family."""
+    shapes = sf.read_header(path) if path.suffix.lower() == ".safetensors" and path.is_file() else {}
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return infer_diffusers_model_type(_LazyTensors(handle))
+        model_type = sf.model_type_of(shapes) if shapes else None
+    except Exception as err:  # diffusers' inference trips over some key sets; a config says what the file is
+        if not config:
+            raise UsageError(f"could not read checkpoint {path}: {first_line(err)}") from err
+        model_type = None
+    if model_type and model_type.startswith("flux") and model_type not in SINGLE_FILE_TYPES:
+        raise UsageError(f"{path} is a {model_type!r} checkpoint; supported FLUX single files are FLUX.1 dev and "
+                         "schnell (not Fill, Depth, FLUX.2 or later)")
+    layout = PIPELINES[SINGLE_FILE_TYPES[model_type]] if model_type in SINGLE_FILE_TYPES else None
+    if config:
+        cls = _config_class(config)
+        if model_type and (cls in FLOW_PIPELINES or layout in FLOW_PIPELINES) and cls is not layout:
+            raise UsageError(f"checkpoint {path} is a {model_type!r} checkpoint but config {config} is a "
+                             f"{cls.__name__}; give a config of the checkpoint's family")
+        return cls, shapes
+    if model_type is None:
+        return StableDiffusionPipeline, shapes  # a trusted pickle: let diffusers' loader infer what it can
+    if model_type == sf.SD3_OTHER_SIZE:
+        raise UsageError(f"{path} has SD3's layout at a size diffusers has no config for; read it with a config: "
+                         "a diffusers folder or hub id of the same shape")
+    if layout is None:
+        raise UsageError(f"{path} looks like a {model_type!r} checkpoint; supported are {SUPPORTED}")
+    return layout, shapes
+
+
+def _config_class(config: str):
+    folder = Path(config).expanduser()
+    if folder.is_dir():
+        return _pipeline_class(config, _index_class(folder / "model_index.json"))
+    try:
+        return _pipeline_class(config, _hub_class_name(config))
+    except UsageError:
+        raise
     except Exception as err:
-        raise UsageError(f"could not read checkpoint {path}: {first_line(err)}") from err
-
-
-class _LazyTensors:
-    """A read-only mapping over an open safetensors file: membership from its key list, tensors on access."""
-
-    def __init__(self, handle):
-        self.handle, self.names = handle, set(handle.keys())
-
-    def __contains__(self, key) -> bool:
-        return key in self.names
-
-    def __getitem__(self, key):
-        return self.handle.get_tensor(key)
-
-    def keys(self):
-        return self.names
+        raise UsageError(f"could not read the config {config!r}: {first_line(err)}") from err
 
 
 def _load_mini(allow_pickle: bool) -> StableDiffusionPipeline:
