@@ -99,7 +99,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    "'tiny-sd2-v', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux', 'tiny-flux-schnell' (random weights, output "
                    "is noise, for smoke tests)")
     p.add_argument("--config", default=None,
-                   help="for a single-file checkpoint: diffusers folder or hub id to read its configs from")
+                   help="for a single-file checkpoint: diffusers folder or hub id of the same model to read its "
+                        "configs from, and the components the file lacks (a FLUX file holds the transformer only: "
+                        "VAE, text encoders and tokenizers come from here)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pickle checkpoints (.ckpt/.bin), which can run arbitrary code")
     p.add_argument("--no-t5", action="store_true",
