@@ -139,3 +139,51 @@ def test_flux_schnell_edits_with_the_4_steps_it_is_distilled_for_unless_told(ted
     assert json.loads((tmp_path / "six" / "edit.json").read_text())["num_steps"] == 6
     dev = family_of(load_pipeline("tiny-flux", device="cpu", dtype="fp32"))
     assert dev.default_steps is None  # dev takes the methods' own step counts (ours: 50)
+
+
+# methods that apply to FLUX, through the CLI on a saved folder -> (flags, number of variants)
+FOLDER_APPLIES = {
+    "ours": (["--steps", "3", "--opt-steps", "1", "--eta", "0", "1"], 2),
+    "imagic": (["--steps", "3", "--opt-steps", "1", "--set", "finetune_steps=1", "--set", "alphas=0.8,1.2"], 2),
+    "flowedit": (["--steps", "4", "--set", "n_max=2,3"], 2),
+}
+
+
+@pytest.fixture(scope="module")
+def flux_folder(pipe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-flux-folder")
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("method", list(FOLDER_APPLIES))
+def test_every_method_that_applies_edits_a_saved_flux_folder_through_the_cli(flux_folder, method, tedbench, tmp_path,
+                                                                             capsys, nonrigid_logger):
+    from nonrigid.cli import main
+
+    flags, variants = FOLDER_APPLIES[method]
+    out = tmp_path / "out"
+    code = main(["edit", str(tedbench / "originals" / "dog_01.jpeg"), TARGET, "--method", method, "--model",
+                 str(flux_folder), "--size", str(SIDE), *flags, "--device", "cpu", "--dtype", "fp32", "--seed", "0",
+                 "--out", str(out), "--no-cache", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "edit.json").read_text())
+    assert manifest["method"] == method and "FLUX layout" in manifest["model_family"]
+    files = [v["file"] for v in manifest["variants"]]
+    assert len(set(files)) == variants
+    assert {p.name for p in out.iterdir()} == {*files, "input.png", "grid.png", "edit.json"}
+
+
+@pytest.mark.parametrize("method", ["nti", "masactrl", "edit-friendly", "dds", "ledits"])
+def test_methods_that_do_not_apply_refuse_a_saved_flux_folder_in_one_line(flux_folder, method, tedbench, tmp_path,
+                                                                          capsys, nonrigid_logger):
+    from nonrigid.cli import main
+
+    out = tmp_path / "out"
+    code = main(["edit", str(tedbench / "originals" / "dog_01.jpeg"), TARGET, "--method", method, "--model",
+                 str(flux_folder), "--size", str(SIDE), "--device", "cpu", "--dtype", "fp32", "--out", str(out),
+                 "--no-cache", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err
+    assert err.startswith(f"nonrigid: error: method '{method}' does not apply to this model (FLUX layout")
+    assert not out.exists()
