@@ -26,9 +26,10 @@ STEPS = 5
 SIDE = 64
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return load_pipeline("tiny-sd3", device="cpu", dtype="fp32")
+@pytest.fixture(scope="module", params=["tiny-sd3", "tiny-sd35"])
+def pipe(request):
+    """SD3 medium's layout, and SD3.5's (RMS-normed queries and keys, a dual-attention layer)."""
+    return load_pipeline(request.param, device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,8 @@ def picture(dog_image):
 def test_sd3_is_detected_with_its_flow_schedule_and_conditioning(pipe):
     family = family_of(pipe)
     assert family.name == "sd3" and "without T5" in family.describe() and "shift 3" in family.describe()
+    qk_norm = pipe.transformer.config.qk_norm is not None
+    assert family.describe().startswith("SD3.5 layout" if qk_norm else "SD3 layout")
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)  # not replaced by DDIM
     assert family.defaults.size == SIDE and family.defaults.guidance_scale == 7.0
     cond = family.encode_prompt(PROMPT)

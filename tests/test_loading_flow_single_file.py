@@ -48,12 +48,13 @@ def _saved(pipe, root, state):
     return folder, root / "model.safetensors"
 
 
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    pipe = build_tiny_pipeline(kind="tiny-sd3")
+@pytest.fixture(scope="module", params=["tiny-sd3", "tiny-sd35"])
+def sd3(request, tmp_path_factory):
+    """SD3 medium's layout, and SD3.5's (query/key norms, a dual-attention layer)."""
+    pipe = build_tiny_pipeline(kind=request.param)
     with torch.no_grad():  # SD3 files have no CLIP-L projection: diffusers reads it as the identity
         pipe.text_encoder.text_projection.weight.copy_(torch.eye(16))
-    folder, path = _saved(pipe, tmp_path_factory.mktemp("sd3"), sd3_state_dict(pipe))
+    folder, path = _saved(pipe, tmp_path_factory.mktemp(request.param), sd3_state_dict(pipe))
     return pipe, folder, path
 
 
@@ -310,8 +311,9 @@ def assert_same_edit(tedbench, tmp_path, capsys, folder, path, family: str) -> N
 
 
 def test_the_cli_edits_an_sd3_file_as_its_folder(sd3, tedbench, tmp_path, capsys, nonrigid_logger):
-    _, folder, path = sd3
-    assert_same_edit(tedbench, tmp_path, capsys, folder, path, "SD3 layout")
+    pipe, folder, path = sd3
+    layout = "SD3.5 layout" if pipe.transformer.config.qk_norm else "SD3 layout"
+    assert_same_edit(tedbench, tmp_path, capsys, folder, path, layout)
 
 
 def test_the_cli_edits_a_flux_file_as_its_folder(flux, tedbench, tmp_path, capsys, nonrigid_logger):

@@ -96,8 +96,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="SD 1.x, SD 2.x, SDXL, SD3 / SD3.5 or FLUX.1: hub id, local diffusers folder or single-file "
                    ".safetensors checkpoint (the family is detected from the model); or built in, offline: 'mini', "
                    "'mini-v', 'mini-xl', 'mini-flow' (the trained miniature models, 64 px) or 'tiny', 'tiny-sd2', "
-                   "'tiny-sd2-v', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux', 'tiny-flux-schnell' (random weights, output "
-                   "is noise, for smoke tests)")
+                   "'tiny-sd2-v', 'tiny-sdxl', 'tiny-sd3', 'tiny-sd35', 'tiny-flux', 'tiny-flux-schnell' (random "
+                   "weights, output is noise, for smoke tests)")
     p.add_argument("--config", default=None,
                    help="for a single-file checkpoint: diffusers folder or hub id of the same model to read its "
                         "configs from, and the components the file lacks (a FLUX file holds the transformer only: "

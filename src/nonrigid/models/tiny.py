@@ -36,7 +36,7 @@ from transformers import (
 from .sd import sd_ddim_scheduler
 
 # the built-in random-weight models, by name (``load_pipeline(name)``)
-TINY_KINDS = ("tiny", "tiny-sd2", "tiny-sd2-v", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux-schnell")
+TINY_KINDS = ("tiny", "tiny-sd2", "tiny-sd2-v", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux", "tiny-flux-schnell")
 
 
 def build_tiny_pipeline(seed: int = 0, kind: str = "tiny"):
@@ -48,7 +48,9 @@ def build_tiny_pipeline(seed: int = 0, kind: str = "tiny"):
     at 96 px as SD 2.1 is larger than SD 2 base). ``tiny-sdxl``: SDXL's (two text encoders, a pooled embedding,
     size conditioning, two transformer layers in the inner attention blocks, Euler scheduler config).
     ``tiny-sd3``: SD3's (an MMDiT transformer predicting velocity, two CLIP encoders with projections and no T5,
-    a 16-channel VAE with a shift factor, a flow-matching scheduler with shift 3). ``tiny-flux`` /
+    a 16-channel VAE with a shift factor, a flow-matching scheduler with shift 3). ``tiny-sd35``: SD3.5's
+    additions to it (RMS-normed queries and keys, as SD3.5 medium and large; a second image self-attention in the
+    first layer, as SD3.5 medium's dual-attention layers). ``tiny-flux`` /
     ``tiny-flux-schnell``: FLUX.1-dev's / schnell's (a FLUX transformer over packed 2x2 patches, with or without
     the guidance embedding, a CLIP encoder's pooled output and a T5 encoder's tokens with a T5 tokenizer built in
     code, the 16-channel VAE, a flow-matching scheduler with dynamic shifting), native size 64 px.
@@ -61,8 +63,8 @@ def build_tiny_pipeline(seed: int = 0, kind: str = "tiny"):
         return _build_tiny_sd2(seed, v_prediction=kind == "tiny-sd2-v")
     if kind == "tiny-sdxl":
         return _build_tiny_sdxl(seed)
-    if kind == "tiny-sd3":
-        return _build_tiny_sd3(seed)
+    if kind in ("tiny-sd3", "tiny-sd35"):
+        return _build_tiny_sd3(seed, sd35=kind == "tiny-sd35")
     if kind in ("tiny-flux", "tiny-flux-schnell"):
         return _build_tiny_flux(seed, guidance_embeds=kind == "tiny-flux")
     raise ValueError(f"unknown tiny model {kind!r}; choose one of {', '.join(TINY_KINDS)}")
@@ -137,15 +139,17 @@ def _build_tiny_sdxl(seed: int) -> StableDiffusionXLPipeline:
     )
 
 
-def _build_tiny_sd3(seed: int) -> StableDiffusion3Pipeline:
-    """SD3 medium's layout at toy width; no T5 (its part of the token embeddings is zeros, as diffusers builds it
-    for a pipeline loaded with ``text_encoder_3=None``)."""
+def _build_tiny_sd3(seed: int, sd35: bool = False) -> StableDiffusion3Pipeline:
+    """SD3 medium's layout at toy width (with ``sd35``, SD3.5's query/key norms and a dual-attention layer); no T5
+    (its part of the token embeddings is zeros, as diffusers builds it for a pipeline loaded with
+    ``text_encoder_3=None``)."""
+    sd35_layout = {"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if sd35 else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(
             sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=48,
-            pos_embed_max_size=32,
+            pos_embed_max_size=32, **sd35_layout,
         )
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
