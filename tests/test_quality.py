@@ -86,26 +86,32 @@ def test_text_optimization_moves_the_output_toward_the_input(model):
     An average, because the claim is one about edits in general: on a scene whose edit barely moves the subject
     (scene 0, a white cat on sand, stays standing at every eta) the two outputs differ by noise. Measured on the
     committed model, scenes 0-9: eta 0 is closer on 8 of 10 and 13.1 vs 14.9 on average; scenes 0-2 give
-    11.2 vs 14.0.
+    11.2 vs 14.0. The three scenes run as one batch, as the evaluation runs them (each equal to its run alone:
+    tests/test_batching.py).
     """
     import random
 
     import numpy as np
 
+    from nonrigid.methods.run import EditRequest, run_method_many
     from nonrigid.mini.world import POSES, random_scene, render_example
 
     def distance(image, reference) -> float:
         return float(np.abs(np.asarray(image, dtype=np.float32) - np.asarray(reference, dtype=np.float32)).mean())
 
-    optimized_distances, plain_distances = [], []
+    requests = []
     for seed in range(3):
         scene = random_scene(random.Random(seed))
-        image = render_example(seed=seed)
         target = scene.with_pose(next(pose for pose in POSES if pose != scene.pose)).caption
-        text = optimize_text(model, image, target, steps=200, seed=0)
-        optimized, plain = sample(model, invert(model, image, method="nti"), text, (0.0, 1.0), (10,))
-        optimized_distances.append(distance(optimized, image))
-        plain_distances.append(distance(plain, image))
+        requests.append(EditRequest(render_example(seed=seed), target))
+    results = run_method_many(model, requests, "ours", {"etas": (0.0, 1.0), "inject": (0.2,), "opt_steps": 200,
+                                                        "inversion": "nti", "num_steps": 50}, seeds=(0,))
+    optimized_distances, plain_distances = [], []
+    for request, result in zip(requests, results, strict=True):
+        optimized, plain = (v.image for v in result.variants)
+        assert [v.knobs["eta"] for v in result.variants] == [0.0, 1.0]
+        optimized_distances.append(distance(optimized, request.image))
+        plain_distances.append(distance(plain, request.image))
 
     assert np.mean(optimized_distances) < np.mean(plain_distances), (optimized_distances, plain_distances)
 

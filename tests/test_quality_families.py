@@ -103,19 +103,20 @@ def test_an_edit_changes_the_pose(family_model, request, tmp_path):
     """The paper's method as the miniature evaluation runs it (NTI without source, injection 20%, 50 steps) at eta 1
     turns the subject into the target pose, as the judge reads it, on most of the world benchmark's first pairs
     (`nonrigid mini dataset`, seed 0). At eta 1 the conditioning is the target text's whatever stage A found
-    (e_1 = e_tgt bit for bit: tests/test_claims.py), so stage A runs one step instead of 200: the same images."""
+    (e_1 = e_tgt bit for bit: tests/test_claims.py), so stage A runs one step instead of 200: the same images. The
+    three pairs run as one batch, as the evaluation runs them (each equal to its run alone: tests/test_batching.py)."""
     expect(request, "edit")
     from PIL import Image
 
-    from nonrigid.methods.ours import edit
+    from nonrigid.methods.run import EditRequest, run_method_many
     from nonrigid.mini.dataset import read_dataset, write_dataset
     from nonrigid.mini.judge import load_judge, score_edit
 
     judge = load_judge()
     write_dataset(tmp_path / "data", count=3, edits_per_image=1, seed=0)
-    successes = []
-    for pair in read_dataset(tmp_path / "data"):
-        image = Image.open(pair.image).convert("RGB")
-        result = edit(family_model, image, pair.target_text, etas=(1.0,), num_steps=STEPS, opt_steps=1)
-        successes.append(score_edit(judge, pair.scene, pair.target_pose, result.variants[0].image)["pose_correct"])
+    pairs = read_dataset(tmp_path / "data")
+    requests = [EditRequest(Image.open(pair.image).convert("RGB"), pair.target_text) for pair in pairs]
+    results = run_method_many(family_model, requests, "ours", {"etas": (1.0,), "num_steps": STEPS, "opt_steps": 1})
+    successes = [score_edit(judge, pair.scene, pair.target_pose, result.variants[0].image)["pose_correct"]
+                 for pair, result in zip(pairs, results, strict=True)]
     assert sum(successes) / len(successes) >= 2 / 3, successes
