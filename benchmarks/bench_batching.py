@@ -21,7 +21,7 @@ from PIL import Image
 
 from nonrigid.methods.ours import edit_many
 from nonrigid.mini.dataset import read_dataset, write_dataset
-from nonrigid.mini.evaluate import ETAS
+from nonrigid.mini.protocol import ETAS
 from nonrigid.models.loading import load_pipeline
 
 

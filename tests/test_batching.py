@@ -222,8 +222,9 @@ def test_bench_refuses_a_pairs_per_batch_below_one(tedbench, tmp_path, capsys):
 
 def test_mini_evaluation_in_batches_of_pairs_gives_the_rows_of_one_pair_at_a_time(tmp_path, model):
     from nonrigid.mini.dataset import read_dataset, write_dataset
-    from nonrigid.mini.evaluate import Protocol, evaluate
+    from nonrigid.mini.evaluate import evaluate
     from nonrigid.mini.judge import load_judge
+    from nonrigid.mini.protocol import Protocol
 
     write_dataset(tmp_path / "data", count=3, edits_per_image=1, seed=3)
     pairs, judge = read_dataset(tmp_path / "data"), load_judge()

@@ -116,7 +116,7 @@ def test_sky_shift_measures_a_change_of_sky_colour_and_ignores_the_ground():
 
 
 def test_protocol_refuses_ablation_etas_outside_the_sweep_and_repeated_seeds():
-    from nonrigid.mini.evaluate import Protocol
+    from nonrigid.mini.protocol import Protocol
 
     with pytest.raises(UsageError, match="ablation etas"):
         Protocol(etas=(0.0, 1.0), ablation_etas=(0.5,))

@@ -242,26 +242,43 @@ def test_quiet_failure_prints_only_the_error_line(nan_run):
     assert_one_error_line(nan_run.proc, "--dtype fp32", allow_info=False)
 
 
-@pytest.mark.parametrize(
-    "args, names",
-    [
-        (("mini", "judge", "--steps", "0"), ("--steps", "0")),
-        (("mini", "evaluate", "--data", "nowhere", "--baselines", "foo"), ("--baselines", "foo")),
-        (("mini", "evaluate", "--data", "nowhere", "--seeds", "0"), ("--seeds", "0")),
-        (("mini", "evaluate", "--data", "nowhere", "--ablation-etas", "0.3"), ("ablation etas", "0.3")),
-        (("mini", "evaluate", "--data", "nowhere", "--etas", "0,1.5"), ("etas", "1.5")),
-        (("mini", "evaluate", "--data", "nowhere", "--report-only"), ("--report-only", "--docs")),
-        (("mini", "train", "--unet-steps", "0"), ("--unet-steps", "0")),
-        (("mini", "train", "--snr-gamma", "nan"), ("--snr-gamma", "nan")),
-        (("mini", "train", "--unet-batch", "-4"), ("--unet-batch", "-4")),
-    ],
-    ids=["judge-steps-zero", "evaluate-unknown-baseline", "evaluate-seeds-zero", "evaluate-ablation-eta-not-swept",
-         "evaluate-eta-out-of-range", "evaluate-report-only-without-docs", "train-steps-zero", "train-gamma-nan",
-         "train-batch-negative"],
-)
-def test_mini_commands_fail_in_one_line(args, names, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "nonrigid.cli", *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env=cli_env(tmp_path / "cache", tmp_path / "hf"))
-    assert proc.returncode == 2, proc.stderr
-    assert_one_error_line(proc, *names)
-    assert list(tmp_path.iterdir()) == [], "nothing written"
+MINI_CASES = {
+    "judge-steps-zero": (("mini", "judge", "--steps", "0"), ("--steps", "0")),
+    "evaluate-unknown-baseline": (("mini", "evaluate", "--data", "nowhere", "--baselines", "foo"),
+                                  ("--baselines", "foo")),
+    "evaluate-seeds-zero": (("mini", "evaluate", "--data", "nowhere", "--seeds", "0"), ("--seeds", "0")),
+    "evaluate-ablation-eta-not-swept": (("mini", "evaluate", "--data", "nowhere", "--ablation-etas", "0.3"),
+                                        ("ablation etas", "0.3")),
+    "evaluate-eta-out-of-range": (("mini", "evaluate", "--data", "nowhere", "--etas", "0,1.5"), ("etas", "1.5")),
+    "evaluate-report-only-without-docs": (("mini", "evaluate", "--data", "nowhere", "--report-only"),
+                                          ("--report-only", "--docs")),
+    "train-steps-zero": (("mini", "train", "--unet-steps", "0"), ("--unet-steps", "0")),
+    "train-gamma-nan": (("mini", "train", "--snr-gamma", "nan"), ("--snr-gamma", "nan")),
+    "train-batch-negative": (("mini", "train", "--unet-batch", "-4"), ("--unet-batch", "-4")),
+}
+
+
+@pytest.fixture(scope="module")
+def mini_runs(tmp_path_factory) -> dict[str, Run]:
+    """Every ``nonrigid mini`` case run once, a few processes at a time, each in its own empty working folder."""
+    jobs = {}
+    for name, (args, _) in MINI_CASES.items():
+        root = tmp_path_factory.mktemp(name)
+        work = root / "work"
+        work.mkdir()
+        jobs[name] = (work, [sys.executable, "-m", "nonrigid.cli", *args], cli_env(root / "cache", root / "hf"))
+
+    def run(work: Path, command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=300, env=env)
+
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        futures = {name: pool.submit(run, *job) for name, job in jobs.items()}
+        return {name: Run(futures[name].result(), jobs[name][0], {}) for name in jobs}
+
+
+@pytest.mark.parametrize("name", list(MINI_CASES))
+def test_mini_commands_fail_in_one_line(name, mini_runs):
+    run = mini_runs[name]
+    assert run.proc.returncode == 2, run.proc.stderr
+    assert_one_error_line(run.proc, *MINI_CASES[name][1])
+    assert list(run.work.iterdir()) == [], "nothing written"

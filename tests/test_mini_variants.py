@@ -74,9 +74,10 @@ def test_family_evaluation_compares_ours_with_nti_only_and_writes_its_section(tm
     """`nonrigid mini evaluate --model M --baselines none --docs D` scores ours (every eta) and NTI-only editing on
     each pair and writes M's section into D/MINIATURE.md between markers, keeping what else the page says."""
     from nonrigid.mini.dataset import read_dataset, write_dataset
-    from nonrigid.mini.evaluate import ETAS, evaluate
+    from nonrigid.mini.evaluate import evaluate
     from nonrigid.mini.family_doc import _replace_section
     from nonrigid.mini.judge import load_judge
+    from nonrigid.mini.protocol import ETAS
 
     write_dataset(tmp_path / "data", count=1, edits_per_image=1, seed=3)
     threads = torch.get_num_threads()
@@ -163,10 +164,11 @@ def test_the_flow_family_evaluation_runs_flowedit_and_its_section_shows_it(tmp_p
     from PIL import Image
 
     from nonrigid.mini.dataset import read_dataset, write_dataset
-    from nonrigid.mini.evaluate import FLOW_BASELINES, evaluate, summarize
+    from nonrigid.mini.evaluate import evaluate, summarize
     from nonrigid.mini.family_doc import _gallery, _section, guidance_for
     from nonrigid.mini.flow import build_untrained_pipeline
     from nonrigid.mini.judge import load_judge
+    from nonrigid.mini.protocol import FLOW_BASELINES
 
     pipe = build_untrained_pipeline(model)
     write_dataset(tmp_path / "data", count=1, edits_per_image=1, seed=3)

@@ -118,14 +118,14 @@ def run_edit(args: argparse.Namespace) -> int:
     from ..images import load_image
     from ..methods.output import check_output_dir
 
-    params = method_params(args)  # validates before anything slow happens
+    load_image(args.image, 64)  # a missing or broken image, or an unusable --out, fails before torch is imported
+    out = args.out or default_out(Path(args.image), args.prompt, args.method)
+    check_output_dir(out)
     if args.size is not None and args.size <= 0:
         raise UsageError(f"--size must be positive, got {args.size}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    out = args.out or default_out(Path(args.image), args.prompt, args.method)
-    check_output_dir(out)
-    load_image(args.image, 64)  # a broken image fails here, before the model loads
+    params = method_params(args)  # validates before anything slow happens
 
     from ..methods.output import save_result  # the heavy imports (torch, diffusers) once the input is known good
     from ..methods.run import run_method

@@ -148,10 +148,10 @@ def variant_config(args: argparse.Namespace):
 def run_mini_train(args: argparse.Namespace) -> int:
     import shutil
 
+    config = mini_train_config(args)  # the flags, before torch is imported
     from ..mini.train import Log, train
     from ..models.loading import mini_weights_dir
 
-    config = mini_train_config(args)
     log = Log(args.out / "train_log.txt", echo=None if args.quiet else logger.info)
     log("command: nonrigid " + " ".join(sys.argv[1:]))
     if args.variant != "sd":
@@ -193,11 +193,11 @@ def _train_variant(args: argparse.Namespace, log) -> int:
 
 
 def run_mini_judge(args: argparse.Namespace) -> int:
+    if args.steps < 1:  # before torch is imported
+        raise UsageError(f"--steps must be positive, got {args.steps}")
     from ..mini.judge import save_judge, train_judge
     from ..models.loading import mini_weights_dir
 
-    if args.steps < 1:
-        raise UsageError(f"--steps must be positive, got {args.steps}")
     judge = train_judge(args.steps, seed=args.seed, log=logger.info)
     path = args.out or mini_weights_dir() / "judge.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +225,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def evaluation_protocol(args: argparse.Namespace, world: int | None, family_run: bool):
     """The :class:`Protocol` the ``mini evaluate`` flags describe, after checking them."""
-    from ..mini.evaluate import ETAS, Protocol
+    from ..mini.protocol import ETAS, Protocol
 
     for name in ("steps", "opt_steps", "seeds", "pairs_per_batch"):
         if getattr(args, name) < 1:
@@ -237,9 +237,7 @@ def evaluation_protocol(args: argparse.Namespace, world: int | None, family_run:
 
 
 def run_mini_evaluate(args: argparse.Namespace) -> int:
-    from ..mini.dataset import read_dataset, world_seed
-    from ..mini.evaluate import BASELINES, FLOW_BASELINES, evaluate
-    from ..mini.judge import load_judge
+    from ..mini.protocol import BASELINES, FLOW_BASELINES
 
     allowed = FLOW_BASELINES if args.model == "mini-flow" else BASELINES if args.model == "mini" else {}
     chosen = ",".join(allowed) if args.baselines is None else args.baselines
@@ -253,7 +251,11 @@ def run_mini_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"--model {args.model} takes one --data folder")
     if args.report_only and not args.docs:
         raise UsageError("--report-only writes the page: give --docs")
-    evaluation_protocol(args, None, family_run)  # the flags, before any folder is read
+    evaluation_protocol(args, None, family_run)  # the flags, before any folder is read or torch imported
+    from ..mini.dataset import read_dataset, world_seed
+    from ..mini.evaluate import evaluate
+    from ..mini.judge import load_judge
+
     worlds = [(data, world_seed(data)) for data in args.data]
     seeds = [seed for _, seed in worlds]
     if len(set(seeds)) != len(seeds):

@@ -17,9 +17,10 @@ from ..stages.inversion import invert
 from ..stages.sampling import sample
 from ..stages.text_optimization import TextOptimization
 from .dataset import read_dataset
-from .evaluate import BASELINES, ETAS, load_rows, plot, summarize
+from .evaluate import load_rows, plot, summarize
 from .fidelity import Fidelity, render_accuracy, sample_fidelity
 from .judge import FACTORS, load_judge
+from .protocol import BASELINES, ETAS
 from .world import COLOURS, KINDS, POSES, caption, random_scene, render
 
 

@@ -20,8 +20,9 @@ from ..models.registry import family_of
 from ..stages.cache import write_atomic
 from .dataset import read_dataset
 from .doc import _best_at, reconstruction_errors
-from .evaluate import ETAS, load_rows, summarize
+from .evaluate import load_rows, summarize
 from .fidelity import sample_fidelity
+from .protocol import ETAS
 
 TITLES = {
     "mini-v": "v prediction: `mini-v` (SD 2.x's 768 px models)",
