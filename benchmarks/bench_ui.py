@@ -23,6 +23,13 @@ TARGET = "a photo of a brown dog jumping on sand"
 MOVES = ((0.4, 0.2), (0.8, 0.2), (1.0, 0.1), (0.6, 0.3), (0.2, 0.4))  # (eta, injection ratio)
 
 
+def denoiser(pipe):
+    """The pipeline's UNet, or a flow model's transformer."""
+    from nonrigid.models.registry import family_of
+
+    return family_of(pipe).network
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -30,12 +37,12 @@ def free_port() -> int:
 
 
 class UNetClock:
-    """Wall time spent inside the UNet's forward (hooks around it)."""
+    """Wall time spent inside the denoiser's forward (hooks around it)."""
 
-    def __init__(self, unet) -> None:
+    def __init__(self, network) -> None:
         self.seconds, self.calls, self._tick = 0.0, 0, 0.0
-        unet.register_forward_pre_hook(self._start)
-        unet.register_forward_hook(self._stop)
+        network.register_forward_pre_hook(self._start)
+        network.register_forward_hook(self._stop)
 
     def _start(self, *_) -> None:
         self._tick = time.perf_counter()
@@ -56,7 +63,7 @@ def measure(model: str, out: Path) -> dict:
 
     editor = Editor(model, out, cache_dir=out / "cache")
     editor.load()
-    clock = UNetClock(editor.pipe.unet)
+    clock = UNetClock(denoiser(editor.pipe))
     port = free_port()
     app = launch(editor, port=port, block=False, quiet=True)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -85,7 +92,7 @@ def browser(model: str, out: Path, path: Path | None) -> list[dict]:
 
     editor = Editor(model, out, cache_dir=out / "cache")
     editor.load()
-    clock = UNetClock(editor.pipe.unet)
+    clock = UNetClock(denoiser(editor.pipe))
     port = free_port()
     app = launch(editor, port=port, block=False, quiet=True)
     moves = []
