@@ -53,6 +53,9 @@ def test_every_method_has_fast_settings_and_a_documented_table():
         for p in info.params:
             assert f"--set {p.name}=" in listing and p.help
         resolve_params(info, FAST[name])  # the fast settings are valid
+    # a method's own defaults for a family are listed with it (FlowEdit on FLUX: its authors' FLUX settings)
+    assert ("  defaults on flux (the reference's settings there): num_steps=28, n_max=24, source_guidance=1.5, "
+            "target_guidance=5.5") in describe_methods(["flowedit"])
 
 
 def test_parameters_parse_from_the_command_line_and_refuse_nonsense():

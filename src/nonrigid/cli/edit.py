@@ -171,6 +171,10 @@ def describe_methods(names: list[str] | None = None) -> str:
             lines.append(f"  memory: {info.memory}")
         if info.families is not None:
             lines.append(f"  model families: {', '.join(info.families)} only")
+        for family, settings in info.family_settings.items():
+            shown = ", ".join(f"{name}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                              for name, v in settings.items())
+            lines.append(f"  defaults on {family} (the reference's settings there): {shown}")
         for p in info.params:
             default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in p.default) if p.is_sweep \
                 else ("none" if p.default is None else p.default)
