@@ -72,6 +72,29 @@ def test_operating_point_is_chosen_on_one_world_and_tested_on_the_other():
     assert fitted_on_1.verdict == "contradicted"
 
 
+def test_a_baseline_that_never_reaches_ours_identity_is_compared_at_its_closest_setting_and_said_so():
+    """DDS reaches ours' identity error at 100 iterations (its best edit there is chosen); Imagic's every alpha
+    keeps identity worse than ours, so its closest alpha is taken and the comparison says no alpha gets there."""
+    rows = []
+    for world in (0, 1):
+        for pair in range(10):
+            rows.append(_row(world, pair, "NTI-only", 1.0, None, identity_error=0.10, edit_success=0.5))
+            rows.append(_row(world, pair, "ours", 1.0, identity_error=0.08, edit_success=0.8))
+            for knob, identity, success in ((50, 0.06, 0.6), (100, 0.08, 0.85), (200, 0.12, 0.9)):
+                rows.append(_row(world, pair, "dds", knob, None, identity_error=identity, edit_success=success))
+            for alpha, identity in ((0.8, 0.13), (1.2, 0.15)):
+                rows.append(_row(world, pair, "imagic", alpha, identity_error=identity, edit_success=0.9))
+    claims = [c for c in matched_claims(pair_means(rows), ("dds", "imagic")) if c.metric == "edit_success"]
+    dds = [c for c in claims if c.topic == "ours vs dds"]
+    imagic = [c for c in claims if c.topic == "ours vs imagic"]
+    assert len(dds) == len(imagic) == 2
+    for c in dds:
+        assert "dds at 100" in c.comparison and "closest" not in c.comparison
+    for c in imagic:
+        assert "imagic at 0.8" in c.comparison
+        assert "no imagic setting gets down to ours' identity error there, this is the closest" in c.comparison
+
+
 def test_all_claims_cover_the_ablations_eta_and_sky_with_their_predicted_sides():
     rows = []
     for pair in range(12):

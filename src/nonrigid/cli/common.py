@@ -79,7 +79,8 @@ def add_knob_flags(p: argparse.ArgumentParser) -> None:
                    help="ours: share of sampling steps conditioned on the source prompt first, in [0, 1]; the paper "
                    f"finds 0.1-0.4 works, higher keeps more structure (default: {DEFAULT_INJECT[0]:g})")
     p.add_argument("--steps", type=int, default=None,
-                   help="DDIM steps of inversion and sampling (default: the method's, 50 for ours)")
+                   help="steps of inversion and sampling (DDIM; Euler on flow models; default: the method's, 50 "
+                   "for ours, 4 on FLUX schnell)")
     p.add_argument("--opt-steps", type=int, default=None, help="ours/imagic: text optimization steps (0 skips it; "
                    "default: 200 for ours)")
     p.add_argument("--opt-lr", type=float, default=None, help="ours/imagic: text optimization learning rate "

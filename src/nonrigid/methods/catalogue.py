@@ -23,7 +23,7 @@ _FLOW_FAMILIES = ("sd3", "flux")
 _CFG_FAMILIES = ("sd", "sdxl", "sd3")  # models with an unconditional branch (FLUX's guidance is distilled)
 
 _NTI_PARAMS = (
-    Param("num_steps", "int", 50, "DDIM steps of inversion and sampling", low=1, high=1000),
+    Param("num_steps", "int", 50, "steps of inversion and sampling (DDIM; Euler on flow models)", low=1, high=1000),
     Param("guidance_scale", "float", 7.5, "classifier-free guidance scale (NTI inverts for this scale)", low=1),
     Param("inner_steps", "int", 10, "null-text inversion: Adam steps per sampling step", low=0),
     Param("early_stop", "float", 1e-5, "null-text inversion: stop a step's inner loop below this loss", low=0),
@@ -39,7 +39,7 @@ OURS = MethodInfo(
               high=1),
         Param("inject", "floats", DEFAULT_INJECT, "share of steps conditioned on the source prompt first "
               "(K = round(inject x steps))", label="K", low=0, high=1),
-        Param("num_steps", "int", 50, "DDIM steps of inversion and sampling", low=1, high=1000),
+        Param("num_steps", "int", 50, "steps of inversion and sampling (DDIM; Euler on flow models)", low=1, high=1000),
         Param("opt_steps", "int", 200, "text optimization steps (0 skips it)", low=0),
         Param("opt_lr", "float", 1e-3, "text optimization learning rate (Adam)", low=0, open_low=True),
         Param("inversion", "str", "nti", "nti: null-text inversion at guidance 7.5; ddim: DDIM inversion at "
