@@ -265,25 +265,31 @@ def test_compiled_unet_gives_the_same_edit(dog_image, texts, nti):
 # --------------------------------------------------------------------------------------------------- benchmark
 
 
-def test_benchmark_measures_the_work_it_should_and_keeps_the_prose_of_its_document(tmp_path):
+def quick_benchmark(tmp_path, config: str, *flags: str, doc: str = "") -> tuple[dict, dict, tuple[int, int, int]]:
+    """``bench_edit --config CONFIG --quick`` into ``tmp_path`` (torch's thread count restored after): the run as
+    saved, its sections, and the plan's steps N, injection steps K and number of variants."""
     import bench_edit
 
+    threads = torch.get_num_threads()
+    try:
+        bench_edit.main(["--config", config, *flags, "--quick", "--results", str(tmp_path), "--doc", doc])
+    finally:
+        torch.set_num_threads(threads)
+    run = json.loads((tmp_path / f"{config}.json").read_text())
+    plan = run["plan"]
+    return run, run["sections"], (plan["num_steps"], round(plan["inject"] * plan["num_steps"]), len(plan["etas"]))
+
+
+def test_benchmark_measures_the_work_it_should_and_keeps_the_prose_of_its_document(tmp_path):
     doc = tmp_path / "PERFORMANCE.md"
     doc.write_text("# Performance\n\nhand-written intro\n\n<!-- bench:cpu:start -->\nold\n<!-- bench:cpu:end -->\n"
                    "\nhand-written analysis\n")
-    threads = torch.get_num_threads()
-    try:
-        bench_edit.main(["--config", "cpu", "--layout", "tiny", "--size", "64", "--quick", "--no-mini",
-                         "--results", str(tmp_path), "--doc", str(doc)])
-    finally:
-        torch.set_num_threads(threads)
-    run = json.loads((tmp_path / "cpu.json").read_text())
-    s, plan = run["sections"], run["plan"]
-    n, k, variants = plan["num_steps"], round(plan["inject"] * plan["num_steps"]), len(plan["etas"])
+    run, s, (n, k, variants) = quick_benchmark(tmp_path, "cpu", "--layout", "tiny", "--size", "64", "--no-mini",
+                                               doc=str(doc))
     assert s["straightforward.C"]["unet_units"] == variants * 2 * n
     assert s["ours.C"]["unet_units"] == s["ours.sweep_cached"]["unet_units"] == variants * 2 * (n - k)
     assert s["ours.extra_variant"]["unet_units"] == 2 * (n - k)
-    assert s["ours.A"]["unet_units"] == s["straightforward.A"]["unet_units"] == 2 * plan["opt_steps"]
+    assert s["ours.A"]["unet_units"] == s["straightforward.A"]["unet_units"] == 2 * run["plan"]["opt_steps"]
     assert s["ours.B"]["unet_units"] < s["straightforward.B"]["unet_units"]
     assert s["ours.B_npi"]["unet_units"] == 2 * n
     assert run["checks"]["final_latent_relative_diff"] < 1e-3
@@ -295,14 +301,7 @@ def test_benchmark_measures_the_work_it_should_and_keeps_the_prose_of_its_docume
 def test_the_sd3_benchmark_counts_transformer_work_on_the_tiny_sd3_model(tmp_path):
     import bench_edit
 
-    threads = torch.get_num_threads()
-    try:
-        bench_edit.main(["--config", "sd3-cpu", "--quick", "--results", str(tmp_path), "--doc", ""])
-    finally:
-        torch.set_num_threads(threads)
-    run = json.loads((tmp_path / "sd3-cpu.json").read_text())
-    s, plan = run["sections"], run["plan"]
-    n, k, variants = plan["num_steps"], round(plan["inject"] * plan["num_steps"]), len(plan["etas"])
+    run, s, (n, k, variants) = quick_benchmark(tmp_path, "sd3-cpu")
     assert "SD3 layout" in run["environment"]["family"] and run["environment"]["guidance_scale"] == 7.0
     assert s["ours.C"]["unet_units"] == s["ours.sweep_cached"]["unet_units"] == variants * 2 * (n - k)
     assert s["ours.extra_variant"]["unet_units"] == 2 * (n - k)  # the transformer's calls are the ones counted
@@ -381,14 +380,7 @@ def test_the_flux_benchmark_inverts_with_the_stand_in_for_nti_and_its_cached_sta
     an unconditional conditioning, which the stage cache once failed to write) equals stage C."""
     import bench_edit
 
-    threads = torch.get_num_threads()
-    try:
-        bench_edit.main(["--config", "flux-cpu", "--quick", "--results", str(tmp_path), "--doc", ""])
-    finally:
-        torch.set_num_threads(threads)
-    run = json.loads((tmp_path / "flux-cpu.json").read_text())
-    s, plan = run["sections"], run["plan"]
-    n, k, variants = plan["num_steps"], round(plan["inject"] * plan["num_steps"]), len(plan["etas"])
+    run, s, (n, k, variants) = quick_benchmark(tmp_path, "flux-cpu")
     assert "FLUX layout" in run["environment"]["family"] and run["environment"]["guidance_scale"] == 3.5
     assert "ours.B_npi" not in s and s["ours.B"]["unet_units"] == s["ours.B"]["unet_calls"] == n
     assert s["ours.C"]["unet_units"] == variants * (n - k) + k  # one branch; the K source steps computed once
