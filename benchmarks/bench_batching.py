@@ -1,7 +1,11 @@
-"""Batching across pairs: seconds per pair of the paper's method on the miniature model at 1, 4 and 8 pairs per
-model batch, and how far each batched pair's images are from its run alone.
+"""Batching across pairs: seconds per pair of the paper's method (or a baseline) on the miniature model at 1, 4 and
+8 pairs per model batch, and how far each batched pair's images are from its run alone.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_batching.py --pairs 8 --batches 1,4,8
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_batching.py --method dds --pairs 10 --batches 1,10
+
+A baseline runs with the miniature evaluation's settings (``nonrigid.mini.protocol.BASELINES``, its full step
+counts), through ``run_method_many`` as the evaluation calls it.
 
 The pairs are the miniature world's benchmark pairs (``write_dataset``, seed 0); every setting is the miniature
 evaluation's ``ours`` (NTI without a source prompt, injection 20%, six etas, seed 0) with fewer steps by default
@@ -32,7 +36,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (the evaluation: 50)")
     parser.add_argument("--opt-steps", type=int, default=50, help="text optimization steps (the evaluation: 200)")
     parser.add_argument("--inner-steps", type=int, default=10, help="NTI inner steps (the paper: 10)")
+    parser.add_argument("--method", default="ours", help="ours, or a baseline that batches across pairs "
+                        "(dds, edit-friendly) with the miniature evaluation's settings")
     args = parser.parse_args()
+    if args.method != "ours":
+        return bench_baseline(args)
 
     pipe = load_pipeline("mini", device="cpu", dtype="fp32")
     with tempfile.TemporaryDirectory() as folder:
@@ -46,23 +54,45 @@ def main() -> None:
 
     print(f"torch threads: {torch.get_num_threads()}; {args.pairs} pairs, {args.steps} DDIM steps, "
           f"{args.opt_steps} text-optimization steps, {args.inner_steps} NTI inner steps, {len(ETAS)} etas\n")
+    time_batches(lambda chunk: edit_many(pipe, [images[i] for i in chunk], [targets[i] for i in chunk], size=64,
+                                         **settings), len(images), args.batches)
+
+
+def bench_baseline(args: argparse.Namespace) -> None:
+    """The baseline's rows of the table, run as the miniature evaluation runs it (seed 0, source captions)."""
+    from nonrigid.methods.run import EditRequest, batches_pairs, run_method_many
+    from nonrigid.mini.protocol import BASELINES
+
+    if not batches_pairs(args.method):
+        raise SystemExit(f"{args.method} does not batch across pairs")
+    pipe = load_pipeline("mini", device="cpu", dtype="fp32")
+    with tempfile.TemporaryDirectory() as folder:
+        write_dataset(Path(folder), count=args.pairs)
+        pairs = read_dataset(Path(folder))[: args.pairs]
+        requests = [EditRequest(Image.open(p.image).convert("RGB"), p.target_text, p.source_text) for p in pairs]
+    params = BASELINES[args.method]
+    print(f"torch threads: {torch.get_num_threads()}; {args.pairs} pairs, {args.method} {params}\n")
+    time_batches(lambda chunk: run_method_many(pipe, [requests[i] for i in chunk], args.method, params, size=64),
+                 len(requests), args.batches)
+
+
+def time_batches(run_chunk, count: int, batches: str) -> None:
+    """Print the table: ``run_chunk(indices)`` (results with ``variants``) over ``count`` pairs, that many at a
+    time for each of the comma-separated ``batches``, timed; images compared with the first batch size's."""
     print("| pairs per batch | seconds | seconds per pair | speed-up | max pixel difference to batch 1 |")
     print("| --- | --- | --- | --- | --- |")
     reference, base = None, None
-    for size in (int(b) for b in args.batches.split(",")):
+    for size in (int(b) for b in batches.split(",")):
         tick = time.perf_counter()
         results = []
-        for start in range(0, len(images), size):
-            results += edit_many(pipe, images[start : start + size], targets[start : start + size], size=64,
-                                 **settings)
+        for start in range(0, count, size):
+            results += run_chunk(list(range(start, min(start + size, count))))
         seconds = time.perf_counter() - tick
         pixels = [np.asarray(v.image, dtype=int) for r in results for v in r.variants]
         reference = pixels if reference is None else reference
         base = seconds if base is None else base
         diff = max(int(np.abs(a - b).max()) for a, b in zip(pixels, reference, strict=True))
-        print(f"| {size} | {seconds:.1f} | {seconds / len(images):.2f} | {base / seconds:.2f}x | {diff} |",
-              flush=True)
-
+        print(f"| {size} | {seconds:.1f} | {seconds / count:.2f} | {base / seconds:.2f}x | {diff} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -151,6 +151,66 @@ def test_edit_many_refuses_settings_that_differ(tiny_pipe, images):
         edit_stages_many(tiny_pipe, images[:2], configs, None, [{"model": "m"}, {"model": "m"}])
 
 
+# ---------------------------------------------------------------------------------------------- baselines across pairs
+
+def test_dds_runs_batched_equal_each_run_alone_bit_for_bit_with_a_batch_invariant_denoiser(rowwise, images):
+    from nonrigid.methods.dds import DDSJob, dds_optimize, dds_optimize_many
+
+    texts = {p: rowwise.encode_prompt(p) for p in set(TARGETS + SOURCES)}
+    jobs = [DDSJob(rowwise.encode_image(image), texts[source], texts[target], seed)
+            for image, target, source, seed in zip(images, TARGETS, SOURCES, SEEDS, strict=True)]
+    batched = dds_optimize_many(rowwise, jobs, (0, 2, 5), lr=1.0)
+    for job, many in zip(jobs, batched, strict=True):
+        alone = dds_optimize(rowwise, job.source_latent, job.source, job.target, (0, 2, 5), seed=job.seed, lr=1.0)
+        assert many.seed == job.seed and many.timesteps == alone.timesteps and many.losses == alone.losses
+        assert sorted(many.snapshots) == [0, 2, 5]
+        assert all(torch.equal(many.snapshots[n], alone.snapshots[n]) for n in (0, 2, 5))
+        assert not torch.equal(many.snapshots[5], many.snapshots[0])  # the runs moved: the check has teeth
+    assert len({tuple(r.timesteps) for r in batched}) == 3  # each run drew its own timesteps
+
+
+def test_edit_friendly_inversions_and_samples_batched_equal_each_image_alone_bit_for_bit(rowwise, images):
+    from nonrigid.methods.edit_friendly import edit_friendly_invert, edit_friendly_invert_many, edit_friendly_sample
+
+    latents = [rowwise.encode_image(image) for image in images]
+    sources = [rowwise.encode_prompt(p) for p in SOURCES]
+    targets = [rowwise.encode_prompt(p) for p in TARGETS]
+    seeds = [(0, 5), (1,), (2, 3)]
+    batched = edit_friendly_invert_many(rowwise, latents, sources, seeds, STEPS, 3.5)
+    finals = edit_friendly_sample(rowwise, [inv for mine in batched for inv in mine],
+                                  [t for t, mine in zip(targets, batched, strict=True) for _ in mine], 7.5, (2, 4))
+    finals = finals.split([2 * len(mine) for mine in batched])
+    for latent, source, target, mine, many, final in zip(latents, sources, targets, seeds, batched, finals,
+                                                         strict=True):
+        alone = edit_friendly_invert(rowwise, latent, source, STEPS, 3.5, mine)
+        assert [inv.seed for inv in many] == list(mine)
+        for a, b in zip(alone, many, strict=True):
+            assert torch.equal(a.xs, b.xs) and torch.equal(a.zs, b.zs)
+        assert torch.equal(edit_friendly_sample(rowwise, alone, target, 7.5, (2, 4)), final)
+    assert not torch.equal(finals[0][0], finals[1][0])
+
+
+@pytest.mark.parametrize("method", ["dds", "edit-friendly"])
+def test_baselines_across_pairs_equal_each_pair_alone_with_the_real_unet(tiny_pipe, images, method):
+    from nonrigid.methods.run import EditRequest, batches_pairs, run_method, run_method_many
+
+    params = {"dds": {"iterations": (2, 6), "lr": 1.0}, "edit-friendly": {"num_steps": 8, "skip": (2, 5)}}[method]
+    assert batches_pairs(method)
+    requests = [EditRequest(image, target, source) for image, target, source in zip(images, TARGETS, SOURCES,
+                                                                                    strict=True)]
+    many = run_method_many(tiny_pipe, requests, method, params, seeds=(0, 1), size=64)
+    for request, batched in zip(requests, many, strict=True):
+        alone = run_method(tiny_pipe, request.image, request.target_prompt, method, params, seeds=(0, 1),
+                           source_prompt=request.source_prompt, size=64)
+        assert [(v.seed, v.knobs) for v in batched.variants] == [(v.seed, v.knobs) for v in alone.variants]
+        for a, b in zip(alone.variants, batched.variants, strict=True):
+            pixels = np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int))
+            assert pixels.max() <= 1 and (pixels > 0).mean() < 0.05
+        assert batched.record.keys() == alone.record.keys()
+    first, second = (np.asarray(r.variants[-1].image, dtype=int) for r in many[:2])
+    assert np.abs(first - second).max() > 10  # different pictures, different edits
+
+
 # ------------------------------------------------------------------------------------ nonrigid bench --pairs-per-batch
 
 BENCH = ["--method", "ours", "--method", "nti", "--seeds", "2", "--sweep", "eta=0,0.5", "--set", "num_steps=3",
@@ -193,12 +253,12 @@ def test_bench_pairs_per_batch_gives_the_rows_and_images_of_one_pair_at_a_time(t
     assert read_rows(tmp_path / "two") == rows_before
 
 
-def test_jobs_of_ours_with_one_setting_are_grouped_n_pairs_at_a_time_and_others_run_alone(tedbench):
+def test_jobs_of_ours_and_dds_with_one_setting_are_grouped_n_pairs_at_a_time_and_others_run_alone(tedbench):
     from nonrigid.evaluation.bench import job_groups
     from nonrigid.evaluation.data import read_pairs
     from nonrigid.evaluation.plan import BenchSpec, plan_settings
 
-    settings = plan_settings(["ours", "nti"], ["opt_steps=1,2"], ["num_steps=3"])
+    settings = plan_settings(["ours", "nti", "dds"], ["opt_steps=1,2"], ["num_steps=3"])
     spec = BenchSpec(tedbench, read_pairs(tedbench)[:3], settings, (0,), model="tiny", size=64)
     groups = [[(job.pair.index, job.method, job.setting.label) for job in group]
               for group in job_groups(spec.jobs(), 2)]
@@ -206,10 +266,11 @@ def test_jobs_of_ours_with_one_setting_are_grouped_n_pairs_at_a_time_and_others_
     assert groups == [
         [(p0, "ours", "opt_steps=1"), (p1, "ours", "opt_steps=1")],
         [(p0, "ours", "opt_steps=2"), (p1, "ours", "opt_steps=2")],
-        [(p0, "nti", "default")], [(p1, "nti", "default")],
+        [(p0, "nti", "default")], [(p0, "dds", "default"), (p1, "dds", "default")], [(p1, "nti", "default")],
         [(p2, "ours", "opt_steps=1")], [(p2, "ours", "opt_steps=2")], [(p2, "nti", "default")],
+        [(p2, "dds", "default")],
     ]
-    assert [len(g) for g in job_groups(spec.jobs(), 1)] == [1] * 9
+    assert [len(g) for g in job_groups(spec.jobs(), 1)] == [1] * 12
 
 
 def test_bench_refuses_a_pairs_per_batch_below_one(tedbench, tmp_path, capsys):
@@ -240,3 +301,41 @@ def test_mini_evaluation_in_batches_of_pairs_gives_the_rows_of_one_pair_at_a_tim
         a = np.asarray(Image.open(tmp_path / "run1" / "results" / f"{index:03d}.png"), dtype=int)
         b = np.asarray(Image.open(tmp_path / "run2" / "results" / f"{index:03d}.png"), dtype=int)
         assert np.abs(a - b).max() <= 1
+
+
+def test_mini_evaluation_batches_the_baselines_across_pairs_with_the_rows_of_one_pair_at_a_time(tmp_path, model,
+                                                                                                 monkeypatch):
+    """The baselines that batch across images (DDS, Edit-friendly) run a batch of pairs as one model batch, the
+    others one by one: every row as at one pair per batch; an interrupted run redoes only the missing job."""
+    from nonrigid.mini import protocol as mini_protocol
+    from nonrigid.mini.dataset import read_dataset, write_dataset
+    from nonrigid.mini.evaluate import evaluate
+    from nonrigid.mini.judge import load_judge
+
+    for method, params in {"dds": {"iterations": (2, 8)}, "edit-friendly": {"num_steps": 6, "skip": (2, 4)},
+                           "masactrl": {"num_steps": 4, "inner_steps": 2, "start_step": (1, 3)}}.items():
+        monkeypatch.setitem(mini_protocol.BASELINES, method, params)
+    write_dataset(tmp_path / "data", count=3, edits_per_image=1, seed=3)
+    pairs, judge = read_dataset(tmp_path / "data"), load_judge()
+    protocol = mini_protocol.Protocol(num_steps=3, opt_steps=1, etas=(1.0,), ablation_etas=(1.0,), ablations=False)
+    methods = ("dds", "edit-friendly", "masactrl")
+    runs = {n: evaluate(model, judge, pairs, tmp_path / f"run{n}", baselines=methods, progress=False,
+                        pairs_per_batch=n, protocol=protocol) for n in (1, 3)}
+    baseline_rows = {n: [r for r in rows if r["setting"] in methods] for n, rows in runs.items()}
+    assert len(baseline_rows[1]) == len(baseline_rows[3]) == 3 * 2 * 3
+    for one, three in zip(baseline_rows[1], baseline_rows[3], strict=True):
+        assert one.keys() == three.keys()
+        for column, value in one.items():
+            assert three[column] == (pytest.approx(value, abs=1e-3) if isinstance(value, float) else value), column
+    assert len({r["identity_error"] for r in baseline_rows[3] if r["setting"] == "dds"}) == 6  # pairs differ
+
+    folder = tmp_path / "run3" / "baselines"
+    written = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")}
+    lost = json.loads((folder / "001-dds.json").read_text())
+    (folder / "001-dds.json").unlink()
+    evaluate(model, judge, pairs, tmp_path / "run3", baselines=methods, progress=False, pairs_per_batch=3,
+             protocol=protocol)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json") if p.name != "001-dds.json"} == \
+        {name: ns for name, ns in written.items() if name != "001-dds.json"}  # nothing else was redone
+    redone = json.loads((folder / "001-dds.json").read_text())
+    assert [r["identity_error"] for r in redone] == pytest.approx([r["identity_error"] for r in lost], abs=1e-3)

@@ -118,7 +118,8 @@ def test_all_claims_cover_the_ablations_eta_and_sky_with_their_predicted_sides()
     assert found[("injection", "inject 0% minus 50%", "edit_success")] == "supported"
     assert found[("eta", "ours at eta 1 minus eta 0", "edit_success")] == "supported"
     assert found[("sky", "ours at eta 0", "sky_shift")] == "differs"  # the text optimization moves the sky here
-    assert spread["n"] == 24 and spread["mean"] == pytest.approx(0.4)
+    assert spread["edit_success"]["n"] == 24 and spread["edit_success"]["mean"] == pytest.approx(0.4)
+    assert spread["identity_error"]["mean"] == pytest.approx(0.05) and spread["identity_error"]["share_over"] == 1.0
 
 
 def test_sky_shift_measures_a_change_of_sky_colour_and_ignores_the_ground():
@@ -220,3 +221,34 @@ def test_mini_evaluate_on_two_worlds_with_seeds(tmp_path, capsys):
                  str(tmp_path / "other"), "--quiet"]) == 2
     assert "different seeds" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_the_baseline_gallery_puts_each_method_under_its_label(tmp_path):
+    """Columns of `docs/mini-baselines.png`: input, ideal edit, ours at eta 0.4, NTI-only, then each baseline at
+    its gallery knob, each under a header naming it; rows name their pair."""
+    from nonrigid.mini.doc import GALLERY_KNOBS, _baseline_gallery
+    from nonrigid.mini.protocol import ETAS
+
+    run = tmp_path / "run"
+    (run / "results").mkdir(parents=True)
+    (run / "baselines").mkdir()
+    strip_colours = [(10 * i, 0, 0) for i in range(2 + len(ETAS) + 1)]  # input, ideal, ours at each eta, NTI-only
+    strip = Image.new("RGB", (64 * len(strip_colours), 64))
+    for i, colour in enumerate(strip_colours):
+        strip.paste(colour, (64 * i, 0, 64 * (i + 1), 64))
+    strip.save(run / "results" / "007.png")
+    method_colours = {method: (0, 40 * (i + 1), 0) for i, method in enumerate(GALLERY_KNOBS)}
+    for method, knob in GALLERY_KNOBS.items():
+        Image.new("RGB", (64, 64), method_colours[method]).save(run / "baselines" / f"007-{method}-{knob}.png")
+    _baseline_gallery(run, [7], tmp_path / "gallery.png")
+
+    grid = np.asarray(Image.open(tmp_path / "gallery.png").convert("RGB"))
+    expected = [strip_colours[0], strip_colours[1], strip_colours[2 + ETAS.index(0.4)], strip_colours[-1],
+                *method_colours.values()]
+    left = grid.shape[1] - 128 * len(expected)
+    top = grid.shape[0] - 128
+    for column, colour in enumerate(expected):
+        assert tuple(grid[top + 64, left + 128 * column + 64]) == colour, column
+        header = grid[:top, left + 128 * column : left + 128 * (column + 1)]
+        assert (header.sum(axis=2) < 200).any(), f"column {column} has no label"
+    assert (grid[top:, :left].sum(axis=2) < 200).any()  # the row's label

@@ -98,7 +98,8 @@ def add_mini_parser(commands) -> None:
                     help="the etas (among --etas) at which the inversion and injection ablations are sampled "
                     "(default: all of --etas); each costs a sampling per seed and setting")
     ev.add_argument("--pairs-per-batch", type=int, default=8, metavar="N",
-                    help="pairs whose stages run as one UNet batch (ours, its ablations, NTI-only); results equal "
+                    help="pairs whose stages run as one UNet batch (ours, its ablations, NTI-only, DDS, "
+                    "Edit-friendly); results equal "
                     "to one pair at a time up to float rounding, several times faster at 16 x 16 latents")
     ev.add_argument("--baselines", default=None,
                     help="comma-separated baselines to run besides NTI-only editing ('none' for none); default: "

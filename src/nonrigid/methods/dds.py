@@ -47,14 +47,16 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from ..errors import UsageError, check_finite
+from ..models.family import Conditioning
 from ..models.registry import family_of
 from ..progress import Progress, track
 from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant
 from .catalogue import DDS as INFO
 
-__all__ = ["INFO", "REFERENCE_LATENT_AREA", "DDSDraw", "DDSResult", "dds_delta", "dds_deltas", "dds_draws",
-           "dds_loss", "dds_optimize", "expected_delta_norm", "noise_schedule", "run"]
+__all__ = ["INFO", "REFERENCE_LATENT_AREA", "DDSDraw", "DDSJob", "DDSResult", "dds_delta", "dds_delta_rows",
+           "dds_deltas", "dds_draws", "dds_loss", "dds_optimize", "dds_optimize_many", "expected_delta_norm",
+           "noise_schedule", "run", "run_many"]
 
 REFERENCE_LATENT_AREA = 64 * 64  # h * w of an SD latent at 512 px: the reference's loss normaliser there
 
@@ -91,7 +93,7 @@ def dds_draws(
 
 def noise_schedule(pipe: StableDiffusionPipeline) -> DDIMScheduler:
     """A private scheduler with the pipeline's configuration: only its ``abar_t`` and ``add_noise`` are used."""
-    return DDIMScheduler.from_config(pipe.scheduler.config)
+    return DDIMScheduler.from_config(family_of(pipe).pipe.scheduler.config)
 
 
 @torch.no_grad()
@@ -111,15 +113,36 @@ def dds_delta(
     The two predictions are two calls of the same shape on the same kind of inputs, so when ``latent`` equals
     ``source_latent`` and the embeddings are equal the inputs are bit-identical and the delta is exactly zero.
     """
+    return dds_delta_rows(pipe, latent, source_latent, torch.tensor([draw.timestep]), draw.noise,
+                          Conditioning.of(target_embedding), Conditioning.of(source_embedding), uncond_embedding,
+                          guidance_scale, scheduler)
+
+
+@torch.no_grad()
+def dds_delta_rows(
+    pipe: StableDiffusionPipeline,
+    latents: torch.Tensor,
+    source_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    noises: torch.Tensor,
+    targets: Conditioning,
+    sources: Conditioning,
+    uncond_embedding: torch.Tensor,
+    guidance_scale: float,
+    scheduler: DDIMScheduler | None = None,
+) -> torch.Tensor:
+    """:func:`dds_delta` for several independent DDS runs at once (R rows: each its own latent, source latent,
+    timestep, noise and prompts): the target branch of every row in one call, the source branch in another, so
+    one row gives exactly :func:`dds_delta`'s two calls."""
     scheduler = scheduler or noise_schedule(pipe)
-    t = torch.tensor([draw.timestep], device=latent.device)
-    noisy = scheduler.add_noise(latent.detach(), draw.noise, t)
-    noisy_source = scheduler.add_noise(source_latent, draw.noise, t)
+    t = timesteps.to(latents.device)
+    noisy = scheduler.add_noise(latents.detach(), noises, t)
+    noisy_source = scheduler.add_noise(source_latents, noises, t)
     family = family_of(pipe)
     target_eps = family.noise_estimate(
-        family.predict(noisy, t, target_embedding, uncond_embedding, guidance_scale), noisy, t)
+        family.predict(noisy, t, targets, uncond_embedding, guidance_scale), noisy, t)
     source_eps = family.noise_estimate(
-        family.predict(noisy_source, t, source_embedding, uncond_embedding, guidance_scale), noisy_source, t)
+        family.predict(noisy_source, t, sources, uncond_embedding, guidance_scale), noisy_source, t)
     return target_eps - source_eps
 
 
@@ -162,6 +185,34 @@ def dds_optimize(
     iterations: Sequence[int],
     *,
     seed: int = 0,
+    **settings: Any,
+) -> DDSResult:
+    """Run DDS from ``source_latent`` (1, 4, h, w) up to ``max(iterations)``, keeping ``z`` after each listed count.
+
+    ``z`` is an fp32 leaf tensor updated by ``torch.optim.SGD`` (no momentum, as the reference) with gradient
+    ``loss_scale / REFERENCE_LATENT_AREA * delta`` (see the module docstring for why this normaliser). The
+    keyword ``settings`` (``lr``, ``guidance_scale``, ``t_min``, ``t_max``, ``loss_scale``, ``uncond_embedding``,
+    ``progress``) are :func:`dds_optimize_many`'s, with its defaults: this is its batch of one.
+    """
+    job = DDSJob(source_latent, Conditioning.of(source_embedding), Conditioning.of(target_embedding), seed)
+    return dds_optimize_many(pipe, [job], iterations, **settings)[0]
+
+
+@dataclass(frozen=True)
+class DDSJob:
+    """One DDS run of :func:`dds_optimize_many`: its input latent (1, 4, h, w), prompts and seed."""
+
+    source_latent: torch.Tensor
+    source: Conditioning
+    target: Conditioning
+    seed: int
+
+
+def dds_optimize_many(
+    pipe: StableDiffusionPipeline,
+    jobs: Sequence[DDSJob],
+    iterations: Sequence[int],
+    *,
     lr: float = 0.1,
     guidance_scale: float = 7.5,
     t_min: int = 50,
@@ -169,37 +220,43 @@ def dds_optimize(
     loss_scale: float = 2000.0,
     uncond_embedding: torch.Tensor | None = None,
     progress: Progress = False,
-) -> DDSResult:
-    """Run DDS from ``source_latent`` (1, 4, h, w) up to ``max(iterations)``, keeping ``z`` after each listed count.
+) -> list[DDSResult]:
+    """:func:`dds_optimize` for several runs (images, prompts, seeds) as one model batch per iteration.
 
-    ``z`` is an fp32 leaf tensor updated by ``torch.optim.SGD`` (no momentum, as the reference) with gradient
-    ``loss_scale / REFERENCE_LATENT_AREA * delta`` (see the module docstring for why this normaliser).
-    """
+    Each run keeps what makes it its own: its seeded generator draws its timesteps and noise in the same order as
+    alone, and its rows of ``z`` get only its own delta (SGD without momentum acts elementwise). So each result
+    equals the run alone up to the last bits of batched products (bit for bit with a batch-invariant model)."""
     if t_min > t_max:
         raise UsageError(f"t_min ({t_min}) must not be larger than t_max ({t_max})")
     if uncond_embedding is None:
         uncond_embedding = family_of(pipe).unconditional()
-    source_latent = source_latent.detach().float()
+    sources = torch.cat([job.source_latent.detach().float() for job in jobs])
+    source_texts = Conditioning.cat([job.source for job in jobs])
+    target_texts = Conditioning.cat([job.target for job in jobs])
     scheduler = noise_schedule(pipe)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    latent = source_latent.clone().requires_grad_(True)
-    optimizer = torch.optim.SGD([latent], lr=lr)
+    generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+    latents = sources.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([latents], lr=lr)
     wanted = set(int(n) for n in iterations)
-    result = DDSResult(seed, {0: source_latent.clone()} if 0 in wanted else {})
+    results = [DDSResult(job.seed, {0: sources[i : i + 1].clone()} if 0 in wanted else {})
+               for i, job in enumerate(jobs)]
     gradient_scale = loss_scale / REFERENCE_LATENT_AREA
     for step in track(range(1, max(wanted) + 1), "DDS", progress):
-        (draw,) = dds_draws(generator, source_latent.shape, t_min, t_max, 1, source_latent.device)
-        delta = dds_delta(pipe, latent, source_latent, draw, target_embedding, source_embedding,
-                          uncond_embedding, guidance_scale, scheduler)
+        draws = [dds_draws(g, job.source_latent.shape, t_min, t_max, 1, sources.device)[0]
+                 for g, job in zip(generators, jobs, strict=True)]
+        delta = dds_delta_rows(pipe, latents, sources, torch.tensor([d.timestep for d in draws]),
+                               torch.cat([d.noise for d in draws]), target_texts, source_texts, uncond_embedding,
+                               guidance_scale, scheduler)
         check_finite(delta, "DDS")
         optimizer.zero_grad(set_to_none=True)
-        latent.grad = gradient_scale * delta
+        latents.grad = gradient_scale * delta
         optimizer.step()
-        result.losses.append(delta.pow(2).mean().item())
-        result.timesteps.append(draw.timestep)
-        if step in wanted:
-            result.snapshots[step] = latent.detach().clone()
-    return result
+        for i, (result, draw) in enumerate(zip(results, draws, strict=True)):
+            result.losses.append(delta[i : i + 1].pow(2).mean().item())
+            result.timesteps.append(draw.timestep)
+            if step in wanted:
+                result.snapshots[step] = latents[i : i + 1].detach().clone()
+    return results
 
 
 def run(
@@ -207,36 +264,60 @@ def run(
     ctx: MethodContext,
 ) -> MethodOutput:
     """One DDS run per seed up to the largest iteration count; variants (seed, iterations), decoded together."""
+    return run_many(pipe, [picture], [target_prompt], params, [ctx])[0]
+
+
+def run_many(
+    pipe: StableDiffusionPipeline, pictures: Sequence[Image.Image], target_prompts: Sequence[str],
+    params: dict[str, Any], ctxs: Sequence[MethodContext],
+) -> list[MethodOutput]:
+    """:func:`run` for several pictures with the same parameters: every (picture, seed) run in one model batch
+    per iteration (:func:`dds_optimize_many`); each output equals the picture's own run's up to the last bits of
+    batched products, its timings its share of the batch."""
     if params["t_min"] > params["t_max"]:
         raise UsageError(f"t_min ({params['t_min']}) must not be larger than t_max ({params['t_max']})")
     watch = Stopwatch()
+    family = family_of(pipe)
     with watch("encoding"):
-        family = family_of(pipe)
-        source_latent = family.encode_image(picture)
         uncond = family.unconditional()
-        source = family.encode_prompt(ctx.source_prompt)
-        target = family.encode_prompt(target_prompt)
+        inputs = [(family.encode_image(picture), family.encode_prompt(ctx.source_prompt),
+                   family.encode_prompt(target)) for picture, target, ctx in zip(pictures, target_prompts, ctxs,
+                                                                                  strict=True)]
+        jobs = [DDSJob(latent, source, target, seed)
+                for (latent, source, target), ctx in zip(inputs, ctxs, strict=True) for seed in ctx.seeds]
     with watch("optimization"):
-        results = [
-            dds_optimize(pipe, source_latent, source, target, params["iterations"], seed=seed, lr=params["lr"],
-                         guidance_scale=params["guidance_scale"], t_min=params["t_min"], t_max=params["t_max"],
-                         loss_scale=params["loss_scale"], uncond_embedding=uncond, progress=ctx.progress)
-            for seed in ctx.seeds
-        ]
+        results = dds_optimize_many(pipe, jobs, params["iterations"], lr=params["lr"],
+                                    guidance_scale=params["guidance_scale"], t_min=params["t_min"],
+                                    t_max=params["t_max"], loss_scale=params["loss_scale"], uncond_embedding=uncond,
+                                    progress=ctxs[0].progress)
+    variants = []
     with watch("decoding"):
-        order = [(result, n) for result in results for n in params["iterations"]]
-        latents = torch.cat([result.snapshots[n] for result, n in order])
-        images = family.decode(latents, batch_size=ctx.batch_size or 8)
+        for (source_latent, _, _), ctx in zip(inputs, ctxs, strict=True):
+            mine, results = results[: len(ctx.seeds)], results[len(ctx.seeds) :]
+            variants.append(_variants(family, params["iterations"], source_latent, mine, ctx.batch_size))
+    timings = {name: seconds / len(ctxs) for name, seconds in watch.seconds.items()}
+    return [MethodOutput(mine, dict(timings), {}, _record(params, results_of))
+            for mine, results_of in variants]
+
+
+def _variants(family, iterations: Sequence[int], source_latent: torch.Tensor, results: list[DDSResult],
+              batch_size: int | None) -> tuple[list[MethodVariant], list[DDSResult]]:
+    """One picture's variants (seed, iterations), decoded together, and its runs."""
+    order = [(result, n) for result in results for n in iterations]
+    images = family.decode(torch.cat([result.snapshots[n] for result, n in order]), batch_size=batch_size or 8)
     variants = [
         MethodVariant(result.seed, {"iter": n}, image,
                       {"latent_change": float((result.snapshots[n] - source_latent).abs().mean())})
         for (result, n), image in zip(order, images, strict=True)
     ]
-    record = {
+    return variants, results
+
+
+def _record(params: dict[str, Any], results: list[DDSResult]) -> dict[str, Any]:
+    return {
         "gradient_scale": params["loss_scale"] / REFERENCE_LATENT_AREA,
         "gradient_scale_note": "z <- z - lr * loss_scale / 4096 * delta (4096 = SD latent area at 512 px)",
         "unconditional_prompt": "",
         "dds_loss": {result.seed: result.losses for result in results},
         "timesteps": {result.seed: result.timesteps for result in results},
     }
-    return MethodOutput(variants, watch.seconds, {}, record)

@@ -31,13 +31,15 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from ..errors import UsageError, check_finite
+from ..models.family import Conditioning
 from ..models.registry import family_of
 from ..progress import Progress, track
 from ..timing import Stopwatch
 from .base import MethodContext, MethodOutput, MethodVariant
 from .catalogue import EDIT_FRIENDLY as INFO
 
-__all__ = ["INFO", "EditFriendlyInversion", "edit_friendly_invert", "edit_friendly_sample", "run"]
+__all__ = ["INFO", "EditFriendlyInversion", "edit_friendly_invert", "edit_friendly_invert_many", "edit_friendly_sample",
+           "run", "run_many"]
 
 
 @dataclass
@@ -104,18 +106,40 @@ def edit_friendly_invert(
     Each seed's result depends only on its own seed (its own generator), not on which other seeds run with it
     (up to the last bits of batched convolutions). The unconditional embedding defaults to ``tau("")``.
     """
+    return edit_friendly_invert_many(pipe, [latent], [Conditioning.of(source_embedding)], [seeds], num_steps,
+                                     guidance_scale, uncond_embedding=uncond_embedding, batch_size=batch_size,
+                                     progress=progress)[0]
+
+
+@torch.no_grad()
+def edit_friendly_invert_many(
+    pipe: StableDiffusionPipeline,
+    latents: Sequence[torch.Tensor],
+    sources: Sequence[Conditioning],
+    seeds: Sequence[Sequence[int]],
+    num_steps: int,
+    guidance_scale: float,
+    *,
+    uncond_embedding: torch.Tensor | None = None,
+    batch_size: int | None = None,
+    progress: Progress = False,
+) -> list[list[EditFriendlyInversion]]:
+    """:func:`edit_friendly_invert` for several images (each its latent, source prompt and seeds) as one batch per
+    step: each image's inversions, each seed's from its own generator (as alone, up to the last bits)."""
     family = family_of(pipe)
     if uncond_embedding is None:
         uncond_embedding = family.unconditional()
-    scheduler = family.sampling_scheduler(num_steps, latent)
-    xs = torch.stack([independent_noisy_latents(latent.float(), scheduler, s) for s in seeds])  # (S, N+1, ...)
+    scheduler = family.sampling_scheduler(num_steps, latents[0])
+    jobs = [(k, int(s)) for k, mine in enumerate(seeds) for s in mine]
+    xs = torch.stack([independent_noisy_latents(latents[k].float(), scheduler, s) for k, s in jobs])  # (R, N+1, .)
+    conds = Conditioning.cat([sources[k] for k, _ in jobs])
     zs = torch.zeros_like(xs[:, :num_steps])
-    chunk = batch_size or len(seeds)
+    chunk = batch_size or len(jobs)
     for i, t in enumerate(track(scheduler.timesteps, "noise maps", progress)):
         sigma = ddpm_sigma(scheduler, t)
-        for rows in torch.arange(len(seeds)).split(chunk):
+        for rows in torch.arange(len(jobs)).split(chunk):
             x = xs[rows, i]
-            eps = family.predict(x, t, source_embedding, uncond_embedding, guidance_scale)
+            eps = family.predict(x, t, conds.rows(rows), uncond_embedding, guidance_scale)
             mean = scheduler.step(eps, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
             # sigma is 0 only for a final step to alpha 1 (set_alpha_to_one): that step adds no noise to steer
             z = (xs[rows, i + 1] - mean) / sigma if sigma > 0 else torch.zeros_like(x)
@@ -123,17 +147,17 @@ def edit_friendly_invert(
             if i + 1 < num_steps:  # store what the step really computes, so replaying is exact to the last bit
                 xs[rows, i + 1] = scheduler.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample
     check_finite(zs, "edit-friendly inversion")
-    return [
-        EditFriendlyInversion(int(s), xs[k], zs[k], scheduler.timesteps.clone(), float(guidance_scale))
-        for k, s in enumerate(seeds)
-    ]
+    found: list[list[EditFriendlyInversion]] = [[] for _ in latents]
+    for r, (k, s) in enumerate(jobs):
+        found[k].append(EditFriendlyInversion(s, xs[r], zs[r], scheduler.timesteps.clone(), float(guidance_scale)))
+    return found
 
 
 @torch.no_grad()
 def edit_friendly_sample(
     pipe: StableDiffusionPipeline,
     inversions: Sequence[EditFriendlyInversion],
-    target_embedding: torch.Tensor,
+    target_embedding: Conditioning | torch.Tensor | Sequence[Conditioning],
     guidance_scale: float,
     skips: Sequence[int],
     *,
@@ -146,6 +170,7 @@ def edit_friendly_sample(
     Row (k, skip) starts from ``inversions[k].xs[skip]`` and runs steps ``skip .. N-1`` with variance noise
     ``inversions[k].zs[i]``. Rows join the batch at their first step, so steps shared by several skip values run
     once per step for all of them (in chunks of ``batch_size``). ``skip = N`` returns x0 itself.
+    ``target_embedding``: one for every inversion, or a list with one per inversion (several images' edits).
     """
     if not inversions:
         raise ValueError("edit_friendly_sample needs at least one inversion")
@@ -158,8 +183,11 @@ def edit_friendly_sample(
     family = family_of(pipe)
     if uncond_embedding is None:
         uncond_embedding = family.unconditional()
+    targets = ([Conditioning.of(target_embedding)] * len(inversions)
+               if isinstance(target_embedding, (Conditioning, torch.Tensor)) else list(target_embedding))
     scheduler = family.sampling_scheduler(num_steps)
     rows = [(k, int(skip)) for k in range(len(inversions)) for skip in skips]
+    conds = Conditioning.cat([targets[k] for k, _ in rows])
     latents = torch.stack([inversions[k].xs[skip] for k, skip in rows])  # each row's start (x0 for skip = N)
     chunk = batch_size or len(rows)
     for i in track(range(min(skips), num_steps), "DDPM sampling", progress):
@@ -168,7 +196,7 @@ def edit_friendly_sample(
         for part in active.split(chunk):
             x = latents[part]
             noise = torch.stack([inversions[rows[r][0]].zs[i] for r in part.tolist()])
-            eps = family.predict(x, t, target_embedding, uncond_embedding, guidance_scale)
+            eps = family.predict(x, t, conds.rows(part), uncond_embedding, guidance_scale)
             latents[part] = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
     check_finite(latents, "edit-friendly sampling")
     return latents
@@ -179,37 +207,60 @@ def run(
     ctx: MethodContext,
 ) -> MethodOutput:
     """Noise maps once per seed, then every skip value of every seed sampled together; variants (seed, skip)."""
+    return run_many(pipe, [picture], [target_prompt], params, [ctx])[0]
+
+
+def run_many(
+    pipe: StableDiffusionPipeline, pictures: Sequence[Image.Image], target_prompts: Sequence[str],
+    params: dict[str, Any], ctxs: Sequence[MethodContext],
+) -> list[MethodOutput]:
+    """:func:`run` for several pictures with the same parameters: every picture's noise maps in one batch per
+    step, then every (picture, seed, skip) sampled together; each output equals the picture's own run's up to the
+    last bits of batched products, its timings its share of the batch."""
     num_steps, skips = params["num_steps"], params["skip"]
     too_many = [s for s in skips if s > num_steps]
     if too_many:
         raise UsageError(f"skip must be at most num_steps ({num_steps}); got {', '.join(map(str, too_many))}")
+    batch_size, progress = ctxs[0].batch_size, ctxs[0].progress
     watch = Stopwatch()
     with watch("inversion"):
         family = family_of(pipe)
-        latent = family.encode_image(picture)
+        latents = [family.encode_image(picture) for picture in pictures]
         uncond = family.unconditional()
-        source = family.encode_prompt(ctx.source_prompt)
-        inversions = edit_friendly_invert(pipe, latent, source, num_steps, params["source_guidance"], ctx.seeds,
-                                          uncond_embedding=uncond, batch_size=ctx.batch_size, progress=ctx.progress)
+        sources = [family.encode_prompt(ctx.source_prompt) for ctx in ctxs]
+        inversions = edit_friendly_invert_many(pipe, latents, sources, [ctx.seeds for ctx in ctxs], num_steps,
+                                               params["source_guidance"], uncond_embedding=uncond,
+                                               batch_size=batch_size, progress=progress)
     with watch("sampling"):
-        target = family.encode_prompt(target_prompt)
-        latents = edit_friendly_sample(pipe, inversions, target, params["target_guidance"], skips,
-                                       uncond_embedding=uncond, batch_size=ctx.batch_size, progress=ctx.progress)
-    with watch("decoding"):
-        images = family.decode(latents, batch_size=ctx.batch_size or 8)
-    variants = [
-        MethodVariant(inv.seed, {"skip": skip}, img, {"start_timestep": _start_timestep(inv, skip)})
-        for (inv, skip), img in zip(((inv, s) for inv in inversions for s in skips), images, strict=True)
-    ]
-    record = {
-        "num_steps": num_steps,
+        targets = [family.encode_prompt(target) for target in target_prompts]
+        flat = [inv for mine in inversions for inv in mine]
+        finals = edit_friendly_sample(pipe, flat, [t for t, mine in zip(targets, inversions, strict=True)
+                                                   for _ in mine],
+                                      params["target_guidance"], skips, uncond_embedding=uncond,
+                                      batch_size=batch_size, progress=progress)
+        finals = finals.split([len(mine) * len(skips) for mine in inversions])
+    outputs = []
+    for mine, latents_of in zip(inversions, finals, strict=True):
+        with watch("decoding"):
+            images = family.decode(latents_of, batch_size=batch_size or 8)
+        variants = [
+            MethodVariant(inv.seed, {"skip": skip}, img, {"start_timestep": _start_timestep(inv, skip)})
+            for (inv, skip), img in zip(((inv, s) for inv in mine for s in skips), images, strict=True)
+        ]
+        outputs.append((variants, mine))
+    timings = {name: seconds / len(ctxs) for name, seconds in watch.seconds.items()}
+    return [MethodOutput(variants, dict(timings), {}, _record(params, mine)) for variants, mine in outputs]
+
+
+def _record(params: dict[str, Any], inversions: list[EditFriendlyInversion]) -> dict[str, Any]:
+    return {
+        "num_steps": params["num_steps"],
         "source_guidance": params["source_guidance"],
         "target_guidance": params["target_guidance"],
         "unconditional_prompt": "",
         # edit-friendly noise maps are not N(0, I): their spread says how much image structure they carry
         "noise_map_std": {inv.seed: float(inv.zs.std()) for inv in inversions},
     }
-    return MethodOutput(variants, watch.seconds, {}, record)
 
 
 def _start_timestep(inversion: EditFriendlyInversion, skip: int) -> int:

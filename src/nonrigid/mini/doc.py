@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..methods.catalogue import method_info
+from ..methods.output import make_grid
 from ..models.loading import mini_weights_dir
 from ..models.registry import family_of
 from ..stages.inversion import invert
@@ -106,14 +107,18 @@ def _baseline_gallery(run: Path, pairs: list[int], path: Path) -> None:
         for method, knob in GALLERY_KNOBS.items():
             file = run / "baselines" / f"{pair:03d}-{method}-{knob}.png"
             tiles.append(Image.open(file).convert("RGB") if file.exists() else Image.new("RGB", (64, 64), "white"))
-        rows.append(tiles)
+        rows.append([tile.resize((128, 128), Image.Resampling.NEAREST) for tile in tiles])
     if not rows:
         return
-    grid = Image.new("RGB", (64 * len(rows[0]), 64 * len(rows)), "white")
-    for r, tiles in enumerate(rows):
-        for c, tile in enumerate(tiles):
-            grid.paste(tile, (64 * c, 64 * r))
-    grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST).save(path)
+    columns = ["input", "ideal edit", "ours, eta 0.4", "NTI-only",
+               *(f"{method} {_knob_words(knob)}" for method, knob in GALLERY_KNOBS.items())]
+    make_grid(rows, [f"pair {pair}" for pair in pairs], columns).save(path)
+
+
+def _knob_words(knob: str) -> str:
+    """A gallery knob as a column label: ``alpha1.2`` -> ``alpha 1.2``."""
+    split = next(i for i, ch in enumerate(knob) if ch.isdigit())
+    return f"{knob[:split]} {knob[split:]}"
 
 
 FIDELITY_GUIDANCES = (1.0, 4.0, 7.5)
@@ -370,10 +375,13 @@ def claims_text(rows: list[dict], runs: list[Path], protocol: dict, planned: int
     counts = {verdict: sum(c.verdict == verdict for c in claims if c.direction) for verdict in
               ("supported", "contradicted", "undecided")}
     worlds = sorted({r.get("world") for r in rows}, key=str)
-    spread_line = (f"Across eta, ours' P(target pose) on a pair ranges by {spread['mean']:.3f} on average "
-                   f"[{spread['low']:.3f}, {spread['high']:.3f}] ({spread['n']} pairs; "
-                   f"{spread['share_over_0.1'] * 100:.0f}% of pairs range over 0.1)."
-                   if spread["n"] else "")
+    success, identity = spread["edit_success"], spread["identity_error"]
+    spread_line = (f"Across eta, ours' P(target pose) on a pair ranges by {success['mean']:.3f} on average "
+                   f"[{success['low']:.3f}, {success['high']:.3f}] ({success['n']} pairs; "
+                   f"{success['share_over'] * 100:.0f}% of pairs range over {success['large']:g}); its identity "
+                   f"error by {identity['mean']:.3f} [{identity['low']:.3f}, {identity['high']:.3f}] "
+                   f"({identity['share_over'] * 100:.0f}% of pairs over {identity['large']:g})."
+                   if success["n"] else "")
     pairs = len({(r.get("world"), r["pair"]) for r in rows})
     unfinished = (f"**This page rests on {pairs} of the {planned} pairs the evaluation was asked for: the run is "
                   "not finished, and the same command resumes it.**\n\n" if planned else "")

@@ -10,8 +10,10 @@ and then every setting as batched sampling calls over the pairs:
 - inversion ablation: DDIM / NTI-src / NTI-w/o-src at injection 20%, at the protocol's ablation etas;
 - injection ablation: NTI-w/o-src at 0, 10, ..., 50%, at the ablation etas.
 
-- the baselines (``BASELINES``, through :func:`nonrigid.methods.run.run_method`), each sweeping its main knob,
-  with the source caption as source prompt (the reference codes are used that way).
+- the baselines (``BASELINES``, through :func:`nonrigid.methods.run.run_method_many`), each sweeping its main
+  knob, with the source caption as source prompt (the reference codes are used that way); ``pairs_per_batch``
+  pairs at a time as one model batch where the method batches across images (DDS, Edit-friendly), one by one
+  otherwise (Imagic fine-tunes a UNet per pair; MasaCtrl and LEDITS++ run one image per call).
 
 Each pair's rows are written to ``OUT/results/<pair>.json`` (baselines: ``OUT/baselines/<pair>-<method>.json``)
 atomically once done, and a rerun skips what is done, so an interrupted evaluation loses at most the job in
@@ -50,7 +52,8 @@ def evaluate(pipe, judge: SceneJudge, pairs: list[Pair], out: Path, *, num_steps
     comparison made for each further model family. ``protocol`` (seeds, etas, world) replaces ``num_steps``,
     ``opt_steps`` and ``ablations`` when given. ``pairs_per_batch`` pairs run their settings (ours, its
     ablations, NTI-only) as one model batch per step (:func:`nonrigid.methods.ours.edit_many`): same rows up to
-    the last bits of batched products, several times the throughput at the miniature model's 16 x 16 latents.
+    the last bits of batched products, several times the throughput at the miniature model's 16 x 16 latents;
+    the baselines that batch across images run that many pairs per batch too.
     A run folder keeps its protocol (``meta.json``): resuming it with another one is refused."""
     if pairs_per_batch < 1:
         raise ValueError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
@@ -71,14 +74,33 @@ def evaluate(pipe, judge: SceneJudge, pairs: list[Pair], out: Path, *, num_steps
             write_atomic(results / f"{index:03d}.json", (json.dumps(rows) + "\n").encode())
         bar.update(len(chunk))
     bar.close()
-    jobs = [(index, pair, method) for index, pair in enumerate(pairs) for method in baselines]
-    (out / "baselines").mkdir(exist_ok=True)
-    for index, pair, method in tqdm(jobs, desc="baselines", disable=not progress or not jobs):
-        path = out / "baselines" / f"{index:03d}-{method}.json"
-        if not path.exists():
-            rows = _evaluate_baseline(pipe, judge, pair, index, method, cache, protocol, out / "baselines")
-            write_atomic(path, (json.dumps(rows) + "\n").encode())
+    _evaluate_baselines(pipe, judge, pairs, baselines, out / "baselines", cache, protocol, pairs_per_batch, progress)
     return load_rows(out)
+
+
+def _evaluate_baselines(pipe, judge, pairs: list[Pair], baselines: tuple[str, ...], folder: Path, cache,
+                        protocol: Protocol, pairs_per_batch: int, progress: bool) -> None:
+    """Every baseline on every pair whose rows are not written yet: ``pairs_per_batch`` pairs at a time, as one
+    model batch where the method batches across images (:func:`~nonrigid.methods.run.batches_pairs`), one by one
+    otherwise; each (pair, method) written once done."""
+    from ..methods.run import batches_pairs
+
+    folder.mkdir(exist_ok=True)
+    todo = [(index, pair, method) for index, pair in enumerate(pairs) for method in baselines
+            if not (folder / f"{index:03d}-{method}.json").exists()]
+    bar = tqdm(total=len(pairs) * len(baselines), initial=len(pairs) * len(baselines) - len(todo), desc="baselines",
+               disable=not progress or not baselines)
+    for start in range(0, len(todo), pairs_per_batch * len(baselines)):
+        window = todo[start : start + pairs_per_batch * len(baselines)]
+        for method in baselines:
+            items = [(index, pair) for index, pair, m in window if m == method]
+            groups = [items] if batches_pairs(method) else [[item] for item in items]
+            for group in (g for g in groups if g):
+                for (index, _), rows in zip(group, _evaluate_baseline(pipe, judge, group, method, cache, protocol,
+                                                                      folder), strict=True):
+                    write_atomic(folder / f"{index:03d}-{method}.json", (json.dumps(rows) + "\n").encode())
+                bar.update(len(group))
+    bar.close()
 
 
 def _check_meta(out: Path, data: str, protocol: Protocol) -> None:
@@ -98,30 +120,34 @@ def load_rows(out: Path) -> list[dict]:
     return [row for path in paths for row in json.loads(path.read_text())]
 
 
-def _evaluate_baseline(
-    pipe, judge, pair: Pair, index: int, method: str, cache, protocol: Protocol, folder: Path
-) -> list[dict]:
-    """One baseline on one pair: every value of its main knob, judged like the method's variants (the
-    protocol's first seed: a baseline's randomness is not the paper's text-optimization seed)."""
+def _evaluate_baseline(pipe, judge, items: list[tuple[int, Pair]], method: str, cache, protocol: Protocol,
+                       folder: Path) -> list[list[dict]]:
+    """One baseline on some pairs (one model batch where the method batches across images): each pair's rows,
+    every value of the method's main knob, judged like the method's variants (the protocol's first seed: a
+    baseline's randomness is not the paper's text-optimization seed)."""
     from ..methods.catalogue import method_info
-    from ..methods.run import run_method
+    from ..methods.run import EditRequest, run_method_many
 
     params = dict({**BASELINES, **FLOW_BASELINES}[method])
     if method == "imagic":
         params["opt_steps"] = protocol.opt_steps  # the same stage A as ours: shared through the cache
-    image = Image.open(pair.image).convert("RGB")
-    result = run_method(pipe, image, pair.target_text, method, params, seeds=protocol.seeds[:1],
-                        source_prompt=pair.source_text,
-                        size=image.size[0], cache=cache)
+    images = [Image.open(pair.image).convert("RGB") for _, pair in items]
+    requests = [EditRequest(image, pair.target_text, pair.source_text) for image, (_, pair) in zip(images, items,
+                                                                                                   strict=True)]
+    results = run_method_many(pipe, requests, method, params, seeds=protocol.seeds[:1], size=images[0].size[0],
+                              cache=cache)
     label = method_info(method).sweeps[0].label
-    rows = []
-    for variant in result.variants:
-        knob = variant.knobs[label]
-        row = _row(judge, pair, index, variant.image, "", float(knob), 0.0)
-        rows.append({**row, "seed": variant.seed, "world": protocol.world, "group": "methods", "setting": method,
-                     "knob": label})
-        variant.image.save(folder / f"{index:03d}-{method}-{label}{knob:g}.png")
-    return rows
+    found = []
+    for (index, pair), result in zip(items, results, strict=True):
+        rows = []
+        for variant in result.variants:
+            knob = variant.knobs[label]
+            row = _row(judge, pair, index, variant.image, "", float(knob), 0.0)
+            rows.append({**row, "seed": variant.seed, "world": protocol.world, "group": "methods",
+                         "setting": method, "knob": label})
+            variant.image.save(folder / f"{index:03d}-{method}-{label}{knob:g}.png")
+        found.append(rows)
+    return found
 
 
 def _evaluate_pairs(pipe, judge, chunk: list[tuple[int, Pair]], cache, protocol: Protocol

@@ -117,6 +117,15 @@ def mix(target: Conditioning, optimized: Conditioning, eta: float) -> Conditioni
                          for name in target.tensors})
 
 
+def doubled(timestep: torch.Tensor | int, batch: int) -> torch.Tensor | int:
+    """The timestep for a classifier-free guidance call of ``2 * batch`` rows (unconditional rows first): one
+    timestep per row given (a batch of latents at different noise levels, as DDS across images) is repeated for
+    both halves; a single timestep serves every row as it is."""
+    if torch.is_tensor(timestep) and timestep.dim() == 1 and timestep.numel() == batch > 1:
+        return torch.cat([timestep, timestep])
+    return timestep
+
+
 def guided(uncond_output: torch.Tensor, cond_output: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance: ``out_u + w (out_c - out_u)``."""
     return uncond_output + guidance_scale * (cond_output - uncond_output)

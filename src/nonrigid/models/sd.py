@@ -23,7 +23,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeli
 from PIL import Image
 
 from ..errors import UsageError, check_finite
-from .family import Conditioning, ModelFamily, guided
+from .family import Conditioning, ModelFamily, doubled, guided
 
 logger = logging.getLogger("nonrigid")
 
@@ -121,7 +121,7 @@ class StableDiffusion(ModelFamily):
         uncond = Conditioning.of(uncond).expand(batch).tokens
         both = unet(
             torch.cat([latents, latents]).to(dtype),
-            timestep,
+            doubled(timestep, batch),
             encoder_hidden_states=torch.cat([uncond, cond]).to(dtype),
         ).sample.float()
         out_uncond, out_cond = both.chunk(2)

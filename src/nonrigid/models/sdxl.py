@@ -23,7 +23,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from ..errors import UsageError
-from .family import Conditioning, guided
+from .family import Conditioning, doubled, guided
 from .sd import StableDiffusion
 
 
@@ -75,7 +75,7 @@ class StableDiffusionXL(StableDiffusion):
         if guidance_scale == 1.0 or uncond is None:
             return self._unet(latents, timestep, cond)
         both = Conditioning.cat([self._check(uncond).expand(batch), cond])
-        out_uncond, out_cond = self._unet(torch.cat([latents, latents]), timestep, both).chunk(2)
+        out_uncond, out_cond = self._unet(torch.cat([latents, latents]), doubled(timestep, batch), both).chunk(2)
         return guided(out_uncond, out_cond, guidance_scale)
 
     def _unet(self, latents: torch.Tensor, timestep, cond: Conditioning) -> torch.Tensor:
