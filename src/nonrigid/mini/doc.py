@@ -207,8 +207,8 @@ here S = {' and '.join(str(w) for w in sorted({r.get('world') for r in rows}, ke
     {command}
 
 It resumes where it stopped. At 100 pairs and 5 seeds it is long: about 2.7 hours on 2 CPU cores, one world per
-core (what each part costs, and why batching cannot bring it to an hour there: docs/PERFORMANCE.md, "What the whole
-miniature evaluation costs on 2 cores").
+core, summed from its parts (what each part costs, and why batching cannot bring it to an hour there:
+docs/PERFORMANCE.md, "What the whole miniature evaluation costs on 2 cores").
 
 ## The world
 
