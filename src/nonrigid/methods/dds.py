@@ -271,9 +271,10 @@ def run_many(
     pipe: StableDiffusionPipeline, pictures: Sequence[Image.Image], target_prompts: Sequence[str],
     params: dict[str, Any], ctxs: Sequence[MethodContext],
 ) -> list[MethodOutput]:
-    """:func:`run` for several pictures with the same parameters: every (picture, seed) run in one model batch
-    per iteration (:func:`dds_optimize_many`); each output equals the picture's own run's up to the last bits of
-    batched products, its timings its share of the batch."""
+    """:func:`run` for several pictures with the same parameters and seeds: for each seed, every picture's run in
+    one model batch per iteration (:func:`dds_optimize_many`). Each output equals the picture's own run's up to the
+    last bits of batched products (a picture alone runs each seed on its own, as before batching existed), its
+    timings its share of the batch."""
     if params["t_min"] > params["t_max"]:
         raise UsageError(f"t_min ({params['t_min']}) must not be larger than t_max ({params['t_max']})")
     watch = Stopwatch()
@@ -283,17 +284,21 @@ def run_many(
         inputs = [(family.encode_image(picture), family.encode_prompt(ctx.source_prompt),
                    family.encode_prompt(target)) for picture, target, ctx in zip(pictures, target_prompts, ctxs,
                                                                                   strict=True)]
-        jobs = [DDSJob(latent, source, target, seed)
-                for (latent, source, target), ctx in zip(inputs, ctxs, strict=True) for seed in ctx.seeds]
+    seeds = ctxs[0].seeds
+    if any(ctx.seeds != seeds for ctx in ctxs):
+        raise UsageError("pictures run together must share their seeds")
+    by_seed = []
     with watch("optimization"):
-        results = dds_optimize_many(pipe, jobs, params["iterations"], lr=params["lr"],
-                                    guidance_scale=params["guidance_scale"], t_min=params["t_min"],
-                                    t_max=params["t_max"], loss_scale=params["loss_scale"], uncond_embedding=uncond,
-                                    progress=ctxs[0].progress)
+        for seed in seeds:
+            jobs = [DDSJob(latent, source, target, seed) for latent, source, target in inputs]
+            by_seed.append(dds_optimize_many(pipe, jobs, params["iterations"], lr=params["lr"],
+                                             guidance_scale=params["guidance_scale"], t_min=params["t_min"],
+                                             t_max=params["t_max"], loss_scale=params["loss_scale"],
+                                             uncond_embedding=uncond, progress=ctxs[0].progress))
     variants = []
     with watch("decoding"):
-        for (source_latent, _, _), ctx in zip(inputs, ctxs, strict=True):
-            mine, results = results[: len(ctx.seeds)], results[len(ctx.seeds) :]
+        for k, ((source_latent, _, _), ctx) in enumerate(zip(inputs, ctxs, strict=True)):
+            mine = [results[k] for results in by_seed]
             variants.append(_variants(family, params["iterations"], source_latent, mine, ctx.batch_size))
     timings = {name: seconds / len(ctxs) for name, seconds in watch.seconds.items()}
     return [MethodOutput(mine, dict(timings), {}, _record(params, results_of))

@@ -86,6 +86,8 @@ def _evaluate_baselines(pipe, judge, pairs: list[Pair], baselines: tuple[str, ..
     from ..methods.run import batches_pairs
 
     folder.mkdir(exist_ok=True)
+    if not baselines:
+        return
     todo = [(index, pair, method) for index, pair in enumerate(pairs) for method in baselines
             if not (folder / f"{index:03d}-{method}.json").exists()]
     bar = tqdm(total=len(pairs) * len(baselines), initial=len(pairs) * len(baselines) - len(todo), desc="baselines",
