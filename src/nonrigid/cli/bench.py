@@ -90,8 +90,7 @@ def add_bench_parser(commands) -> None:
                    help="most variants per UNet batch (default: all of a job at once)")
     p.add_argument("--pairs-per-batch", type=int, default=1, metavar="N",
                    help="run N pairs' jobs of a method that batches across images (ours, dds, edit-friendly) as "
-                   "one UNet batch, same setting; results equal to one pair at a time up to float rounding "
-                   "(default: 1)")
+                   "one UNet batch, same setting; results equal to one pair at a time up to float rounding")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="stage cache folder of the run (default: OUT/cache); a resumed run only reads the entries "
                    "its own finished jobs wrote there")
