@@ -97,6 +97,9 @@ def add_mini_parser(commands) -> None:
     ev.add_argument("--ablation-etas", type=_floats, default=None, metavar="E,E,...",
                     help="the etas (among --etas) at which the inversion and injection ablations are sampled "
                     "(default: all of --etas); each costs a sampling per seed and setting")
+    ev.add_argument("--no-ablations", action="store_true",
+                    help="run ours and NTI-only editing only, not the inversion and injection ablations (the "
+                    "comparisons made for the further families, and the presets' and masks' runs)")
     ev.add_argument("--pairs-per-batch", type=int, default=8, metavar="N",
                     help="pairs whose stages run as one UNet batch (ours, its ablations, NTI-only, DDS, "
                     "Edit-friendly); results equal "
@@ -234,7 +237,8 @@ def evaluation_protocol(args: argparse.Namespace, world: int | None, family_run:
     etas = args.etas or ETAS
     return Protocol(num_steps=args.steps, opt_steps=args.opt_steps, seeds=tuple(range(args.seeds)), etas=etas,
                     ablation_etas=args.ablation_etas or etas, ablation_seeds=args.ablation_seeds,
-                    ablations=not family_run, world=world)
+                    ablations=not (family_run or getattr(args, "no_ablations", False)),
+                    world=world)
 
 
 def run_mini_evaluate(args: argparse.Namespace) -> int:
