@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_batching.py --method dds --pairs 10 --batches 1,10
 
 A baseline runs with the miniature evaluation's settings (``nonrigid.mini.protocol.BASELINES``, its full step
-counts), through ``run_method_many`` as the evaluation calls it.
+counts), through ``run_edits`` as the evaluation calls it.
 
 The pairs are the miniature world's benchmark pairs (``write_dataset``, seed 0); every setting is the miniature
 evaluation's ``ours`` (NTI without a source prompt, injection 20%, six etas, seed 0) with fewer steps by default
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nonrigid.methods.ours import edit_many
+from nonrigid.methods.run import EditRequest, run_edits
 from nonrigid.mini.dataset import read_dataset, write_dataset
 from nonrigid.mini.protocol import ETAS
-from nonrigid.models.loading import load_pipeline
+from nonrigid.models.loading import load_model
 
 
 def main() -> None:
@@ -42,37 +42,36 @@ def main() -> None:
     if args.method != "ours":
         return bench_baseline(args)
 
-    pipe = load_pipeline("mini", device="cpu", dtype="fp32")
+    model = load_model("mini", device="cpu", dtype="fp32")
     with tempfile.TemporaryDirectory() as folder:
         write_dataset(Path(folder), count=args.pairs)
         pairs = read_dataset(Path(folder))[: args.pairs]
-        images = [Image.open(p.image).convert("RGB") for p in pairs]
-    targets = [p.target_text for p in pairs]
-    settings = {"seeds": (0,), "etas": ETAS, "inject": (0.2,), "num_steps": args.steps,
-                "opt_steps": args.opt_steps, "inner_steps": args.inner_steps}
-    edit_many(pipe, images[:1], targets[:1], size=64, **{**settings, "num_steps": 2, "opt_steps": 2})  # warm up
+        requests = [EditRequest(Image.open(p.image).convert("RGB"), p.target_text) for p in pairs]
+    settings = {"etas": ETAS, "inject": (0.2,), "num_steps": args.steps, "opt_steps": args.opt_steps,
+                "inner_steps": args.inner_steps}
+    run_edits(model, requests[:1], "ours", {**settings, "num_steps": 2, "opt_steps": 2}, size=64)  # warm up
 
     print(f"torch threads: {torch.get_num_threads()}; {args.pairs} pairs, {args.steps} DDIM steps, "
           f"{args.opt_steps} text-optimization steps, {args.inner_steps} NTI inner steps, {len(ETAS)} etas\n")
-    time_batches(lambda chunk: edit_many(pipe, [images[i] for i in chunk], [targets[i] for i in chunk], size=64,
-                                         **settings), len(images), args.batches)
+    time_batches(lambda chunk: run_edits(model, [requests[i] for i in chunk], "ours", settings, size=64),
+                 len(requests), args.batches)
 
 
 def bench_baseline(args: argparse.Namespace) -> None:
     """The baseline's rows of the table, run as the miniature evaluation runs it (seed 0, source captions)."""
-    from nonrigid.methods.run import EditRequest, batches_pairs, run_method_many
+    from nonrigid.methods.catalogue import method_info
     from nonrigid.mini.protocol import BASELINES
 
-    if not batches_pairs(args.method):
+    if not method_info(args.method).batches_images:
         raise SystemExit(f"{args.method} does not batch across pairs")
-    pipe = load_pipeline("mini", device="cpu", dtype="fp32")
+    model = load_model("mini", device="cpu", dtype="fp32")
     with tempfile.TemporaryDirectory() as folder:
         write_dataset(Path(folder), count=args.pairs)
         pairs = read_dataset(Path(folder))[: args.pairs]
         requests = [EditRequest(Image.open(p.image).convert("RGB"), p.target_text, p.source_text) for p in pairs]
     params = BASELINES[args.method]
     print(f"torch threads: {torch.get_num_threads()}; {args.pairs} pairs, {args.method} {params}\n")
-    time_batches(lambda chunk: run_method_many(pipe, [requests[i] for i in chunk], args.method, params, size=64),
+    time_batches(lambda chunk: run_edits(model, [requests[i] for i in chunk], args.method, params, size=64),
                  len(requests), args.batches)
 
 

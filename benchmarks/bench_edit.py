@@ -58,16 +58,21 @@ from measure import Recorder, UNetCounter  # noqa: E402
 from PIL import Image  # noqa: E402
 from random_models import build_random_pipeline, parameter_count  # noqa: E402
 
+from nonrigid import sample  # noqa: E402
 from nonrigid.cli.common import LOW_MEMORY_BATCH_SIZE  # noqa: E402
 from nonrigid.images import load_image  # noqa: E402
 from nonrigid.methods.catalogue import DEFAULT_ETAS  # noqa: E402
-from nonrigid.models.loading import configure_pipeline, load_pipeline  # noqa: E402
-from nonrigid.models.registry import family_of  # noqa: E402
-from nonrigid.models.tiny import build_tiny_pipeline  # noqa: E402
+from nonrigid.models.loading import configure_model, load_pipeline  # noqa: E402
+from nonrigid.models.registry import build_tiny_pipeline, family_of  # noqa: E402
 from nonrigid.stages import DEFAULT_GUIDANCE  # noqa: E402
 from nonrigid.stages.cache import StageCache  # noqa: E402
-from nonrigid.stages.cached import cache_fields, inversion_stage, text_stage  # noqa: E402
-from nonrigid.stages.sampling import sample  # noqa: E402
+from nonrigid.stages.cached import (  # noqa: E402
+    InversionRequest,
+    TextRequest,
+    cache_fields,
+    inversion_stages,
+    text_stages,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 QUICK_RESULTS = Path(tempfile.gettempdir()) / "nonrigid-bench-quick"  # --quick's default: never the real results
@@ -139,7 +144,9 @@ class EditPlan:
 
 
 def ours_text(pipe, picture, plan: EditPlan, cache, common: dict):
-    return text_stage(pipe, picture, plan.target_prompt, plan.opt_steps, plan.opt_lr, plan.seeds, cache, common)[0]
+    ((texts, _),) = text_stages(family_of(pipe), [TextRequest(picture, plan.target_prompt, plan.seeds, common)],
+                                plan.opt_steps, plan.opt_lr, cache)
+    return texts
 
 
 def inversion_guidance(pipe, method: str) -> float:
@@ -156,8 +163,10 @@ def default_inversion(pipe) -> str:
 
 def ours_inversion(pipe, picture, plan: EditPlan, cache, common: dict, method: str | None = None):
     method = method or default_inversion(pipe)
-    return inversion_stage(pipe, picture, plan.source_prompt, method, plan.num_steps,
-                           inversion_guidance(pipe, method), plan.inner_steps, plan.early_stop, cache, common)[0]
+    ((inversion, _),) = inversion_stages(family_of(pipe), [InversionRequest(picture, plan.source_prompt, common)],
+                                         method, plan.num_steps, inversion_guidance(pipe, method), plan.inner_steps,
+                                         plan.early_stop, cache)
+    return inversion
 
 
 def ours_sampling(pipe, inversion, texts, etas, inject_steps: int, batch_size: int | None = None):
@@ -168,7 +177,7 @@ def ours_sampling(pipe, inversion, texts, etas, inject_steps: int, batch_size: i
 
 def ours_from_cache(pipe, picture, plan: EditPlan, cache, etas):
     """Another sweep for an image whose stages are cached: cache keys, both stages load, then only sampling runs."""
-    common = cache_fields(pipe, picture)
+    common = cache_fields(family_of(pipe), picture)
     texts = ours_text(pipe, picture, plan, cache, common)
     inversion = ours_inversion(pipe, picture, plan, cache, common)
     return ours_sampling(pipe, inversion, texts, etas, plan.inject_steps)
@@ -264,7 +273,7 @@ def run_cpu(args, plan: EditPlan) -> Run:
     device = torch.device("cpu")
     torch.set_num_threads(args.threads)
     pipe = build_pipeline(args.layout, device)
-    configure_pipeline(pipe)
+    configure_model(family_of(pipe))
     picture = input_image(args.size)
     run = Run(config.name, environment(args, pipe, "fp32"), asdict(plan))
     load_before = os.getloadavg()
@@ -277,7 +286,7 @@ def run_cpu(args, plan: EditPlan) -> Run:
         if baseline:
             base_texts = rec.measure("straightforward.A", straightforward.text_optimizations, pipe, picture,
                                      plan.target_prompt, plan.opt_steps, plan.opt_lr, plan.seeds)
-        common = rec.measure("ours.keys", cache_fields, pipe, picture)
+        common = rec.measure("ours.keys", cache_fields, family_of(pipe), picture)
         texts = rec.measure("ours.A", ours_text, pipe, picture, plan, cache, common)
         if baseline:
             base_inv = rec.measure("straightforward.B", straightforward.null_text_inversion, pipe, picture,
@@ -326,7 +335,7 @@ def run_cuda(args, plan: EditPlan, device: torch.device | None = None, save=None
         pipe = build_pipeline(args.layout, device, torch.float32)
         cast_networks(pipe, dtype)
     free(device)
-    configure_pipeline(pipe)
+    configure_model(family_of(pipe))
     picture = input_image(args.size)
     run = Run(config.name, environment(args, pipe, args.dtype), asdict(plan))
     k = plan.inject_steps
@@ -336,20 +345,20 @@ def run_cuda(args, plan: EditPlan, device: torch.device | None = None, save=None
     with UNetCounter(family_of(pipe).network) as counter, tempfile.TemporaryDirectory() as folder:
         rec = Recorder(counter, device, after)
         cache = StageCache(folder)
-        common = rec.measure("ours.keys", cache_fields, pipe, picture)
+        common = rec.measure("ours.keys", cache_fields, family_of(pipe), picture)
         texts = rec.measure("ours.A", ours_text, pipe, picture, plan, cache, common)
         inversion = rec.measure("ours.B", ours_inversion, pipe, picture, plan, cache, common)
         _, latents = rec.measure("ours.C", ours_sampling, pipe, inversion, texts, plan.etas, k)
         rec.total("ours.edit", ["ours.keys", "ours.A", "ours.B", "ours.C"])
         rec.measure("ours.extra_variant", ours_from_cache, pipe, picture, plan, cache, (plan.extra_eta,))
 
-        configure_pipeline(pipe, low_memory=True)
+        configure_model(family_of(pipe), low_memory=True)
         free(device)
         rec.measure("ours_low_memory.A", ours_text, pipe, picture, plan, None, common)
         low_inv = rec.measure("ours_low_memory.B", ours_inversion, pipe, picture, plan, None, common)
         rec.measure("ours_low_memory.C", ours_sampling, pipe, low_inv, texts, plan.etas, k, LOW_MEMORY_BATCH_SIZE)
         rec.total("ours_low_memory.edit", ["ours_low_memory.A", "ours_low_memory.B", "ours_low_memory.C"])
-        configure_pipeline(pipe, low_memory=False)
+        configure_model(family_of(pipe), low_memory=False)
         free(device)
 
         _, cached_latents = rec.measure("ours.sweep_cached", ours_from_cache, pipe, picture, plan, cache, plan.etas)
@@ -358,7 +367,7 @@ def run_cuda(args, plan: EditPlan, device: torch.device | None = None, save=None
     run.inversions.update(inversion_errors(pipe, picture, inversion, npi))
     run.checks = cache_agreement(latents, cached_latents)
     if args.compile:
-        configure_pipeline(pipe, compile=True)
+        configure_model(family_of(pipe), compile=True)
         with UNetCounter(family_of(pipe).network) as counter:
             rec = Recorder(counter, device, after)
             for name in ("ours_compiled_first", "ours_compiled"):  # the first run includes compilation
@@ -460,8 +469,8 @@ def inversion_errors_on_mini(scenes: int, num_steps: int = 50, inner_steps: int 
                 for method in ("nti", "npi", "ddim"):
                     before = counter.snapshot()
                     started = time.perf_counter()
-                    inv = inversion_stage(pipe, image, source, method, num_steps, 7.5, inner_steps, 1e-5, None,
-                                          {})[0]
+                    ((inv, _),) = inversion_stages(family, [InversionRequest(image, source, {})], method, num_steps,
+                                                   7.5, inner_steps, 1e-5, None)
                     seconds = time.perf_counter() - started
                     work = counter.snapshot() - before
                     if inv.reconstruction is None:  # DDIM: sample the source back at 7.5 (not part of its cost)

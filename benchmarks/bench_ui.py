@@ -23,13 +23,6 @@ TARGET = "a photo of a brown dog jumping on sand"
 MOVES = ((0.4, 0.2), (0.8, 0.2), (1.0, 0.1), (0.6, 0.3), (0.2, 0.4))  # (eta, injection ratio)
 
 
-def denoiser(pipe):
-    """The pipeline's UNet, or a flow model's transformer."""
-    from nonrigid.models.registry import family_of
-
-    return family_of(pipe).network
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,7 +56,7 @@ def measure(model: str, out: Path) -> dict:
 
     editor = Editor(model, out, cache_dir=out / "cache")
     editor.load()
-    clock = UNetClock(denoiser(editor.pipe))
+    clock = UNetClock(editor.family.network)
     port = free_port()
     app = launch(editor, port=port, block=False, quiet=True)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -92,7 +85,7 @@ def browser(model: str, out: Path, path: Path | None) -> list[dict]:
 
     editor = Editor(model, out, cache_dir=out / "cache")
     editor.load()
-    clock = UNetClock(denoiser(editor.pipe))
+    clock = UNetClock(editor.family.network)
     port = free_port()
     app = launch(editor, port=port, block=False, quiet=True)
     moves = []

@@ -20,13 +20,11 @@ import random
 import numpy as np
 import torch
 
+from nonrigid import invert, optimize_text, sample
 from nonrigid.mini.world import POSES, random_scene, render_example
 from nonrigid.models.family import Conditioning
 from nonrigid.models.loading import load_pipeline
 from nonrigid.models.registry import family_of
-from nonrigid.stages.inversion import invert
-from nonrigid.stages.sampling import sample
-from nonrigid.stages.text_optimization import optimize_text
 
 
 def mean_loss(pipe, latent: torch.Tensor, embedding: Conditioning, draws: int = 512, seed: int = 123) -> float:

@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from nonrigid import optimize_text
 from nonrigid.models.family import Conditioning
 from nonrigid.models.registry import family_of
 from nonrigid.stages import DEFAULT_GUIDANCE
-from nonrigid.stages.inversion import Inversion, ddim_invert
-from nonrigid.stages.text_optimization import TextOptimization, optimize_text
+from nonrigid.stages.inversion import Inversion, invert_latents
+from nonrigid.stages.text_optimization import TextOptimization
 
 
 def guided_noise_both_branches(
@@ -65,7 +66,7 @@ def null_text_inversion(
     family = family_of(pipe)
     source = family.encode_prompt(source_prompt).tokens
     empty = family.encode_prompt("").tokens
-    trajectory = ddim_invert(pipe, family.encode_image(image), source, num_steps)
+    trajectory = invert_latents(family, family.encode_image(image), source, num_steps)[0]
     scheduler = family.sampling_scheduler(num_steps)
     x = trajectory[-1:]
     uncond = empty.clone()

@@ -19,13 +19,16 @@ import pytest
 import torch
 from PIL import Image
 
-from nonrigid.methods.ours import edit, edit_many
+from nonrigid import edit
+from nonrigid.api import only
+from nonrigid.methods.run import EditRequest, run_edits
 from nonrigid.mini.world import render_example
+from nonrigid.models.registry import family_of
 from nonrigid.models.sd import StableDiffusion
 from nonrigid.stages.cache import StageCache
-from nonrigid.stages.inversion import invert, invert_many
-from nonrigid.stages.sampling import sample, sample_many
-from nonrigid.stages.text_optimization import TextJob, optimize_text, optimize_texts
+from nonrigid.stages.inversion import invert_images
+from nonrigid.stages.sampling import sample_variants
+from nonrigid.stages.text_optimization import TextJob, optimize_texts
 
 TARGETS = ["a cat jumping", "a dog sitting", "a bird flying"]
 SOURCES = ["a cat", "", "a bird"]
@@ -73,14 +76,14 @@ def test_batched_stages_equal_single_runs_bit_for_bit_with_a_batch_invariant_den
     jobs = [TextJob(image, prompt, seed) for image, prompt, seed in zip(images, TARGETS, SEEDS, strict=True)]
     batched_texts = optimize_texts(rowwise, jobs, steps=3, lr=1e-3)
     for job, batched in zip(jobs, batched_texts, strict=True):
-        alone = optimize_text(rowwise, job.image, job.target_prompt, steps=3, seed=job.seed)
+        alone = only(optimize_texts(rowwise, [job], steps=3, lr=1e-3))
         assert torch.equal(batched.optimized_embedding, alone.optimized_embedding)
         assert batched.losses == alone.losses and batched.seed == job.seed
 
-    batched_inversions = invert_many(rowwise, images, SOURCES, "nti", STEPS, inner_steps=5, early_stop=EARLY_STOP)
+    batched_inversions = invert_images(rowwise, images, SOURCES, "nti", STEPS, inner_steps=5, early_stop=EARLY_STOP)
     patterns = []
     for image, source, batched in zip(images, SOURCES, batched_inversions, strict=True):
-        alone = invert(rowwise, image, source, "nti", STEPS, inner_steps=5, early_stop=EARLY_STOP)
+        alone = only(invert_images(rowwise, [image], [source], "nti", STEPS, inner_steps=5, early_stop=EARLY_STOP))
         for name in ("trajectory", "latent", "null_embeddings", "reconstruction", "source_embedding"):
             assert torch.equal(getattr(batched, name), getattr(alone, name)), name
         assert batched.losses == alone.losses
@@ -88,16 +91,17 @@ def test_batched_stages_equal_single_runs_bit_for_bit_with_a_batch_invariant_den
     assert len({tuple(p) for p in patterns}) > 1, "the images must early-stop at different steps"
 
     texts = [[t] for t in batched_texts]
-    batched_latents = sample_many(rowwise, batched_inversions, texts, (0.0, 0.5), (1, 2), output_type="latent")
+    batched_latents = sample_variants(rowwise, batched_inversions, texts, (0.0, 0.5), (1, 2), output_type="latent")
     for inversion, text, latents in zip(batched_inversions, texts, batched_latents, strict=True):
-        assert torch.equal(latents, sample(rowwise, inversion, text, (0.0, 0.5), (1, 2), output_type="latent"))
+        alone = only(sample_variants(rowwise, [inversion], [text], (0.0, 0.5), (1, 2), output_type="latent"))
+        assert torch.equal(latents, alone)
 
 
 def test_ddim_and_npi_inversions_batched_equal_single_runs(rowwise, images):
     for method in ("ddim", "npi"):
-        batched = invert_many(rowwise, images[:2], SOURCES[:2], method, 4)
+        batched = invert_images(rowwise, images[:2], SOURCES[:2], method, 4)
         for image, source, result in zip(images[:2], SOURCES[:2], batched, strict=True):
-            alone = invert(rowwise, image, source, method, 4)
+            alone = only(invert_images(rowwise, [image], [source], method, 4))
             assert torch.equal(result.trajectory, alone.trajectory)
             assert (result.reconstruction is None) == (alone.reconstruction is None)
             if alone.reconstruction is not None:
@@ -109,22 +113,29 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_edit_many_equals_each_edit_alone_with_the_real_unet_and_keys_the_cache_alike(tiny_pipe, images, tmp_path):
-    settings = {"num_steps": STEPS, "opt_steps": 4, "inner_steps": 5, "etas": (0.0, 0.5), "inject": (0.2,),
-                "seeds": (0, 1), "early_stop": EARLY_STOP}
+    params = {"num_steps": STEPS, "opt_steps": 4, "inner_steps": 5, "etas": (0.0, 0.5), "inject": (0.2,),
+              "early_stop": EARLY_STOP}
     alone_cache, batch_cache = StageCache(tmp_path / "alone"), StageCache(tmp_path / "batch")
-    alone = [edit(tiny_pipe, image, target, source_prompt=source, size=64, cache=alone_cache, **settings)
+    alone = [edit(tiny_pipe, image, target, source_prompt=source, size=64, cache=alone_cache, seeds=(0, 1), **params)
              for image, target, source in zip(images, TARGETS, SOURCES, strict=True)]
-    batched = edit_many(tiny_pipe, images, TARGETS, source_prompts=SOURCES, size=64, cache=batch_cache, **settings)
+    requests = [EditRequest(image, target, source) for image, target, source in zip(images, TARGETS, SOURCES,
+                                                                                    strict=True)]
+    model = family_of(tiny_pipe)
+
+    def edit_many(cache):
+        return run_edits(model, requests, "ours", params, seeds=(0, 1), size=64, cache=cache)
+
+    batched = edit_many(batch_cache)
 
     for one, many in zip(alone, batched, strict=True):
-        for a, b in zip(one.text_optimizations, many.text_optimizations, strict=True):
+        for a, b in zip(one.stages.text_optimizations, many.stages.text_optimizations, strict=True):
             assert a.seed == b.seed and max_diff(a.optimized_embedding, b.optimized_embedding) < 1e-5
-        assert max_diff(one.inversion.trajectory, many.inversion.trajectory) < 1e-5
-        assert stops(one.inversion.losses) == stops(many.inversion.losses)
-        assert max_diff(one.inversion.null_embeddings, many.inversion.null_embeddings) < 5e-3  # measured 1.2e-3
-        assert max_diff(one.inversion.reconstruction, many.inversion.reconstruction) < 5e-4  # measured 1e-4
-        assert [(v.seed, v.eta, v.inject_steps) for v in one.variants] == \
-            [(v.seed, v.eta, v.inject_steps) for v in many.variants]
+        assert max_diff(one.stages.inversion.trajectory, many.stages.inversion.trajectory) < 1e-5
+        assert stops(one.stages.inversion.losses) == stops(many.stages.inversion.losses)
+        one_b, many_b = one.stages.inversion, many.stages.inversion
+        assert max_diff(one_b.null_embeddings, many_b.null_embeddings) < 5e-3  # measured 1.2e-3
+        assert max_diff(one_b.reconstruction, many_b.reconstruction) < 5e-4  # measured 1e-4
+        assert [(v.seed, v.knobs) for v in one.variants] == [(v.seed, v.knobs) for v in many.variants]
         for a, b in zip(one.variants, many.variants, strict=True):
             pixels = np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int))
             assert pixels.max() <= 1 and (pixels > 0).mean() < 0.05  # one grey level at a few pixels at most
@@ -135,33 +146,24 @@ def test_edit_many_equals_each_edit_alone_with_the_real_unet_and_keys_the_cache_
     assert entries(batch_cache) == entries(alone_cache) and len(entries(alone_cache)) == 3 * 2 + 3
 
     # a second batch reads every stage back from the cache and samples the same images
-    again = edit_many(tiny_pipe, images, TARGETS, source_prompts=SOURCES, size=64, cache=batch_cache, **settings)
+    again = edit_many(batch_cache)
     for first, second in zip(batched, again, strict=True):
         assert second.cache == {"text_optimization": [0, 1], "inversion": True}
         assert all(a.image.tobytes() == b.image.tobytes() for a, b in zip(first.variants, second.variants,
                                                                           strict=True))
 
 
-def test_edit_many_refuses_settings_that_differ(tiny_pipe, images):
-    from nonrigid.errors import UsageError
-    from nonrigid.methods.ours import EditSettings, edit_stages_many
-
-    configs = [EditSettings("a", num_steps=3), EditSettings("b", num_steps=4)]
-    with pytest.raises(UsageError, match="share their settings"):
-        edit_stages_many(tiny_pipe, images[:2], configs, None, [{"model": "m"}, {"model": "m"}])
-
-
 # ---------------------------------------------------------------------------------------------- baselines across pairs
 
 def test_dds_runs_batched_equal_each_run_alone_bit_for_bit_with_a_batch_invariant_denoiser(rowwise, images):
-    from nonrigid.methods.dds import DDSJob, dds_optimize, dds_optimize_many
+    from nonrigid.methods.dds import DDSJob, dds_optimize
 
     texts = {p: rowwise.encode_prompt(p) for p in set(TARGETS + SOURCES)}
     jobs = [DDSJob(rowwise.encode_image(image), texts[source], texts[target], seed)
             for image, target, source, seed in zip(images, TARGETS, SOURCES, SEEDS, strict=True)]
-    batched = dds_optimize_many(rowwise, jobs, (0, 2, 5), lr=1.0)
+    batched = dds_optimize(rowwise, jobs, (0, 2, 5), lr=1.0)
     for job, many in zip(jobs, batched, strict=True):
-        alone = dds_optimize(rowwise, job.source_latent, job.source, job.target, (0, 2, 5), seed=job.seed, lr=1.0)
+        alone = only(dds_optimize(rowwise, [job], (0, 2, 5), lr=1.0))
         assert many.seed == job.seed and many.timesteps == alone.timesteps and many.losses == alone.losses
         assert sorted(many.snapshots) == [0, 2, 5]
         assert all(torch.equal(many.snapshots[n], alone.snapshots[n]) for n in (0, 2, 5))
@@ -170,19 +172,19 @@ def test_dds_runs_batched_equal_each_run_alone_bit_for_bit_with_a_batch_invarian
 
 
 def test_edit_friendly_inversions_and_samples_batched_equal_each_image_alone_bit_for_bit(rowwise, images):
-    from nonrigid.methods.edit_friendly import edit_friendly_invert, edit_friendly_invert_many, edit_friendly_sample
+    from nonrigid.methods.edit_friendly import edit_friendly_invert, edit_friendly_sample
 
     latents = [rowwise.encode_image(image) for image in images]
     sources = [rowwise.encode_prompt(p) for p in SOURCES]
     targets = [rowwise.encode_prompt(p) for p in TARGETS]
     seeds = [(0, 5), (1,), (2, 3)]
-    batched = edit_friendly_invert_many(rowwise, latents, sources, seeds, STEPS, 3.5)
+    batched = edit_friendly_invert(rowwise, latents, sources, seeds, STEPS, 3.5)
     finals = edit_friendly_sample(rowwise, [inv for mine in batched for inv in mine],
                                   [t for t, mine in zip(targets, batched, strict=True) for _ in mine], 7.5, (2, 4))
     finals = finals.split([2 * len(mine) for mine in batched])
     for latent, source, target, mine, many, final in zip(latents, sources, targets, seeds, batched, finals,
                                                          strict=True):
-        alone = edit_friendly_invert(rowwise, latent, source, STEPS, 3.5, mine)
+        alone = only(edit_friendly_invert(rowwise, [latent], [source], [mine], STEPS, 3.5))
         assert [inv.seed for inv in many] == list(mine)
         for a, b in zip(alone, many, strict=True):
             assert torch.equal(a.xs, b.xs) and torch.equal(a.zs, b.zs)
@@ -192,16 +194,16 @@ def test_edit_friendly_inversions_and_samples_batched_equal_each_image_alone_bit
 
 @pytest.mark.parametrize("method", ["dds", "edit-friendly"])
 def test_baselines_across_pairs_equal_each_pair_alone_with_the_real_unet(tiny_pipe, images, method):
-    from nonrigid.methods.run import EditRequest, batches_pairs, run_method, run_method_many
+    from nonrigid.methods.catalogue import method_info
 
     params = {"dds": {"iterations": (2, 6), "lr": 1.0}, "edit-friendly": {"num_steps": 8, "skip": (2, 5)}}[method]
-    assert batches_pairs(method)
+    assert method_info(method).batches_images
     requests = [EditRequest(image, target, source) for image, target, source in zip(images, TARGETS, SOURCES,
                                                                                     strict=True)]
-    many = run_method_many(tiny_pipe, requests, method, params, seeds=(0, 1), size=64)
+    model = family_of(tiny_pipe)
+    many = run_edits(model, requests, method, params, seeds=(0, 1), size=64)
     for request, batched in zip(requests, many, strict=True):
-        alone = run_method(tiny_pipe, request.image, request.target_prompt, method, params, seeds=(0, 1),
-                           source_prompt=request.source_prompt, size=64)
+        alone = only(run_edits(model, [request], method, params, seeds=(0, 1), size=64))
         assert [(v.seed, v.knobs) for v in batched.variants] == [(v.seed, v.knobs) for v in alone.variants]
         for a, b in zip(alone.variants, batched.variants, strict=True):
             pixels = np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int))
@@ -290,7 +292,7 @@ def test_mini_evaluation_in_batches_of_pairs_gives_the_rows_of_one_pair_at_a_tim
     write_dataset(tmp_path / "data", count=3, edits_per_image=1, seed=3)
     pairs, judge = read_dataset(tmp_path / "data"), load_judge()
     protocol = Protocol(num_steps=3, opt_steps=1, ablation_etas=(0.0, 1.0))  # every group, fewer ablation samples
-    runs = {n: evaluate(model, judge, pairs, tmp_path / f"run{n}", baselines=(), progress=False,
+    runs = {n: evaluate(family_of(model), judge, pairs, tmp_path / f"run{n}", baselines=(), progress=False,
                         pairs_per_batch=n, protocol=protocol) for n in (1, 2)}
     assert len(runs[1]) == len(runs[2]) > 3 * 20
     for one, two in zip(runs[1], runs[2], strict=True):
@@ -319,7 +321,7 @@ def test_mini_evaluation_batches_the_baselines_across_pairs_with_the_rows_of_one
     pairs, judge = read_dataset(tmp_path / "data"), load_judge()
     protocol = mini_protocol.Protocol(num_steps=3, opt_steps=1, etas=(1.0,), ablation_etas=(1.0,), ablations=False)
     methods = ("dds", "edit-friendly", "masactrl")
-    runs = {n: evaluate(model, judge, pairs, tmp_path / f"run{n}", baselines=methods, progress=False,
+    runs = {n: evaluate(family_of(model), judge, pairs, tmp_path / f"run{n}", baselines=methods, progress=False,
                         pairs_per_batch=n, protocol=protocol) for n in (1, 3)}
     baseline_rows = {n: [r for r in rows if r["setting"] in methods] for n, rows in runs.items()}
     assert len(baseline_rows[1]) == len(baseline_rows[3]) == 3 * 2 * 3
@@ -333,7 +335,7 @@ def test_mini_evaluation_batches_the_baselines_across_pairs_with_the_rows_of_one
     written = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")}
     lost = json.loads((folder / "001-dds.json").read_text())
     (folder / "001-dds.json").unlink()
-    evaluate(model, judge, pairs, tmp_path / "run3", baselines=methods, progress=False, pairs_per_batch=3,
+    evaluate(family_of(model), judge, pairs, tmp_path / "run3", baselines=methods, progress=False, pairs_per_batch=3,
              protocol=protocol)
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json") if p.name != "001-dds.json"} == \
         {name: ns for name, ns in written.items() if name != "001-dds.json"}  # nothing else was redone

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import TEDBENCH
 
-from nonrigid.models.tiny import build_tiny_pipeline
+from nonrigid.models.registry import build_tiny_pipeline
 
 ORIGINALS = TEDBENCH / "originals"
 IMAGE = ORIGINALS / "cat.jpeg"

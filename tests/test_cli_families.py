@@ -18,7 +18,7 @@ from ldm_layout import to_ldm_state_dict
 from PIL import Image
 
 from nonrigid.cli import main
-from nonrigid.models.tiny import build_tiny_pipeline
+from nonrigid.models.registry import build_tiny_pipeline
 
 PROMPT = "A photo of a jumping dog."
 STEPS = ["--steps", "4"]

@@ -12,11 +12,10 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, StableDiffusionXLPipeline
 
-from nonrigid.methods.ours import edit
+from nonrigid import edit, sample
 from nonrigid.models.loading import load_pipeline
 from nonrigid.models.registry import family_of
-from nonrigid.stages.inversion import ddim_invert
-from nonrigid.stages.sampling import sample
+from nonrigid.stages.inversion import invert_latents
 
 KINDS = ("tiny-sd2", "tiny-sd2-v", "tiny-sdxl")
 PROMPT = "a photo of a jumping dog"
@@ -47,8 +46,8 @@ def test_sampling_with_the_edit_off_equals_the_diffusers_pipeline(pipe, dog_imag
     picture = dog_image.resize((size_of(pipe),) * 2)
     result = edit(pipe, picture, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, inversion="ddim",
                   guidance_scale=guidance, num_steps=STEPS)
-    x_t = result.inversion.latent
-    ours = sample(pipe, result.inversion, result.text_optimizations, etas=(1.0,), inject_steps=(0,),
+    x_t = result.stages.inversion.latent
+    ours = sample(pipe, result.stages.inversion, result.stages.text_optimizations, etas=(1.0,), inject_steps=(0,),
                   output_type="latent")
     side = size_of(pipe)
     theirs = pipe(prompt=PROMPT, latents=x_t.clone(), num_inference_steps=STEPS, guidance_scale=guidance,
@@ -64,8 +63,9 @@ def test_sampling_with_a_negative_prompt_equals_the_diffusers_pipeline(pipe, dog
     picture = dog_image.resize((size_of(pipe),) * 2)
     result = edit(pipe, picture, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, inversion="ddim",
                   guidance_scale=5.0, num_steps=STEPS)
-    inversion = replace(result.inversion, unconditional=family_of(pipe).encode_prompt("a blurry photo"))
-    ours = sample(pipe, inversion, result.text_optimizations, etas=(1.0,), inject_steps=(0,), output_type="latent")
+    inversion = replace(result.stages.inversion, unconditional=family_of(pipe).encode_prompt("a blurry photo"))
+    ours = sample(pipe, inversion, result.stages.text_optimizations, etas=(1.0,), inject_steps=(0,),
+                  output_type="latent")
     side = size_of(pipe)
     theirs = pipe(prompt=PROMPT, negative_prompt="a blurry photo", latents=inversion.latent.clone(),
                   num_inference_steps=STEPS, guidance_scale=5.0, height=side, width=side,
@@ -81,7 +81,7 @@ def test_generating_equals_the_diffusers_pipeline_from_the_same_noise(pipe, guid
     from nonrigid.stages.sampling import generate
 
     side = size_of(pipe)
-    ours = generate(pipe, PROMPT, seed=5, num_steps=STEPS, guidance_scale=guidance)
+    ours = generate(family_of(pipe), PROMPT, seed=5, num_steps=STEPS, guidance_scale=guidance)
     noise = family_of(pipe).initial_noise(side, torch.Generator().manual_seed(5))
     theirs = pipe(prompt=PROMPT, latents=noise, num_inference_steps=STEPS, guidance_scale=guidance, height=side,
                   width=side).images[0]
@@ -114,7 +114,7 @@ def oracle_inversion(pipe, x0: torch.Tensor, prompt: str, steps: int) -> torch.T
 def test_ddim_inversion_equals_a_loop_over_diffusers_inverse_scheduler(pipe, dog_image):
     family = family_of(pipe)
     x0 = family.encode_image(dog_image.resize((size_of(pipe),) * 2))
-    ours = ddim_invert(pipe, x0, family.encode_prompt(PROMPT), STEPS)
+    ours = invert_latents(family, x0, family.encode_prompt(PROMPT), STEPS)[0]
     torch.testing.assert_close(ours, oracle_inversion(pipe, x0, PROMPT, STEPS), atol=1e-5, rtol=0)
 
 
@@ -148,11 +148,11 @@ def test_a_method_refuses_a_family_it_cannot_apply_to_in_one_line(monkeypatch, d
     """The catalogue says which families a method applies to; run_method refuses the others before any work."""
     from dataclasses import replace
 
+    from nonrigid import run_method
     from nonrigid.errors import UsageError
     from nonrigid.methods import catalogue
-    from nonrigid.methods.run import run_method
 
-    restricted = replace(catalogue.NTI, families=("sd",), why_not="it needs SD's single text encoder")
+    restricted = replace(catalogue.NTI, requires=("attention-maps", "v"), why_not="it needs SD's single text encoder")
     monkeypatch.setitem(catalogue.METHODS, "nti", restricted)
     pipe = load_pipeline("tiny-sdxl", device="cpu", dtype="fp32")
     with pytest.raises(UsageError, match=r"^method 'nti' does not apply to this model \(SDXL layout.*single text") \
@@ -165,10 +165,10 @@ def test_family_defaults_pick_size_and_guidance_unless_told(dog_image):
     """`edit` on SDXL samples at SDXL's guidance (5) and native size; explicit values win."""
     pipe = load_pipeline("tiny-sdxl", device="cpu", dtype="fp32")
     result = edit(pipe, dog_image, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, num_steps=2, inner_steps=0)
-    assert result.inversion.guidance_scale == 5.0 and result.input_image.size == (64, 64)
+    assert result.stages.inversion.guidance_scale == 5.0 and result.input_image.size == (64, 64)
     told = edit(pipe, dog_image, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, num_steps=2, inner_steps=0,
                 guidance_scale=7.5, size=128)
-    assert told.inversion.guidance_scale == 7.5 and told.input_image.size == (128, 128)
+    assert told.stages.inversion.guidance_scale == 7.5 and told.input_image.size == (128, 128)
     sd = load_pipeline("tiny-sd2-v", device="cpu", dtype="fp32")
     assert edit(sd, dog_image, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, num_steps=2,
                 inner_steps=0).input_image.size == (96, 96)

@@ -17,8 +17,7 @@ from PIL import Image
 from nonrigid.cli import main
 from nonrigid.methods.catalogue import METHODS
 from nonrigid.models.loading import _single_file_class, load_pipeline
-from nonrigid.models.registry import family_of
-from nonrigid.models.tiny import build_tiny_pipeline
+from nonrigid.models.registry import build_tiny_pipeline, family_of
 
 PROMPT = "A photo of a jumping dog."
 STEPS = ["--steps", "3"]

@@ -14,12 +14,12 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from nonrigid.methods.ours import edit
+from nonrigid import edit, invert, sample
 from nonrigid.models.flow import FlowEuler
 from nonrigid.models.loading import load_pipeline
 from nonrigid.models.registry import family_of
-from nonrigid.stages.inversion import ddim_invert, invert
-from nonrigid.stages.sampling import generate, sample
+from nonrigid.stages.inversion import invert_latents
+from nonrigid.stages.sampling import generate
 
 PROMPT = "a photo of a jumping dog"
 STEPS = 5
@@ -60,8 +60,8 @@ def test_sd3_is_detected_with_its_flow_schedule_and_conditioning(pipe):
 def test_sampling_with_the_edit_off_equals_the_diffusers_pipeline(pipe, picture, guidance):
     result = edit(pipe, picture, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, inversion="ddim",
                   guidance_scale=guidance, num_steps=STEPS)
-    x_t = result.inversion.latent
-    ours = sample(pipe, result.inversion, result.text_optimizations, etas=(1.0,), inject_steps=(0,),
+    x_t = result.stages.inversion.latent
+    ours = sample(pipe, result.stages.inversion, result.stages.text_optimizations, etas=(1.0,), inject_steps=(0,),
                   output_type="latent")
     theirs = pipe(prompt=PROMPT, latents=x_t.clone(), num_inference_steps=STEPS, guidance_scale=guidance,
                   height=SIDE, width=SIDE, output_type="latent").images
@@ -74,8 +74,9 @@ def test_sampling_with_a_negative_prompt_equals_the_diffusers_pipeline(pipe, pic
 
     result = edit(pipe, picture, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, inversion="ddim",
                   guidance_scale=5.0, num_steps=STEPS)
-    inversion = replace(result.inversion, unconditional=family_of(pipe).encode_prompt("a blurry photo"))
-    ours = sample(pipe, inversion, result.text_optimizations, etas=(1.0,), inject_steps=(0,), output_type="latent")
+    inversion = replace(result.stages.inversion, unconditional=family_of(pipe).encode_prompt("a blurry photo"))
+    ours = sample(pipe, inversion, result.stages.text_optimizations, etas=(1.0,), inject_steps=(0,),
+                  output_type="latent")
     theirs = pipe(prompt=PROMPT, negative_prompt="a blurry photo", latents=inversion.latent.clone(),
                   num_inference_steps=STEPS, guidance_scale=5.0, height=SIDE, width=SIDE,
                   output_type="latent").images
@@ -84,7 +85,7 @@ def test_sampling_with_a_negative_prompt_equals_the_diffusers_pipeline(pipe, pic
 
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_generating_equals_the_diffusers_pipeline_from_the_same_noise(pipe, guidance):
-    ours = generate(pipe, PROMPT, seed=5, num_steps=STEPS, guidance_scale=guidance)
+    ours = generate(family_of(pipe), PROMPT, seed=5, num_steps=STEPS, guidance_scale=guidance)
     noise = family_of(pipe).initial_noise(SIDE, torch.Generator().manual_seed(5))
     assert noise.shape == (1, 16, SIDE // 8, SIDE // 8)
     theirs = pipe(prompt=PROMPT, latents=noise, num_inference_steps=STEPS, guidance_scale=guidance, height=SIDE,
@@ -114,7 +115,7 @@ def oracle_inversion(pipe, x0: torch.Tensor, prompt: str, steps: int) -> torch.T
 def test_flow_inversion_equals_a_loop_over_diffusers_sigmas(pipe, picture):
     family = family_of(pipe)
     x0 = family.encode_image(picture)
-    ours = ddim_invert(pipe, x0, family.encode_prompt(PROMPT), STEPS)
+    ours = invert_latents(family, x0, family.encode_prompt(PROMPT), STEPS)[0]
     theirs = oracle_inversion(pipe, x0, PROMPT, STEPS)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert ours.shape == (STEPS + 1, 16, 8, 8)

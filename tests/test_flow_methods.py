@@ -8,10 +8,10 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from nonrigid import run_method
 from nonrigid.errors import UsageError
 from nonrigid.methods.catalogue import METHODS
 from nonrigid.methods.flowedit import flowedit_latents
-from nonrigid.methods.run import run_method
 from nonrigid.models.loading import load_pipeline
 from nonrigid.models.registry import family_of
 
@@ -66,7 +66,7 @@ def reference_flowedit(pipe, x_src, steps, n_max, n_avg, src_w, tar_w, seed):
 @pytest.mark.parametrize(("n_max", "n_avg"), [(4, 1), (3, 2)])
 def test_flowedit_equals_its_update_rule_written_against_diffusers(pipe, x_src, n_max, n_avg):
     family = family_of(pipe)
-    ours = flowedit_latents(pipe, x_src, family.encode_prompt(SOURCE), family.encode_prompt(TARGET), (n_max,),
+    ours = flowedit_latents(family, x_src, family.encode_prompt(SOURCE), family.encode_prompt(TARGET), (n_max,),
                             num_steps=5, n_avg=n_avg, source_guidance=3.5, target_guidance=13.5, seed=3)
     theirs = reference_flowedit(pipe, x_src, 5, n_max, n_avg, 3.5, 13.5, seed=3)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
@@ -76,9 +76,9 @@ def test_flowedit_equals_its_update_rule_written_against_diffusers(pipe, x_src, 
 def test_flowedit_variants_in_one_batch_equal_each_run_alone(pipe, x_src):
     family = family_of(pipe)
     source, target = family.encode_prompt(SOURCE), family.encode_prompt(TARGET)
-    both = flowedit_latents(pipe, x_src, source, target, (2, 4), num_steps=5, seed=1)
+    both = flowedit_latents(family_of(pipe), x_src, source, target, (2, 4), num_steps=5, seed=1)
     for row, n in enumerate((2, 4)):
-        alone = flowedit_latents(pipe, x_src, source, target, (n,), num_steps=5, seed=1)
+        alone = flowedit_latents(family_of(pipe), x_src, source, target, (n,), num_steps=5, seed=1)
         torch.testing.assert_close(both[row : row + 1], alone, atol=1e-5, rtol=0)
 
 
@@ -86,11 +86,11 @@ def test_flowedit_leaves_the_image_alone_when_the_target_is_the_source(pipe, x_s
     """Shared noise, the same prompt and guidance: the velocities cancel at every step, so z stays x_src."""
     family = family_of(pipe)
     source = family.encode_prompt(SOURCE)
-    same = flowedit_latents(pipe, x_src, source, source, (5,), num_steps=5, source_guidance=4.0,
+    same = flowedit_latents(family_of(pipe), x_src, source, source, (5,), num_steps=5, source_guidance=4.0,
                             target_guidance=4.0, seed=0)
     torch.testing.assert_close(same, x_src, atol=1e-5, rtol=0)
     # n_max 0 edits nothing either
-    none = flowedit_latents(pipe, x_src, source, family.encode_prompt(TARGET), (0,), num_steps=5)
+    none = flowedit_latents(family_of(pipe), x_src, source, family.encode_prompt(TARGET), (0,), num_steps=5)
     assert torch.equal(none, x_src)
 
 

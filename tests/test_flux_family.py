@@ -16,11 +16,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from nonrigid.methods.ours import edit
+from nonrigid import edit, sample
 from nonrigid.models.loading import load_pipeline
 from nonrigid.models.registry import family_of
-from nonrigid.stages.inversion import ddim_invert
-from nonrigid.stages.sampling import generate, sample
+from nonrigid.stages.inversion import invert_latents
+from nonrigid.stages.sampling import generate
 
 PROMPT = "a photo of a jumping dog"
 STEPS = 4
@@ -73,8 +73,8 @@ def test_the_schedule_is_shifted_for_the_latent_at_hand(pipe):
 def test_sampling_with_the_edit_off_equals_the_diffusers_pipeline(pipe, picture, guidance):
     result = edit(pipe, picture, PROMPT, etas=(1.0,), inject=(0.0,), opt_steps=0, inversion="ddim",
                   guidance_scale=guidance, num_steps=STEPS)
-    x_t = result.inversion.latent
-    ours = sample(pipe, result.inversion, result.text_optimizations, etas=(1.0,), inject_steps=(0,),
+    x_t = result.stages.inversion.latent
+    ours = sample(pipe, result.stages.inversion, result.stages.text_optimizations, etas=(1.0,), inject_steps=(0,),
                   output_type="latent")
     theirs = pipe(prompt=PROMPT, latents=pack(x_t.clone()), num_inference_steps=STEPS, guidance_scale=guidance,
                   height=SIDE, width=SIDE, output_type="latent").images
@@ -83,7 +83,7 @@ def test_sampling_with_the_edit_off_equals_the_diffusers_pipeline(pipe, picture,
 
 
 def test_generating_equals_the_diffusers_pipeline_from_the_same_noise(pipe):
-    ours = generate(pipe, PROMPT, seed=5, num_steps=STEPS, guidance_scale=3.5)
+    ours = generate(family_of(pipe), PROMPT, seed=5, num_steps=STEPS, guidance_scale=3.5)
     noise = family_of(pipe).initial_noise(SIDE, torch.Generator().manual_seed(5))
     theirs = pipe(prompt=PROMPT, latents=pack(noise), num_inference_steps=STEPS, guidance_scale=3.5, height=SIDE,
                   width=SIDE).images[0]
@@ -115,7 +115,7 @@ def oracle_inversion(pipe, x0: torch.Tensor, prompt: str, steps: int, guidance: 
 def test_flow_inversion_equals_a_loop_over_diffusers_sigmas(pipe, picture):
     family = family_of(pipe)
     x0 = family.encode_image(picture)
-    ours = ddim_invert(pipe, x0, family.encode_prompt(PROMPT), STEPS)  # guidance 1: the distilled value 1
+    ours = invert_latents(family, x0, family.encode_prompt(PROMPT), STEPS)[0]  # guidance 1: the distilled value 1
     theirs = oracle_inversion(pipe, x0, PROMPT, STEPS, 1.0)
     assert ours.shape == (STEPS + 1, 16, 8, 8)
     torch.testing.assert_close(pack(ours), theirs, atol=1e-5, rtol=0)

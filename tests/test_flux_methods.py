@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from nonrigid import run_method
 from nonrigid.errors import UsageError
-from nonrigid.methods.base import resolve_params
+from nonrigid.methods.base import family_defaults, resolve_params
 from nonrigid.methods.catalogue import METHODS
 from nonrigid.methods.flowedit import flowedit_latents
-from nonrigid.methods.run import run_method, with_family_defaults
-from nonrigid.models.loading import load_pipeline
+from nonrigid.models.loading import load_model, load_pipeline
 from nonrigid.models.registry import family_of
 
 SOURCE = "a photo of a dog"
@@ -69,11 +69,11 @@ def test_flowedit_takes_its_authors_flux_settings_on_flux_scaled_to_the_steps_ru
     told = run_method(pipe, dog_image, TARGET, "flowedit", {"num_steps": 7, "n_max": (2,), "target_guidance": 4.0},
                       source_prompt=SOURCE)
     assert (told.params["n_max"], told.params["source_guidance"], told.params["target_guidance"]) == ((2,), 1.5, 4.0)
-    assert resolve_params(METHODS["flowedit"], with_family_defaults(METHODS["flowedit"], pipe, {}))["num_steps"] == 28
-    schnell = load_pipeline("tiny-flux-schnell", device="cpu", dtype="fp32")  # 4 steps: 24 of 28 becomes 3
-    assert with_family_defaults(METHODS["flowedit"], schnell, {})["n_max"] == (3,)
-    sd3 = load_pipeline("tiny-sd3", device="cpu", dtype="fp32")  # SD3 keeps the SD3 settings
-    on_sd3 = resolve_params(METHODS["flowedit"], with_family_defaults(METHODS["flowedit"], sd3, {}))
+    assert resolve_params(METHODS["flowedit"], {}, family_of(pipe))["num_steps"] == 28
+    schnell = load_model("tiny-flux-schnell", device="cpu", dtype="fp32")  # 4 steps: 24 of 28 becomes 3
+    assert family_defaults(METHODS["flowedit"], schnell, {})["n_max"] == (3,)
+    sd3 = load_model("tiny-sd3", device="cpu", dtype="fp32")  # SD3 keeps the SD3 settings
+    on_sd3 = resolve_params(METHODS["flowedit"], {}, sd3)
     assert (on_sd3["num_steps"], on_sd3["n_max"], on_sd3["source_guidance"], on_sd3["target_guidance"]) == (
         50, (33,), 3.5, 13.5)
 
@@ -82,10 +82,11 @@ def test_flowedit_on_flux_moves_by_the_difference_of_distilled_guidance_velociti
     family = family_of(pipe)
     x_src = family.encode_image(dog_image.resize((SIDE, SIDE)))
     source = family.encode_prompt(SOURCE)
-    same = flowedit_latents(pipe, x_src, source, source, (4,), num_steps=4, source_guidance=1.5, target_guidance=1.5)
+    same = flowedit_latents(family, x_src, source, source, (4,), num_steps=4, source_guidance=1.5,
+                            target_guidance=1.5)
     torch.testing.assert_close(same, x_src, atol=1e-6, rtol=0)  # same prompt, same guidance value: no move
     # a different guidance value alone moves it: the value reaches the transformer (no unconditional branch)
-    moved = flowedit_latents(pipe, x_src, source, source, (4,), num_steps=4, source_guidance=1.5,
+    moved = flowedit_latents(family_of(pipe), x_src, source, source, (4,), num_steps=4, source_guidance=1.5,
                              target_guidance=5.5)
     assert float((moved - x_src).abs().max()) > 1e-4
 

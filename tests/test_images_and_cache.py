@@ -304,13 +304,13 @@ def test_edit_reuses_cached_stages_and_recomputes_a_corrupt_one(tiny, tmp_path, 
     second = run_edit(tiny, image, cache, (0.3, 0.5))
     assert second.cache["inversion"] is True
     assert second.cache["text_optimization"] == [0]
-    assert [v.eta for v in second.variants] == [0.3, 0.5]
-    a, b = first.text_optimizations[0], second.text_optimizations[0]
+    assert [v.params['etas'] for v in second.variants] == [0.3, 0.5]
+    a, b = first.stages.text_optimizations[0], second.stages.text_optimizations[0]
     assert same(a.optimized_embedding, b.optimized_embedding)
     assert same(a.target_embedding, b.target_embedding)
     assert a.losses == b.losses
     for name in ("latent", "trajectory", "null_embeddings", "reconstruction"):
-        assert same(getattr(first.inversion, name), getattr(second.inversion, name)), name
+        assert same(getattr(first.stages.inversion, name), getattr(second.stages.inversion, name)), name
 
     [inversion_file] = entry_files(cache, "inversion")
     flip_last_byte(inversion_file)
@@ -323,8 +323,8 @@ def test_edit_reuses_cached_stages_and_recomputes_a_corrupt_one(tiny, tmp_path, 
         for r in nonrigid_log.records
         if r.levelno == logging.WARNING and r.name == "nonrigid"
     )
-    assert same(third.inversion.latent, first.inversion.latent)
-    assert same(third.inversion.null_embeddings, first.inversion.null_embeddings)
+    assert same(third.stages.inversion.latent, first.stages.inversion.latent)
+    assert same(third.stages.inversion.null_embeddings, first.stages.inversion.null_embeddings)
     # The recomputed entry replaced the damaged one and reads back cleanly.
     assert entry_files(cache, "inversion") == [inversion_file]
     assert cache.load("inversion", inversion_file.stem) is not None

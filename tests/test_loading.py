@@ -22,7 +22,7 @@ from ldm_layout import to_ldm_state_dict
 
 from nonrigid.errors import UsageError
 from nonrigid.models.loading import load_pipeline
-from nonrigid.models.tiny import build_tiny_pipeline
+from nonrigid.models.registry import build_tiny_pipeline
 
 MODULES = ("unet", "vae", "text_encoder")
 

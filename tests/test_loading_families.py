@@ -23,8 +23,7 @@ from ldm_layout import SDXL_OPEN_CLIP_PREFIX, to_ldm_state_dict
 
 from nonrigid.errors import UsageError
 from nonrigid.models.loading import _single_file_class, load_pipeline
-from nonrigid.models.registry import family_of
-from nonrigid.models.tiny import build_tiny_pipeline
+from nonrigid.models.registry import build_tiny_pipeline, family_of
 
 SDXL_MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
 SD_MODULES = ("unet", "vae", "text_encoder")

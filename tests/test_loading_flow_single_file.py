@@ -27,8 +27,7 @@ from nonrigid.cli import main
 from nonrigid.errors import UsageError
 from nonrigid.models import single_file as sf
 from nonrigid.models.loading import _single_file_class, load_pipeline
-from nonrigid.models.registry import family_of
-from nonrigid.models.tiny import build_tiny_pipeline
+from nonrigid.models.registry import build_tiny_pipeline, family_of
 
 MODULES = ("transformer", "vae", "text_encoder", "text_encoder_2")
 FLUX_KINDS = {"tiny-flux": "flux-dev", "tiny-flux-schnell": "flux-schnell"}

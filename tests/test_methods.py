@@ -15,18 +15,16 @@ import torch
 from conftest import ROOT, TEDBENCH
 from PIL import Image
 
+from nonrigid import invert, optimize_text, run_method, sample
 from nonrigid.cli.common import parse_assignments
 from nonrigid.cli.edit import describe_methods
 from nonrigid.errors import UsageError
 from nonrigid.methods.base import resolve_params
 from nonrigid.methods.catalogue import METHODS, method_info
 from nonrigid.methods.output import save_result, variant_filename
-from nonrigid.methods.run import run_method
 from nonrigid.models.registry import family_of
 from nonrigid.stages.cache import StageCache
-from nonrigid.stages.inversion import invert
-from nonrigid.stages.sampling import sample, sample_latents
-from nonrigid.stages.text_optimization import optimize_text
+from nonrigid.stages.sampling import sample_latents
 
 PROMPT = "a photo of a jumping dog"
 
@@ -42,7 +40,8 @@ FAST = {
     "flowedit": {"num_steps": 4, "n_max": (2, 3)},  # flow models only: tests/test_flow_methods.py runs it
 }
 # the methods that apply to SD 1.x (the tiny model's family)
-SD_METHODS = [name for name, info in METHODS.items() if info.families is None or "sd" in info.families]
+SD_METHODS = [name for name, info in METHODS.items()
+              if set(info.requires) <= {"unet", "epsilon", "ddpm", "classifier-free", "attention-maps", "ledits"}]
 
 
 def test_every_method_has_fast_settings_and_a_documented_table():
@@ -54,8 +53,8 @@ def test_every_method_has_fast_settings_and_a_documented_table():
             assert f"--set {p.name}=" in listing and p.help
         resolve_params(info, FAST[name])  # the fast settings are valid
     # a method's own defaults for a family are listed with it (FlowEdit on FLUX: its authors' FLUX settings)
-    assert ("  defaults on flux (the reference's settings there): num_steps=28, n_max=24, source_guidance=1.5, "
-            "target_guidance=5.5") in describe_methods(["flowedit"])
+    assert ("  defaults on models with distilled guidance or no guidance (the reference's settings there): "
+            "num_steps=28, n_max=24, source_guidance=1.5, target_guidance=5.5") in describe_methods(["flowedit"])
 
 
 def test_parameters_parse_from_the_command_line_and_refuse_nonsense():
@@ -86,12 +85,12 @@ def test_nti_editing_is_ours_with_eta_one_no_injection_and_no_text_optimization(
     inversion = invert(tiny_pipe, dog_image, "", "nti", 4, 7.5, 2)
     untouched = optimize_text(tiny_pipe, dog_image, PROMPT, steps=0)
     from_ours = sample(tiny_pipe, inversion, untouched, [1.0], [0], output_type="latent")
-    from_nti = sample_latents(tiny_pipe, inversion, family_of(tiny_pipe).encode_prompt(PROMPT).tokens, [0])
+    from_nti = sample_latents(family_of(tiny_pipe), [inversion], family_of(tiny_pipe).encode_prompt(PROMPT), [0], [0])
     torch.testing.assert_close(from_ours, from_nti, rtol=0, atol=0)
 
 
 def test_ours_through_the_method_runner_equals_edit(tiny_pipe, dog_image):
-    from nonrigid.methods.ours import edit
+    from nonrigid import edit
 
     settings = {"num_steps": 4, "opt_steps": 2, "inner_steps": 1, "etas": (0.0, 0.5), "inject": (0.25, 0.5)}
     direct = edit(tiny_pipe, dog_image, PROMPT, size=64, seeds=(0, 1), **settings)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from nonrigid import optimize_text, run_method
 from nonrigid.images import load_image
 from nonrigid.methods.imagic import (
     finetune_unet,
@@ -14,11 +15,9 @@ from nonrigid.methods.imagic import (
     seed_generator,
     stage_a_latent_generator,
 )
-from nonrigid.methods.run import run_method
 from nonrigid.models.loading import load_pipeline
 from nonrigid.models.registry import family_of
 from nonrigid.stages.cache import StageCache
-from nonrigid.stages.text_optimization import optimize_text
 
 PROMPT = "a photo of a jumping dog"
 ALPHAS = (0.8, 1.0, 1.2)
@@ -70,7 +69,7 @@ def edit_latents(pipe, picture, seed: int = 0, **overrides):
     """Stage A, then Imagic's fine-tuning and sampling for one seed, all on ``pipe``."""
     text = optimize_text(pipe, picture, PROMPT, steps=3, seed=seed)
     settings = {"finetune_steps": 3, "finetune_lr": LEAKY_LR, "guidance_scale": 7.5, "num_steps": 4, **overrides}
-    return imagic_latents(pipe, picture, text, ALPHAS, **settings)
+    return imagic_latents(family_of(pipe), picture, text, ALPHAS, **settings)
 
 
 def test_edit_leaves_the_pipeline_bit_identical_and_the_same_objects(tiny_pipe, dog_image):
@@ -91,8 +90,8 @@ def test_parking_the_original_unet_restores_it_exactly(tiny_pipe, dog_image, dog
     """The memory-saving path (original UNet parked while the copy trains) forced on, on the CPU."""
     before = snapshot(tiny_pipe)
     parameters = list(tiny_pipe.unet.parameters())
-    finetune_unet(tiny_pipe, dog_image, dog_text.optimized_embedding, 2, LEAKY_LR, seed_generator(0, "finetune"),
-                  park_device="cpu")
+    finetune_unet(family_of(tiny_pipe), dog_image, dog_text.optimized_embedding, 2, LEAKY_LR,
+                  seed_generator(0, "finetune"), park_device="cpu")
     assert all(a is b for a, b in zip(parameters, tiny_pipe.unet.parameters(), strict=True))
     assert_same_state(before, snapshot(tiny_pipe))
 
@@ -101,7 +100,8 @@ def test_half_precision_pipeline_trains_an_fp32_copy_and_keeps_its_own_dtype(dog
     pipe = load_pipeline("tiny", device="cpu", dtype="bf16")
     before = snapshot(pipe)
     text = optimize_text(pipe, dog_image, PROMPT, steps=1, seed=0)
-    unet, losses = finetune_unet(pipe, dog_image, text.optimized_embedding, 2, LEAKY_LR, seed_generator(0, "f"))
+    unet, losses = finetune_unet(family_of(pipe), dog_image, text.optimized_embedding, 2, LEAKY_LR,
+                                 seed_generator(0, "f"))
     assert unet.dtype == torch.float32 and pipe.unet.dtype == torch.bfloat16
     assert len(losses) == 2
     assert_same_state(before, snapshot(pipe))
@@ -133,8 +133,8 @@ def test_two_edits_in_a_row_equal_each_edit_alone_in_a_fresh_pipeline(dog_image,
 
     # The comparison is sensitive: had the dog's fine-tuned weights stayed in the pipeline, the cat would differ.
     text = optimize_text(shared, dog_image, PROMPT, steps=3, seed=0)
-    tuned, _ = finetune_unet(shared, dog_image, text.optimized_embedding, 3, LEAKY_LR, seed_generator(0, "finetune"),
-                             latent_generator=stage_a_latent_generator(0))
+    tuned, _ = finetune_unet(family_of(shared), dog_image, text.optimized_embedding, 3, LEAKY_LR,
+                             seed_generator(0, "finetune"), latent_generator=stage_a_latent_generator(0))
     leaked = fresh()
     leaked.unet.load_state_dict(tuned.state_dict())
     assert not torch.equal(edit_latents(leaked, cat_image).latents, cat_alone.latents)
@@ -142,7 +142,7 @@ def test_two_edits_in_a_row_equal_each_edit_alone_in_a_fresh_pipeline(dog_image,
 
 def test_finetuning_moves_the_copy_and_lowers_the_denoising_loss(tiny_pipe, dog_image, dog_text):
     steps = 20
-    unet, losses = finetune_unet(tiny_pipe, dog_image, dog_text.optimized_embedding, steps, LEAKY_LR,
+    unet, losses = finetune_unet(family_of(tiny_pipe), dog_image, dog_text.optimized_embedding, steps, LEAKY_LR,
                                  seed_generator(0, "finetune"), latent_generator=stage_a_latent_generator(0))
     assert unet is not tiny_pipe.unet and unet.dtype == torch.float32 and not unet.training
     assert all(not p.requires_grad and p.grad is None for p in unet.parameters())
@@ -168,28 +168,30 @@ def test_finetuning_moves_the_copy_and_lowers_the_denoising_loss(tiny_pipe, dog_
 
 
 def test_zero_finetuning_steps_samples_exactly_like_the_frozen_unet(tiny_pipe, dog_image, dog_text):
-    result = imagic_latents(tiny_pipe, dog_image, dog_text, ALPHAS, finetune_steps=0, finetune_lr=LEAKY_LR,
+    result = imagic_latents(family_of(tiny_pipe), dog_image, dog_text, ALPHAS, finetune_steps=0, finetune_lr=LEAKY_LR,
                             guidance_scale=7.5, num_steps=4)
-    frozen = imagic_sample(tiny_pipe, tiny_pipe.unet, dog_text, ALPHAS, 7.5, 4, seed_generator(0, "noise"))
+    frozen = imagic_sample(family_of(tiny_pipe), tiny_pipe.unet, dog_text, ALPHAS, 7.5, 4, seed_generator(0, "noise"))
     assert result.finetune_losses == []
     assert torch.equal(result.latents, frozen)
-    tuned = imagic_latents(tiny_pipe, dog_image, dog_text, ALPHAS, finetune_steps=3, finetune_lr=LEAKY_LR,
+    tuned = imagic_latents(family_of(tiny_pipe), dog_image, dog_text, ALPHAS, finetune_steps=3, finetune_lr=LEAKY_LR,
                            guidance_scale=7.5, num_steps=4)
     assert not torch.allclose(tuned.latents, frozen, atol=1e-3)
 
 
 def test_batched_alphas_equal_each_alpha_alone(tiny_pipe, dog_text):
-    batched = imagic_sample(tiny_pipe, tiny_pipe.unet, dog_text, ALPHAS, 7.5, 4, seed_generator(0, "noise"))
+    batched = imagic_sample(family_of(tiny_pipe), tiny_pipe.unet, dog_text, ALPHAS, 7.5, 4, seed_generator(0, "noise"))
     assert batched.shape == (len(ALPHAS), 4, 8, 8)
     for row, alpha in enumerate(ALPHAS):
-        alone = imagic_sample(tiny_pipe, tiny_pipe.unet, dog_text, (alpha,), 7.5, 4, seed_generator(0, "noise"))
+        alone = imagic_sample(family_of(tiny_pipe), tiny_pipe.unet, dog_text, (alpha,), 7.5, 4,
+                              seed_generator(0, "noise"))
         torch.testing.assert_close(batched[row : row + 1], alone, atol=1e-4, rtol=0)
-    chunked = imagic_sample(tiny_pipe, tiny_pipe.unet, dog_text, ALPHAS, 7.5, 4, seed_generator(0, "noise"),
+    chunked = imagic_sample(family_of(tiny_pipe), tiny_pipe.unet, dog_text, ALPHAS, 7.5, 4, seed_generator(0, "noise"),
                             batch_size=2)
     torch.testing.assert_close(chunked, batched, atol=1e-4, rtol=0)
     # alpha matters, and so does the seed's noise
     assert (batched[0] - batched[2]).abs().max() > 1e-3
-    other_seed = imagic_sample(tiny_pipe, tiny_pipe.unet, dog_text, ALPHAS, 7.5, 4, seed_generator(1, "noise"))
+    other_seed = imagic_sample(family_of(tiny_pipe), tiny_pipe.unet, dog_text, ALPHAS, 7.5, 4,
+                               seed_generator(1, "noise"))
     assert (other_seed - batched).abs().max() > 1e-2
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from nonrigid import invert, run_method
 from nonrigid.errors import UsageError
 from nonrigid.methods.ledits import supports_attention_mask
 from nonrigid.methods.masactrl import (
@@ -22,10 +23,8 @@ from nonrigid.methods.masactrl import (
     mutual_self_attention,
     self_attention_layers,
 )
-from nonrigid.methods.run import run_method
 from nonrigid.models.registry import family_of
 from nonrigid.stages.cache import StageCache
-from nonrigid.stages.inversion import invert
 from nonrigid.stages.sampling import sample_latents
 
 N = 4  # sampling steps
@@ -50,7 +49,7 @@ def target(tiny_pipe):
 @pytest.fixture(scope="module")
 def plain(tiny_pipe, inversion, target):
     """NTI editing: the target sampled from the inversion with no control."""
-    return sample_latents(tiny_pipe, inversion, target, [0])[0]
+    return sample_latents(family_of(tiny_pipe), [inversion], target, [0], [0])[0]
 
 
 def processors(pipe) -> dict:
@@ -93,7 +92,7 @@ def test_self_attention_layers_are_listed_in_the_order_the_unet_calls_them(tiny_
     handles = [tiny_pipe.unet.get_submodule(name.removesuffix(".processor")).register_forward_pre_hook(
         lambda module, args, name=name: called.append(name)) for name in names]
     try:
-        sample_latents(tiny_pipe, inversion, target, [N - 1])  # one UNet call
+        sample_latents(family_of(tiny_pipe), [inversion], target, [N - 1], [0])  # one UNet call
     finally:
         for handle in handles:
             handle.remove()
@@ -115,7 +114,7 @@ def test_state_maps_each_target_row_to_the_source_row_of_its_own_guidance_half()
 
 def test_no_controlled_step_equals_nti_editing_and_source_branch_is_the_reconstruction(tiny_pipe, inversion, target,
                                                                                          plain):
-    latents = masactrl_latents(tiny_pipe, inversion, target, [N, N + 5], start_layer=0)
+    latents = masactrl_latents(family_of(tiny_pipe), inversion, target, [N, N + 5], start_layer=0)
     assert latents.shape == (3, *inversion.latent.shape[1:])
     torch.testing.assert_close(latents[1], plain, atol=ATOL, rtol=0)
     torch.testing.assert_close(latents[2], plain, atol=ATOL, rtol=0)
@@ -123,38 +122,38 @@ def test_no_controlled_step_equals_nti_editing_and_source_branch_is_the_reconstr
 
 
 def test_mutual_attention_changes_the_target_but_not_the_source(tiny_pipe, inversion, target, plain):
-    latents = masactrl_latents(tiny_pipe, inversion, target, [0], start_layer=0)
+    latents = masactrl_latents(family_of(tiny_pipe), inversion, target, [0], start_layer=0)
     assert (latents[1] - plain).abs().max() > 100 * ATOL
     torch.testing.assert_close(latents[0], inversion.reconstruction[-1], atol=ATOL, rtol=0)
-    last_layer_only = masactrl_latents(tiny_pipe, inversion, target, [0], start_layer=3)
+    last_layer_only = masactrl_latents(family_of(tiny_pipe), inversion, target, [0], start_layer=3)
     assert (last_layer_only[1] - plain).abs().max() > 100 * ATOL
     assert (last_layer_only[1] - latents[1]).abs().max() > 100 * ATOL
 
 
 def test_a_target_identical_to_the_source_is_unchanged_by_mutual_attention(tiny_pipe, inversion):
     """Each CFG half must read its own half's source: reading the other half's would change this branch."""
-    latents = masactrl_latents(tiny_pipe, inversion, inversion.source_embedding, [0], start_layer=0)
+    latents = masactrl_latents(family_of(tiny_pipe), inversion, inversion.source_embedding, [0], start_layer=0)
     torch.testing.assert_close(latents[1], latents[0], atol=ATOL, rtol=0)
 
 
 def test_a_batched_sweep_equals_each_start_step_alone(tiny_pipe, inversion, target):
     sweep = [0, 2, N]
-    batched = masactrl_latents(tiny_pipe, inversion, target, sweep, start_layer=0)
-    chunked = masactrl_latents(tiny_pipe, inversion, target, sweep, start_layer=0, batch_size=3)
+    batched = masactrl_latents(family_of(tiny_pipe), inversion, target, sweep, start_layer=0)
+    chunked = masactrl_latents(family_of(tiny_pipe), inversion, target, sweep, start_layer=0, batch_size=3)
     torch.testing.assert_close(chunked, batched, atol=ATOL, rtol=0)
     for row, step in enumerate(sweep, start=1):
-        alone = masactrl_latents(tiny_pipe, inversion, target, [step], start_layer=0)
+        alone = masactrl_latents(family_of(tiny_pipe), inversion, target, [step], start_layer=0)
         torch.testing.assert_close(batched[row], alone[1], atol=ATOL, rtol=0)
     assert (batched[1] - batched[3]).abs().max() > 100 * ATOL  # the sweep values give different results
 
 
 def test_processors_are_the_same_objects_after_an_edit_and_after_an_error_inside_it(tiny_pipe, inversion, target):
     before = processors(tiny_pipe)
-    masactrl_latents(tiny_pipe, inversion, target, [0, 2], start_layer=1)
+    masactrl_latents(family_of(tiny_pipe), inversion, target, [0, 2], start_layer=1)
     assert_same_objects(before, processors(tiny_pipe))
 
     hook = RaiseOnUnetCall(call=2)
-    run_raising(tiny_pipe, hook, lambda: masactrl_latents(tiny_pipe, inversion, target, [0], start_layer=1))
+    run_raising(tiny_pipe, hook, lambda: masactrl_latents(family_of(tiny_pipe), inversion, target, [0], start_layer=1))
     assert_same_objects(before, processors(tiny_pipe))
     names = self_attention_layers(tiny_pipe.unet)
     assert hook.seen[names[0]] is before[names[0]]  # below start_layer: untouched

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from nonrigid.mini.config import VariantConfig
 from nonrigid.mini.train import Log
 from nonrigid.models.loading import mini_weights_dir
+from nonrigid.models.registry import family_of
 
 SMALL = VariantConfig(steps=3, batch=4, dataset_size=16, warmup=1, checkpoint_every=1, threads=1)
 
@@ -83,7 +84,7 @@ def test_family_evaluation_compares_ours_with_nti_only_and_writes_its_section(tm
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows = evaluate(model, load_judge(), read_dataset(tmp_path / "data"), tmp_path / "run", num_steps=3,
+        rows = evaluate(family_of(model), load_judge(), read_dataset(tmp_path / "data"), tmp_path / "run", num_steps=3,
                         opt_steps=1, baselines=(), ablations=False, progress=False)
     finally:
         torch.set_num_threads(threads)
@@ -175,15 +176,16 @@ def test_the_flow_family_evaluation_runs_flowedit_and_its_section_shows_it(tmp_p
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows = evaluate(pipe, load_judge(), read_dataset(tmp_path / "data"), tmp_path / "run", num_steps=3,
+        rows = evaluate(family_of(pipe), load_judge(), read_dataset(tmp_path / "data"), tmp_path / "run", num_steps=3,
                         opt_steps=1, baselines=("flowedit",), ablations=False, progress=False)
     finally:
         torch.set_num_threads(threads)
     n_maxes = FLOW_BASELINES["flowedit"]["n_max"]
     assert sorted(r["eta"] for r in rows if r["setting"] == "flowedit") == sorted(map(float, n_maxes))
-    assert guidance_for(pipe) == 7.0
+    assert guidance_for(family_of(pipe)) == 7.0
     recon = {"ddim_g1": 0.01, "ddim_g7": 0.5, "nti_g7": 0.02}
-    section = _section(pipe, "mini-flow", summarize(rows), 1, recon, "fidelity", "g.png", "nonrigid mini ...")
+    section = _section(family_of(pipe), "mini-flow", summarize(rows), 1, recon, "fidelity", "g.png",
+                       "nonrigid mini ...")
     assert "Plain (Euler) inversion round trip at guidance 1: 0.010" in section and "NTI at 7: 0.020" in section
     for n_max in n_maxes:
         assert f"| FlowEdit, n_max {n_max} |" in section

@@ -1,5 +1,5 @@
 """Speed and memory: every saving equals the unshared computation, the benchmark's UNet counter counts exactly,
-negative-prompt inversion, and ``configure_pipeline`` (low memory, channels-last, compile) keeps results.
+negative-prompt inversion, and ``configure_model`` (low memory, channels-last, compile) keeps results.
 
 "Unshared" is the benchmark's straightforward procedure (``benchmarks/straightforward.py``): each variant its own
 run of all N steps from x_T, both guidance branches at every step, nothing read from the inversion.
@@ -20,9 +20,9 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from nonrigid import edit, invert, optimize_text_batch, sample
 from nonrigid.methods.base import resolve_params
 from nonrigid.methods.catalogue import OURS
-from nonrigid.methods.ours import EditSettings
+from nonrigid.methods.ours import guidance_of
 from nonrigid.models.fingerprint import model_fingerprint
-from nonrigid.models.loading import configure_pipeline, load_pipeline
+from nonrigid.models.loading import configure_model, load_pipeline
 from nonrigid.models.registry import family_of
 from nonrigid.stages.cache import StageCache
 
@@ -123,12 +123,13 @@ def test_another_eta_from_cached_stages_costs_at_most_n_minus_k_over_n_of_a_full
     cache = StageCache(tmp_path)
     settings = {"num_steps": N, "opt_steps": 2, "inner_steps": 1, "inject": (0.5,), "inversion": method}
     first = edit(tiny_pipe, dog_image, PROMPT, size=64, cache=cache, etas=(0.0,), **settings)
-    k = first.variants[0].inject_steps
+    k = first.variants[0].knobs["K"]
     with UNetCounter(tiny_pipe.unet) as counter:
         again = edit(tiny_pipe, dog_image, PROMPT, size=64, cache=cache, etas=(0.7,), **settings)
     assert again.cache == {"text_optimization": [0], "inversion": True}
     with UNetCounter(tiny_pipe.unet) as full_run:
-        straightforward.sample_variant_latent(tiny_pipe, again.inversion, again.text_optimizations[0], 0.7, 0)
+        straightforward.sample_variant_latent(tiny_pipe, again.stages.inversion, again.stages.text_optimizations[0],
+                                              0.7, 0)
     assert full_run.tally.units == 2 * N
     assert counter.tally.units == 2 * (N - k) <= (N - k) / N * full_run.tally.units
 
@@ -184,7 +185,7 @@ def test_npi_with_empty_source_reconstructs_exactly_like_ddim_sampled_at_its_gui
 
 
 def test_npi_is_an_inversion_choice_everywhere(tiny_pipe, dog_image):
-    assert EditSettings(target_prompt="x", inversion="npi").guidance == 7.5
+    assert guidance_of(resolve_params(OURS, {"inversion": "npi"})) == 7.5
     assert resolve_params(OURS, {"inversion": "npi"})["inversion"] == "npi"
     with UNetCounter(tiny_pipe.unet) as counter:
         invert(tiny_pipe, dog_image, "a dog", method="npi", num_steps=N, inner_steps=10)
@@ -220,7 +221,7 @@ def test_low_memory_mode_keeps_every_result_and_stores_fewer_activations(dog_ima
     pipe = load_pipeline("tiny", device="cpu", dtype="fp32")  # a pipeline of its own: tiny_pipe must not change
     default = small_edit(pipe, dog_image)
     default_bytes = saved_activation_bytes(pipe, dog_image)
-    configure_pipeline(pipe, low_memory=True)
+    configure_model(family_of(pipe), low_memory=True)
     assert pipe.vae.use_slicing and pipe.vae.use_tiling and pipe.unet.is_gradient_checkpointing
     low = small_edit(pipe, dog_image)
     assert saved_activation_bytes(pipe, dog_image) < 0.8 * default_bytes
@@ -228,7 +229,7 @@ def test_low_memory_mode_keeps_every_result_and_stores_fewer_activations(dog_ima
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert np.abs(default[3] - low[3]).max() <= 1
     assert all(not p.requires_grad for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
-    configure_pipeline(pipe, low_memory=False)
+    configure_model(family_of(pipe), low_memory=False)
     assert not (pipe.vae.use_slicing or pipe.vae.use_tiling or pipe.unet.is_gradient_checkpointing)
 
 
@@ -236,13 +237,13 @@ def test_channels_last_keeps_results_and_cache_keys(dog_image, texts, nti):
     pipe = load_pipeline("tiny", device="cpu", dtype="fp32")
     fingerprint = model_fingerprint(pipe)
     before = sample(pipe, nti, texts, (0.0, 0.5), (2,), output_type="latent")
-    configure_pipeline(pipe, channels_last=True)
+    configure_model(family_of(pipe), channels_last=True)
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert pipe.vae.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
     assert model_fingerprint(pipe) == fingerprint
     after = sample(pipe, nti, texts, (0.0, 0.5), (2,), output_type="latent")
     torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
-    configure_pipeline(pipe)  # the CPU default: back to the contiguous layout
+    configure_model(family_of(pipe))  # the CPU default: back to the contiguous layout
     assert pipe.unet.conv_in.weight.is_contiguous()
 
 
@@ -257,7 +258,7 @@ def test_attention_runs_pytorch_sdpa(tiny_pipe):
 def test_compiled_unet_gives_the_same_edit(dog_image, texts, nti):
     pipe = load_pipeline("tiny", device="cpu", dtype="fp32")
     before = sample(pipe, nti, texts[0], (0.0, 0.5), (2,), output_type="latent")
-    configure_pipeline(pipe, compile=True)
+    configure_model(family_of(pipe), compile=True)
     after = sample(pipe, nti, texts[0], (0.0, 0.5), (2,), output_type="latent")
     torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
 

@@ -93,8 +93,9 @@ def test_text_optimization_moves_the_output_toward_the_input(model):
 
     import numpy as np
 
-    from nonrigid.methods.run import EditRequest, run_method_many
+    from nonrigid.methods.run import EditRequest, run_edits
     from nonrigid.mini.world import POSES, random_scene, render_example
+    from nonrigid.models.registry import family_of
 
     def distance(image, reference) -> float:
         return float(np.abs(np.asarray(image, dtype=np.float32) - np.asarray(reference, dtype=np.float32)).mean())
@@ -104,7 +105,7 @@ def test_text_optimization_moves_the_output_toward_the_input(model):
         scene = random_scene(random.Random(seed))
         target = scene.with_pose(next(pose for pose in POSES if pose != scene.pose)).caption
         requests.append(EditRequest(render_example(seed=seed), target))
-    results = run_method_many(model, requests, "ours", {"etas": (0.0, 1.0), "inject": (0.2,), "opt_steps": 200,
+    results = run_edits(family_of(model), requests, "ours", {"etas": (0.0, 1.0), "inject": (0.2,), "opt_steps": 200,
                                                         "inversion": "nti", "num_steps": 50}, seeds=(0,))
     optimized_distances, plain_distances = [], []
     for request, result in zip(requests, results, strict=True):

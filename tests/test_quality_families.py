@@ -89,7 +89,7 @@ def test_nti_at_7_5_reconstructs_far_better_than_ddim_at_7_5(family_model):
     family's default guidance (SD3's 7), against the plain (Euler) inversion sampled back at that guidance."""
     from nonrigid.mini.family_doc import guidance_for
 
-    guidance = guidance_for(family_model)
+    guidance = guidance_for(family_of(family_model))
     image, caption = scene_and_caption(0)
     x0 = family_of(family_model).encode_image(image)[0]
     nti = invert(family_model, image, caption, method="nti", num_steps=25, guidance_scale=guidance)
@@ -108,15 +108,16 @@ def test_an_edit_changes_the_pose(family_model, request, tmp_path):
     expect(request, "edit")
     from PIL import Image
 
-    from nonrigid.methods.run import EditRequest, run_method_many
+    from nonrigid.methods.run import EditRequest, run_edits
     from nonrigid.mini.dataset import read_dataset, write_dataset
     from nonrigid.mini.judge import load_judge, score_edit
+    from nonrigid.models.registry import family_of
 
     judge = load_judge()
     write_dataset(tmp_path / "data", count=3, edits_per_image=1, seed=0)
     pairs = read_dataset(tmp_path / "data")
     requests = [EditRequest(Image.open(pair.image).convert("RGB"), pair.target_text) for pair in pairs]
-    results = run_method_many(family_model, requests, "ours", {"etas": (1.0,), "num_steps": STEPS, "opt_steps": 1})
+    results = run_edits(family_of(family_model), requests, "ours", {"etas": (1.0,), "num_steps": STEPS, "opt_steps": 1})
     successes = [score_edit(judge, pair.scene, pair.target_pose, result.variants[0].image)["pose_correct"]
                  for pair, result in zip(pairs, results, strict=True)]
     assert sum(successes) / len(successes) >= 2 / 3, successes

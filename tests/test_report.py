@@ -19,6 +19,7 @@ from nonrigid.evaluation.gallery import gallery_choices
 from nonrigid.evaluation.plan import BenchSpec, plan_settings
 from nonrigid.evaluation.runfolder import opened, read_rows
 from nonrigid.evaluation.tables import bin_edges, bin_index, comparison_rows, figure6_points, knob_text, load_runs
+from nonrigid.models.registry import family_of
 
 FAST = ["num_steps=3", "inner_steps=1", "opt_steps=1"]
 
@@ -27,7 +28,7 @@ def bench(root: Path, name: str, pipe, metrics, pairs, settings, seeds, preset=N
     spec = BenchSpec(Path("."), pairs, settings, seeds, model="tiny", size=64, metrics={"kind": "tiny"},
                      preset=preset)
     with opened(root / name, spec.identity()) as run:
-        run_benchmark(spec, run, pipe, metrics)
+        run_benchmark(spec, run, family_of(pipe), metrics)
     return root / name
 
 

@@ -22,10 +22,12 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
+from nonrigid import run_method
 from nonrigid.errors import Cancelled, UsageError
+from nonrigid.images import open_image
 from nonrigid.methods.base import resolve_params
 from nonrigid.methods.catalogue import METHODS, method_info
-from nonrigid.methods.run import run_method
+from nonrigid.models.registry import family_of
 from nonrigid.stages.cache import StageCache
 from nonrigid.ui.knobs import all_knobs, params_from
 from nonrigid.ui.session import EXAMPLES, Editor, check_upload, examples
@@ -92,8 +94,8 @@ def test_uploads_that_are_not_images_too_large_or_too_wide_are_refused_before_de
         check_upload(wide)
     cut = tmp_path / "cut.png"
     cut.write_bytes(EXAMPLE.read_bytes()[:300])
-    with pytest.raises(UsageError, match="damaged or truncated"):
-        check_upload(cut)
+    with pytest.raises(UsageError, match="damaged or truncated"):  # the header passes; decoding it finds the cut
+        open_image(check_upload(cut))
     assert check_upload(EXAMPLE) == EXAMPLE
 
 
@@ -115,7 +117,7 @@ def test_the_bundled_examples_are_scenes_of_the_miniature_world():
 @pytest.fixture()
 def editor(tmp_path, tiny_pipe):
     made = Editor("tiny", tmp_path / "out", cache_dir=tmp_path / "cache")
-    made.pipe = tiny_pipe  # the session's tiny model: Editor.load is exercised by the server tests
+    made.family = family_of(tiny_pipe)  # the session's tiny model: Editor.load is exercised by the server tests
     return made
 
 
@@ -138,7 +140,7 @@ def test_cancel_stops_between_steps_writes_nothing_and_keeps_the_cache_whole(edi
     assert kinds == ["text"]  # the finished stage A is kept, the interrupted stage B is not
     # the next edit finishes and equals an edit that was never interrupted (no cache)
     outcome = editor.edit(EXAMPLE, TARGET, params=FAST_PARAMS, progress=editor.reporter("me"))
-    fresh = run_method(editor.pipe, EXAMPLE, TARGET, "ours", FAST_PARAMS, size=64)
+    fresh = run_method(editor.family, EXAMPLE, TARGET, "ours", FAST_PARAMS, size=64)
     for (path, _), variant in zip(outcome.variants, fresh.variants, strict=True):
         np.testing.assert_array_equal(pixels(path), np.asarray(variant.image))
 
@@ -161,7 +163,7 @@ def server(tmp_path_factory):
     editor = Editor("tiny", root / "out", cache_dir=root / "cache")
     editor.load()
     calls = []
-    editor.pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    editor.family.network.register_forward_hook(lambda *_: calls.append(1))
     port = free_port()
     app = launch(editor, port=port, block=False, quiet=True)
     yield {"url": f"http://127.0.0.1:{port}/", "editor": editor, "calls": calls, "root": root}
@@ -182,7 +184,7 @@ def test_an_edit_in_the_page_returns_the_grid_and_equals_the_library(server):
     assert gallery[0]["caption"] == "grid"
     np.testing.assert_array_equal(pixels(gallery[0]["image"]), pixels(folder / "grid.png"))
     assert "2 variants" in status and str(folder) in status
-    library = run_method(editor.pipe, EXAMPLE, TARGET, "ours", FAST_PARAMS, size=64)
+    library = run_method(editor.family, EXAMPLE, TARGET, "ours", FAST_PARAMS, size=64)
     for shown, variant in zip(gallery[1:], library.variants, strict=True):
         np.testing.assert_array_equal(pixels(shown["image"]), np.asarray(variant.image))
     # the whole edit folder as one zip, in the CLI's layout
@@ -201,7 +203,7 @@ def test_a_slider_release_samples_only_the_last_steps_and_equals_an_edit_with_th
     image, info = client.predict(seed="0", eta=0.55, inject=0.5, api_name="/resample")
     assert len(calls) == 8 - 4  # N - K UNet calls: no text optimization, no inversion
     assert "4 of 8 steps" in info
-    direct = run_method(server["editor"].pipe, EXAMPLE, TARGET, "ours",
+    direct = run_method(server["editor"].family, EXAMPLE, TARGET, "ours",
                         {**FAST_PARAMS, "etas": (0.55,), "inject": (0.5,)}, size=64)
     np.testing.assert_array_equal(pixels(image), np.asarray(direct.variants[0].image))
 
@@ -267,7 +269,7 @@ def test_two_clients_at_once_both_get_their_own_result(server):
     for t in threads:
         t.join(timeout=300)
     for prompt in prompts:
-        library = run_method(server["editor"].pipe, EXAMPLE, prompt, "ours", FAST_PARAMS, size=64)
+        library = run_method(server["editor"].family, EXAMPLE, prompt, "ours", FAST_PARAMS, size=64)
         for shown, variant in zip(results[prompt][1:], library.variants, strict=True):
             np.testing.assert_array_equal(pixels(shown["image"]), np.asarray(variant.image))
 
@@ -278,7 +280,7 @@ def test_generate_then_edit_makes_the_input_with_the_loaded_model(server):
     client = Client(server["url"], verbose=False)
     path = client.predict(prompt="a photo of a red dog standing on grass", seed=3, steps=6, guidance=None,
                           api_name="/generate")
-    direct = generate(server["editor"].pipe, "a photo of a red dog standing on grass", seed=3, num_steps=6)
+    direct = generate(server["editor"].family, "a photo of a red dog standing on grass", seed=3, num_steps=6)
     np.testing.assert_array_equal(pixels(path), np.asarray(direct))
     saved = server["editor"].out / "generated" / "a-photo-of-a-red-dog-standing-on-grass-seed3.png"
     np.testing.assert_array_equal(pixels(saved), np.asarray(direct))

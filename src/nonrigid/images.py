@@ -23,7 +23,7 @@ def load_image(image: str | os.PathLike | Image.Image, size: int = 512) -> Image
     """
     if size <= 0:
         raise UsageError(f"size must be positive, got {size}")
-    img = _open_image(image) if not isinstance(image, Image.Image) else image
+    img = open_image(image) if not isinstance(image, Image.Image) else image
     img = to_rgb(ImageOps.exif_transpose(img))
     width, height = img.size
     side = min(width, height)
@@ -32,7 +32,9 @@ def load_image(image: str | os.PathLike | Image.Image, size: int = 512) -> Image
     return img.resize((size, size), Image.Resampling.BICUBIC)
 
 
-def _open_image(path: str | os.PathLike) -> Image.Image:
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """The image file decoded whole (a missing, unreadable or truncated file is a one-line error): read once, it
+    can be prepared at any size later."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"image {path} does not exist")

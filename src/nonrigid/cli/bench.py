@@ -218,9 +218,9 @@ def run_bench(args: argparse.Namespace) -> int:
 def run_serially(args: argparse.Namespace, spec, run, piebench: bool = False):
     from ..evaluation.bench import run_benchmark
 
-    pipe, metrics = load_models(args, run, piebench=piebench)
+    model, metrics = load_models(args, run, piebench=piebench)
     with _only_warnings(args.debug):
-        return run_benchmark(spec, run, pipe, metrics, progress=not args.quiet, pairs_per_batch=args.pairs_per_batch)
+        return run_benchmark(spec, run, model, metrics, progress=not args.quiet, pairs_per_batch=args.pairs_per_batch)
 
 
 def run_on_ray(args: argparse.Namespace, spec, run, piebench: bool = False):
@@ -273,7 +273,8 @@ def check_bench_args(args: argparse.Namespace) -> None:
 def with_knobs(args: argparse.Namespace, methods: list[str]) -> list[str]:
     """``--set`` with the knob flags (``--steps N``, ``--eta 0 0.5``, ...) as ``name=value`` assignments, first,
     where ``--set`` would put them; refused when --set or --sweep also names that parameter."""
-    from ..evaluation.plan import param_for, parse_key_values
+    from ..evaluation.plan import param_for
+    from ..methods.base import parse_key_values
     from ..methods.catalogue import method_info
 
     given = {flag: value for flag, value in ((f, getattr(args, f)) for f in PARAM_FLAGS) if value is not None}
@@ -337,18 +338,17 @@ def metric_options(args: argparse.Namespace, piebench: bool = False) -> dict[str
 
 
 def load_models(args: argparse.Namespace, run, piebench: bool = False):
-    """The pipeline and the metrics (PIE-Bench's too with ``piebench``; the slow imports happen here, after every
-    check passed); what they are goes into the run's ``meta`` table."""
+    """The model (its family) and the metrics (PIE-Bench's too with ``piebench``; the slow imports happen here,
+    after every check passed); what they are goes into the run's ``meta`` table."""
     from ..models.fingerprint import model_fingerprint
     from ..models.loading import describe_device
-    from ..models.registry import family_of
     from .common import load_model
 
-    pipe = load_model(args)
-    metrics = _load_metrics(args, family_of(pipe).device, piebench)
-    run.set_meta(model_fingerprint=model_fingerprint(pipe), **describe_device(pipe), metrics=_describe(metrics),
+    model = load_model(args)
+    metrics = _load_metrics(args, model.device, piebench)
+    run.set_meta(model_fingerprint=model_fingerprint(model), **describe_device(model), metrics=_describe(metrics),
                  cache_dir=str(run.cache.root))
-    return pipe, metrics
+    return model, metrics
 
 
 def _describe(metrics) -> dict:

@@ -110,24 +110,25 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace):
-    """The pipeline the model flags and the runtime flags describe (imports torch: call it after every check)."""
-    from ..models.loading import load_pipeline
+    """The model (its family) the model flags and the runtime flags describe (imports torch: call it after every
+    check). The family is resolved here, once per command."""
+    from ..models import loading
 
     quiet_libraries(args.quiet)
     say(args, f"loading model {args.model}")
-    pipe = load_pipeline(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.config,
-                         t5=not getattr(args, "no_t5", False))
-    return configure_from_args(pipe, args)
+    model = loading.load_model(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle,
+                               config=args.config, t5=not getattr(args, "no_t5", False))
+    return configure_from_args(model, args)
 
 
-def configure_from_args(pipe, args: argparse.Namespace):
+def configure_from_args(model, args: argparse.Namespace):
     """Apply --low-memory / --compile (and channels-last on CUDA); in low-memory mode sample
     :data:`LOW_MEMORY_BATCH_SIZE` variants at a time unless --batch-size says otherwise."""
-    from ..models.loading import configure_pipeline
+    from ..models.loading import configure_model
 
     if hasattr(args, "batch_size"):
         args.batch_size = effective_batch_size(args)
-    return configure_pipeline(pipe, low_memory=args.low_memory, compile=args.compile)
+    return configure_model(model, low_memory=args.low_memory, compile=args.compile)
 
 
 def effective_batch_size(args: argparse.Namespace) -> int | None:
@@ -139,7 +140,7 @@ def effective_batch_size(args: argparse.Namespace) -> int | None:
 def parse_assignments(assignments: Sequence[str]) -> dict[str, str]:
     """``["alpha=0.8,1.0", "skip=36"]`` -> ``{"alpha": "0.8,1.0", "skip": "36"}`` (the benchmark's parser: each
     key once, every value given)."""
-    from ..evaluation.plan import parse_key_values
+    from ..methods.base import parse_key_values
 
     return dict(parse_key_values(assignments, "--set"))
 

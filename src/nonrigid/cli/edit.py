@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..methods.catalogue import METHODS, method_info
+from ..models.capabilities import describe
 from .common import (
     PARAM_FLAGS,
     HelpFormatter,
@@ -85,8 +86,9 @@ def default_out(image: Path, prompt: str, method: str = "ours") -> Path:
 
 
 def method_params(args: argparse.Namespace) -> dict[str, object]:
-    """The method's parameters from --set and the dedicated flags, validated against its table (no torch)."""
-    from ..methods.base import resolve_params
+    """The method's parameters the user set (--set and the dedicated flags), each checked against its table (no
+    torch); the front door fills in the defaults once the model is known."""
+    from ..methods.base import check_overrides
     from ..methods.catalogue import method_info
     from .common import parse_assignments
 
@@ -106,46 +108,40 @@ def method_params(args: argparse.Namespace) -> dict[str, object]:
                              f"see `nonrigid methods {args.method}` for its parameters")
         params[name] = value
         shown_as[name] = f"--{flag.replace('_', '-')}"
-    resolved = resolve_params(info, params, shown_as)
-    if args.method == "ours":
-        from ..methods.ours import EditSettings
-
-        EditSettings.from_params(args.prompt, resolved, args.source, tuple(args.seed), args.batch_size)  # validates
-    return {name: resolved[name] for name in params}  # what was set; the model family fills in its defaults
+    return check_overrides(info, params, shown_as)
 
 
 def run_edit(args: argparse.Namespace) -> int:
-    from ..images import load_image
+    from ..images import open_image
     from ..methods.output import check_output_dir
 
-    load_image(args.image, 64)  # a missing or broken image, or an unusable --out, fails before torch is imported
+    image = open_image(args.image)  # read once; a missing or broken image fails before torch is imported
     out = args.out or default_out(Path(args.image), args.prompt, args.method)
     check_output_dir(out)
     if args.size is not None and args.size <= 0:
         raise UsageError(f"--size must be positive, got {args.size}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.seed:
+        raise UsageError("--seed needs at least one seed")
     params = method_params(args)  # validates before anything slow happens
 
     from ..methods.output import save_result  # the heavy imports (torch, diffusers) once the input is known good
-    from ..methods.run import run_method
+    from ..methods.run import EditRequest, run_edits
     from ..models.loading import describe_device
-    from ..models.registry import family_of
     from ..stages.cache import StageCache
 
-    pipe = load_model(args)
-    family = family_of(pipe)
-    size = family.defaults.size if args.size is None else args.size
-    picture = load_image(args.image, size)
+    model = load_model(args)
     cache = None if args.no_cache else StageCache(args.cache_dir)
-    result = run_method(pipe, picture, args.prompt, args.method, params, seeds=args.seed, source_prompt=args.source,
-                        size=size, cache=cache, batch_size=args.batch_size, progress=not args.quiet)
+    (result,) = run_edits(model, [EditRequest(image, args.prompt, args.source)], args.method, params,
+                          seeds=args.seed, size=args.size, cache=cache, batch_size=args.batch_size,
+                          progress=not args.quiet)
     record = {
         "image": str(args.image),
         "model": args.model,
-        "model_family": family.describe(),
-        "size": size,
-        **describe_device(pipe),
+        "model_family": model.describe(),
+        "size": result.input_image.width,
+        **describe_device(model),
         "low_memory": args.low_memory,
         "compile": args.compile,
         "cache_dir": None if cache is None else str(cache.root),
@@ -169,12 +165,12 @@ def describe_methods(names: list[str] | None = None) -> str:
             lines.append("  deterministic: the seed does not change its result (one run serves every seed)")
         if info.memory:
             lines.append(f"  memory: {info.memory}")
-        if info.families is not None:
-            lines.append(f"  model families: {', '.join(info.families)} only")
-        for family, settings in info.family_settings.items():
+        if info.requires:
+            lines.append(f"  needs: {describe(info.requires)}")
+        for guidance, settings in _distinct(info.settings_by_guidance):
             shown = ", ".join(f"{name}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
                               for name, v in settings.items())
-            lines.append(f"  defaults on {family} (the reference's settings there): {shown}")
+            lines.append(f"  defaults on models with {guidance} (the reference's settings there): {shown}")
         for p in info.params:
             default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in p.default) if p.is_sweep \
                 else ("none" if p.default is None else p.default)
@@ -182,3 +178,19 @@ def describe_methods(names: list[str] | None = None) -> str:
             lines.append(f"  --set {p.name}={default}  {p.help}{sweep}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _distinct(by_guidance) -> list[tuple[str, dict]]:
+    """Settings shared by several kinds of guidance, listed once with the kinds joined ("distilled guidance or no
+    guidance")."""
+    kinds: dict[str, list[str]] = {}
+    values: dict[str, dict] = {}
+    for guidance, settings in by_guidance.items():
+        key = repr(sorted(settings.items()))
+        kinds.setdefault(key, []).append(guidance)
+        values[key] = dict(settings)
+    return [(" or ".join(GUIDANCE_WORDS.get(g, g) for g in kinds[key]), values[key]) for key in kinds]
+
+
+GUIDANCE_WORDS = {"classifier-free": "classifier-free guidance", "distilled": "distilled guidance",
+                  "none": "no guidance"}

@@ -269,9 +269,9 @@ def run_mini_evaluate(args: argparse.Namespace) -> int:
     jobs = [(read_dataset(data)[: args.limit], evaluation_protocol(args, seed, family_run), out)
             for data, seed, out in runs]
     quiet_libraries(args.quiet)
-    from ..models.loading import load_pipeline
+    from ..models.loading import load_model
 
-    pipe = load_pipeline(args.model, device="cpu", dtype="fp32")
+    model = load_model(args.model, device="cpu", dtype="fp32")
     judge = load_judge()
     count = 0
     for pairs, protocol, out in jobs:
@@ -281,7 +281,7 @@ def run_mini_evaluate(args: argparse.Namespace) -> int:
             count += len(load_rows(out))
             continue
         logger.info(f"world {protocol.world}: {len(pairs)} pairs into {out}")
-        count += len(evaluate(pipe, judge, pairs, out, baselines=baselines, progress=not args.quiet,
+        count += len(evaluate(model, judge, pairs, out, baselines=baselines, progress=not args.quiet,
                               pairs_per_batch=args.pairs_per_batch, protocol=protocol))
     if args.report_only and count == 0:
         raise UsageError(f"no results in {args.out} yet: run the evaluation first (without --report-only)")
@@ -290,13 +290,13 @@ def run_mini_evaluate(args: argparse.Namespace) -> int:
     if args.docs and family_run:
         from ..mini.family_doc import write_family_section
 
-        path = write_family_section(pipe, args.model, args.out, args.docs / "MINIATURE.md", command=command,
+        path = write_family_section(model, args.model, args.out, args.docs / "MINIATURE.md", command=command,
                                     judge=judge)
         logger.info(f"{args.model} section written to {path}")
     elif args.docs:
         from ..mini.doc import write_miniature_doc
 
-        write_miniature_doc(pipe, [out for _, _, out in runs], args.docs, command=command, judge=judge,
+        write_miniature_doc(model, [out for _, _, out in runs], args.docs, command=command, judge=judge,
                             planned=sum(len(pairs) for pairs, _, _ in jobs))
     logger.info(f"{count} rows in {args.out}")
     print(args.out)

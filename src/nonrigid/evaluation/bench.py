@@ -3,8 +3,8 @@ per edit (PIE-Bench pairs, which carry a mask, also get PIE-Bench's metric colum
 
 :mod:`.plan` says what a run computes (settings, jobs, :class:`~.plan.BenchSpec`), :mod:`.runfolder` where and how
 it is stored; this module runs the jobs a run folder does not hold yet. The benchmark knows no method and no
-dataset by name: every method is run through :func:`~nonrigid.methods.run.run_method`, and each edit's
-parameters are the job's with the variant's own sweep values (``MethodVariant.params``). Torch-free at import.
+dataset by name: every method is run through :func:`~nonrigid.methods.run.run_edits`, and each edit's
+parameters are the job's with the variant's own sweep values (``Variant.params``). Torch-free at import.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def pending_jobs(spec: BenchSpec, run: RunFolder) -> list[Job]:
 def run_benchmark(
     spec: BenchSpec,
     run: RunFolder,
-    pipe: Any,
+    model: Any,
     metrics: Any,
     *,
     progress: bool = False,
@@ -79,7 +79,7 @@ def run_benchmark(
             more = f" +{len(group) - 1} pairs" if len(group) > 1 else ""
             bar.set_postfix_str(f"{first.pair.slug}{more} {first.method} {first.setting.label}"[:60])
             run.cache.pending.clear()  # entries of a job that failed before this one in this process do not count
-            for job, result in zip(group, edit_jobs(group, spec, pipe, run.cache), strict=True):
+            for job, result in zip(group, edit_jobs(group, spec, model, run.cache), strict=True):
                 output = job_output(job, result, metrics, run.cache)  # the group's entries go with its first job
                 store_job(run, output)
                 stats.edits += output.edits
@@ -91,12 +91,12 @@ def run_benchmark(
 def job_groups(todo: list[Job], pairs_per_batch: int) -> list[list[Job]]:
     """Jobs in the order they run: jobs of a method that batches across images, with the same setting and seeds,
     gathered ``pairs_per_batch`` at a time (a group runs where its first job stood); every other job alone."""
-    from ..methods.run import batches_pairs
+    from ..methods.catalogue import method_info
 
     groups: list[list[Job]] = []
     open_groups: dict[tuple, list[Job]] = {}
     for job in todo:
-        if pairs_per_batch == 1 or not batches_pairs(job.method):
+        if pairs_per_batch == 1 or not method_info(job.method).batches_images:
             groups.append([job])
             continue
         key = (job.method, job.setting.slug, job.seeds)
@@ -108,17 +108,15 @@ def job_groups(todo: list[Job], pairs_per_batch: int) -> list[list[Job]]:
     return groups
 
 
-def edit_jobs(group: list[Job], spec: BenchSpec, pipe: Any, cache: Any) -> list[Any]:
-    """The edits of jobs that share method, setting and seeds, as one call (one model batch where the method can),
-    reading and writing stage entries through ``cache``."""
-    from ..methods.run import EditRequest, run_method_many
+def edit_jobs(group: list[Job], spec: BenchSpec, model: Any, cache: Any) -> list[Any]:
+    """The edits of jobs that share method, setting and seeds, as one call of the front door (one model batch
+    where the method can), reading and writing stage entries through ``cache``."""
+    from ..methods.run import EditRequest, run_edits
 
     first = group[0]
     requests = [EditRequest(job.pair.image, job.pair.target_text, job.source_prompt) for job in group]
-    return run_method_many(
-        pipe, requests, first.method, first.setting.params, seeds=first.seeds, size=spec.size, cache=cache,
-        batch_size=spec.runtime.get("batch_size"),
-    )
+    return run_edits(model, requests, first.method, first.setting.params, seeds=first.seeds, size=spec.size,
+                     cache=cache, batch_size=spec.runtime.get("batch_size"))
 
 
 @dataclass
@@ -139,10 +137,10 @@ class JobOutput:
         return len(self.rows)
 
 
-def compute_job(job: Job, spec: BenchSpec, pipe: Any, metrics: Any, cache: Any) -> JobOutput:
+def compute_job(job: Job, spec: BenchSpec, model: Any, metrics: Any, cache: Any) -> JobOutput:
     """Edit and score one job, storing nothing but stage cache entries (into ``cache``, a
     :class:`~.runfolder.RunCache` whose ``pending`` names the entries this job wrote): what a Ray worker runs."""
-    (result,) = edit_jobs([job], spec, pipe, cache)
+    (result,) = edit_jobs([job], spec, model, cache)
     return job_output(job, result, metrics, cache)
 
 
@@ -204,5 +202,5 @@ def finite_or_none(value: float | None) -> float | None:
 
 def edit_params(params: Mapping[str, Any], variant: Any) -> dict[str, Any]:
     """The job's parameters with each sweep parameter replaced by this edit's own value (``variant.params``,
-    which :func:`~nonrigid.methods.run.run_method` fills for every method, by parameter name)."""
+    which :func:`~nonrigid.methods.run.run_edits` fills for every method, by parameter name)."""
     return {**params, **variant.params}

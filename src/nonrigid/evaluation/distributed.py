@@ -105,19 +105,17 @@ class WorkerSetup:
     def load(self) -> tuple[Any, Any]:
         import torch
 
-        from ..models.loading import configure_pipeline, load_pipeline
+        from ..models.loading import configure_model, load_model
         from .bench import load_metrics
 
         if self.threads:
             torch.set_num_threads(self.threads)
         _quiet_libraries()
-        pipe = load_pipeline(self.model, self.device, self.dtype, allow_pickle=self.allow_pickle, config=self.config)
-        pipe = configure_pipeline(pipe, low_memory=self.low_memory, compile=self.compile)
+        model = load_model(self.model, self.device, self.dtype, allow_pickle=self.allow_pickle, config=self.config)
+        model = configure_model(model, low_memory=self.low_memory, compile=self.compile)
         options = {k: v for k, v in self.metrics.items() if k != "kind"}
-        from ..models.registry import family_of
-
-        return pipe, load_metrics(self.metrics.get("kind", "default"), device=family_of(pipe).device,
-                                  piebench=self.piebench, **options)
+        return model, load_metrics(self.metrics.get("kind", "default"), device=model.device, piebench=self.piebench,
+                                   **options)
 
 
 def _quiet_libraries() -> None:
@@ -140,7 +138,7 @@ class BenchWorker:
         self.images: dict[str, Path] = {}
         self.error: str | None = None
         try:
-            self.pipe, self.metrics = setup.load()
+            self.model, self.metrics = setup.load()
         except NonrigidError as err:
             self.error = str(err)
 
@@ -154,7 +152,7 @@ class BenchWorker:
         from ..models.loading import describe_device
 
         describe = getattr(self.metrics, "describe", None)
-        return {"model_fingerprint": model_fingerprint(self.pipe), **describe_device(self.pipe),
+        return {"model_fingerprint": model_fingerprint(self.model), **describe_device(self.model),
                 "metrics": describe() if callable(describe) else {}, "host": socket.gethostname()}
 
     def run(self, job: Job, image: bytes, visible: Sequence[Entry], entries: dict[Entry, bytes]) \
@@ -166,7 +164,7 @@ class BenchWorker:
         self.cache.committed = set(visible)
         self.cache.pending.clear()
         local = replace(job, pair=replace(job.pair, image=self._image(job, image)))
-        output = compute_job(local, self.spec, self.pipe, self.metrics, self.cache)
+        output = compute_job(local, self.spec, self.model, self.metrics, self.cache)
         written = {entry: self.cache.path(*entry).read_bytes() for entry in output.entries}
         _test_kill_hook()
         return output, written

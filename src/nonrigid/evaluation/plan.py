@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..methods.base import MethodInfo, Param, resolve_params
+from ..methods.base import MethodInfo, Param, check_overrides, parse_key_values, resolve_params
 from ..methods.catalogue import INJECT_ABLATION, METHODS, method_info
 from ..methods.output import slugify
 from ..models import DEFAULT_MODEL
@@ -96,23 +96,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def parse_key_values(items: Sequence[str], flag: str) -> list[tuple[str, str]]:
-    """``["eta=0,0.1", "opt_steps=100"]`` -> ``[("eta", "0,0.1"), ("opt_steps", "100")]``, in order; ``flag``
-    names the items in error messages."""
-    result = []
-    for item in items:
-        name, sep, value = item.partition("=")
-        name = name.strip().replace("-", "_")
-        if not sep or not name or not value.strip():
-            raise UsageError(f"{flag} expects key=value, got {item!r}")
-        result.append((name, value.strip()))
-    names = [n for n, _ in result]
-    for name in names:
-        if names.count(name) > 1:
-            raise UsageError(f"{flag} {name} is given twice")
-    return result
-
-
 def param_for(info: MethodInfo, key: str) -> Param | None:
     """The parameter ``key`` names for this method: its name, its sweep label (``eta`` for ``etas``), either
     qualified by the method (``ours.eta``); None when it does not apply to this method."""
@@ -189,7 +172,7 @@ def _method_settings(info: MethodInfo, swept: list[tuple[str, str]], fixed: list
                     overrides[name] = value
                 if len(dict(axes)[name]) > 1:
                     parts.append(f"{name}={format_value(value)}")
-            resolve_params(info, overrides)  # every value checked now, before any model loads
+            check_overrides(info, overrides)  # every value checked now, before any model loads
             settings.append(Setting(" ".join(parts) or "default", tuple(overrides.items()), source))
     slugs = [s.slug for s in settings]
     if len(set(slugs)) < len(slugs):

@@ -1,25 +1,30 @@
-"""What every editing method shares: its parameter table, its result, and the context it runs in.
+"""What every editing method shares: its parameter table, the one resolution of its parameters, its inputs and
+its result.
 
 Torch-free, so that ``nonrigid methods`` and usage errors answer at once. A method is a module with an ``INFO``
-(:class:`MethodInfo`: name, summary and :class:`Param` table) and a function
+(:class:`MethodInfo`: name, summary, the :class:`Param` table, the model capabilities it needs) and a function
+written once, for a batch of inputs:
 
-    run(pipe, picture, target_prompt, params, ctx) -> MethodOutput
+    run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> list[EditResult]
 
-where ``params`` holds every parameter of the table, resolved and validated (:func:`resolve_params`), and ``ctx``
-the inputs every method shares (:class:`MethodContext`). Sweep parameters hold tuples: one variant per value, and
-the last sweep parameter is the grid's column axis.
+where ``ctx.params`` holds every parameter of the table, resolved once by :func:`resolve_params` (the method's
+defaults, the model family's, the caller's values, all checked). Sweep parameters hold tuples: one variant per
+value, and the last sweep parameter is the grid's column axis. The front door
+(:func:`nonrigid.methods.run.run_edits`) prepares the inputs, resolves the parameters and calls ``run``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
 from ..errors import UsageError
+from ..models.capabilities import describe
 from ..progress import Progress
+from ..stages import DEFAULT_GUIDANCE
 
 KINDS = ("int", "float", "str", "bool", "ints", "floats")
 
@@ -127,7 +132,8 @@ class Param:
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """A method's name, what it does, whether its result depends on the seed, and its parameters."""
+    """A method's name, what it does, whether its result depends on the seed, its parameters, and what it needs of
+    a model."""
 
     name: str
     summary: str
@@ -135,20 +141,25 @@ class MethodInfo:
     seeded: bool = True
     reference: str = ""
     memory: str = ""
-    # model families (``ModelFamily.name``) the method applies to, None for every family; ``why_not`` says why
-    # the others are refused
-    families: tuple[str, ...] | None = None
+    # the model capabilities (:mod:`nonrigid.models.capabilities`) the method needs; a family lacking one is
+    # refused in one line, with ``why_not`` (or the capability's description) as the reason
+    requires: tuple[str, ...] = ()
     why_not: str = ""
-    # the reference's own settings for a model family (``ModelFamily.name`` -> parameter values), used where the
-    # caller leaves a parameter unset: FlowEdit's authors tuned FLUX apart from SD3. A step-counting value
-    # (``Param.per_steps``) counts out of that family's ``num_steps`` and scales with the steps actually run.
-    family_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # the reference's own settings by the model's kind of guidance (``ModelFamily.guidance``), used where the
+    # caller leaves a parameter unset: FlowEdit's authors tuned FLUX (distilled guidance) apart from SD3. A
+    # step-counting value (``Param.per_steps``) counts out of those settings' ``num_steps`` and scales with the
+    # steps actually run.
+    settings_by_guidance: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # whether ``run`` edits several images as one model batch (the benchmark groups such jobs); the others get
+    # one image per call
+    batches_images: bool = False
 
     def check_family(self, family) -> None:
-        """Refuse, in one line with the reason, a model family this method cannot run on."""
-        if self.families is not None and family.name not in self.families:
+        """Refuse, in one line with the reason, a model this method cannot run on."""
+        missing = [c for c in self.requires if c not in family.capabilities()]
+        if missing:
             raise UsageError(f"method {self.name!r} does not apply to this model ({family.describe()}): "
-                             f"{self.why_not or 'it supports ' + ', '.join(self.families)}")
+                             f"{self.why_not or 'it needs ' + describe(tuple(missing))}")
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -165,33 +176,117 @@ class MethodInfo:
         return {p.name: p.default for p in self.params}
 
 
-def resolve_params(
+def parse_key_values(items: Sequence[str], flag: str) -> list[tuple[str, str]]:
+    """``["eta=0,0.1", "opt_steps=100"]`` -> ``[("eta", "0,0.1"), ("opt_steps", "100")]``, in order; ``flag``
+    names the items in error messages."""
+    result = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name or not value.strip():
+            raise UsageError(f"{flag} expects key=value, got {item!r}")
+        result.append((name, value.strip()))
+    names = [n for n, _ in result]
+    for name in names:
+        if names.count(name) > 1:
+            raise UsageError(f"{flag} {name} is given twice")
+    return result
+
+
+def check_overrides(
     info: MethodInfo, overrides: Mapping[str, Any] | None = None, shown_as: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """Defaults updated by ``overrides`` (values or command-line strings), every value checked.
+    """The caller's values (values or command-line strings) parsed and checked against the table, and nothing
+    else: what the command line, the page and the benchmark plan validate before any model is loaded. The
+    defaults are filled in once the model is known (:func:`resolve_params`)."""
+    shown_as = shown_as or {}
+    checked = {}
+    for name, value in (overrides or {}).items():
+        param = info.param(name)
+        value = param.parse(value) if isinstance(value, str) and param.kind != "str" else value
+        checked[name] = param.check(value, shown_as.get(name, ""))
+    return checked
+
+
+def resolve_params(
+    info: MethodInfo, overrides: Mapping[str, Any] | None = None, family: Any = None,
+    shown_as: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Every parameter of the method, resolved once: its defaults, then the model family's where the caller left a
+    value unset (:func:`family_defaults`), then the caller's ``overrides`` (values or command-line strings), every
+    value checked.
 
     ``shown_as`` maps parameter names to what the user typed (``{"etas": "--eta"}``) for error messages. A default
     that counts steps (``Param.per_steps``) follows ``num_steps``: Edit-friendly's skips (24, 36, 48) of the
     reference's 100 steps become (5, 7, 10) at 20 steps."""
+    overrides = dict(overrides or {})
+    if family is not None:
+        overrides = family_defaults(info, family, overrides)
     params = info.defaults()
-    for name, value in (overrides or {}).items():
+    for name, value in overrides.items():
         param = info.param(name)
         params[name] = param.parse(value) if isinstance(value, str) and param.kind != "str" else value
     for p in info.params:
-        if p.per_steps is not None and p.name not in (overrides or {}) and "num_steps" in params:
+        if p.per_steps is not None and p.name not in overrides and "num_steps" in params:
             steps = int(params["num_steps"])
             params[p.name] = tuple(dict.fromkeys(round(v * steps / p.per_steps) for v in p.default))
     shown_as = shown_as or {}
     return {p.name: p.check(params[p.name], shown_as.get(p.name, "")) for p in info.params}
 
 
+def family_defaults(info: MethodInfo, family: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with the model family's settings where the caller left them unset.
+
+    - The family's guidance scale where the method has a plain classifier-free guidance scale (not for ours with
+      DDIM inversion on a model with classifier-free guidance, which samples at guidance 1).
+    - On a family without an unconditional branch (FLUX), ours' inversion is the plain inversion (the stand-in for
+      NTI there: inverting and sampling at the same distilled guidance walk one vector field both ways,
+      docs/FAMILIES.md), and its guidance the family's distilled value.
+    - A family made for another number of steps (FLUX schnell: 4) sets ``num_steps``; step-counting defaults
+      (FlowEdit's ``n_max``) follow.
+    - A method's reference settings for the family's kind of guidance (FlowEdit on FLUX: 28 steps, ``n_max`` 24,
+      guidance 1.5 / 5.5).
+    """
+    params = dict(params)
+    names = {p.name for p in info.params}
+    if "inversion" in names and params.get("inversion") is None and not family.classifier_free:
+        params["inversion"] = "ddim"
+    if "num_steps" in names and params.get("num_steps") is None and family.default_steps is not None:
+        params["num_steps"] = family.default_steps  # FLUX schnell: the few steps it is distilled for
+    params = _with_reference_settings(info, family.guidance, params)
+    if "guidance_scale" not in names or params.get("guidance_scale") is not None:
+        return params
+    inversion = params.get("inversion", info.param("inversion").default) if "inversion" in names else None
+    if inversion == "ddim" and family.classifier_free:
+        return params
+    own = DEFAULT_GUIDANCE[inversion] if inversion else info.param("guidance_scale").default
+    guidance = family.defaults.guidance_scale
+    if guidance != own:  # the method's own default stays (and stays unset in the record) where the family agrees
+        params["guidance_scale"] = guidance
+    return params
+
+
+def _with_reference_settings(info: MethodInfo, guidance: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the method's reference settings for this kind of guidance where unset; a step-counting one
+    (FlowEdit's ``n_max``, 24 of FLUX's 28 steps) scaled to the steps run."""
+    reference = info.settings_by_guidance.get(guidance, {})
+    steps = int(params.get("num_steps") or reference.get("num_steps", 0))
+    for name, value in reference.items():
+        if params.get(name) is not None:
+            continue
+        if info.param(name).per_steps is not None and "num_steps" in reference:
+            value = tuple(dict.fromkeys(max(1, round(v * steps / reference["num_steps"])) for v in value))
+        params[name] = value
+    return params
+
+
 @dataclass
-class MethodVariant:
+class Variant:
     """One edited image: the seed and the sweep values that made it, plus anything worth recording.
 
     ``knobs`` name the sweep values by label, as file names and grids show them (``K``: injection steps);
     ``params`` by parameter name, as the table gives them (``inject``: the ratio). A method fills ``params`` where
-    a label's value is not the parameter's own (:func:`~nonrigid.methods.run.run_method` fills in the rest).
+    a label's value is not the parameter's own (the front door fills in the rest).
     """
 
     seed: int
@@ -201,36 +296,25 @@ class MethodVariant:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class MethodContext:
-    """Inputs every method shares. ``cache_fields`` identify model, image, dtype and device in stage cache keys."""
+@dataclass(frozen=True)
+class EditInput:
+    """One image of an edit as every method sees it: prepared once by the front door (read, cropped, resized to
+    the working size), its prompts, and the fields that identify model, image, dtype and device in stage cache
+    keys."""
 
-    seeds: tuple[int, ...] = (0,)
+    image: Image.Image
+    target_prompt: str
     source_prompt: str = ""
-    cache: Any = None
     cache_fields: dict[str, str] = field(default_factory=dict)
-    progress: Progress = False
-    batch_size: int | None = None
 
 
 @dataclass
-class MethodOutput:
-    """What a method's ``run`` returns: the variants (grid order), stage timings, cache hits and extras.
+class EditResult:
+    """A finished edit of any method (the one result type), ready for :func:`nonrigid.methods.output.save_result`.
 
-    ``chosen`` holds the values a method picked for parameters left to it (``none``: "the method picks"), which
-    the result then records as the parameters' values."""
-
-    variants: list[MethodVariant]
-    timings: dict[str, float] = field(default_factory=dict)
-    cache: dict[str, Any] = field(default_factory=dict)
-    record: dict[str, Any] = field(default_factory=dict)
-    chosen: dict[str, Any] = field(default_factory=dict)
-    stages: Any = None  # what later variants can be sampled from without the earlier stages (ours: EditStages)
-
-
-@dataclass
-class MethodResult:
-    """A finished edit of any method, ready for :func:`nonrigid.output.save_result`."""
+    ``params`` are every parameter of the method as resolved, with the values a method picked for parameters left
+    to it; ``stages`` the method's reusable stage results (ours: its ``EditStages``, which later variants are
+    sampled from without the earlier stages), kept in memory by the web page."""
 
     method: str
     input_image: Image.Image
@@ -238,10 +322,38 @@ class MethodResult:
     source_prompt: str
     seeds: tuple[int, ...]
     params: dict[str, Any]
-    variants: list[MethodVariant]
+    variants: list[Variant]
     knob_labels: tuple[str, ...]
     timings: dict[str, float] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
     model_fingerprint: str = ""
-    stages: Any = None  # the method's reusable stage results (ours: EditStages), kept in memory by the web UI
+    stages: Any = None
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What every image of one call shares: the method, its parameters (resolved), the seeds (the first only for
+    a method whose result does not depend on it), the stage cache, progress and the sampling batch size."""
+
+    info: MethodInfo
+    params: dict[str, Any]
+    seeds: tuple[int, ...] = (0,)
+    cache: Any = None
+    progress: Progress = False
+    batch_size: int | None = None
+
+    def result(
+        self, edit: EditInput, variants: list[Variant], timings: Mapping[str, float], *,
+        cache: Mapping[str, Any] | None = None, record: Mapping[str, Any] | None = None,
+        chosen: Mapping[str, Any] | None = None, stages: Any = None,
+    ) -> EditResult:
+        """``edit``'s result: ``variants`` in grid order, stage ``timings``, cache hits, extra ``record`` fields,
+        the values ``chosen`` for parameters left to the method (``none``: "the method picks")."""
+        return EditResult(
+            method=self.info.name, input_image=edit.image, target_prompt=edit.target_prompt,
+            source_prompt=edit.source_prompt, seeds=self.seeds, params={**self.params, **(chosen or {})},
+            variants=variants, knob_labels=tuple(p.label for p in self.info.sweeps), timings=dict(timings),
+            cache=dict(cache or {}), record=dict(record or {}), model_fingerprint=edit.cache_fields.get("model", ""),
+            stages=stages,
+        )

@@ -4,23 +4,20 @@ This module is the catalogue (torch-free, so ``nonrigid methods`` and usage erro
 name, summary and parameter table with the reference defaults of method.md section 2. The algorithms live in one
 module each (``ours``, ``nti``, ``imagic``, ``masactrl``, ``edit_friendly``, ``dds``, ``ledits``, ``flowedit``)
 with the signature of :mod:`nonrigid.methods.base`;
-:func:`nonrigid.methods.run.run_method` dispatches to them. Each table is the one place a method's parameters,
+:func:`nonrigid.methods.run.run_edits` dispatches to them. Each table is the one place a method's parameters,
 defaults and bounds are written: the command line, the benchmark and the library all validate against it.
 """
 
 from __future__ import annotations
 
 from ..errors import UsageError
+from ..models.capabilities import CLASSIFIER_FREE, DDPM, DISTILLED, FLOW, LEDITS, NO_GUIDANCE, UNET
 from ..stages import INVERSION_METHODS
 from .base import MethodInfo, Param
 
 DEFAULT_ETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_INJECT = (0.2,)
 INJECT_ABLATION = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # the paper's injection-ratio ablation (Sec. 5.4)
-# model families (ModelFamily.name) of methods tied to a UNet and DDPM noise prediction, and of flow-only methods
-_UNET_FAMILIES = ("sd", "sdxl")
-_FLOW_FAMILIES = ("sd3", "flux")
-_CFG_FAMILIES = ("sd", "sdxl", "sd3")  # models with an unconditional branch (FLUX's guidance is distilled)
 
 _NTI_PARAMS = (
     Param("num_steps", "int", 50, "steps of inversion and sampling (DDIM; Euler on flow models)", low=1, high=1000),
@@ -51,6 +48,7 @@ OURS = MethodInfo(
     ),
     seeded=True,
     reference="Latent Inversion with Timestep-aware Sampling (method.md section 1)",
+    batches_images=True,
 )
 
 NTI = MethodInfo(
@@ -59,7 +57,7 @@ NTI = MethodInfo(
     "inverted latent with the optimised null embeddings (no text optimization, no injection).",
     _NTI_PARAMS,
     seeded=False,
-    families=_CFG_FAMILIES,
+    requires=(CLASSIFIER_FREE,),
     why_not="it optimises the null text of classifier-free guidance, and this model has no unconditional branch "
             "(its guidance is distilled)",
     reference="Mokady et al., Null-text Inversion (CVPR 2023)",
@@ -103,7 +101,7 @@ MASACTRL = MethodInfo(
     ),
     seeded=False,
     reference="Cao et al., MasaCtrl (ICCV 2023), on a null-text inversion as in the paper",
-    families=_UNET_FAMILIES,
+    requires=(UNET,),
     why_not="it rewires a UNet's self-attention layers, and a flow transformer (MMDiT) has joint attention only",
 )
 
@@ -121,7 +119,8 @@ EDIT_FRIENDLY = MethodInfo(
     ),
     seeded=True,
     reference="Huberman-Spiegelglas et al., An Edit Friendly DDPM Noise Space (CVPR 2024)",
-    families=_UNET_FAMILIES,
+    requires=(DDPM,),
+    batches_images=True,
     why_not="its noise maps belong to DDPM's stochastic sampler, and a flow model samples a deterministic ODE "
     "(on flow models use flowedit)",
 )
@@ -142,7 +141,8 @@ DDS = MethodInfo(
     ),
     seeded=True,
     reference="Hertz et al., Delta Denoising Score (ICCV 2023)",
-    families=_UNET_FAMILIES,
+    requires=(DDPM,),
+    batches_images=True,
     why_not="it distils noise estimates at DDPM timesteps; its flow-model counterpart is flowedit",
 )
 
@@ -164,9 +164,11 @@ LEDITS = MethodInfo(
     ),
     seeded=True,
     reference="Brack et al., LEDITS++ (CVPR 2024), as shipped by diffusers",
-    families=_UNET_FAMILIES,
+    requires=(LEDITS,),
     why_not="diffusers ships LEDITS++ for SD and SDXL UNets only",
 )
+
+_FLOWEDIT_FLUX = {"num_steps": 28, "n_max": (24,), "source_guidance": 1.5, "target_guidance": 5.5}
 
 FLOWEDIT = MethodInfo(
     "flowedit",
@@ -187,19 +189,15 @@ FLOWEDIT = MethodInfo(
     ),
     seeded=True,
     reference="Kulikov et al., FlowEdit (ICCV 2025): the authors' SD3 settings, and on FLUX their FLUX settings",
-    families=_FLOW_FAMILIES,
-    family_settings={"flux": {"num_steps": 28, "n_max": (24,), "source_guidance": 1.5, "target_guidance": 5.5}},
+    requires=(FLOW,),
+    # the authors' FLUX settings, for flow models without an unconditional branch (dev: distilled guidance;
+    # schnell: none, where the guidance values go unused and n_max scales to its 4 steps)
+    settings_by_guidance={DISTILLED: _FLOWEDIT_FLUX, NO_GUIDANCE: _FLOWEDIT_FLUX},
     why_not="it integrates a rectified-flow velocity field over sigmas, and this model predicts DDPM noise",
 )
 
 METHODS: dict[str, MethodInfo] = {m.name: m for m in (OURS, NTI, IMAGIC, MASACTRL, EDIT_FRIENDLY, DDS, LEDITS,
                                                         FLOWEDIT)}
-
-# module implementing each method (imported on use: they import torch)
-MODULES = {"ours": "ours", "nti": "nti", "imagic": "imagic", "masactrl": "masactrl",
-           "edit-friendly": "edit_friendly", "dds": "dds", "ledits": "ledits",
-           "flowedit": "flowedit"}
-
 
 def method_info(name: str) -> MethodInfo:
     if name not in METHODS:

@@ -43,20 +43,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
-from PIL import Image
 
 from ..errors import UsageError, check_finite
-from ..models.family import Conditioning
-from ..models.registry import family_of
+from ..models.family import Conditioning, ModelFamily
 from ..progress import Progress, track
 from ..timing import Stopwatch
-from .base import MethodContext, MethodOutput, MethodVariant
+from .base import EditInput, EditResult, MethodContext, Variant
 from .catalogue import DDS as INFO
 
-__all__ = ["INFO", "REFERENCE_LATENT_AREA", "DDSDraw", "DDSJob", "DDSResult", "dds_delta", "dds_delta_rows",
-           "dds_deltas", "dds_draws", "dds_loss", "dds_optimize", "dds_optimize_many", "expected_delta_norm",
-           "noise_schedule", "run", "run_many"]
+__all__ = ["INFO", "REFERENCE_LATENT_AREA", "DDSDraw", "DDSJob", "DDSResult", "dds_delta", "dds_deltas", "dds_draws",
+           "dds_loss", "dds_optimize", "expected_delta_norm", "run"]
 
 REFERENCE_LATENT_AREA = 64 * 64  # h * w of an SD latent at 512 px: the reference's loss normaliser there
 
@@ -91,78 +87,51 @@ def dds_draws(
     return draws
 
 
-def noise_schedule(pipe: StableDiffusionPipeline) -> DDIMScheduler:
-    """A private scheduler with the pipeline's configuration: only its ``abar_t`` and ``add_noise`` are used."""
-    return DDIMScheduler.from_config(family_of(pipe).pipe.scheduler.config)
-
-
 @torch.no_grad()
 def dds_delta(
-    pipe: StableDiffusionPipeline,
-    latent: torch.Tensor,
-    source_latent: torch.Tensor,
-    draw: DDSDraw,
-    target_embedding: torch.Tensor,
-    source_embedding: torch.Tensor,
-    uncond_embedding: torch.Tensor,
-    guidance_scale: float,
-    scheduler: DDIMScheduler | None = None,
-) -> torch.Tensor:
-    """``eps_cfg(z_t, t, target) - eps_cfg(x_t, t, source)`` with the same t and noise for both branches.
-
-    The two predictions are two calls of the same shape on the same kind of inputs, so when ``latent`` equals
-    ``source_latent`` and the embeddings are equal the inputs are bit-identical and the delta is exactly zero.
-    """
-    return dds_delta_rows(pipe, latent, source_latent, torch.tensor([draw.timestep]), draw.noise,
-                          Conditioning.of(target_embedding), Conditioning.of(source_embedding), uncond_embedding,
-                          guidance_scale, scheduler)
-
-
-@torch.no_grad()
-def dds_delta_rows(
-    pipe: StableDiffusionPipeline,
+    model: ModelFamily,
     latents: torch.Tensor,
     source_latents: torch.Tensor,
     timesteps: torch.Tensor,
     noises: torch.Tensor,
     targets: Conditioning,
     sources: Conditioning,
-    uncond_embedding: torch.Tensor,
+    uncond: Conditioning | torch.Tensor,
     guidance_scale: float,
-    scheduler: DDIMScheduler | None = None,
 ) -> torch.Tensor:
-    """:func:`dds_delta` for several independent DDS runs at once (R rows: each its own latent, source latent,
-    timestep, noise and prompts): the target branch of every row in one call, the source branch in another, so
-    one row gives exactly :func:`dds_delta`'s two calls."""
-    scheduler = scheduler or noise_schedule(pipe)
+    """``eps_cfg(z_t, t, target) - eps_cfg(x_t, t, source)`` with the same t and noise for both branches, for R
+    independent DDS runs at once (each row its own latent, source latent, timestep, noise and prompts): the target
+    branch of every row in one call, the source branch in another.
+
+    The two predictions are two calls of the same shape on the same kind of inputs, so when a row's latent equals
+    its source latent and the embeddings are equal the inputs are bit-identical and its delta is exactly zero.
+    """
     t = timesteps.to(latents.device)
-    noisy = scheduler.add_noise(latents.detach(), noises, t)
-    noisy_source = scheduler.add_noise(source_latents, noises, t)
-    family = family_of(pipe)
-    target_eps = family.noise_estimate(
-        family.predict(noisy, t, targets, uncond_embedding, guidance_scale), noisy, t)
-    source_eps = family.noise_estimate(
-        family.predict(noisy_source, t, sources, uncond_embedding, guidance_scale), noisy_source, t)
+    noisy = model.add_noise(latents.detach(), noises, t)
+    noisy_source = model.add_noise(source_latents, noises, t)
+    target_eps = model.noise_estimate(model.predict(noisy, t, targets, uncond, guidance_scale), noisy, t)
+    source_eps = model.noise_estimate(model.predict(noisy_source, t, sources, uncond, guidance_scale),
+                                      noisy_source, t)
     return target_eps - source_eps
 
 
 def dds_deltas(
-    pipe: StableDiffusionPipeline,
+    model: ModelFamily,
     latent: torch.Tensor,
     source_latent: torch.Tensor,
     draws: Sequence[DDSDraw],
-    target_embedding: torch.Tensor,
-    source_embedding: torch.Tensor,
+    target: Conditioning | torch.Tensor,
+    source: Conditioning | torch.Tensor,
     guidance_scale: float,
-    uncond_embedding: torch.Tensor | None = None,
+    uncond: Conditioning | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The delta of ``latent`` for each of the fixed ``draws``, stacked (K, 1, 4, h, w): to compare latents."""
-    if uncond_embedding is None:
-        uncond_embedding = family_of(pipe).unconditional()
-    scheduler = noise_schedule(pipe)
+    """The delta of one ``latent`` for each of the fixed ``draws``, stacked (K, 1, 4, h, w): to compare latents
+    (one DDS evaluation per draw)."""
+    uncond = model.unconditional() if uncond is None else uncond
+    target, source = Conditioning.of(target), Conditioning.of(source)
     return torch.stack([
-        dds_delta(pipe, latent, source_latent, d, target_embedding, source_embedding, uncond_embedding,
-                  guidance_scale, scheduler)
+        dds_delta(model, latent, source_latent, torch.tensor([d.timestep]), d.noise, target, source, uncond,
+                  guidance_scale)
         for d in draws
     ])
 
@@ -177,27 +146,6 @@ def expected_delta_norm(deltas: torch.Tensor) -> float:
     return deltas.mean(0).pow(2).mean().item()
 
 
-def dds_optimize(
-    pipe: StableDiffusionPipeline,
-    source_latent: torch.Tensor,
-    source_embedding: torch.Tensor,
-    target_embedding: torch.Tensor,
-    iterations: Sequence[int],
-    *,
-    seed: int = 0,
-    **settings: Any,
-) -> DDSResult:
-    """Run DDS from ``source_latent`` (1, 4, h, w) up to ``max(iterations)``, keeping ``z`` after each listed count.
-
-    ``z`` is an fp32 leaf tensor updated by ``torch.optim.SGD`` (no momentum, as the reference) with gradient
-    ``loss_scale / REFERENCE_LATENT_AREA * delta`` (see the module docstring for why this normaliser). The
-    keyword ``settings`` (``lr``, ``guidance_scale``, ``t_min``, ``t_max``, ``loss_scale``, ``uncond_embedding``,
-    ``progress``) are :func:`dds_optimize_many`'s, with its defaults: this is its batch of one.
-    """
-    job = DDSJob(source_latent, Conditioning.of(source_embedding), Conditioning.of(target_embedding), seed)
-    return dds_optimize_many(pipe, [job], iterations, **settings)[0]
-
-
 @dataclass(frozen=True)
 class DDSJob:
     """One DDS run of :func:`dds_optimize_many`: its input latent (1, 4, h, w), prompts and seed."""
@@ -208,8 +156,8 @@ class DDSJob:
     seed: int
 
 
-def dds_optimize_many(
-    pipe: StableDiffusionPipeline,
+def dds_optimize(
+    model: ModelFamily,
     jobs: Sequence[DDSJob],
     iterations: Sequence[int],
     *,
@@ -218,22 +166,24 @@ def dds_optimize_many(
     t_min: int = 50,
     t_max: int = 950,
     loss_scale: float = 2000.0,
-    uncond_embedding: torch.Tensor | None = None,
+    uncond: Conditioning | torch.Tensor | None = None,
     progress: Progress = False,
 ) -> list[DDSResult]:
-    """:func:`dds_optimize` for several runs (images, prompts, seeds) as one model batch per iteration.
+    """Run DDS from each job's source latent (1, 4, h, w) up to ``max(iterations)``, keeping ``z`` after each listed
+    count, for several runs (images, prompts, seeds) as one model batch per iteration.
 
-    Each run keeps what makes it its own: its seeded generator draws its timesteps and noise in the same order as
-    alone, and its rows of ``z`` get only its own delta (SGD without momentum acts elementwise). So each result
-    equals the run alone up to the last bits of batched products (bit for bit with a batch-invariant model)."""
+    ``z`` is an fp32 leaf tensor updated by ``torch.optim.SGD`` (no momentum, as the reference) with gradient
+    ``loss_scale / REFERENCE_LATENT_AREA * delta`` (see the module docstring for why this normaliser). Each run keeps
+    what makes it its own: its seeded generator draws its timesteps and noise in the same order as alone, and its rows
+    of ``z`` get only its own delta (SGD without momentum acts elementwise). So each result equals the run alone up to
+    the last bits of batched products (bit for bit with a batch-invariant model).
+    """
     if t_min > t_max:
         raise UsageError(f"t_min ({t_min}) must not be larger than t_max ({t_max})")
-    if uncond_embedding is None:
-        uncond_embedding = family_of(pipe).unconditional()
+    uncond = model.unconditional() if uncond is None else uncond
     sources = torch.cat([job.source_latent.detach().float() for job in jobs])
     source_texts = Conditioning.cat([job.source for job in jobs])
     target_texts = Conditioning.cat([job.target for job in jobs])
-    scheduler = noise_schedule(pipe)
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
     latents = sources.clone().requires_grad_(True)
     optimizer = torch.optim.SGD([latents], lr=lr)
@@ -244,9 +194,8 @@ def dds_optimize_many(
     for step in track(range(1, max(wanted) + 1), "DDS", progress):
         draws = [dds_draws(g, job.source_latent.shape, t_min, t_max, 1, sources.device)[0]
                  for g, job in zip(generators, jobs, strict=True)]
-        delta = dds_delta_rows(pipe, latents, sources, torch.tensor([d.timestep for d in draws]),
-                               torch.cat([d.noise for d in draws]), target_texts, source_texts, uncond_embedding,
-                               guidance_scale, scheduler)
+        delta = dds_delta(model, latents, sources, torch.tensor([d.timestep for d in draws]),
+                          torch.cat([d.noise for d in draws]), target_texts, source_texts, uncond, guidance_scale)
         check_finite(delta, "DDS")
         optimizer.zero_grad(set_to_none=True)
         latents.grad = gradient_scale * delta
@@ -259,59 +208,42 @@ def dds_optimize_many(
     return results
 
 
-def run(
-    pipe: StableDiffusionPipeline, picture: Image.Image, target_prompt: str, params: dict[str, Any],
-    ctx: MethodContext,
-) -> MethodOutput:
-    """One DDS run per seed up to the largest iteration count; variants (seed, iterations), decoded together."""
-    return run_many(pipe, [picture], [target_prompt], params, [ctx])[0]
-
-
-def run_many(
-    pipe: StableDiffusionPipeline, pictures: Sequence[Image.Image], target_prompts: Sequence[str],
-    params: dict[str, Any], ctxs: Sequence[MethodContext],
-) -> list[MethodOutput]:
-    """:func:`run` for several pictures with the same parameters and seeds: for each seed, every picture's run in
-    one model batch per iteration (:func:`dds_optimize_many`). Each output equals the picture's own run's up to the
-    last bits of batched products (a picture alone runs each seed on its own, as before batching existed), its
-    timings its share of the batch."""
-    if params["t_min"] > params["t_max"]:
-        raise UsageError(f"t_min ({params['t_min']}) must not be larger than t_max ({params['t_max']})")
+def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> list[EditResult]:
+    """For each seed, every image's DDS run in one model batch per iteration (:func:`dds_optimize`); variants
+    (seed, iterations), decoded together per image. Each result equals the image's own run's up to the last bits of
+    batched products (an image alone runs each seed on its own), its timings its share of the batch."""
+    p = ctx.params
+    if p["t_min"] > p["t_max"]:
+        raise UsageError(f"t_min ({p['t_min']}) must not be larger than t_max ({p['t_max']})")
     watch = Stopwatch()
-    family = family_of(pipe)
     with watch("encoding"):
-        uncond = family.unconditional()
-        inputs = [(family.encode_image(picture), family.encode_prompt(ctx.source_prompt),
-                   family.encode_prompt(target)) for picture, target, ctx in zip(pictures, target_prompts, ctxs,
-                                                                                  strict=True)]
-    seeds = ctxs[0].seeds
-    if any(ctx.seeds != seeds for ctx in ctxs):
-        raise UsageError("pictures run together must share their seeds")
+        uncond = model.unconditional()
+        inputs = [(model.encode_image(e.image), model.encode_prompt(e.source_prompt),
+                   model.encode_prompt(e.target_prompt)) for e in edits]
     by_seed = []
     with watch("optimization"):
-        for seed in seeds:
+        for seed in ctx.seeds:
             jobs = [DDSJob(latent, source, target, seed) for latent, source, target in inputs]
-            by_seed.append(dds_optimize_many(pipe, jobs, params["iterations"], lr=params["lr"],
-                                             guidance_scale=params["guidance_scale"], t_min=params["t_min"],
-                                             t_max=params["t_max"], loss_scale=params["loss_scale"],
-                                             uncond_embedding=uncond, progress=ctxs[0].progress))
+            by_seed.append(dds_optimize(model, jobs, p["iterations"], lr=p["lr"], guidance_scale=p["guidance_scale"],
+                                        t_min=p["t_min"], t_max=p["t_max"], loss_scale=p["loss_scale"],
+                                        uncond=uncond, progress=ctx.progress))
     variants = []
     with watch("decoding"):
-        for k, ((source_latent, _, _), ctx) in enumerate(zip(inputs, ctxs, strict=True)):
+        for k, (source_latent, _, _) in enumerate(inputs):
             mine = [results[k] for results in by_seed]
-            variants.append(_variants(family, params["iterations"], source_latent, mine, ctx.batch_size))
-    timings = {name: seconds / len(ctxs) for name, seconds in watch.seconds.items()}
-    return [MethodOutput(mine, dict(timings), {}, _record(params, results_of))
-            for mine, results_of in variants]
+            variants.append(_variants(model, p["iterations"], source_latent, mine, ctx.batch_size))
+    timings = {name: seconds / len(edits) for name, seconds in watch.seconds.items()}
+    return [ctx.result(edit, mine, timings, record=_record(p, results_of))
+            for edit, (mine, results_of) in zip(edits, variants, strict=True)]
 
 
-def _variants(family, iterations: Sequence[int], source_latent: torch.Tensor, results: list[DDSResult],
-              batch_size: int | None) -> tuple[list[MethodVariant], list[DDSResult]]:
+def _variants(family: ModelFamily, iterations: Sequence[int], source_latent: torch.Tensor, results: list[DDSResult],
+              batch_size: int | None) -> tuple[list[Variant], list[DDSResult]]:
     """One picture's variants (seed, iterations), decoded together, and its runs."""
     order = [(result, n) for result in results for n in iterations]
     images = family.decode(torch.cat([result.snapshots[n] for result, n in order]), batch_size=batch_size or 8)
     variants = [
-        MethodVariant(result.seed, {"iter": n}, image,
+        Variant(result.seed, {"iter": n}, image,
                       {"latent_change": float((result.snapshots[n] - source_latent).abs().mean())})
         for (result, n), image in zip(order, images, strict=True)
     ]

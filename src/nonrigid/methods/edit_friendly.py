@@ -27,19 +27,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
-from PIL import Image
+from diffusers import DDIMScheduler
 
 from ..errors import UsageError, check_finite
-from ..models.family import Conditioning
-from ..models.registry import family_of
+from ..models.family import Conditioning, ModelFamily
 from ..progress import Progress, track
 from ..timing import Stopwatch
-from .base import MethodContext, MethodOutput, MethodVariant
+from .base import EditInput, EditResult, MethodContext, Variant
 from .catalogue import EDIT_FRIENDLY as INFO
 
-__all__ = ["INFO", "EditFriendlyInversion", "edit_friendly_invert", "edit_friendly_invert_many", "edit_friendly_sample",
-           "run", "run_many"]
+__all__ = ["INFO", "EditFriendlyInversion", "edit_friendly_invert", "edit_friendly_sample", "run"]
 
 
 @dataclass
@@ -90,56 +87,34 @@ def independent_noisy_latents(latent: torch.Tensor, scheduler: DDIMScheduler, se
 
 @torch.no_grad()
 def edit_friendly_invert(
-    pipe: StableDiffusionPipeline,
-    latent: torch.Tensor,
-    source_embedding: torch.Tensor,
-    num_steps: int,
-    guidance_scale: float,
-    seeds: Sequence[int] = (0,),
-    *,
-    uncond_embedding: torch.Tensor | None = None,
-    batch_size: int | None = None,
-    progress: Progress = False,
-) -> list[EditFriendlyInversion]:
-    """Extract the noise maps of ``latent`` (1, 4, h, w) for every seed; the seeds run as one batch per step.
-
-    Each seed's result depends only on its own seed (its own generator), not on which other seeds run with it
-    (up to the last bits of batched convolutions). The unconditional embedding defaults to ``tau("")``.
-    """
-    return edit_friendly_invert_many(pipe, [latent], [Conditioning.of(source_embedding)], [seeds], num_steps,
-                                     guidance_scale, uncond_embedding=uncond_embedding, batch_size=batch_size,
-                                     progress=progress)[0]
-
-
-@torch.no_grad()
-def edit_friendly_invert_many(
-    pipe: StableDiffusionPipeline,
+    model: ModelFamily,
     latents: Sequence[torch.Tensor],
     sources: Sequence[Conditioning],
     seeds: Sequence[Sequence[int]],
     num_steps: int,
     guidance_scale: float,
     *,
-    uncond_embedding: torch.Tensor | None = None,
+    uncond_embedding: Conditioning | torch.Tensor | None = None,
     batch_size: int | None = None,
     progress: Progress = False,
 ) -> list[list[EditFriendlyInversion]]:
-    """:func:`edit_friendly_invert` for several images (each its latent, source prompt and seeds) as one batch per
-    step: each image's inversions, each seed's from its own generator (as alone, up to the last bits)."""
-    family = family_of(pipe)
+    """Extract the noise maps of each image's latent (1, 4, h, w) for each of its seeds, every (image, seed) as one
+    batch per step (in chunks of ``batch_size`` rows): each image's inversions, each seed's from its own generator,
+    depending only on its own seed (up to the last bits of batched convolutions). The unconditional embedding
+    defaults to the model's (``tau("")``)."""
     if uncond_embedding is None:
-        uncond_embedding = family.unconditional()
-    scheduler = family.sampling_scheduler(num_steps, latents[0])
+        uncond_embedding = model.unconditional()
+    scheduler = model.sampling_scheduler(num_steps, latents[0])
     jobs = [(k, int(s)) for k, mine in enumerate(seeds) for s in mine]
     xs = torch.stack([independent_noisy_latents(latents[k].float(), scheduler, s) for k, s in jobs])  # (R, N+1, .)
-    conds = Conditioning.cat([sources[k] for k, _ in jobs])
+    conds = Conditioning.cat([Conditioning.of(sources[k]) for k, _ in jobs])
     zs = torch.zeros_like(xs[:, :num_steps])
     chunk = batch_size or len(jobs)
     for i, t in enumerate(track(scheduler.timesteps, "noise maps", progress)):
         sigma = ddpm_sigma(scheduler, t)
         for rows in torch.arange(len(jobs)).split(chunk):
             x = xs[rows, i]
-            eps = family.predict(x, t, conds.rows(rows), uncond_embedding, guidance_scale)
+            eps = model.predict(x, t, conds.rows(rows), uncond_embedding, guidance_scale)
             mean = scheduler.step(eps, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
             # sigma is 0 only for a final step to alpha 1 (set_alpha_to_one): that step adds no noise to steer
             z = (xs[rows, i + 1] - mean) / sigma if sigma > 0 else torch.zeros_like(x)
@@ -155,7 +130,7 @@ def edit_friendly_invert_many(
 
 @torch.no_grad()
 def edit_friendly_sample(
-    pipe: StableDiffusionPipeline,
+    model: ModelFamily,
     inversions: Sequence[EditFriendlyInversion],
     target_embedding: Conditioning | torch.Tensor | Sequence[Conditioning],
     guidance_scale: float,
@@ -180,12 +155,11 @@ def edit_friendly_sample(
     for skip in skips:
         if not 0 <= skip <= num_steps:
             raise UsageError(f"skip must be between 0 and num_steps ({num_steps}), got {skip}")
-    family = family_of(pipe)
     if uncond_embedding is None:
-        uncond_embedding = family.unconditional()
+        uncond_embedding = model.unconditional()
     targets = ([Conditioning.of(target_embedding)] * len(inversions)
                if isinstance(target_embedding, (Conditioning, torch.Tensor)) else list(target_embedding))
-    scheduler = family.sampling_scheduler(num_steps)
+    scheduler = model.sampling_scheduler(num_steps)
     rows = [(k, int(skip)) for k in range(len(inversions)) for skip in skips]
     conds = Conditioning.cat([targets[k] for k, _ in rows])
     latents = torch.stack([inversions[k].xs[skip] for k, skip in rows])  # each row's start (x0 for skip = N)
@@ -196,60 +170,49 @@ def edit_friendly_sample(
         for part in active.split(chunk):
             x = latents[part]
             noise = torch.stack([inversions[rows[r][0]].zs[i] for r in part.tolist()])
-            eps = family.predict(x, t, conds.rows(part), uncond_embedding, guidance_scale)
+            eps = model.predict(x, t, conds.rows(part), uncond_embedding, guidance_scale)
             latents[part] = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
     check_finite(latents, "edit-friendly sampling")
     return latents
 
 
-def run(
-    pipe: StableDiffusionPipeline, picture: Image.Image, target_prompt: str, params: dict[str, Any],
-    ctx: MethodContext,
-) -> MethodOutput:
-    """Noise maps once per seed, then every skip value of every seed sampled together; variants (seed, skip)."""
-    return run_many(pipe, [picture], [target_prompt], params, [ctx])[0]
-
-
-def run_many(
-    pipe: StableDiffusionPipeline, pictures: Sequence[Image.Image], target_prompts: Sequence[str],
-    params: dict[str, Any], ctxs: Sequence[MethodContext],
-) -> list[MethodOutput]:
-    """:func:`run` for several pictures with the same parameters: every picture's noise maps in one batch per
-    step, then every (picture, seed, skip) sampled together; each output equals the picture's own run's up to the
-    last bits of batched products, its timings its share of the batch."""
-    num_steps, skips = params["num_steps"], params["skip"]
+def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> list[EditResult]:
+    """Every image's noise maps once per seed in one batch per step, then every (image, seed, skip) sampled
+    together; variants (seed, skip). Each result equals the image's own run's up to the last bits of batched
+    products, its timings its share of the batch."""
+    p = ctx.params
+    num_steps, skips = p["num_steps"], p["skip"]
     too_many = [s for s in skips if s > num_steps]
     if too_many:
         raise UsageError(f"skip must be at most num_steps ({num_steps}); got {', '.join(map(str, too_many))}")
-    batch_size, progress = ctxs[0].batch_size, ctxs[0].progress
     watch = Stopwatch()
     with watch("inversion"):
-        family = family_of(pipe)
-        latents = [family.encode_image(picture) for picture in pictures]
-        uncond = family.unconditional()
-        sources = [family.encode_prompt(ctx.source_prompt) for ctx in ctxs]
-        inversions = edit_friendly_invert_many(pipe, latents, sources, [ctx.seeds for ctx in ctxs], num_steps,
-                                               params["source_guidance"], uncond_embedding=uncond,
-                                               batch_size=batch_size, progress=progress)
+        latents = [model.encode_image(e.image) for e in edits]
+        uncond = model.unconditional()
+        sources = [model.encode_prompt(e.source_prompt) for e in edits]
+        inversions = edit_friendly_invert(model, latents, sources, [ctx.seeds] * len(edits), num_steps,
+                                          p["source_guidance"], uncond_embedding=uncond, batch_size=ctx.batch_size,
+                                          progress=ctx.progress)
     with watch("sampling"):
-        targets = [family.encode_prompt(target) for target in target_prompts]
+        targets = [model.encode_prompt(e.target_prompt) for e in edits]
         flat = [inv for mine in inversions for inv in mine]
-        finals = edit_friendly_sample(pipe, flat, [t for t, mine in zip(targets, inversions, strict=True)
-                                                   for _ in mine],
-                                      params["target_guidance"], skips, uncond_embedding=uncond,
-                                      batch_size=batch_size, progress=progress)
+        finals = edit_friendly_sample(model, flat, [t for t, mine in zip(targets, inversions, strict=True)
+                                                    for _ in mine],
+                                      p["target_guidance"], skips, uncond_embedding=uncond,
+                                      batch_size=ctx.batch_size, progress=ctx.progress)
         finals = finals.split([len(mine) * len(skips) for mine in inversions])
     outputs = []
     for mine, latents_of in zip(inversions, finals, strict=True):
         with watch("decoding"):
-            images = family.decode(latents_of, batch_size=batch_size or 8)
+            images = model.decode(latents_of, batch_size=ctx.batch_size or 8)
         variants = [
-            MethodVariant(inv.seed, {"skip": skip}, img, {"start_timestep": _start_timestep(inv, skip)})
+            Variant(inv.seed, {"skip": skip}, img, {"start_timestep": _start_timestep(inv, skip)})
             for (inv, skip), img in zip(((inv, s) for inv in mine for s in skips), images, strict=True)
         ]
         outputs.append((variants, mine))
-    timings = {name: seconds / len(ctxs) for name, seconds in watch.seconds.items()}
-    return [MethodOutput(variants, dict(timings), {}, _record(params, mine)) for variants, mine in outputs]
+    timings = {name: seconds / len(edits) for name, seconds in watch.seconds.items()}
+    return [ctx.result(edit, variants, timings, record=_record(p, mine))
+            for edit, (variants, mine) in zip(edits, outputs, strict=True)]
 
 
 def _record(params: dict[str, Any], inversions: list[EditFriendlyInversion]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ the source and equal guidance, the image latent does not move.
 
 It needs a flow model's velocity and sigmas, so it applies to the flow families only (SD3 and FLUX). The defaults
 are the authors' SD3 settings (50 steps, n_max 33, guidance 3.5 / 13.5); on FLUX their FLUX settings (28 steps,
-n_max 24, distilled guidance 1.5 / 5.5; the catalogue's ``family_settings``).
+n_max 24, distilled guidance 1.5 / 5.5; the catalogue's ``settings_by_guidance``).
 
 Noise: one generator per seed on the CPU, drawn for every step ``i = 0..N-1`` and average ``k`` in that order
 (steps a variant skips too), so every ``n_max`` variant of a seed sees the same noise at the same step; the
@@ -25,17 +25,15 @@ variants run as one batch.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 import torch
-from PIL import Image
 
 from ..errors import UsageError, check_finite
 from ..models.family import Conditioning, ModelFamily
-from ..models.registry import family_of
 from ..progress import Progress, track
 from ..timing import Stopwatch
-from .base import MethodContext, MethodOutput, MethodVariant
+from .base import EditInput, EditResult, MethodContext, Variant
 from .catalogue import FLOWEDIT as INFO
 
 __all__ = ["INFO", "flowedit_latents", "run"]
@@ -50,7 +48,7 @@ def flow_noise(seed: int, num_steps: int, n_avg: int, shape: torch.Size) -> torc
 
 @torch.no_grad()
 def flowedit_latents(
-    pipe,
+    model: ModelFamily,
     x_src: torch.Tensor,
     source: Conditioning,
     target: Conditioning,
@@ -64,12 +62,10 @@ def flowedit_latents(
     seed: int = 0,
     progress: Progress = False,
 ) -> torch.Tensor:
-    """The edited latents, one row per ``n_max`` (1, C, h, w each), from the source latent ``x_src``."""
-    family: ModelFamily = family_of(pipe)
-    scheduler = family.sampling_scheduler(num_steps, x_src)
-    if not hasattr(scheduler, "sigma_from"):
-        raise UsageError(f"FlowEdit needs a flow model; {family.describe()} is not one")
-    uncond = family.unconditional()
+    """The edited latents, one row per ``n_max`` (1, C, h, w each), from the source latent ``x_src`` of a flow
+    model (the catalogue's ``requires``: its sampling scheduler steps between sigmas)."""
+    scheduler = model.sampling_scheduler(num_steps, x_src)
+    uncond = model.unconditional()
     noise = flow_noise(seed, num_steps, n_avg, x_src.shape[1:]).to(x_src.device)
     rows = len(n_maxes)
     z = x_src.repeat(rows, *([1] * (x_src.dim() - 1)))
@@ -85,43 +81,47 @@ def flowedit_latents(
             for k in range(n_avg):
                 zt_src = (1 - s) * x_src + s * noise[i, k : k + 1]
                 zt_tar = z[active] + zt_src - x_src
-                v_src = family.predict(zt_src, t, source, uncond, source_guidance)
-                v_tar = family.predict(zt_tar, t, target, uncond, target_guidance)
+                v_src = model.predict(zt_src, t, source, uncond, source_guidance)
+                v_tar = model.predict(zt_tar, t, target, uncond, target_guidance)
                 delta += (v_tar - v_src) / n_avg
             z[active] = z[active] + (s_next - s) * delta
         else:
             if tail is None:  # SDEdit-style phase: z noised to this level, then sampled with the target
                 tail = z + (1 - s) * x_src + s * noise[i, 0:1] - x_src
-            v = family.predict(tail, t, target, uncond, target_guidance)
+            v = model.predict(tail, t, target, uncond, target_guidance)
             tail = tail + (s_next - s) * v
     result = z if tail is None else tail
     check_finite(result, "FlowEdit")
     return result
 
 
-def run(pipe, picture: Image.Image, target_prompt: str, params: dict[str, Any], ctx: MethodContext) -> MethodOutput:
-    """One batch of ``n_max`` variants per seed; variants (seed, n_max), decoded together."""
-    steps = params["num_steps"]
-    n_maxes = tuple(min(n, steps) for n in params["n_max"])
-    if params["n_min"] > min(n_maxes):
-        raise UsageError(f"n_min ({params['n_min']}) must not exceed n_max ({min(n_maxes)})")
+def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> list[EditResult]:
+    """Per image: one batch of ``n_max`` variants per seed; variants (seed, n_max), decoded together."""
+    return [_edit(model, edit, ctx) for edit in edits]
+
+
+def _edit(model: ModelFamily, edit: EditInput, ctx: MethodContext) -> EditResult:
+    p = ctx.params
+    steps = p["num_steps"]
+    n_maxes = tuple(min(n, steps) for n in p["n_max"])
+    if p["n_min"] > min(n_maxes):
+        raise UsageError(f"n_min ({p['n_min']}) must not exceed n_max ({min(n_maxes)})")
     watch = Stopwatch()
-    family = family_of(pipe)
     with watch("encoding"):
-        x_src = family.encode_image(picture)
-        source, target = family.encode_prompt(ctx.source_prompt), family.encode_prompt(target_prompt)
+        x_src = model.encode_image(edit.image)
+        source, target = model.encode_prompt(edit.source_prompt), model.encode_prompt(edit.target_prompt)
     with watch("editing"):
         latents = torch.cat([
-            flowedit_latents(family, x_src, source, target, n_maxes, num_steps=steps, n_min=params["n_min"],
-                             n_avg=params["n_avg"], source_guidance=params["source_guidance"],
-                             target_guidance=params["target_guidance"], seed=seed, progress=ctx.progress)
+            flowedit_latents(model, x_src, source, target, n_maxes, num_steps=steps, n_min=p["n_min"],
+                             n_avg=p["n_avg"], source_guidance=p["source_guidance"],
+                             target_guidance=p["target_guidance"], seed=seed, progress=ctx.progress)
             for seed in ctx.seeds
         ])
     with watch("decoding"):
-        images = family.decode(latents, batch_size=ctx.batch_size or 8)
-    order = [(seed, n) for seed in ctx.seeds for n in params["n_max"]]
+        images = model.decode(latents, batch_size=ctx.batch_size or 8)
+    order = [(seed, n) for seed in ctx.seeds for n in p["n_max"]]
     variants = [
-        MethodVariant(seed, {"nmax": n}, image, {"latent_change": float((latent - x_src[0]).abs().mean())})
+        Variant(seed, {"nmax": n}, image, {"latent_change": float((latent - x_src[0]).abs().mean())})
         for (seed, n), image, latent in zip(order, images, latents, strict=True)
     ]
-    return MethodOutput(variants, watch.seconds, {}, {"unconditional_prompt": ""})
+    return ctx.result(edit, variants, watch.seconds, record={"unconditional_prompt": ""})

@@ -2,16 +2,16 @@
 
 Per seed:
 
-1. Stage A, text optimization, shared with the paper's method (:func:`nonrigid.editing.text_stage`, same cache
-   entries): ``e_opt`` such that the frozen UNet denoises the image well.
+1. Stage A, text optimization, shared with the paper's method (:func:`nonrigid.stages.cached.text_stages`, same
+   cache entries): ``e_opt`` such that the frozen UNet denoises the image well.
 2. Fine-tune a *copy* of the UNet on the image with ``e_opt`` fixed: ``|| eps_theta'(x_t, t, e_opt) - noise ||^2``
    with Adam (:func:`finetune_unet`).
 3. Sample from random noise with the copy, conditioned on ``alpha * e_tgt + (1 - alpha) * e_opt`` for every alpha of
    the sweep, classifier-free guidance against ``tau("")``, DDIM (:func:`imagic_sample`).
 
 The fine-tuned weights belong to one edit of one seed: they are trained on a deep copy and dropped afterwards;
-``pipe.unet`` is never trained, so later edits (of any method) see the original weights. Nothing of the fine-tuning
-is cached (a UNet per edit is far too large); stage A is.
+the model's denoiser is never trained, so later edits (of any method) see the original weights. Nothing of the
+fine-tuning is cached (a UNet per edit is far too large); stage A is.
 
 Memory plan for SD 1.x at fp16 on a 16 GB GPU. The copy is trained in fp32 (an update of lr 2e-6 is below fp16's
 resolution for most weights, so half-precision training would mostly round it away): weights 3.4 GB + gradients
@@ -29,21 +29,18 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
 from ..errors import check_finite
 from ..models.family import Conditioning, ModelFamily
-from ..models.registry import family_of
 from ..progress import Progress, track
-from ..stages.cached import text_stage
+from ..stages.cached import TextRequest, text_stages
 from ..stages.sampling import interpolate
 from ..stages.text_optimization import TextOptimization
 from ..timing import Stopwatch
-from .base import MethodContext, MethodOutput, MethodVariant
+from .base import EditInput, EditResult, MethodContext, Variant
 from .catalogue import IMAGIC as INFO
 
 __all__ = [
@@ -84,20 +81,20 @@ def seed_generator(seed: int, stream: str) -> torch.Generator:
 def stage_a_latent_generator(seed: int) -> torch.Generator:
     """The generator whose first draw is the VAE posterior sample that stage A optimised ``e_opt`` for.
 
-    :func:`nonrigid.text_optimization.optimize_text_batch` draws each seed's latent sample first from
+    :func:`nonrigid.stages.text_optimization.optimize_texts` draws each row's latent sample first from
     ``torch.Generator().manual_seed(seed)``; drawing again from a fresh one reproduces that very sample.
     """
     return torch.Generator().manual_seed(int(seed))
 
 
 @contextmanager
-def unet_parked(pipe: StableDiffusionPipeline, park_device: str | torch.device | None) -> Iterator[None]:
-    """Move ``pipe.unet`` to ``park_device`` for the duration of the block, then back to where it was.
+def unet_parked(model: ModelFamily, park_device: str | torch.device | None) -> Iterator[None]:
+    """Move the model's denoiser to ``park_device`` for the duration of the block, then back to where it was.
 
     Only the device changes (``Module.to(device)`` keeps each parameter's dtype and Parameter object, so
     ``requires_grad`` and identity survive), and the way back runs even when the block raises.
     """
-    unet = family_of(pipe).network  # the UNet, or a flow model's transformer
+    unet = model.network  # the UNet, or a flow model's transformer
     home = unet.device
     if park_device is None or torch.device(park_device) == home:
         yield
@@ -109,16 +106,16 @@ def unet_parked(pipe: StableDiffusionPipeline, park_device: str | torch.device |
         unet.to(home)
 
 
-def default_park_device(pipe: StableDiffusionPipeline) -> str | None:
+def default_park_device(model: ModelFamily) -> str | None:
     """Park the frozen UNet on the CPU during fine-tuning on CUDA; not when accelerate's offload hooks manage it."""
-    unet = family_of(pipe).network
+    unet = model.network
     if unet.device.type != "cuda" or hasattr(unet, "_hf_hook"):
         return None
     return "cpu"
 
 
 def finetune_unet(
-    pipe: StableDiffusionPipeline,
+    model: ModelFamily,
     picture: Image.Image,
     embedding: Conditioning | torch.Tensor,
     steps: int,
@@ -128,37 +125,37 @@ def finetune_unet(
     latent_generator: torch.Generator | None = None,
     park_device: str | torch.device | None = "auto",
     progress: Progress = False,
-) -> tuple[UNet2DConditionModel, list[float]]:
-    """Fine-tune an fp32 copy of ``pipe.unet`` to denoise ``picture`` under the fixed ``embedding`` (Imagic step 2).
+) -> tuple[torch.nn.Module, list[float]]:
+    """Fine-tune an fp32 copy of the model's denoiser to denoise ``picture`` under the fixed ``embedding`` (Imagic step
+    2).
 
-    Each of ``steps`` Adam steps (lr ``lr``) draws ``t ~ U{0..T-1}`` and ``noise ~ N(0, I)`` from ``generator``
-    and minimises the model's own training loss (``mean((eps_copy(x_t, t, embedding) - noise)^2)`` for epsilon
-    models, v as target for v models) with ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``.
+    Each of ``steps`` Adam steps (lr ``lr``) draws ``t ~ U{0..T-1}`` and ``noise ~ N(0, I)`` from ``generator`` and
+    minimises the model's own training loss (``mean((eps_copy(x_t, t, embedding) - noise)^2)`` for epsilon models, v as
+    target for v models) with ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``.
 
     ``x0`` is a *sample* of the VAE posterior, not its mean, drawn first from ``latent_generator`` (default:
-    ``generator``): :func:`run` passes :func:`stage_a_latent_generator`, so the UNet is fine-tuned on the very
-    latent sample that ``e_opt`` was optimised for — the reference draws one sample and uses it for both stages.
+    ``generator``): :func:`run` passes :func:`stage_a_latent_generator`, so the UNet is fine-tuned on the very latent
+    sample that ``e_opt`` was optimised for — the reference draws one sample and uses it for both stages.
 
-    Returns the copy (frozen again, eval mode, no gradients, on the pipeline's device, fp32) and the loss of every
-    step. ``pipe.unet`` is untouched; with ``park_device`` (``"auto"``: the CPU when on CUDA) it waits there while
+    Returns the copy (frozen again, eval mode, no gradients, on the pipeline's device, fp32) and the loss of every step.
+    The model's own denoiser is untouched; with ``park_device`` (``"auto"``: the CPU when on CUDA) it waits there while
     the copy trains and is restored exactly afterwards.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    device = family_of(pipe).device
+    device = model.device
     if park_device == "auto":
-        park_device = default_park_device(pipe)
-    family = family_of(pipe)
-    x0 = family.encode_image(picture, generator=generator if latent_generator is None else latent_generator)
+        park_device = default_park_device(model)
+    x0 = model.encode_image(picture, generator=generator if latent_generator is None else latent_generator)
     condition = Conditioning.of(embedding).detach().to(device=device, dtype=torch.float32)
-    with unet_parked(pipe, park_device), torch.enable_grad():
+    with unet_parked(model, park_device), torch.enable_grad():
         # Copied where the original waits (the CPU on CUDA), so the GPU never holds both UNets at once.
         # (.float(): an explicit dtype in ModelMixin.to earns a spurious "keep in float32" warning)
-        trainee = copy.deepcopy(family.network).to(device).float()
+        trainee = copy.deepcopy(model.network).to(device).float()
         trainee.requires_grad_(True)
         if device.type == "cuda":
             trainee.enable_gradient_checkpointing()
-        losses = _train(type(family)(pipe, denoiser=trainee), x0, condition, steps, lr, generator, progress)
+        losses = _train(model.with_denoiser(trainee), x0, condition, steps, lr, generator, progress)
     if device.type == "cuda":
         trainee.disable_gradient_checkpointing()
     for parameter in trainee.parameters():
@@ -198,8 +195,8 @@ def _train(
 
 @torch.no_grad()
 def imagic_sample(
-    pipe: StableDiffusionPipeline,
-    unet: UNet2DConditionModel,
+    model: ModelFamily,
+    unet: torch.nn.Module,
     text_optimization: TextOptimization,
     alphas: Sequence[float],
     guidance_scale: float,
@@ -217,17 +214,14 @@ def imagic_sample(
     against ``tau("")`` at ``guidance_scale``. ``size`` is (width, height) in pixels (default: the UNet's native
     size). Returns the final latents (len(alphas), 4, h, w), fp32.
     """
-    width, height = size or (family_of(pipe).defaults.size,) * 2
+    width, height = size or (model.defaults.size,) * 2
     device = unet.device
-    side = pipe.vae_scale_factor  # latent channels, not the denoiser's input (FLUX's are packed 2x2)
-    shape = (1, pipe.vae.config.latent_channels, height // side, width // side)
-    x_T = torch.randn(shape, generator=generator).to(device)
-    family = family_of(pipe)
-    tuned = type(family)(pipe, denoiser=unet)
+    x_T = torch.randn(model.latent_shape(width, height), generator=generator).to(device)
+    tuned = model.with_denoiser(unet)
     conds = Conditioning.cat([interpolate(text_optimization, float(a)) for a in alphas]).to(device)
-    uncond = family.unconditional()  # None on FLUX: no unconditional branch
+    uncond = model.unconditional()  # None on FLUX: no unconditional branch
     uncond = None if uncond is None else uncond.to(device)
-    scheduler = family.sampling_scheduler(num_steps, x_T)
+    scheduler = model.sampling_scheduler(num_steps, x_T)
     latents = (x_T * scheduler.init_noise_sigma).repeat(len(alphas), 1, 1, 1)
     rows = torch.arange(len(alphas))
     for t in track(scheduler.timesteps, "Imagic sampling", progress):
@@ -239,7 +233,7 @@ def imagic_sample(
 
 
 def imagic_latents(
-    pipe: StableDiffusionPipeline,
+    model: ModelFamily,
     picture: Image.Image,
     text_optimization: TextOptimization,
     alphas: Sequence[float],
@@ -257,14 +251,14 @@ def imagic_latents(
     watch = Stopwatch()
     with watch("finetuning"):
         unet, losses = finetune_unet(
-            pipe, picture, text_optimization.optimized, finetune_steps, finetune_lr,
+            model, picture, text_optimization.optimized, finetune_steps, finetune_lr,
             seed_generator(seed, "finetune"), latent_generator=stage_a_latent_generator(seed),
             park_device=park_device, progress=progress,
         )
     try:
         with watch("sampling"):
             latents = imagic_sample(
-                pipe, unet, text_optimization, alphas, guidance_scale, num_steps, seed_generator(seed, "noise"),
+                model, unet, text_optimization, alphas, guidance_scale, num_steps, seed_generator(seed, "noise"),
                 size=picture.size, batch_size=batch_size, progress=progress,
             )
     finally:
@@ -274,30 +268,36 @@ def imagic_latents(
     return ImagicSeedResult(seed, tuple(float(a) for a in alphas), latents, losses, watch.seconds)
 
 
-def run(pipe, picture: Image.Image, target_prompt: str, params: dict[str, Any], ctx: MethodContext) -> MethodOutput:
-    """Stage A for every seed (cached), then per seed: fine-tune a copy, sample every alpha; seed, then alpha."""
+def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> list[EditResult]:
+    """Per image: stage A for every seed (cached), then per seed: fine-tune a copy, sample every alpha; variants
+    seed, then alpha."""
+    return [_edit(model, edit, ctx) for edit in edits]
+
+
+def _edit(model: ModelFamily, edit: EditInput, ctx: MethodContext) -> EditResult:
+    p = ctx.params
     watch = Stopwatch()
     with watch("text_optimization"):
-        texts, reused = text_stage(pipe, picture, target_prompt, params["opt_steps"], params["opt_lr"], ctx.seeds,
-                                   ctx.cache, ctx.cache_fields, ctx.progress)
-    variants: list[MethodVariant] = []
+        ((texts, reused),) = text_stages(model, [TextRequest(edit.image, edit.target_prompt, ctx.seeds,
+                                                             edit.cache_fields)],
+                                         p["opt_steps"], p["opt_lr"], ctx.cache, ctx.progress)
+    variants: list[Variant] = []
     finetune_losses: dict[int, list[float]] = {}
     for text in texts:
         result = imagic_latents(
-            pipe, picture, text, params["alphas"], finetune_steps=params["finetune_steps"],
-            finetune_lr=params["finetune_lr"], guidance_scale=params["guidance_scale"],
-            num_steps=params["num_steps"], batch_size=ctx.batch_size, progress=ctx.progress,
+            model, edit.image, text, p["alphas"], finetune_steps=p["finetune_steps"], finetune_lr=p["finetune_lr"],
+            guidance_scale=p["guidance_scale"], num_steps=p["num_steps"], batch_size=ctx.batch_size,
+            progress=ctx.progress,
         )
         for stage, seconds in result.timings.items():
             watch.seconds[stage] = watch.seconds.get(stage, 0.0) + seconds
         with watch("decoding"):
-            images = family_of(pipe).decode(result.latents)
-        variants.extend(MethodVariant(text.seed, {"alpha": a}, img) for a, img in zip(result.alphas, images,
-                                                                                        strict=True))
+            images = model.decode(result.latents)
+        variants.extend(Variant(text.seed, {"alpha": a}, img) for a, img in zip(result.alphas, images, strict=True))
         finetune_losses[text.seed] = result.finetune_losses
     record = {
         "finetune_losses": finetune_losses,
         "text_optimization_final_loss": {t.seed: (t.losses[-1] if t.losses else None) for t in texts},
         "finetune_dtype": "float32",
     }
-    return MethodOutput(variants, watch.seconds, {"text_optimization": reused}, record)
+    return ctx.result(edit, variants, watch.seconds, cache={"text_optimization": reused}, record=record)

@@ -7,9 +7,9 @@ this one). ``invert`` extracts edit-friendly noise maps for the image with a see
 ``__call__`` then applies semantic guidance toward the target prompt, masked to where the edit belongs, once per
 edit guidance scale.
 
-The editor shares the UNet with ``pipe`` and installs its own attention processors on it (plain ones while
+The editor shares the UNet with the model and installs its own attention processors on it (plain ones while
 inverting, attention-map stores while editing): the original processor objects are put back afterwards, also after
-an error. ``pipe``'s scheduler is never touched.
+an error. The model's scheduler is never touched.
 
 LEDITS++'s edit mask ("intersect", as in the paper) reads cross-attention maps at 1/4 of the latent resolution
 (16 x 16 for SD 1.x at 512 px). A UNet with no cross-attention at that resolution (the tiny test model has
@@ -21,23 +21,18 @@ there (said in one warning line).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from diffusers import (
-    DPMSolverMultistepScheduler,
-    LEditsPPPipelineStableDiffusion,
-    LEditsPPPipelineStableDiffusionXL,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 from PIL import Image
 
 from ..errors import UsageError
+from ..models.family import ModelFamily
 from ..progress import Bar, Progress
 from ..timing import Stopwatch
-from .base import MethodContext, MethodOutput, MethodVariant
+from .base import EditInput, EditResult, MethodContext, Variant
 from .catalogue import LEDITS as INFO
 from .masactrl import restored_attention_processors
 
@@ -52,34 +47,22 @@ _SIZE_MULTIPLE = 32
 _MASK_MODES = {"intersect": (True, True), "attention": (True, False), "noise": (False, False)}
 
 
-def build_editor(
-    pipe, progress: Progress = False
-) -> LEditsPPPipelineStableDiffusion | LEditsPPPipelineStableDiffusionXL:
-    """A LEDITS++ pipeline on ``pipe``'s modules with its own SDE DPM-Solver++ (order 2) scheduler: the SD editor
-    for SD 1.x / 2.x (no safety checker), the SDXL editor for SDXL (zeros for an empty negative prompt, as SDXL's
-    pipeline; no watermark).
+def build_editor(model: ModelFamily, progress: Progress = False) -> Any:
+    """diffusers' LEDITS++ pipeline for the model's family (``ModelFamily.ledits_editor``: the SD editor for SD
+    1.x / 2.x, the SDXL editor for SDXL) on its modules, with its own SDE DPM-Solver++ (order 2) scheduler built
+    from the model's scheduler config.
 
-    The editor's constructor may rewrite an old UNet's config (sample_size) in place; ``pipe``'s is kept as it was.
+    The editor's constructor may rewrite an old UNet's config (sample_size) in place; the model's is kept as it
+    was.
     """
     scheduler = DPMSolverMultistepScheduler.from_config(
-        pipe.scheduler.config, algorithm_type="sde-dpmsolver++", solver_order=2
+        model.pipe.scheduler.config, algorithm_type="sde-dpmsolver++", solver_order=2
     )
-    unet_config = pipe.unet._internal_dict
+    unet_config = model.network._internal_dict
     try:
-        if isinstance(pipe, StableDiffusionXLPipeline):
-            editor = LEditsPPPipelineStableDiffusionXL(
-                vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
-                tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, unet=pipe.unet, scheduler=scheduler,
-                force_zeros_for_empty_prompt=pipe.config.get("force_zeros_for_empty_prompt", True),
-                add_watermarker=False,
-            )
-        else:
-            editor = LEditsPPPipelineStableDiffusion(
-                vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
+        editor = model.ledits_editor(scheduler)
     finally:
-        pipe.unet._internal_dict = unet_config
+        model.network._internal_dict = unet_config
     editor.set_progress_bar_config(disable=progress is not True, leave=False)
     return editor
 
@@ -106,20 +89,20 @@ def default_mask(unet: UNet2DConditionModel) -> str:
     return "noise"
 
 
-def check_inputs(pipe: StableDiffusionPipeline, picture: Image.Image, mask: str) -> None:
+def check_inputs(model: ModelFamily, picture: Image.Image, mask: str) -> None:
     """Refuse, before any work, what LEDITS++ would fail on: image sides off 32, an attention mask it cannot read."""
     if picture.width % _SIZE_MULTIPLE or picture.height % _SIZE_MULTIPLE:
         raise UsageError(f"LEDITS++ needs an image size that is a multiple of {_SIZE_MULTIPLE}, got "
                          f"{picture.width}x{picture.height}: size must be a multiple of {_SIZE_MULTIPLE}")
     if mask not in _MASK_MODES:
         raise UsageError(f"mask must be one of {', '.join(_MASK_MODES)}, got {mask!r}")
-    if _MASK_MODES[mask][0] and not supports_attention_mask(pipe.unet):
+    if _MASK_MODES[mask][0] and not supports_attention_mask(model.network):
         raise UsageError(f"mask={mask} reads cross-attention maps at 1/4 of the latent resolution, and this model's "
                          "UNet has no cross-attention there; use mask=noise")
 
 
 def invert_image(
-    editor: LEditsPPPipelineStableDiffusion,
+    editor: Any,
     picture: Image.Image,
     source_prompt: str,
     seed: int,
@@ -139,7 +122,7 @@ def invert_image(
 
 
 def edit_image(
-    editor: LEditsPPPipelineStableDiffusion,
+    editor: Any,
     target_prompt: str,
     seed: int,
     edit_guidance: float,
@@ -171,32 +154,35 @@ def _step_reporter(report):
     return on_step_end
 
 
-def run(
-    pipe: StableDiffusionPipeline, picture: Image.Image, target_prompt: str, params: dict[str, Any],
-    ctx: MethodContext,
-) -> MethodOutput:
-    """One inversion per seed, one edit per edit guidance scale; variants in seed, then scale order."""
-    mask = params["mask"] or default_mask(pipe.unet)
-    check_inputs(pipe, picture, mask)
-    editor = build_editor(pipe, ctx.progress)
-    variants: list[MethodVariant] = []
+def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> list[EditResult]:
+    """Per image: one inversion per seed, one edit per edit guidance scale; variants in seed, then scale order."""
+    return [_edit(model, edit, ctx) for edit in edits]
+
+
+def _edit(model: ModelFamily, edit: EditInput, ctx: MethodContext) -> EditResult:
+    params = ctx.params
+    mask = params["mask"] or default_mask(model.network)
+    check_inputs(model, edit.image, mask)
+    editor = build_editor(model, ctx.progress)
+    variants: list[Variant] = []
     watch = Stopwatch()
-    with restored_attention_processors(pipe.unet):
+    with restored_attention_processors(model.network):
         for seed in ctx.seeds:
             with watch("inversion"), Bar("LEDITS++ inversion", 1, ctx.progress) as bar:
-                invert_image(editor, picture, ctx.source_prompt, seed, num_steps=params["num_steps"],
+                invert_image(editor, edit.image, edit.source_prompt, seed, num_steps=params["num_steps"],
                              skip=params["skip"], source_guidance=params["source_guidance"])
                 bar.update(1)
             with watch("editing"):
                 for scale in params["edit_guidance"]:
-                    image = edit_image(editor, target_prompt, seed, scale, params["threshold"], mask, ctx.progress)
-                    variants.append(MethodVariant(seed, {"edit": scale}, image))
+                    image = edit_image(editor, edit.target_prompt, seed, scale, params["threshold"], mask,
+                                       ctx.progress)
+                    variants.append(Variant(seed, {"edit": scale}, image))
     total_steps = int(params["num_steps"] * (1 + params["skip"]))
     record = {
         "scheduler": "DPMSolverMultistepScheduler (sde-dpmsolver++, order 2)",
         "schedule_steps": total_steps,
         "skipped_steps": total_steps - params["num_steps"],
-        "source_guidance_used": params["source_guidance"] if ctx.source_prompt else None,
+        "source_guidance_used": params["source_guidance"] if edit.source_prompt else None,
         "mask_used": mask,
     }
-    return MethodOutput(variants, watch.seconds, {}, record, chosen={"mask": mask})
+    return ctx.result(edit, variants, watch.seconds, record=record, chosen={"mask": mask})

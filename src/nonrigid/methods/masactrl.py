@@ -21,18 +21,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
+from diffusers import UNet2DConditionModel
 
 from ..errors import UsageError, check_finite
-from ..models.family import Conditioning
-from ..models.registry import family_of
+from ..models.family import Conditioning, ModelFamily
 from ..progress import Progress, track
 from ..stages.inversion import Inversion
 from ..timing import Stopwatch
-from .base import MethodContext, MethodOutput, MethodVariant
+from .base import EditInput, EditResult, MethodContext, Variant
 from .catalogue import MASACTRL as INFO
-from .nti import nti_inversion
+from .nti import nti_inversions
 
 __all__ = [
     "INFO",
@@ -180,7 +178,7 @@ def mutual_self_attention(
 
 @torch.no_grad()
 def masactrl_latents(
-    pipe: StableDiffusionPipeline,
+    model: ModelFamily,
     inversion: Inversion,
     target: torch.Tensor,
     start_steps: Sequence[int],
@@ -202,14 +200,14 @@ def masactrl_latents(
     targets = []
     for first in range(0, len(start_steps), per_call):
         chunk = tuple(int(s) for s in start_steps[first : first + per_call])
-        latents = _sample_branches(pipe, inversion, target, chunk, start_layer, progress)
+        latents = _sample_branches(model, inversion, target, chunk, start_layer, progress)
         source = latents[:1]  # the same in every chunk
         targets.append(latents[1:])
     return torch.cat([source, *targets])
 
 
 def _sample_branches(
-    pipe: StableDiffusionPipeline,
+    model: ModelFamily,
     inversion: Inversion,
     target: torch.Tensor,
     start_steps: tuple[int, ...],
@@ -217,44 +215,43 @@ def _sample_branches(
     progress: Progress,
 ) -> torch.Tensor:
     """One batch: the source branch and the targets ``start_steps``, sampled together under mutual attention."""
-    family = family_of(pipe)
-    scheduler = family.sampling_scheduler(inversion.num_steps, inversion.latent)
+    scheduler = model.sampling_scheduler(inversion.num_steps, inversion.latent)
     state = MutualAttentionState(start_steps)
     conds = Conditioning.cat([inversion.source, Conditioning.of(target).expand(len(start_steps))])
     latents = inversion.latent.expand(state.num_branches, -1, -1, -1).clone()
-    with mutual_self_attention(pipe.unet, state, start_layer):
+    with mutual_self_attention(model.network, state, start_layer):
         for i, t in enumerate(track(scheduler.timesteps, "MasaCtrl sampling", progress)):
             state.step = i
-            eps = family.predict(latents, t, conds, inversion.uncond_at(i), inversion.guidance_scale)
+            eps = model.predict(latents, t, conds, inversion.uncond_at(i), inversion.guidance_scale)
             latents = scheduler.step(eps, t, latents).prev_sample
     check_finite(latents, "MasaCtrl sampling")
     return latents
 
 
-def run(
-    pipe: StableDiffusionPipeline, picture: Image.Image, target_prompt: str, params: dict[str, Any],
-    ctx: MethodContext,
-) -> MethodOutput:
-    """NTI inversion (cached, shared with ``nti`` and ``ours``), then one batch: source + a target per start step."""
-    start_layer = params["start_layer"]
-    if start_layer is None:
-        start_layer = scaled_start_layer(pipe.unet)
-    layers = check_start_layer(pipe.unet, start_layer)
-    family = family_of(pipe)
+def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> list[EditResult]:
+    """Per image: its NTI inversion (cached, shared with ``nti`` and ``ours``), then one batch: source + a target
+    per start step."""
+    return [_edit(model, edit, ctx) for edit in edits]
+
+
+def _edit(model: ModelFamily, edit: EditInput, ctx: MethodContext) -> EditResult:
+    p = ctx.params
+    unet = model.network
+    start_layer = scaled_start_layer(unet) if p["start_layer"] is None else p["start_layer"]
+    layers = check_start_layer(unet, start_layer)
     watch = Stopwatch()
     with watch("inversion"):
-        inversion, hit = nti_inversion(pipe, picture, params, ctx)
+        ((inversion, hit),) = nti_inversions(model, [edit], ctx)
     with watch("sampling"):
-        start_steps = params["start_step"]
-        latents = masactrl_latents(pipe, inversion, family.encode_prompt(target_prompt), start_steps,
+        start_steps = p["start_step"]
+        latents = masactrl_latents(model, inversion, model.encode_prompt(edit.target_prompt), start_steps,
                                    start_layer, batch_size=ctx.batch_size, progress=ctx.progress)
-        images = family.decode(latents[1:])
-    variants = [MethodVariant(ctx.seeds[0], {"step": step}, image)
-                for step, image in zip(start_steps, images, strict=True)]
+        images = model.decode(latents[1:])
+    variants = [Variant(ctx.seeds[0], {"step": step}, image) for step, image in zip(start_steps, images, strict=True)]
     record = {
         "self_attention_layers": layers,
         "start_layer_used": start_layer,
         "controlled_layers": layers - start_layer,
-        "start_steps_without_control": [s for s in start_steps if s >= params["num_steps"]],
+        "start_steps_without_control": [s for s in start_steps if s >= p["num_steps"]],
     }
-    return MethodOutput(variants, watch.seconds, {"inversion": hit}, record)
+    return ctx.result(edit, variants, watch.seconds, cache={"inversion": hit}, record=record)

@@ -6,34 +6,38 @@ It is the paper's method with no text optimization, no injection and eta 1: ever
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
-from PIL import Image
-
-from ..models.registry import family_of
-from ..stages.cached import inversion_stage
+from ..models.family import Conditioning, ModelFamily
+from ..stages.cached import InversionRequest, inversion_stages
 from ..stages.inversion import Inversion
 from ..stages.sampling import sample_latents
 from ..timing import Stopwatch
-from .base import MethodContext, MethodOutput, MethodVariant
+from .base import EditInput, EditResult, MethodContext, Variant
 from .catalogue import NTI as INFO
 
-__all__ = ["INFO", "run"]
+__all__ = ["INFO", "nti_inversions", "run"]
 
 
-def nti_inversion(pipe, picture: Image.Image, params: dict[str, Any], ctx: MethodContext) -> tuple[Inversion, bool]:
-    """The NTI inversion of ``picture`` for the source prompt, from the stage cache when ``ours`` (or MasaCtrl) made
-    it already; returns it and whether it was cached."""
-    return inversion_stage(pipe, picture, ctx.source_prompt, "nti", params["num_steps"], params["guidance_scale"],
-                           params["inner_steps"], params["early_stop"], ctx.cache, ctx.cache_fields, ctx.progress)
+def nti_inversions(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> list[tuple[Inversion, bool]]:
+    """The NTI inversion of each image for its source prompt, from the stage cache when ``ours`` (or MasaCtrl) made
+    it already, with whether it was cached."""
+    p = ctx.params
+    return inversion_stages(model, [InversionRequest(e.image, e.source_prompt, e.cache_fields) for e in edits],
+                            "nti", p["num_steps"], p["guidance_scale"], p["inner_steps"], p["early_stop"], ctx.cache,
+                            ctx.progress)
 
 
-def run(pipe, picture: Image.Image, target_prompt: str, params: dict[str, Any], ctx: MethodContext) -> MethodOutput:
-    family = family_of(pipe)
+def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> list[EditResult]:
+    """Every image's inversion (one batch for those not cached), then every target sampled in one batch."""
     watch = Stopwatch()
     with watch("inversion"):
-        inversion, hit = nti_inversion(pipe, picture, params, ctx)
+        found = nti_inversions(model, edits, ctx)
     with watch("sampling"):
-        latents = sample_latents(family, inversion, family.encode_prompt(target_prompt), [0], progress=ctx.progress)
-        (image,) = family.decode(latents)
-    return MethodOutput([MethodVariant(ctx.seeds[0], {}, image)], watch.seconds, {"inversion": hit})
+        targets = Conditioning.cat([model.encode_prompt(e.target_prompt) for e in edits])
+        latents = sample_latents(model, [inv for inv, _ in found], targets, [0] * len(edits), list(range(len(edits))),
+                                 progress=ctx.progress)
+        images = [model.decode(latents[i : i + 1])[0] for i in range(len(edits))]
+    timings = {name: seconds / len(edits) for name, seconds in watch.seconds.items()}
+    return [ctx.result(edit, [Variant(ctx.seeds[0], {}, image)], timings, cache={"inversion": hit})
+            for edit, image, (_, hit) in zip(edits, images, found, strict=True)]

@@ -92,7 +92,7 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 
 def save_result(result, out: str | Path, *, record: dict | None = None) -> Path:
-    """Write a :class:`~nonrigid.methods.base.MethodResult` to ``out``: input.png, one PNG per variant, grid.png
+    """Write an :class:`~nonrigid.methods.base.EditResult` to ``out``: input.png, one PNG per variant, grid.png
     (rows: seed x every sweep but the last; columns: the input, then the last sweep) and edit.json. ``record``
     adds fields."""
     from .. import __version__

@@ -12,10 +12,10 @@ from PIL import Image, ImageDraw
 
 from ..methods.catalogue import method_info
 from ..methods.output import make_grid
+from ..models.family import ModelFamily
 from ..models.loading import mini_weights_dir
-from ..models.registry import family_of
-from ..stages.inversion import invert
-from ..stages.sampling import sample
+from ..stages.inversion import invert_images
+from ..stages.sampling import sample_variants
 from ..stages.text_optimization import TextOptimization
 from .dataset import read_dataset
 from .evaluate import load_rows, plot, summarize
@@ -25,8 +25,8 @@ from .protocol import BASELINES, ETAS
 from .world import COLOURS, KINDS, POSES, caption, random_scene, render
 
 
-def reconstruction_errors(pipe, images: list[Image.Image], captions: list[str], guidance_scale: float = 7.5
-                          ) -> dict[str, float]:
+def reconstruction_errors(model: ModelFamily, images: list[Image.Image], captions: list[str],
+                          guidance_scale: float = 7.5) -> dict[str, float]:
     """Relative latent error of: DDIM round trip at guidance 1; DDIM and NTI inversions sampled back at
     ``guidance_scale`` (keys ``ddim_g7.5`` and ``nti_g7.5`` at the default 7.5), all with the scene's caption as
     source prompt (with an empty one, guidance would change nothing: cond = uncond). On a flow model "DDIM" is the
@@ -34,13 +34,13 @@ def reconstruction_errors(pipe, images: list[Image.Image], captions: list[str], 
     w = f"{guidance_scale:g}"
     errors: dict[str, list[float]] = {"ddim_g1": [], f"ddim_g{w}": [], f"nti_g{w}": []}
     for image, source in zip(images, captions, strict=True):
-        x0 = family_of(pipe).encode_image(image)[0]
+        x0 = model.encode_image(image)[0]
         for key, method, guidance in (("ddim_g1", "ddim", 1.0), (f"ddim_g{w}", "ddim", guidance_scale),
                                       (f"nti_g{w}", "nti", guidance_scale)):
-            inversion = invert(pipe, image, source, method=method, guidance_scale=guidance)
+            (inversion,) = invert_images(model, [image], [source], method=method, guidance_scale=guidance)
             keep = TextOptimization("", inversion.source, inversion.source, [], 0, 0, 0.0)
-            back = sample(pipe, inversion, keep, (0.0,), (inversion.num_steps,), output_type="latent",
-                          use_reconstruction=False)[0]
+            ((back,),) = sample_variants(model, [inversion], [[keep]], (0.0,), (inversion.num_steps,),
+                                         output_type="latent", use_reconstruction=False)
             errors[key].append(float((back - x0).norm() / x0.norm()))
     return {k: sum(v) / len(v) for k, v in errors.items()}
 
@@ -124,11 +124,11 @@ def _knob_words(knob: str) -> str:
 FIDELITY_GUIDANCES = (1.0, 4.0, 7.5)
 
 
-def fidelity_table(pipe, judge, per_pose: int = 32) -> str:
+def fidelity_table(model: ModelFamily, judge, per_pose: int = 32) -> str:
     """Markdown table: the judge's accuracy on rendered scenes (the ceiling) and on samples at several guidances."""
     rows: list[tuple[str, Fidelity]] = [("rendered scenes (ceiling)", render_accuracy(judge, per_pose))]
     for guidance in FIDELITY_GUIDANCES:
-        rows.append((f"samples, guidance {guidance:g}", sample_fidelity(pipe, judge, per_pose=per_pose,
+        rows.append((f"samples, guidance {guidance:g}", sample_fidelity(model.pipe, judge, per_pose=per_pose,
                                                                       guidance=guidance, progress=False)))
     chance = " | ".join(f"{1 / len(values):.2f}" for values in FACTORS.values())
     lines = [f"| images | {' | '.join(FACTORS)} |", "| --- |" + " --- |" * len(FACTORS), f"| chance | {chance} |"]
@@ -136,7 +136,7 @@ def fidelity_table(pipe, judge, per_pose: int = 32) -> str:
     return "\n".join(lines)
 
 
-def write_miniature_doc(pipe, runs: Path | list[Path], docs: Path, command: str, judge=None,
+def write_miniature_doc(model: ModelFamily, runs: Path | list[Path], docs: Path, command: str, judge=None,
                         planned: int | None = None) -> Path:
     """MINIATURE.md from one evaluation run or several (one per world seed, pooled; the first gives the galleries
     and the inversion table). ``planned``: the pairs the runs were asked for, so that a page written from an
@@ -146,8 +146,8 @@ def write_miniature_doc(pipe, runs: Path | list[Path], docs: Path, command: str,
     docs.mkdir(parents=True, exist_ok=True)
     judge = judge if judge is not None else load_judge()
     render_grid(docs / "mini-world.png")
-    sample_grid(pipe, docs / "mini-samples.png")
-    fidelity = fidelity_table(pipe, judge)
+    sample_grid(model, docs / "mini-samples.png")
+    fidelity = fidelity_table(model, judge)
     rows = [row for path in runs for row in load_rows(path)]
     table = write_plots_and_tables(rows, docs)
     summary = summarize(rows)
@@ -162,10 +162,10 @@ def write_miniature_doc(pipe, runs: Path | list[Path], docs: Path, command: str,
     protocol = meta.get("protocol", {})
     first = read_dataset(data)[:3] if data else []
     images = [Image.open(p.image).convert("RGB") for p in first]
-    recon = reconstruction_errors(pipe, images, [p.source_text for p in first]) if images else {}
+    recon = reconstruction_errors(model, images, [p.source_text for p in first]) if images else {}
     log_path = mini_weights_dir() / "train_log.txt"
     log = log_path.read_text().splitlines() if log_path.exists() else []
-    params = {n: sum(p.numel() for p in getattr(pipe, n).parameters()) for n in ("unet", "vae", "text_encoder")}
+    params = {n: sum(p.numel() for p in module.parameters()) for n, module in model.modules().items()}
     pair_count = len({(r.get("world"), r["pair"]) for r in rows})
     claims_section = claims_text(rows, runs, protocol, planned if planned and planned > pair_count else None)
     seeds = len(protocol.get("seeds", [0]))
@@ -314,7 +314,7 @@ NTI-only:
 
 
 @torch.no_grad()
-def sample_grid(pipe, path: Path, seed: int = 0, steps: int = 50, guidance: float = 4.0) -> list[str]:
+def sample_grid(model: ModelFamily, path: Path, seed: int = 0, steps: int = 50, guidance: float = 4.0) -> list[str]:
     """Generated samples (rows: kinds x colours; columns: poses) beside nothing else: look at them."""
     rng = random.Random(seed)
     prompts = []
@@ -323,8 +323,8 @@ def sample_grid(pipe, path: Path, seed: int = 0, steps: int = 50, guidance: floa
             ground = rng.choice(["grass", "sand", "snow", "dirt"])
             prompts.extend(caption(kind, colour, pose, ground) for pose in POSES)
     generator = torch.Generator().manual_seed(seed)
-    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                  height=64, width=64).images
+    images = model.pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                        height=64, width=64).images
     cols = len(POSES)
     grid = Image.new("RGB", (cols * 64, len(prompts) // cols * 64 + 14), "white")
     draw = ImageDraw.Draw(grid)

@@ -10,7 +10,7 @@ and then every setting as batched sampling calls over the pairs:
 - inversion ablation: DDIM / NTI-src / NTI-w/o-src at injection 20%, at the protocol's ablation etas;
 - injection ablation: NTI-w/o-src at 0, 10, ..., 50%, at the ablation etas.
 
-- the baselines (``BASELINES``, through :func:`nonrigid.methods.run.run_method_many`), each sweeping its main
+- the baselines (``BASELINES``, through :func:`nonrigid.methods.run.run_edits`), each sweeping its main
   knob, with the source caption as source prompt (the reference codes are used that way); ``pairs_per_batch``
   pairs at a time as one model batch where the method batches across images (DDS, Edit-friendly), one by one
   otherwise (Imagic fine-tunes a UNet per pair; MasaCtrl and LEDITS++ run one image per call).
@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 
 from ..errors import UsageError
 from ..methods.catalogue import DEFAULT_INJECT, INJECT_ABLATION
-from ..methods.ours import edit_many
+from ..methods.run import EditRequest, run_edits
 from ..stages.cache import StageCache, write_atomic
-from ..stages.sampling import sample_many
+from ..stages.sampling import sample_variants
 from ..stages.text_optimization import TextOptimization
 from .dataset import Pair
 from .judge import SceneJudge, score_edit
@@ -43,7 +43,7 @@ from .protocol import BASELINES, FLOW_BASELINES, Protocol
 INVERSIONS = {"DDIM": ("ddim", False), "NTI-src": ("nti", True), "NTI-w/o-src": ("nti", False)}
 
 
-def evaluate(pipe, judge: SceneJudge, pairs: list[Pair], out: Path, *, num_steps: int = 50, opt_steps: int = 200,
+def evaluate(model, judge: SceneJudge, pairs: list[Pair], out: Path, *, num_steps: int = 50, opt_steps: int = 200,
              baselines: tuple[str, ...] = tuple(BASELINES), ablations: bool = True,
              progress: bool = True, pairs_per_batch: int = 1, protocol: Protocol | None = None) -> list[dict]:
     """Run every setting and baseline on every pair (skipping what is already done) and return all rows.
@@ -51,7 +51,7 @@ def evaluate(pipe, judge: SceneJudge, pairs: list[Pair], out: Path, *, num_steps
     ``ablations=False`` runs ours and NTI-only editing alone (no DDIM inversion, no injection sweep): the
     comparison made for each further model family. ``protocol`` (seeds, etas, world) replaces ``num_steps``,
     ``opt_steps`` and ``ablations`` when given. ``pairs_per_batch`` pairs run their settings (ours, its
-    ablations, NTI-only) as one model batch per step (:func:`nonrigid.methods.ours.edit_many`): same rows up to
+    ablations, NTI-only) as one model batch per step (:func:`nonrigid.methods.run.run_edits`): same rows up to
     the last bits of batched products, several times the throughput at the miniature model's 16 x 16 latents;
     the baselines that batch across images run that many pairs per batch too.
     A run folder keeps its protocol (``meta.json``): resuming it with another one is refused."""
@@ -68,22 +68,22 @@ def evaluate(pipe, judge: SceneJudge, pairs: list[Pair], out: Path, *, num_steps
     bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="pairs", disable=not progress)
     for start in range(0, len(todo), pairs_per_batch):
         chunk = todo[start : start + pairs_per_batch]
-        done = _evaluate_pairs(pipe, judge, chunk, cache, protocol)
+        done = _evaluate_pairs(model, judge, chunk, cache, protocol)
         for (index, _), (rows, strip) in zip(chunk, done, strict=True):
             strip.save(results / f"{index:03d}.png")
             write_atomic(results / f"{index:03d}.json", (json.dumps(rows) + "\n").encode())
         bar.update(len(chunk))
     bar.close()
-    _evaluate_baselines(pipe, judge, pairs, baselines, out / "baselines", cache, protocol, pairs_per_batch, progress)
+    _evaluate_baselines(model, judge, pairs, baselines, out / "baselines", cache, protocol, pairs_per_batch, progress)
     return load_rows(out)
 
 
-def _evaluate_baselines(pipe, judge, pairs: list[Pair], baselines: tuple[str, ...], folder: Path, cache,
+def _evaluate_baselines(model, judge, pairs: list[Pair], baselines: tuple[str, ...], folder: Path, cache,
                         protocol: Protocol, pairs_per_batch: int, progress: bool) -> None:
     """Every baseline on every pair whose rows are not written yet: ``pairs_per_batch`` pairs at a time, as one
-    model batch where the method batches across images (:func:`~nonrigid.methods.run.batches_pairs`), one by one
-    otherwise; each (pair, method) written once done."""
-    from ..methods.run import batches_pairs
+    model batch where the method batches across images (``MethodInfo.batches_images``), one by one otherwise;
+    each (pair, method) written once done."""
+    from ..methods.catalogue import method_info
 
     folder.mkdir(exist_ok=True)
     if not baselines:
@@ -96,9 +96,9 @@ def _evaluate_baselines(pipe, judge, pairs: list[Pair], baselines: tuple[str, ..
         window = todo[start : start + pairs_per_batch * len(baselines)]
         for method in baselines:
             items = [(index, pair) for index, pair, m in window if m == method]
-            groups = [items] if batches_pairs(method) else [[item] for item in items]
+            groups = [items] if method_info(method).batches_images else [[item] for item in items]
             for group in (g for g in groups if g):
-                for (index, _), rows in zip(group, _evaluate_baseline(pipe, judge, group, method, cache, protocol,
+                for (index, _), rows in zip(group, _evaluate_baseline(model, judge, group, method, cache, protocol,
                                                                       folder), strict=True):
                     write_atomic(folder / f"{index:03d}-{method}.json", (json.dumps(rows) + "\n").encode())
                 bar.update(len(group))
@@ -122,13 +122,12 @@ def load_rows(out: Path) -> list[dict]:
     return [row for path in paths for row in json.loads(path.read_text())]
 
 
-def _evaluate_baseline(pipe, judge, items: list[tuple[int, Pair]], method: str, cache, protocol: Protocol,
+def _evaluate_baseline(model, judge, items: list[tuple[int, Pair]], method: str, cache, protocol: Protocol,
                        folder: Path) -> list[list[dict]]:
     """One baseline on some pairs (one model batch where the method batches across images): each pair's rows,
     every value of the method's main knob, judged like the method's variants (the protocol's first seed: a
     baseline's randomness is not the paper's text-optimization seed)."""
     from ..methods.catalogue import method_info
-    from ..methods.run import EditRequest, run_method_many
 
     params = dict({**BASELINES, **FLOW_BASELINES}[method])
     if method == "imagic":
@@ -136,8 +135,8 @@ def _evaluate_baseline(pipe, judge, items: list[tuple[int, Pair]], method: str, 
     images = [Image.open(pair.image).convert("RGB") for _, pair in items]
     requests = [EditRequest(image, pair.target_text, pair.source_text) for image, (_, pair) in zip(images, items,
                                                                                                    strict=True)]
-    results = run_method_many(pipe, requests, method, params, seeds=protocol.seeds[:1], size=images[0].size[0],
-                              cache=cache)
+    results = run_edits(model, requests, method, params, seeds=protocol.seeds[:1], size=images[0].size[0],
+                        cache=cache)
     label = method_info(method).sweeps[0].label
     found = []
     for (index, pair), result in zip(items, results, strict=True):
@@ -152,7 +151,7 @@ def _evaluate_baseline(pipe, judge, items: list[tuple[int, Pair]], method: str, 
     return found
 
 
-def _evaluate_pairs(pipe, judge, chunk: list[tuple[int, Pair]], cache, protocol: Protocol
+def _evaluate_pairs(model, judge, chunk: list[tuple[int, Pair]], cache, protocol: Protocol
                     ) -> list[tuple[list[dict], Image.Image]]:
     """Every setting of ours, its ablations and NTI-only on several pairs, each setting one batch over the pairs:
     each pair's rows and strip."""
@@ -163,36 +162,37 @@ def _evaluate_pairs(pipe, judge, chunk: list[tuple[int, Pair]], cache, protocol:
     def add(variants: list[list], name: str, groups) -> None:
         for (index, pair), mine, gallery, found in zip(chunk, rows, galleries, variants, strict=True):
             for variant in found:
-                row = {**_row(judge, pair, index, variant.image, name, variant.eta, variant.inject_ratio),
-                       "seed": variant.seed, "world": protocol.world}
+                eta, inject = variant.params["etas"], variant.params["inject"]
+                row = {**_row(judge, pair, index, variant.image, name, eta, inject), "seed": variant.seed,
+                       "world": protocol.world}
                 for group, setting in groups(variant):
                     mine.append({**row, "group": group, "setting": setting})
-                if variant.seed == protocol.seeds[0] and variant.inject_ratio == DEFAULT_INJECT[0] and \
-                        name == "NTI-w/o-src":
-                    gallery[f"ours eta {variant.eta:g}"] = variant.image
+                if variant.seed == protocol.seeds[0] and inject == DEFAULT_INJECT[0] and name == "NTI-w/o-src":
+                    gallery[f"ours eta {eta:g}"] = variant.image
 
     ablation_etas, ablation_seeds = protocol.ablation_etas, protocol.seeds_of_ablations
 
     def in_ablations(variant) -> bool:
-        return variant.eta in ablation_etas and variant.seed in ablation_seeds
+        return variant.params["etas"] in ablation_etas and variant.seed in ablation_seeds
 
-    ours, results = _sweep(pipe, images, chunk, cache, protocol, "NTI-w/o-src", protocol.etas, DEFAULT_INJECT,
+    ours, results = _sweep(model, images, chunk, cache, protocol, "NTI-w/o-src", protocol.etas, DEFAULT_INJECT,
                            protocol.seeds)
     add(ours, "NTI-w/o-src", lambda v: [("methods", "ours")]
         + ([("inversion", "NTI-w/o-src")] if in_ablations(v) else [])
-        + ([("injection", f"inject {round(v.inject_ratio * 100)}%")] if protocol.ablations and in_ablations(v)
+        + ([("injection", f"inject {round(v.params['inject'] * 100)}%")] if protocol.ablations and in_ablations(v)
            else []))
     if protocol.ablations:
         others = tuple(r for r in INJECT_ABLATION if r not in DEFAULT_INJECT)
-        injected, _ = _sweep(pipe, images, chunk, cache, protocol, "NTI-w/o-src", ablation_etas, others,
+        injected, _ = _sweep(model, images, chunk, cache, protocol, "NTI-w/o-src", ablation_etas, others,
                              ablation_seeds)
-        add(injected, "NTI-w/o-src", lambda v: [("injection", f"inject {round(v.inject_ratio * 100)}%")])
+        add(injected, "NTI-w/o-src", lambda v: [("injection", f"inject {round(v.params['inject'] * 100)}%")])
     for name in ("DDIM", "NTI-src") if protocol.ablations else ("NTI-src",):
-        found, results = _sweep(pipe, images, chunk, cache, protocol, name, ablation_etas, DEFAULT_INJECT,
+        found, results = _sweep(model, images, chunk, cache, protocol, name, ablation_etas, DEFAULT_INJECT,
                                 ablation_seeds)
         add(found, name, lambda v, name=name: [("inversion", name)])
         if name == "NTI-src":
-            edits = _nti_only(pipe, [r.inversion for r in results], [r.text_optimizations[0] for r in results])
+            edits = _nti_only(model, [r.stages.inversion for r in results],
+                              [r.stages.text_optimizations[0] for r in results])
             for (index, pair), nti_only, mine, gallery in zip(chunk, edits, rows, galleries, strict=True):
                 mine.append({**_row(judge, pair, index, nti_only, name, 1.0, 0.0), "seed": None,
                              "world": protocol.world, "group": "methods", "setting": "NTI-only"})
@@ -201,7 +201,7 @@ def _evaluate_pairs(pipe, judge, chunk: list[tuple[int, Pair]], cache, protocol:
             for (_, pair), image, mine, gallery in zip(chunk, images, rows, galleries, strict=True)]
 
 
-def _sweep(pipe, images, chunk, cache, protocol: Protocol, name: str, etas, injects, seeds: tuple[int, ...]
+def _sweep(model, images, chunk, cache, protocol: Protocol, name: str, etas, injects, seeds: tuple[int, ...]
            ) -> tuple[list[list], list]:
     """Each pair's variants of one inversion over ``etas`` x ``injects`` x ``seeds``.
 
@@ -214,21 +214,21 @@ def _sweep(pipe, images, chunk, cache, protocol: Protocol, name: str, etas, inje
     for these_etas, these_seeds in ((seeded, seeds), ((1.0,) if 1.0 in etas else (), seeds[:1])):
         if not these_etas:
             continue
-        results = edit_many(
-            pipe, images, [pair.target_text for _, pair in chunk], size=images[0].size[0], cache=cache,
-            source_prompts=[pair.source_text if with_source else "" for _, pair in chunk], seeds=these_seeds,
-            etas=these_etas, inject=injects, num_steps=protocol.num_steps, opt_steps=protocol.opt_steps,
-            inversion=method,
-        )
+        requests = [EditRequest(image, pair.target_text, pair.source_text if with_source else "")
+                    for image, (_, pair) in zip(images, chunk, strict=True)]
+        results = run_edits(model, requests, "ours", {"etas": these_etas, "inject": injects,
+                                                     "num_steps": protocol.num_steps, "opt_steps": protocol.opt_steps,
+                                                     "inversion": method},
+                            seeds=these_seeds, size=images[0].size[0], cache=cache)
         for mine, result in zip(variants, results, strict=True):
             mine.extend(result.variants)
     return variants, results
 
 
-def _nti_only(pipe, inversions: list, texts: list[TextOptimization]) -> list[Image.Image]:
+def _nti_only(model, inversions: list, texts: list[TextOptimization]) -> list[Image.Image]:
     """Null-text inversion editing: the target prompt from x_T, no injection, no text optimization (one batch)."""
     plain = [[replace(text, optimized=text.target)] for text in texts]
-    return [images[0] for images in sample_many(pipe, inversions, plain, (1.0,), (0,))]
+    return [images[0] for images in sample_variants(model, inversions, plain, (1.0,), (0,))]
 
 
 def _row(judge, pair: Pair, index: int, image, inversion: str, eta: float, inject: float) -> dict:

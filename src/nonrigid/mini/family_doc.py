@@ -15,8 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..models.capabilities import FLOW
+from ..models.family import ModelFamily
 from ..models.loading import mini_weights_dir
-from ..models.registry import family_of
 from ..stages.cache import write_atomic
 from .dataset import read_dataset
 from .doc import _best_at, reconstruction_errors
@@ -60,30 +61,29 @@ WHAT = {
 }
 
 
-def write_family_section(pipe, name: str, run: Path, doc: Path, command: str, judge) -> Path:
+def write_family_section(model: ModelFamily, name: str, run: Path, doc: Path, command: str, judge) -> Path:
     """Write ``name``'s section into ``doc`` from the evaluation run folder ``run``; returns ``doc``."""
     rows = load_rows(run)
     summary = summarize(rows)
     pairs = sorted({r["pair"] for r in rows})
     data = Path(json.loads((run / "meta.json").read_text())["data"])
     first = read_dataset(data)[:3]
-    guidance = guidance_for(pipe)
-    recon = reconstruction_errors(pipe, [Image.open(p.image).convert("RGB") for p in first],
+    guidance = guidance_for(model)
+    recon = reconstruction_errors(model, [Image.open(p.image).convert("RGB") for p in first],
                                   [p.source_text for p in first], guidance)
-    fidelity = sample_fidelity(pipe, judge, per_pose=8, steps=20, guidance=4.0, seed=3, progress=False)
+    fidelity = sample_fidelity(model.pipe, judge, per_pose=8, steps=20, guidance=4.0, seed=3, progress=False)
     gallery = doc.parent / f"mini-{FOLDERS[name]}-gallery.png"
     flowedit = any(r["setting"] == "flowedit" for r in rows)
     _gallery(run, pairs[:6], gallery, flowedit)
-    section = _section(pipe, name, summary, len(pairs), recon, fidelity.line(), gallery.name, command)
+    section = _section(model, name, summary, len(pairs), recon, fidelity.line(), gallery.name, command)
     _replace_section(doc, name, section)
     return doc
 
 
-def guidance_for(pipe) -> float:
+def guidance_for(model: ModelFamily) -> float:
     """The guidance the reconstruction is measured at: 7.5 for the UNet families (the paper's), the family's
     default for a flow model (SD3's 7), as its issue asks."""
-    family = family_of(pipe)
-    return family.defaults.guidance_scale if family.name == "sd3" else 7.5
+    return model.defaults.guidance_scale if model.prediction == FLOW else 7.5
 
 
 def _training_time(log: list[str]) -> str:
@@ -98,11 +98,10 @@ def _training_time(log: list[str]) -> str:
     return f"done in {total:.1f} min (training {training:.1f} min){runs}"
 
 
-def _section(pipe, name: str, summary, count: int, recon: dict[str, float], fidelity: str, gallery: str,
-             command: str) -> str:
-    family = family_of(pipe)
-    w = f"{guidance_for(pipe):g}"
-    plain = "Plain (Euler) inversion" if family.name == "sd3" else "DDIM"
+def _section(model: ModelFamily, name: str, summary, count: int, recon: dict[str, float], fidelity: str,
+             gallery: str, command: str) -> str:
+    w = f"{guidance_for(model):g}"
+    plain = "Plain (Euler) inversion" if model.prediction == FLOW else "DDIM"
     folder = mini_weights_dir() / FOLDERS[name]
     megabytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
     log = (folder / "train_log.txt").read_text().splitlines() if (folder / "train_log.txt").exists() else []
@@ -114,7 +113,7 @@ def _section(pipe, name: str, summary, count: int, recon: dict[str, float], fide
         "",
         WHAT[name],
         "",
-        f"Detected as: {family.describe()}. Package data: {megabytes:.1f} MB in `weights/{FOLDERS[name]}/`. "
+        f"Detected as: {model.describe()}. Package data: {megabytes:.1f} MB in `weights/{FOLDERS[name]}/`. "
         f"Training: {done or 'see its train_log.txt'} (`{trained_with}`, then "
         "installed into the package).",
         "",
@@ -125,7 +124,7 @@ def _section(pipe, name: str, summary, count: int, recon: dict[str, float], fide
         f"Samples (judge on 32 samples, 20 steps, guidance 4): {fidelity}.",
         "",
         f"Ours against NTI-only editing on {count} pairs (seed 0, 50 steps, text optimization 200 steps, injection "
-        f"20%, guidance {family.defaults.guidance_scale:g}, the family's default; mean ± standard error):",
+        f"20%, guidance {model.defaults.guidance_scale:g}, the family's default; mean ± standard error):",
         "",
         "| setting | eta | identity error | P(target pose) |",
         "|---|---|---|---|",

@@ -23,13 +23,16 @@ fp32, what it is given may be anything.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
+
+from ..errors import UsageError
+from .capabilities import ATTENTION_MAPS, CLASSIFIER_FREE, DDPM, FLOW, LEDITS, NO_GUIDANCE, TRANSFORMER, UNET
 
 
 @dataclass(frozen=True)
@@ -141,24 +144,35 @@ class FamilyDefaults:
 
 
 class ModelFamily(ABC):
-    """What the stages need of a model family, wrapped around a loaded diffusers pipeline (``self.pipe``).
+    """A loaded model as the stages see it: a diffusers pipeline (``self.pipe``) behind the seam, and what the
+    family is and can do, declared here so that loading, the method catalogue, the methods and the page ask the
+    family instead of matching names.
 
-    Implementations are thin: they translate these calls into the pipeline's own components and keep nothing of
-    their own but values derived from it (a noise schedule), so making one per call
-    (:func:`~nonrigid.models.registry.family_of`) costs nothing. ``denoiser`` replaces the pipeline's network for
-    :meth:`predict` (Imagic predicts with its fine-tuned copy).
+    One instance per loaded model: :func:`~nonrigid.models.loading.load_model` returns it, and it is the currency
+    of every stage and method below the command line, the page and the public API (which resolve it once, with
+    :func:`~nonrigid.models.registry.family_of`). It keeps nothing of its own but values derived from the
+    pipeline. ``denoiser`` replaces the pipeline's network for :meth:`predict` (Imagic predicts with its fine-tuned
+    copy, :meth:`with_denoiser`).
+
+    Adding a family: one module with a subclass that fills in the declarations below and the seam's calls, and one
+    line in ``models/registry.FAMILIES``.
     """
 
-    name: str = ""
+    # ---- what the family is (declarations)
+    name: str = ""  # short id, recorded with every edit
+    label: str = ""  # what the family covers, for people ("SDXL base-layout models")
+    pipeline_classes: tuple[type, ...] = ()  # its diffusers pipelines: a model_index.json naming one loads here
+    # diffusers' model types (``infer_diffusers_model_type``) of the family's single-file checkpoints
+    single_file_types: tuple[str, ...] = ()
+    # whether a single file may hold the denoiser alone, its other components read from a config (FLUX, SD3)
+    file_lacks_components: bool = False
+    # built-in random-weight models of this layout: name -> builder(seed) -> pipeline (no download; output noise)
+    tiny_models: ClassVar[Mapping[str, Callable[[int], Any]]] = {}
     networks: tuple[str, ...] = ()  # the pipeline's networks (attribute names): frozen, moved and cast on loading
     network_name: str = "unet"  # the denoiser's attribute name (a UNet, or a transformer for flow models)
+    attention_maps: bool = False  # cross-attention maps of the prompt's words can be read (LEDITS++'s mask)
+    ledits: bool = False  # diffusers ships a LEDITS++ pipeline for it (:meth:`ledits_editor`)
     default_guidance: float = 7.5
-    # whether guidance combines a conditional and an unconditional branch (False: FLUX's distilled guidance, where
-    # there is no null text for NTI or NPI and the plain inversion at the sampling guidance stands in for them)
-    classifier_free: bool = True
-    # the sampling steps a model is made for, where they differ from the methods' own defaults (None: theirs; FLUX
-    # schnell, distilled for few steps: 4)
-    default_steps: int | None = None
     # whether ``--low-memory`` parks the text encoders on the CPU between encodings: the flow families' T5-XXL
     # alone is 4.7 B parameters (9.5 GB in half precision), next to a transformer that needs the GPU
     parks_text_encoders: bool = False
@@ -167,10 +181,72 @@ class ModelFamily(ABC):
         self.pipe = pipe
         self.denoiser = denoiser  # None: the pipeline's own; Imagic predicts with a fine-tuned copy
 
-    @classmethod
+    def with_denoiser(self, denoiser: Any) -> ModelFamily:
+        """The same model predicting with ``denoiser`` (a copy of the network of the same layout)."""
+        return type(self)(self.pipe, denoiser=denoiser)
+
+    @property
     @abstractmethod
+    def prediction(self) -> str:
+        """What the denoiser predicts: "epsilon", "v" or "flow" (:mod:`~nonrigid.models.capabilities`)."""
+
+    @property
+    def guidance(self) -> str:
+        """How guidance works: "classifier-free" (two branches), "distilled" (a value fed to the denoiser) or
+        "none" (a model distilled for guidance-free sampling)."""
+        return CLASSIFIER_FREE
+
+    @property
+    def classifier_free(self) -> bool:
+        """Whether guidance has an unconditional branch (False: no null text for NTI or NPI; the plain inversion
+        at the sampling guidance stands in for them)."""
+        return self.guidance == CLASSIFIER_FREE
+
+    @property
+    def default_steps(self) -> int | None:
+        """The sampling steps the model is made for, where they differ from the methods' own (None: theirs)."""
+        return None
+
+    def capabilities(self) -> frozenset[str]:
+        """Everything a method may require of a model (:mod:`~nonrigid.models.capabilities`)."""
+        found = {UNET if self.network_name == "unet" else TRANSFORMER, self.prediction}
+        found |= {DDPM} if self.prediction != FLOW else set()
+        found |= {self.guidance} if self.guidance != NO_GUIDANCE else set()
+        found |= {ATTENTION_MAPS} if self.attention_maps else set()
+        found |= {LEDITS} if self.ledits else set()
+        return frozenset(found)
+
+    @classmethod
+    def pipeline_kwargs(cls, t5: bool = True) -> dict[str, Any]:
+        """Extra constructor arguments of ``from_pretrained`` / ``from_single_file`` (SD: no safety checker)."""
+        return {}
+
+    # ---- single files (families whose files may lack components, ``file_lacks_components``)
+
+    @classmethod
+    def absent_from_file(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, ...]:
+        """Components whose weights a single file of this family lacks (read from its config instead)."""
+        return ()
+
+    @classmethod
+    def check_file(cls, path: Any, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+        """Refuse, in one line, a file whose denoiser does not match the config ``source`` (block counts)."""
+        return None
+
+    @classmethod
+    def file_denoiser(cls, path: Any, shapes: Mapping[str, tuple[int, ...]], source: str) -> Any:
+        """The denoiser read from the file by the project's own converter where diffusers' cannot (None: let
+        diffusers read it)."""
+        return None
+
+    def ledits_editor(self, scheduler: Any) -> Any:
+        """diffusers' LEDITS++ pipeline on this model's modules with ``scheduler`` (families with ``ledits``)."""
+        raise UsageError(f"diffusers ships no LEDITS++ pipeline for {self.describe()}")
+
+    @classmethod
     def matches(cls, pipe: Any) -> bool:
-        """Whether ``pipe`` is a pipeline of this family."""
+        """Whether ``pipe`` is a pipeline of this family (an instance of one of its pipeline classes)."""
+        return isinstance(pipe, cls.pipeline_classes)
 
     # ---- facts
 
@@ -227,12 +303,16 @@ class ModelFamily(ABC):
         """The model's native size (its UNet's sample size in pixels) and its pipeline's guidance scale."""
         return FamilyDefaults(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor, self.default_guidance)
 
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The (1, C, h, w) latent of a ``width`` x ``height`` image (the VAE's channels: FLUX packs them only
+        inside :meth:`predict`)."""
+        side = self.pipe.vae_scale_factor
+        return (1, self.pipe.vae.config.latent_channels, height // side, width // side)
+
     def initial_noise(self, size: int, generator: torch.Generator) -> torch.Tensor:
         """x_T for generating a ``size`` px image: standard normal latents drawn on the CPU (the same image on any
         device), fp32, on the model's device."""
-        vae = self.pipe.vae
-        side = size // self.pipe.vae_scale_factor
-        return torch.randn((1, vae.config.latent_channels, side, side), generator=generator).to(self.device)
+        return torch.randn(self.latent_shape(size, size), generator=generator).to(self.device)
 
     def describe(self) -> str:
         """One line on what was detected (layout, prediction type, native size), for logs and records."""

@@ -20,24 +20,15 @@ def weights_fingerprint(module: nn.Module, prefix: str = "", digest=None) -> str
     return digest.hexdigest()[:16]
 
 
-def model_fingerprint(pipe) -> str:
-    """A short hash that changes when any network's weights (or their dtype) or the noise schedule change."""
-    digest = hashlib.sha256()
-    for module_name, module in _networks(pipe).items():
-        weights_fingerprint(module, f"{module_name}.", digest)
-    schedule = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}  # "_…" keys vary by run
-    digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
-
-
-def _networks(pipe) -> dict[str, nn.Module]:
-    """The family's networks in its order (SD: unet, vae, text_encoder; SDXL adds text_encoder_2; SD3:
-    transformer, vae and its text encoders); for a pipeline of no family, the SD-layout ones it has."""
-    from ..errors import UsageError
+def model_fingerprint(model) -> str:
+    """A short hash that changes when any network's weights (or their dtype) or the noise schedule change.
+    ``model``: a :class:`~nonrigid.models.family.ModelFamily`, or a loaded pipeline (its family is found)."""
     from .registry import family_of
 
-    try:
-        return family_of(pipe).modules()
-    except UsageError:
-        found = {name: getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
-        return {name: module for name, module in found.items() if module is not None}
+    family = family_of(model)
+    digest = hashlib.sha256()
+    for module_name, module in family.modules().items():
+        weights_fingerprint(module, f"{module_name}.", digest)
+    schedule = {k: v for k, v in family.pipe.scheduler.config.items() if not k.startswith("_")}  # "_…" vary by run
+    digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]

@@ -20,15 +20,21 @@ What each call puts behind the seam (docs/FAMILIES.md has the reasoning):
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
 from ..errors import UsageError
+from .capabilities import DISTILLED, NO_GUIDANCE
 from .family import Conditioning, FamilyDefaults
 from .sd import warn_if_clip_truncates
 from .sd3 import StableDiffusion3
+from .single_file import FLUX_FILE_ABSENT, FLUX_WIDTH, check_depth, flux_to_diffusers, flux_width
+from .tiny import build_character_tokenizer, build_t5_tokenizer, tiny_text_config, tiny_vae
 
 
 def packed_length(latent_shape: torch.Size | tuple[int, ...]) -> int:
@@ -41,15 +47,44 @@ class Flux(StableDiffusion3):
     estimate are SD3's (same latent scaling with a shift, same flow-matching target)."""
 
     name = "flux"
+    label = "FLUX.1 (dev, schnell)"
+    pipeline_classes = (FluxPipeline,)
+    single_file_types = ("flux-dev", "flux-schnell")
+    tiny_models: ClassVar[dict] = {"tiny-flux": lambda seed: build_tiny_flux(seed),
+                   "tiny-flux-schnell": lambda seed: build_tiny_flux(seed, guidance_embeds=False)}
     networks = ("transformer", "vae", "text_encoder", "text_encoder_2")
     network_name = "transformer"
     default_guidance = 3.5  # FluxPipeline's default guidance_scale (the distilled value for dev)
-    classifier_free = False  # distilled guidance: no unconditional branch
     max_sequence_length = 512  # FluxPipeline's default T5 length
 
     @classmethod
-    def matches(cls, pipe) -> bool:
-        return isinstance(pipe, FluxPipeline)
+    def pipeline_kwargs(cls, t5: bool = True) -> dict:
+        return {}  # FLUX's T5 carries the prompt: it is never left out
+
+    @property
+    def guidance(self) -> str:
+        """Distilled guidance (dev: the value is fed to the transformer), or none (schnell)."""
+        return DISTILLED if self.guidance_embedded else NO_GUIDANCE
+
+    @classmethod
+    def absent_from_file(cls, shapes) -> tuple[str, ...]:
+        """A FLUX.1 file (Black Forest Labs' layout) holds the transformer only."""
+        return FLUX_FILE_ABSENT
+
+    @classmethod
+    def check_file(cls, path, shapes, source: str) -> None:
+        check_depth(path, True, shapes, source)
+
+    @classmethod
+    def file_denoiser(cls, path, shapes, source: str) -> FluxTransformer2DModel | None:
+        """A transformer of another width than FLUX.1's, converted by :func:`~.single_file.flux_to_diffusers`
+        (diffusers' converter assumes 3072); None at FLUX.1's width."""
+        if flux_width(shapes) == FLUX_WIDTH:
+            return None
+        from safetensors.torch import load_file
+
+        return FluxTransformer2DModel.from_single_file(flux_to_diffusers(load_file(str(path))), config=source,
+                                                       subfolder="transformer")
 
     @property
     def guidance_embedded(self) -> bool:
@@ -57,7 +92,7 @@ class Flux(StableDiffusion3):
         return bool(self.pipe.transformer.config.get("guidance_embeds", False))
 
     @property
-    def default_steps(self) -> int | None:  # type: ignore[override]
+    def default_steps(self) -> int | None:
         """Schnell is distilled for 4 steps (its model card's setting); dev takes the methods' own step counts."""
         return None if self.guidance_embedded else 4
 
@@ -155,3 +190,35 @@ class Flux(StableDiffusion3):
     ) -> FlowMatchEulerDiscreteScheduler:
         return self.diffusers_scheduler(num_steps, self._seq_len(latents))
 
+
+def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> FluxPipeline:
+    """``tiny-flux`` / ``tiny-flux-schnell``: FLUX.1's layout at toy width (as diffusers' own FluxPipeline tests build
+    theirs): CLIP 32 wide (its pooled output is the transformer's pooled input), T5 32 wide (the joint attention width),
+    rope axes 4 + 4 + 8 = the head size. ``default_sample_size`` is set to 8 latents (64 px) instead of FluxPipeline's
+    128."""
+    t5_tokenizer = build_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 4, 8),
+        )
+        vae = tiny_vae(16, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
+                       use_post_quant_conv=False)
+        text_encoder = CLIPTextModel(tiny_text_config(32, "quick_gelu"))
+        text_encoder_2 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id, decoder_start_token_id=0,
+        ))
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=build_character_tokenizer(),
+        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer,
+    )
+    pipe.default_sample_size = 8
+    return pipe

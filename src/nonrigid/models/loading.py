@@ -21,26 +21,17 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ..errors import UsageError, first_line
 from . import DEFAULT_MODEL
 from . import single_file as sf
-from .registry import family_of
-from .tiny import TINY_KINDS, build_tiny_pipeline
+from .family import ModelFamily
+from .registry import build_tiny_pipeline, family_for_class, family_for_file_type, family_of, pipeline_class, supported
+from .registry import tiny_model_names as tiny_model_names
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline, "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
-             "StableDiffusion3Pipeline": StableDiffusion3Pipeline, "FluxPipeline": FluxPipeline}
-# diffusers' names for single-file model types (infer_diffusers_model_type) -> the pipeline class that reads them
-SINGLE_FILE_TYPES = {"v1": "StableDiffusionPipeline", "v2": "StableDiffusionPipeline",
-                     "xl_base": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
-                     "sd35_medium": "StableDiffusion3Pipeline", "sd35_large": "StableDiffusion3Pipeline",
-                     sf.SD3_OTHER_SIZE: "StableDiffusion3Pipeline", "flux-dev": "FluxPipeline",
-                     "flux-schnell": "FluxPipeline"}
-SUPPORTED = "SD 1.x, SD 2.x (epsilon or v prediction), SDXL base-layout, SD3 / SD3.5 and FLUX.1 (dev, schnell) models"
-FLOW_PIPELINES = (StableDiffusion3Pipeline, FluxPipeline)
 
 
 # --------------------------------------------------------------------------------------------------- devices
@@ -73,7 +64,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 # --------------------------------------------------------------------------------------------------- models
 
 
-def load_pipeline(
+def load_model(
     model: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -81,24 +72,26 @@ def load_pipeline(
     allow_pickle: bool = False,
     config: str | None = None,
     t5: bool = True,
-):
-    """Load an SD 1.x / 2.x, SDXL, SD3 or FLUX pipeline (SD: with the reference's DDIM scheduler) on ``device`` in
-    ``dtype``.
+) -> ModelFamily:
+    """Load a model of any supported family on ``device`` in ``dtype``, as its :class:`ModelFamily` (what every
+    stage and method takes; its diffusers pipeline is ``.pipe``).
 
-    ``model`` is a built-in name (``"tiny"``, ``"tiny-sd2"``, ``"tiny-sd2-v"``, ``"tiny-sdxl"``: random weights
-    built in code, for smoke runs, their output is noise; ``"mini"``, ``"mini-v"``, ``"mini-xl"``, ``"mini-flow"``:
-    the miniature world's trained models), a local diffusers folder, a single-file checkpoint (``.safetensors``;
-    ``.ckpt`` only with ``allow_pickle``), or a Hugging Face hub id (downloaded once into the hub cache).
+    ``model`` is a built-in name (``"tiny"``, ``"tiny-sdxl"``, ... : random weights built in code, for smoke runs,
+    their output is noise; ``"mini"``, ``"mini-v"``, ``"mini-xl"``, ``"mini-flow"``: the miniature world's trained
+    models), a local diffusers folder, a single-file checkpoint (``.safetensors``; ``.ckpt`` only with
+    ``allow_pickle``), or a Hugging Face hub id (downloaded once into the hub cache). The family is detected from
+    the model itself (a folder's or hub id's ``model_index.json`` class, a single file's ``config`` or keys).
     ``config`` names the diffusers folder or hub id whose pipeline class, component configs and tokenizers a
     single-file checkpoint is read with (default: inferred from its keys, and diffusers fetches the matching
     configs, which needs the network once). ``t5=False`` loads an SD3 model without its T5 text encoder (about
     4.7 B parameters, over 9 GB in half precision, saved; its part of the token embeddings is zeros, as diffusers
-    does), and a folder saved without T5 loads without it anyway.
+    does), and a folder saved without T5 loads without it anyway. SD and SDXL get DDIM built from their scheduler
+    config with the reference's settings; flow models keep their own schedule.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     name = str(model)
-    if name in TINY_KINDS:
+    if name in tiny_model_names():
         pipe = build_tiny_pipeline(kind=name)
     elif name in MINI_MODELS:
         pipe = MINI_MODELS[name](allow_pickle)
@@ -116,7 +109,21 @@ def load_pipeline(
         if device.type == "cpu":
             _align_storage(module)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return family
+
+
+def load_pipeline(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    allow_pickle: bool = False,
+    config: str | None = None,
+    t5: bool = True,
+):
+    """:func:`load_model`'s diffusers pipeline: for code that wants the pipeline itself (the public functions
+    take either and resolve the family once)."""
+    return load_model(model, device, dtype, allow_pickle=allow_pickle, config=config, t5=t5).pipe
 
 
 def _align_storage(module: torch.nn.Module, alignment: int = 64) -> None:
@@ -131,14 +138,14 @@ def _align_storage(module: torch.nn.Module, alignment: int = 64) -> None:
             tensor.data = tensor.data.clone()
 
 
-def configure_pipeline(
-    pipe: StableDiffusionPipeline,
+def configure_model(
+    model: ModelFamily,
     *,
     low_memory: bool = False,
     compile: bool = False,
     channels_last: bool | None = None,
-) -> StableDiffusionPipeline:
-    """Speed and memory settings of the frozen networks, applied to ``pipe`` in place (and returned).
+) -> ModelFamily:
+    """Speed and memory settings of the frozen networks, applied to ``model``'s pipeline in place (and returned).
 
     - ``channels_last`` (default: on for CUDA, off on the CPU): NHWC layout for the UNet's and VAE's weights, the
       layout GPU convolution kernels run fastest in. The weights' values do not change (nor the cache keys).
@@ -160,7 +167,7 @@ def configure_pipeline(
     saves little, and accelerate's hooks move modules only when they run, while the stages read
     ``pipe.unet.device`` to place their tensors and to key the stage cache).
     """
-    family = family_of(pipe)
+    family, pipe = model, model.pipe
     network = family.network  # the UNet, or a flow model's transformer
     device = network.device
     if channels_last is None:
@@ -184,7 +191,7 @@ def configure_pipeline(
         module.requires_grad_(False)  # backward passes compute input gradients only
     if compile:
         network.compile()
-    return pipe
+    return family
 
 
 def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None, t5: bool = True):
@@ -222,7 +229,7 @@ def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None, t5:
         )
     cls, shapes = _single_file_kind(path, config)
     try:
-        if cls in FLOW_PIPELINES and shapes:  # (a trusted pickle goes to diffusers as it is)
+        if family_for_class(cls.__name__).file_lacks_components and shapes:  # (a trusted pickle: diffusers reads it)
             pipe = _load_flow_file(path, cls, shapes, config or sf.default_repo(shapes), t5)
         else:
             pipe = cls.from_single_file(name, **_extras(cls, t5), **({"config": config} if config else {}))
@@ -239,28 +246,24 @@ def _load_single_file(path: Path, *, allow_pickle: bool, config: str | None, t5:
 
 
 def _load_flow_file(path: Path, cls, shapes: dict, source: str, t5: bool):
-    """An SD3 / SD3.5 or FLUX.1 single file, with ``source`` (a config folder or hub id) for what it lacks.
+    """A single file that may hold the denoiser alone (SD3 / SD3.5, FLUX.1), with ``source`` (a config folder or
+    hub id) for what it lacks.
 
     Components whose weights the file does not hold (all but the transformer for FLUX.1; SD3 files come with or
-    without CLIPs and T5) are read from ``source`` and passed in: diffusers' single-file loader looks for them
-    under diffusers' weight names only, so it would refuse a saved pipeline's text encoders. A FLUX transformer of
-    another width than FLUX.1's is converted by ``flux_to_diffusers`` (diffusers' converter assumes 3072).
+    without CLIPs and T5: the family's ``absent_from_file``) are read from ``source`` and passed in: diffusers'
+    single-file loader looks for them under diffusers' weight names only, so it would refuse a saved pipeline's
+    text encoders. A denoiser diffusers' converter cannot read is converted by the family (``file_denoiser``).
     """
-    flux = cls is FluxPipeline
+    family = family_for_class(cls.__name__)
     index = _model_index(source)
-    sf.check_depth(path, flux, shapes, source)
-    passed = {}
-    if not flux and not (t5 and (index.get("text_encoder_3") or [None])[0]):
-        passed.update(text_encoder_3=None, tokenizer_3=None)
-    for name in sf.absent_components(flux, shapes):
+    family.check_file(path, shapes, source)
+    passed = dict(family.pipeline_kwargs(t5 and bool((index.get("text_encoder_3") or [None])[0])))
+    for name in family.absent_from_file(shapes):
         if name not in passed and (index.get(name) or [None])[0]:
             passed[name] = _component_class(index[name]).from_pretrained(source, subfolder=name)
-    if flux and sf.flux_width(shapes) != sf.FLUX_WIDTH:
-        from diffusers import FluxTransformer2DModel
-        from safetensors.torch import load_file
-
-        passed["transformer"] = FluxTransformer2DModel.from_single_file(
-            sf.flux_to_diffusers(load_file(str(path))), config=source, subfolder="transformer")
+    denoiser = family.file_denoiser(path, shapes, source)
+    if denoiser is not None:
+        passed[family.network_name] = denoiser
     return cls.from_single_file(str(path), config=source, **passed)
 
 
@@ -291,13 +294,9 @@ def _component_class(entry: list):
 
 
 def _extras(cls, t5: bool = True) -> dict:
-    """Constructor arguments per pipeline class: no safety checker for SD; SDXL has none; SD3 without T5 when
-    asked (or saved so)."""
-    if cls is StableDiffusionPipeline:
-        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    if cls is StableDiffusion3Pipeline and not t5:
-        return {"text_encoder_3": None, "tokenizer_3": None}
-    return {}
+    """Constructor arguments of the family's pipeline class (no safety checker for SD; SD3 without T5 when asked
+    or saved so)."""
+    return family_for_class(cls.__name__).pipeline_kwargs(t5)
 
 
 def _index_has(index: Path, component: str) -> bool:
@@ -332,13 +331,14 @@ def _index_class(index: Path) -> str | None:
 
 
 def _pipeline_class(name: str | Path, class_name: str | None):
-    """The pipeline class a model's ``_class_name`` names, if this project supports it."""
+    """The pipeline class a model's ``_class_name`` names, if a registered family supports it."""
     if class_name is None:
         return StableDiffusionPipeline
-    if class_name not in PIPELINES:
+    cls = pipeline_class(class_name)
+    if cls is None:
         hint = " (an SDXL refiner or image-to-image model: use the base model)" if "Img2Img" in class_name else ""
-        raise UsageError(f"model {name} is a {class_name}{hint}; supported are {SUPPORTED}")
-    return PIPELINES[class_name]
+        raise UsageError(f"model {name} is a {class_name}{hint}; supported are {supported()}")
+    return cls
 
 
 def _single_file_class(path: Path, config: str | None):
@@ -356,13 +356,16 @@ def _single_file_kind(path: Path, config: str | None) -> tuple[type, dict]:
         if not config:
             raise UsageError(f"could not read checkpoint {path}: {first_line(err)}") from err
         model_type = None
-    if model_type and model_type.startswith("flux") and model_type not in SINGLE_FILE_TYPES:
+    reader = family_for_file_type(model_type)
+    if model_type and model_type.startswith("flux") and reader is None:
         raise UsageError(f"{path} is a {model_type!r} checkpoint; supported FLUX single files are FLUX.1 dev and "
                          "schnell (not Fill, Depth, FLUX.2 or later)")
-    layout = PIPELINES[SINGLE_FILE_TYPES[model_type]] if model_type in SINGLE_FILE_TYPES else None
+    layout = reader.pipeline_classes[0] if reader is not None else None
     if config:
         cls = _config_class(config)
-        if model_type and (cls in FLOW_PIPELINES or layout in FLOW_PIPELINES) and cls is not layout:
+        lacks = family_for_class(cls.__name__).file_lacks_components or (layout is not None and
+                                                                          reader.file_lacks_components)
+        if model_type and lacks and cls is not layout:
             raise UsageError(f"checkpoint {path} is a {model_type!r} checkpoint but config {config} is a "
                              f"{cls.__name__}; give a config of the checkpoint's family")
         return cls, shapes
@@ -372,7 +375,7 @@ def _single_file_kind(path: Path, config: str | None) -> tuple[type, dict]:
         raise UsageError(f"{path} has SD3's layout at a size diffusers has no config for; read it with a config: "
                          "a diffusers folder or hub id of the same shape")
     if layout is None:
-        raise UsageError(f"{path} looks like a {model_type!r} checkpoint; supported are {SUPPORTED}")
+        raise UsageError(f"{path} looks like a {model_type!r} checkpoint; supported are {supported()}")
     return layout, shapes
 
 
@@ -429,7 +432,6 @@ def _load_mini_xl(allow_pickle: bool) -> StableDiffusionXLPipeline:
 
 def _load_mini_flow(allow_pickle: bool):
     """``mini-flow``: the SD3-layout rectified-flow miniature model, on the miniature model's VAE and tokenizer."""
-    from diffusers import StableDiffusion3Pipeline
 
     folder = mini_weights_dir() / "flow"
     if not (folder / "model_index.json").is_file():
@@ -471,9 +473,8 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith(suffixes)
 
 
-def describe_device(pipe) -> dict[str, str]:
+def describe_device(family: ModelFamily) -> dict[str, str]:
     """Device and precision of the denoiser, for the record."""
-    family = family_of(pipe)
     device = family.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": str(device), "device_name": name, "dtype": str(family.dtype).replace("torch.", "")}

@@ -16,14 +16,24 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from typing import ClassVar
 
 import numpy as np
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
+from diffusers import (
+    DDIMInverseScheduler,
+    DDIMScheduler,
+    LEditsPPPipelineStableDiffusion,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..errors import UsageError, check_finite
+from .capabilities import EPSILON, V
 from .family import Conditioning, ModelFamily, doubled, guided
+from .tiny import TINY_VOCAB_SIZE, build_character_tokenizer, tiny_text_config, tiny_vae
 
 logger = logging.getLogger("nonrigid")
 
@@ -66,12 +76,26 @@ class StableDiffusion(ModelFamily):
     reference's settings."""
 
     name = "sd"
+    label = "SD 1.x, SD 2.x (epsilon or v prediction)"
+    pipeline_classes = (StableDiffusionPipeline,)
+    single_file_types = ("v1", "v2")
+    tiny_models: ClassVar[dict] = {"tiny": lambda seed: build_tiny_sd1(seed),
+                                   "tiny-sd2": lambda seed: build_tiny_sd2(seed),
+                                   "tiny-sd2-v": lambda seed: build_tiny_sd2(seed, v_prediction=True)}
     networks = ("unet", "vae", "text_encoder")
+    attention_maps = True
+    ledits = True
     default_guidance = 7.5  # diffusers' StableDiffusionPipeline default, and the paper's
 
     @classmethod
-    def matches(cls, pipe) -> bool:
-        return isinstance(pipe, StableDiffusionPipeline)
+    def pipeline_kwargs(cls, t5: bool = True) -> dict:
+        """No safety checker: it is an image classifier that blacks out images, which an editing tool must not."""
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    @property
+    def prediction(self) -> str:
+        """epsilon or v, as the model's scheduler config says."""
+        return V if self.prediction_type == "v_prediction" else EPSILON
 
     def describe(self) -> str:
         """The layout as detected from the model: text-encoder width, prediction type, native size."""
@@ -96,6 +120,14 @@ class StableDiffusion(ModelFamily):
     def latent_multiple(self) -> int:
         """The VAE's factor times the UNet's downsampling."""
         return self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+
+    def ledits_editor(self, scheduler) -> LEditsPPPipelineStableDiffusion:
+        """diffusers' LEDITS++ pipeline for SD 1.x / 2.x on this model's modules (no safety checker)."""
+        pipe = self.pipe
+        return LEditsPPPipelineStableDiffusion(
+            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
 
     # ---- conditioning
 
@@ -145,6 +177,10 @@ class StableDiffusion(ModelFamily):
 
     def draw_training_timestep(self, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(0, self.pipe.scheduler.config.num_train_timesteps, (1,), generator=generator)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` on the model's training schedule (DDS, Edit-friendly)."""
+        return self._noise_schedule.add_noise(x0, noise, timesteps)
 
     def training_example(self, x0, noise, timesteps):
         """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` and the model's target: the noise itself (epsilon),
@@ -216,3 +252,73 @@ def vae_decode(vae, latents: torch.Tensor, batch_size: int = 8) -> list[Image.Im
         array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         images.extend(Image.fromarray(a) for a in array)
     return images
+
+
+# ---- the built-in random-weight models of this layout
+
+
+def build_tiny_sd1(seed: int = 0) -> StableDiffusionPipeline:
+    """``tiny``: SD 1.x's component classes and layout (VAE downsampling by 8, cross-attention UNet, CLIP text
+    encoder with 77 positions) at a few hundred thousand parameters, random weights: output is noise."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
+        vae = tiny_vae()
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=TINY_VOCAB_SIZE,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=TINY_VOCAB_SIZE - 2,
+                eos_token_id=TINY_VOCAB_SIZE - 1,
+                pad_token_id=TINY_VOCAB_SIZE - 1,
+            )
+        )
+    scheduler = sd_ddim_scheduler()
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_character_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sd2(seed: int = 0, v_prediction: bool = False) -> StableDiffusionPipeline:
+    """``tiny-sd2`` / ``tiny-sd2-v``: SD 2.x's layout (linear attention projections, head-size attention, a GELU
+    text encoder, epsilon or v prediction; the v one at 96 px as SD 2.1 is larger than SD 2 base)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=12 if v_prediction else 8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=48,
+            attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+        )
+        vae = tiny_vae()
+        text_encoder = CLIPTextModel(tiny_text_config(48, "gelu"))
+    scheduler = DDIMScheduler(  # SD 2.x's scheduler config
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
+        set_alpha_to_one=False, prediction_type="v_prediction" if v_prediction else "epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=build_character_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )

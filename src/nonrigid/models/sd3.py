@@ -20,29 +20,42 @@ What each call puts behind the seam (docs/FAMILIES.md has the derivation):
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from PIL import Image
+from transformers import CLIPTextModelWithProjection
 
 from ..errors import UsageError
+from .capabilities import FLOW
 from .family import Conditioning, FamilyDefaults, ModelFamily, guided
 from .flow import FlowEuler, flow_training_example, logit_normal_timestep
 from .sd import vae_decode, vae_encode, warn_if_clip_truncates
+from .single_file import SD3_OTHER_SIZE, absent_components, check_depth
+from .tiny import build_character_tokenizer, tiny_text_config, tiny_vae
 
 
 class StableDiffusion3(ModelFamily):
     """SD3 medium, SD3.5 medium and large (and fine-tunes in their layout)."""
 
     name = "sd3"
+    label = "SD3 / SD3.5"
+    pipeline_classes = (StableDiffusion3Pipeline,)
+    single_file_types = ("sd3", "sd35_medium", "sd35_large", SD3_OTHER_SIZE)
+    file_lacks_components = True  # SD3 files come with or without their CLIPs and T5
+    tiny_models: ClassVar[dict] = {"tiny-sd3": lambda seed: build_tiny_sd3(seed),
+                                   "tiny-sd35": lambda seed: build_tiny_sd3(seed, sd35=True)}
     networks = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
     network_name = "transformer"
     default_guidance = 7.0  # diffusers' StableDiffusion3Pipeline default
     parks_text_encoders = True  # with T5, 5.4 B parameters of text encoders; --low-memory parks them on the CPU
+    prediction = FLOW
 
     @classmethod
-    def matches(cls, pipe) -> bool:
-        return isinstance(pipe, StableDiffusion3Pipeline)
+    def pipeline_kwargs(cls, t5: bool = True) -> dict:
+        """Without T5 when asked (about 4.7 B parameters; its part of the token embeddings becomes zeros)."""
+        return {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
 
     def describe(self) -> str:
         config = self.pipe.transformer.config
@@ -51,6 +64,15 @@ class StableDiffusion3(ModelFamily):
         shift = self.pipe.scheduler.config.get("shift", 1.0)
         return (f"{version} layout, {config.num_layers} transformer layers, {t5}, flow (velocity) prediction, "
                 f"shift {shift:g}, {self.defaults.size} px")
+
+    @classmethod
+    def absent_from_file(cls, shapes) -> tuple[str, ...]:
+        """The CLIPs, T5 or VAE an SD3 file was saved without."""
+        return absent_components(False, shapes)
+
+    @classmethod
+    def check_file(cls, path, shapes, source: str) -> None:
+        check_depth(path, False, shapes, source)
 
     @property
     def latent_multiple(self) -> int:
@@ -166,3 +188,28 @@ class StableDiffusion3(ModelFamily):
     def decode(self, latents: torch.Tensor, batch_size: int = 8) -> list[Image.Image]:
         """``D(x / scale + shift)`` to PIL images, a few at a time."""
         return vae_decode(self.pipe.vae, latents, batch_size)
+
+
+def build_tiny_sd3(seed: int = 0, sd35: bool = False) -> StableDiffusion3Pipeline:
+    """``tiny-sd3`` / ``tiny-sd35``: SD3 medium's layout at toy width (with ``sd35``, SD3.5's query/key norms and a
+    dual-attention layer); no T5 (its part of the token embeddings is zeros, as diffusers builds it for a pipeline
+    loaded with ``text_encoder_3=None``)."""
+    sd35_layout = {"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if sd35 else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=48,
+            pos_embed_max_size=32, **sd35_layout,
+        )
+        vae = tiny_vae(16, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
+                       use_post_quant_conv=False)
+        # CLIP-L and CLIP-G stand-ins: penultimate states 16 + 32 wide (padded to the 64-wide joint attention),
+        # pooled projections 16 + 32 (the transformer's 48-wide pooled input)
+        text_encoder = CLIPTextModelWithProjection(tiny_text_config(16, "quick_gelu", projection=16))
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(32, "gelu", projection=32))
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=build_character_tokenizer(), text_encoder_2=text_encoder_2,
+        tokenizer_2=build_character_tokenizer(), text_encoder_3=None, tokenizer_3=None,
+    )

@@ -19,24 +19,48 @@ What each call puts behind the seam (docs/FAMILIES.md has the equations):
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import (
+    EulerDiscreteScheduler,
+    LEditsPPPipelineStableDiffusionXL,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ..errors import UsageError
 from .family import Conditioning, doubled, guided
 from .sd import StableDiffusion
+from .tiny import build_character_tokenizer, tiny_text_config, tiny_vae
 
 
 class StableDiffusionXL(StableDiffusion):
     """SDXL base and SDXL-layout fine-tunes (no refiner)."""
 
     name = "sdxl"
+    label = "SDXL base-layout"
+    pipeline_classes = (StableDiffusionXLPipeline,)
+    single_file_types = ("xl_base",)
+    tiny_models: ClassVar[dict] = {"tiny-sdxl": lambda seed: build_tiny_sdxl(seed)}
     networks = ("unet", "vae", "text_encoder", "text_encoder_2")
     default_guidance = 5.0  # diffusers' StableDiffusionXLPipeline default
 
     @classmethod
-    def matches(cls, pipe) -> bool:
-        return isinstance(pipe, StableDiffusionXLPipeline)
+    def pipeline_kwargs(cls, t5: bool = True) -> dict:
+        return {}  # SDXL's pipeline has no safety checker
+
+    def ledits_editor(self, scheduler) -> LEditsPPPipelineStableDiffusionXL:
+        """diffusers' LEDITS++ pipeline for SDXL on this model's modules (zeros for an empty negative prompt, as
+        SDXL's pipeline; no watermark)."""
+        pipe = self.pipe
+        return LEditsPPPipelineStableDiffusionXL(
+            vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
+            tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, unet=pipe.unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=pipe.config.get("force_zeros_for_empty_prompt", True),
+            add_watermarker=False,
+        )
 
     def describe(self) -> str:
         widths = [self.pipe.text_encoder.config.hidden_size, self.pipe.text_encoder_2.config.hidden_size]
@@ -97,3 +121,30 @@ class StableDiffusionXL(StableDiffusion):
         if dtype == torch.float16 and self.pipe.vae.config.get("force_upcast", False):
             return torch.float32
         return dtype
+
+
+def build_tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+    """``tiny-sdxl``: SDXL's layout (two text encoders, a pooled embedding, size conditioning, two transformer
+    layers in the inner attention blocks, Euler scheduler config), random weights: output is noise."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+            cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        )
+        vae = tiny_vae()
+        # Like SDXL's (768 + 1280 wide, the second with 32 layers), the encoders differ in width and the second
+        # has a tenth layer: diffusers' single-file loader tells them apart by width and recognises SDXL by it.
+        text_encoder = CLIPTextModel(tiny_text_config(16, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(32, "gelu", projection=32, layers=10))
+    scheduler = EulerDiscreteScheduler(  # SDXL base 1.0's scheduler config
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading", interpolation_type="linear",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=build_character_tokenizer(),
+        tokenizer_2=build_character_tokenizer(), unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )

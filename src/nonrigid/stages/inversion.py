@@ -26,7 +26,6 @@ from PIL import Image
 
 from ..errors import NonFiniteError, UsageError, check_finite
 from ..models.family import Conditioning, ModelFamily, guided
-from ..models.registry import family_of
 from ..progress import Bar, Progress, track
 from . import DEFAULT_GUIDANCE
 from . import INVERSION_METHODS as METHODS
@@ -109,34 +108,8 @@ class Inversion:
         )
 
 
-def invert(
-    pipe,
-    image: Image.Image,
-    source_prompt: str = "",
-    method: str = "nti",
-    num_steps: int = 50,
-    guidance_scale: float | None = None,
-    inner_steps: int = 10,
-    early_stop: float = 1e-5,
-    *,
-    progress: Progress = False,
-) -> Inversion:
-    """Invert ``image`` with ``method`` ("nti", "ddim" or "npi") over ``num_steps`` DDIM steps.
-
-    ``pipe`` is a loaded pipeline (or its model family). ``guidance_scale`` is the scale the result is meant to be
-    sampled at (default 7.5 for NTI and NPI, 1 for DDIM). NTI's inner loop runs at most ``inner_steps`` Adam steps
-    per sampling step and stops early once the loss is below ``early_stop + i * 2e-5`` (the reference's rule);
-    NPI ignores both (it optimises nothing).
-
-    Model cost at batch 1: DDIM N; NPI 2N (inversion + its reconstruction), no backward pass; NTI N + N * (2 + 2 *
-    inner iterations), counting a forward and backward pass as 2.
-    """
-    return invert_many(pipe, [image], [source_prompt], method, num_steps, guidance_scale, inner_steps, early_stop,
-                       progress=progress)[0]
-
-
-def invert_many(
-    pipe,
+def invert_images(
+    family: ModelFamily,
     images: Sequence[Image.Image],
     source_prompts: Sequence[str],
     method: str = "nti",
@@ -147,10 +120,16 @@ def invert_many(
     *,
     progress: Progress = False,
 ) -> list[Inversion]:
-    """:func:`invert` for several images (each with its own source prompt) as one model batch per step.
+    """Invert ``images`` (each with its own source prompt) with ``method`` ("nti", "ddim" or "npi") over
+    ``num_steps`` DDIM steps, as one model batch per step.
 
-    Each image's result equals its run alone up to the last bits of batched convolutions; NTI's early stop is per
-    image (:func:`null_text_optimization_many`).
+    ``guidance_scale`` is the scale the result is meant to be sampled at (default 7.5 for NTI and NPI, 1 for
+    DDIM). NTI's inner loop runs at most ``inner_steps`` Adam steps per sampling step and stops early once the loss
+    is below ``early_stop + i * 2e-5`` (the reference's rule), per image; NPI ignores both (it optimises nothing).
+    Each image's result equals its run alone up to the last bits of batched convolutions.
+
+    Model cost at batch 1: DDIM N; NPI 2N (inversion + its reconstruction), no backward pass; NTI N + N * (2 + 2 *
+    inner iterations), counting a forward and backward pass as 2.
     """
     if method not in METHODS:
         raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
@@ -158,7 +137,6 @@ def invert_many(
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if len(images) != len(source_prompts):
         raise ValueError("give one source prompt per image")
-    family = family_of(pipe)
     if method in ("nti", "npi") and family.unconditional() is None:
         raise UsageError(f"{method} inversion works on the unconditional branch of classifier-free guidance, which "
                          f"this model has none of ({family.describe()}); use ddim inversion")
@@ -175,7 +153,7 @@ def invert_many(
                          empty)
                for prompt, walk, source, empty in zip(source_prompts, walks, sources, empties, strict=True)]
     if method == "nti":
-        optimized = null_text_optimization_many(family, list(walks), sources, empties, guidance_scale, inner_steps,
+        optimized = null_text_optimization(family, list(walks), sources, empties, guidance_scale, inner_steps,
                                                 early_stop, progress=progress)
         for result, (nulls, reconstruction, losses) in zip(results, optimized, strict=True):
             result.nulls, result.reconstruction, result.losses = nulls, reconstruction, losses
@@ -188,25 +166,13 @@ def invert_many(
     return results
 
 
-def ddim_invert(
-    pipe, x0: torch.Tensor, cond: Conditioning | torch.Tensor, num_steps: int, *, progress: Progress = False
+def invert_latents(
+    family: ModelFamily, x0: torch.Tensor, cond: Conditioning | torch.Tensor, num_steps: int, *,
+    progress: Progress = False,
 ) -> torch.Tensor:
-    """The DDIM inversion path x*_0 .. x*_N at guidance 1, shape (N + 1, C, h, w)."""
-    family = family_of(pipe)
-    return _walk(family, family.inversion_scheduler(num_steps, x0), x0, cond, "DDIM inversion", progress).flatten(0, 1)
-
-
-def conditional_sampling_path(
-    pipe, latent: torch.Tensor, cond: Conditioning | torch.Tensor, num_steps: int, *, progress: Progress = False
-) -> torch.Tensor:
-    """DDIM sampling from ``latent`` with ``cond`` at guidance 1, every latent kept: shape (N + 1, C, h, w).
-
-    It is NPI's guided reconstruction path: with the source as the unconditional conditioning the guided
-    prediction equals the conditional one at any scale, so one branch is evaluated instead of two.
-    """
-    family = family_of(pipe)
-    return _walk(family, family.sampling_scheduler(num_steps, latent), latent, cond, "negative-prompt inversion",
-                 progress).flatten(0, 1)
+    """The DDIM inversion paths x*_0 .. x*_N of the latents ``x0`` (B, C, h, w) at guidance 1 with ``cond`` (one
+    row per latent, or one for all): shape (B, N + 1, C, h, w)."""
+    return _walk(family, family.inversion_scheduler(num_steps, x0), x0, cond, "DDIM inversion", progress)
 
 
 @torch.no_grad()
@@ -225,28 +191,7 @@ def _walk(
 
 
 def null_text_optimization(
-    pipe,
-    trajectory: torch.Tensor,
-    cond: Conditioning | torch.Tensor,
-    empty: Conditioning | torch.Tensor,
-    guidance_scale: float,
-    inner_steps: int = 10,
-    early_stop: float = 1e-5,
-    *,
-    progress: Progress = False,
-) -> tuple[Conditioning, torch.Tensor, list[float]]:
-    """Optimise one unconditional conditioning per sampling step so guided sampling retraces ``trajectory``.
-
-    Returns the conditionings (batch N), the guided reconstruction path in sampling order (N + 1, C, h, w) and the
-    last inner loss of each step. ``u`` starts at tau("") and each step starts from the previous step's result;
-    Adam's learning rate decays as 1e-2 * (1 - i / 100); the conditional prediction is computed once per step.
-    """
-    return null_text_optimization_many(pipe, [trajectory], [Conditioning.of(cond)], [Conditioning.of(empty)],
-                                       guidance_scale, inner_steps, early_stop, progress=progress)[0]
-
-
-def null_text_optimization_many(
-    pipe,
+    family: ModelFamily,
     trajectories: Sequence[torch.Tensor],
     conds: Sequence[Conditioning],
     empties: Sequence[Conditioning],
@@ -256,14 +201,19 @@ def null_text_optimization_many(
     *,
     progress: Progress = False,
 ) -> list[tuple[Conditioning, torch.Tensor, list[float]]]:
-    """:func:`null_text_optimization` for several images as one model batch per inner step.
+    """Optimise one unconditional conditioning per sampling step and image so that guided sampling retraces each
+    image's ``trajectories`` (its DDIM inversion path), as one model batch per inner step.
+
+    Returns, per image, the conditionings (batch N), the guided reconstruction path in sampling order
+    (N + 1, C, h, w) and the last inner loss of each step. ``u`` starts at ``empties`` (tau("")) and each step
+    starts from the previous step's result; Adam's learning rate decays as 1e-2 * (1 - i / 100); the conditional
+    prediction is computed once per step.
 
     Each image has its own leaves (one per tensor of its conditioning) in one Adam optimiser, and its own loss
     term (its own mean, summed). The early stop is per image: an image whose loss is low enough leaves the batch
     for the rest of that sampling step, so it gets no gradient and Adam skips it (its moments untouched), exactly
     as its run alone breaks out of the inner loop. Results in input order.
     """
-    family: ModelFamily = family_of(pipe)
     count = len(trajectories)
     cond = Conditioning.cat([Conditioning.of(c) for c in conds])
     unconds = [Conditioning.of(e).clone() for e in empties]

@@ -21,7 +21,6 @@ from PIL import Image
 
 from ..errors import check_finite
 from ..models.family import Conditioning, ModelFamily, mix
-from ..models.registry import family_of
 from ..progress import Progress, track
 from .inversion import Inversion
 from .text_optimization import TextOptimization
@@ -48,39 +47,8 @@ def variant_grid(
     return [VariantSpec(t, float(e), int(k)) for t in range(num_texts) for k in inject_steps for e in etas]
 
 
-def sample(
-    pipe,
-    inversion: Inversion,
-    text_optimization: TextOptimization | Sequence[TextOptimization],
-    etas: Sequence[float] = (0.0,),
-    inject_steps: Sequence[int] = (10,),
-    output_type: str = "pil",
-    *,
-    batch_size: int | None = None,
-    use_reconstruction: bool = True,
-    progress: Progress = False,
-) -> list[Image.Image] | torch.Tensor:
-    """Sample every (eta, K) variant of every given text optimization from ``inversion``, batched.
-
-    Returns PIL images, or the final latents (V, C, h, w) with ``output_type="latent"``, in the order of
-    :func:`variant_grid`: text optimization, then K, then eta. ``use_reconstruction=False`` recomputes the shared
-    source-conditioned steps instead of reading them from the inversion (same result; for checking).
-    """
-    if output_type not in ("pil", "latent"):
-        raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-    family = family_of(pipe)
-    texts = [text_optimization] if isinstance(text_optimization, TextOptimization) else list(text_optimization)
-    specs = variant_grid(len(texts), etas, inject_steps)
-    conds = Conditioning.cat([interpolate(texts[s.text_index], s.eta) for s in specs])
-    latents = sample_latents(
-        family, inversion, conds, [s.inject_steps for s in specs], batch_size=batch_size,
-        use_reconstruction=use_reconstruction, progress=progress,
-    )
-    return latents if output_type == "latent" else family.decode(latents)
-
-
-def sample_many(
-    pipe,
+def sample_variants(
+    family: ModelFamily,
     inversions: Sequence[Inversion],
     text_optimizations: Sequence[Sequence[TextOptimization]],
     etas: Sequence[float] = (0.0,),
@@ -88,14 +56,17 @@ def sample_many(
     output_type: str = "pil",
     *,
     batch_size: int | None = None,
+    use_reconstruction: bool = True,
     progress: Progress = False,
 ) -> list[list[Image.Image]] | list[torch.Tensor]:
-    """:func:`sample` for several images at once: image b's variants come from ``inversions[b]`` and its own text
-    optimizations, all images' variants in one batch per step. Returns each image's outputs in
-    :func:`variant_grid` order; each image's latents are decoded on their own, as :func:`sample` decodes them."""
+    """Sample every (eta, K) variant of every image's text optimizations: image b's variants come from
+    ``inversions[b]`` and ``text_optimizations[b]``, all images' variants in one batch per step (in chunks of
+    ``batch_size`` rows when memory is short). Returns each image's outputs in :func:`variant_grid` order (text
+    optimization, then K, then eta): PIL images, or the final latents (V, C, h, w) with ``output_type="latent"``;
+    each image's latents are decoded on their own. ``use_reconstruction=False`` recomputes the shared
+    source-conditioned steps instead of reading them from the inversions (same result; for checking)."""
     if output_type not in ("pil", "latent"):
         raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-    family = family_of(pipe)
     conds, steps, owners, counts = [], [], [], []
     for image, texts in enumerate(text_optimizations):
         specs = variant_grid(len(texts), etas, inject_steps)
@@ -103,30 +74,15 @@ def sample_many(
         steps += [s.inject_steps for s in specs]
         owners += [image] * len(specs)
         counts.append(len(specs))
-    latents = sample_latents_many(family, inversions, Conditioning.cat(conds), steps, owners,
-                                  batch_size=batch_size, progress=progress)
+    latents = sample_latents(family, inversions, Conditioning.cat(conds), steps, owners, batch_size=batch_size,
+                             use_reconstruction=use_reconstruction, progress=progress)
     parts = list(latents.split(counts))
     return parts if output_type == "latent" else [family.decode(part) for part in parts]
 
 
-def sample_latents(
-    pipe,
-    inversion: Inversion,
-    conds: Conditioning | torch.Tensor,
-    inject_steps: Sequence[int],
-    *,
-    batch_size: int | None = None,
-    use_reconstruction: bool = True,
-    progress: Progress = False,
-) -> torch.Tensor:
-    """The sampling loop: row r follows the source path until step ``inject_steps[r]``, then ``conds[r]``."""
-    return sample_latents_many(pipe, [inversion], conds, inject_steps, [0] * len(inject_steps),
-                               batch_size=batch_size, use_reconstruction=use_reconstruction, progress=progress)
-
-
 @torch.no_grad()
-def sample_latents_many(
-    pipe,
+def sample_latents(
+    family: ModelFamily,
     inversions: Sequence[Inversion],
     conds: Conditioning | torch.Tensor,
     inject_steps: Sequence[int],
@@ -136,9 +92,9 @@ def sample_latents_many(
     use_reconstruction: bool = True,
     progress: Progress = False,
 ) -> torch.Tensor:
-    """:func:`sample_latents` over several images: row r starts from ``inversions[owners[r]]`` (its x_T, source
-    path, unconditional conditionings). The inversions must share their step count and guidance scale."""
-    family = family_of(pipe)
+    """The sampling loop: row r starts from ``inversions[owners[r]]`` (its x_T, source path, unconditional
+    conditionings), follows the source path until step ``inject_steps[r]``, then ``conds[r]``. The inversions must
+    share their step count and guidance scale."""
     conds = Conditioning.of(conds)
     num_steps = inversions[0].num_steps
     scale = inversions[0].guidance_scale
@@ -200,7 +156,7 @@ def _source_path(
 
 @torch.no_grad()
 def generate(
-    pipe,
+    family: ModelFamily,
     prompt: str,
     *,
     seed: int = 0,
@@ -215,7 +171,6 @@ def generate(
     The same loop as the edit's sampling (the family's ``predict`` and ``step``), so that with the same x_T it
     equals the model's diffusers pipeline. ``guidance_scale`` and ``size`` default to the family's.
     """
-    family = family_of(pipe)
     size = family.defaults.size if size is None else size
     scale = family.defaults.guidance_scale if guidance_scale is None else guidance_scale
     x = family.initial_noise(size, torch.Generator().manual_seed(int(seed)))

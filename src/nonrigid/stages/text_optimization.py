@@ -23,7 +23,6 @@ from PIL import Image
 
 from ..errors import NonFiniteError, check_finite
 from ..models.family import Conditioning, ModelFamily
-from ..models.registry import family_of
 from ..progress import Progress, track
 
 
@@ -71,39 +70,6 @@ class TextOptimization:
         )
 
 
-def optimize_text(
-    pipe,
-    image: Image.Image,
-    target_prompt: str,
-    steps: int = 200,
-    lr: float = 1e-3,
-    seed: int = 0,
-    *,
-    progress: Progress = False,
-) -> TextOptimization:
-    """Optimise ``tau(target_prompt)`` toward ``image`` for ``steps`` Adam steps (the paper: 200, lr 1e-3)."""
-    return optimize_text_batch(pipe, image, target_prompt, steps=steps, lr=lr, seeds=[seed], progress=progress)[0]
-
-
-def optimize_text_batch(
-    pipe,
-    image: Image.Image,
-    target_prompt: str,
-    steps: int = 200,
-    lr: float = 1e-3,
-    seeds: Sequence[int] = (0,),
-    *,
-    progress: Progress = False,
-) -> list[TextOptimization]:
-    """:func:`optimize_text` for several seeds at once, one model batch per step; same results as one by one.
-
-    ``pipe`` is a loaded pipeline (or its :class:`~nonrigid.models.family.ModelFamily`). A seed fixes the latent
-    sample drawn from the VAE posterior and every step's timestep and noise.
-    """
-    jobs = [TextJob(image, target_prompt, int(seed)) for seed in seeds]
-    return optimize_texts(pipe, jobs, steps=steps, lr=lr, progress=progress)
-
-
 @dataclass(frozen=True)
 class TextJob:
     """One row of a text-optimization batch: an image, the prompt to optimise toward it, the row's seed."""
@@ -114,20 +80,21 @@ class TextJob:
 
 
 def optimize_texts(
-    pipe,
+    family: ModelFamily,
     jobs: Sequence[TextJob],
     steps: int = 200,
     lr: float = 1e-3,
     *,
     progress: Progress = False,
 ) -> list[TextOptimization]:
-    """Stage A for several (image, prompt, seed) rows as one model batch per step, results in ``jobs`` order.
+    """Stage A for (image, prompt, seed) rows as one model batch per step, results in ``jobs`` order (the paper:
+    200 Adam steps at lr 1e-3). A row's seed fixes the latent sample drawn from the VAE posterior and every step's
+    timestep and noise.
 
     Each row equals its run alone up to the last bits of batched convolutions (~1e-6; see tests/test_batching.py).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    family = family_of(pipe)
     device = family.device
     targets = {p: family.encode_prompt(p) for p in dict.fromkeys(job.target_prompt for job in jobs)}
     generators = [torch.Generator().manual_seed(int(job.seed)) for job in jobs]

@@ -19,7 +19,7 @@ from typing import Any
 import gradio as gr
 
 from ..errors import Cancelled, NonrigidError, first_line
-from ..images import load_image
+from ..images import load_image, open_image
 from ..methods.catalogue import METHODS, method_info
 from ..models import DEFAULT_MODEL
 from .knobs import Knob, all_knobs, params_from
@@ -211,7 +211,7 @@ def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, e
         if not image:
             return None, ""
         try:
-            return load_image(check_upload(image), _size(size) or editor.native_size), ""
+            return load_image(open_image(check_upload(image)), _size(size) or editor.native_size), ""
         except NonrigidError as err:
             return None, f"**{first_line(err)}**"
 

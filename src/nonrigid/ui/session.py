@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import Cancelled, UsageError
-from ..images import load_image
+from ..images import open_image
 from ..methods.output import slugify, variant_filename
 from ..progress import Reporter
 
@@ -87,7 +87,7 @@ class Editor:
     options: ModelOptions = field(default_factory=ModelOptions)
     cache_dir: Path | None = None
     use_cache: bool = True
-    pipe: Any = None
+    family: Any = None  # the loaded model (its ModelFamily), resolved once on loading
     lock: threading.Lock = field(default_factory=threading.Lock)
     _kept: OrderedDict[str, _Kept] = field(default_factory=OrderedDict)
     _cancelled: set[str] = field(default_factory=set)
@@ -101,29 +101,25 @@ class Editor:
 
     def load(self, model: str | None = None) -> str:
         """Load ``model`` (default: :attr:`model`) and make it the page's model; returns its description."""
-        from ..models.loading import configure_pipeline, load_pipeline
+        from ..models.loading import configure_model, load_model
 
         name = (model or self.model).strip()
         if not name:
             raise UsageError("give a model: a hub id, a folder, a single file or a built-in name such as mini")
         with self.lock:
             o = self.options
-            pipe = load_pipeline(name, o.device, o.dtype, allow_pickle=o.allow_pickle, config=o.config, t5=o.t5)
-            self.pipe = configure_pipeline(pipe, low_memory=o.low_memory, compile=o.compile)
+            loaded = load_model(name, o.device, o.dtype, allow_pickle=o.allow_pickle, config=o.config, t5=o.t5)
+            self.family = configure_model(loaded, low_memory=o.low_memory, compile=o.compile)
             self.model = name
             self._kept.clear()  # stages belong to the model that made them
         return self.describe()
 
     def describe(self) -> str:
-        from ..models.registry import family_of
-
-        return f"{self.model} ({family_of(self.pipe).describe()})"
+        return f"{self.model} ({self.family.describe()})"
 
     @property
     def native_size(self) -> int:
-        from ..models.registry import family_of
-
-        return family_of(self.pipe).defaults.size
+        return self.family.defaults.size
 
     # ---- cancelling
 
@@ -161,21 +157,22 @@ class Editor:
     ) -> EditOutcome:
         """Edit an uploaded image and write it to a new folder under :attr:`out` in the CLI's layout (plus a zip)."""
         from ..methods.output import save_result
-        from ..methods.run import run_method
+        from ..methods.run import EditRequest, run_edits
         from ..stages.cache import StageCache
 
         path = check_upload(image)
+        picture = open_image(path)  # decoded once: a truncated file fails here, with its own message
         target_prompt = target_prompt.strip()
         if not target_prompt:
             raise UsageError("write a target prompt: what the picture should show, e.g. a photo of a jumping dog")
         with self.lock:
-            size = self.native_size if size is None else int(size)
             cache = StageCache(self.cache_dir) if self.use_cache else None
-            result = run_method(self.pipe, path, target_prompt, method, params or {}, seeds=seeds,
-                                source_prompt=source_prompt.strip(), size=size, cache=cache, progress=progress)
+            (result,) = run_edits(self.family, [EditRequest(picture, target_prompt, source_prompt.strip())], method,
+                                  params or {}, seeds=seeds, size=None if size is None else int(size), cache=cache,
+                                  progress=progress)
             folder = self._new_folder(path, target_prompt, method)
-            save_result(result, folder, record={"image": path.name, "model": self.model, "size": size,
-                                                "made_in": "nonrigid ui"})
+            save_result(result, folder, record={"image": path.name, "model": self.model,
+                                                "size": result.input_image.width, "made_in": "nonrigid ui"})
             if result.stages is not None:
                 self._keep(folder.name, _Kept(result.stages, folder))
         archive = zip_folder(folder)
@@ -200,14 +197,13 @@ class Editor:
                              "press Edit again")
         with self.lock:
             tick = time.perf_counter()
-            variant = resample(self.pipe, kept.stages, (float(eta),), (float(inject),), (int(seed),),
-                               progress=progress)[0]
+            ((variant,),) = resample(self.family, [kept.stages], (float(eta),), (float(inject),), [(int(seed),)],
+                                     progress=progress)
             seconds = time.perf_counter() - tick
-            path = kept.folder / "slider" / variant_filename(variant.seed, {"K": variant.inject_steps,
-                                                                            "eta": variant.eta})
+            path = kept.folder / "slider" / variant_filename(variant.seed, variant.knobs)
             _save_png_atomically(variant.image, path)
         num_steps = kept.stages.inversion.num_steps
-        return SliderOutcome(path, seconds, num_steps - variant.inject_steps, num_steps)
+        return SliderOutcome(path, seconds, num_steps - variant.knobs["K"], num_steps)
 
     def generate(
         self, prompt: str, *, seed: int = 0, num_steps: int = 50, guidance_scale: float | None = None,
@@ -222,7 +218,7 @@ class Editor:
         if not 1 <= int(num_steps) <= 1000:
             raise UsageError(f"steps must be between 1 and 1000, got {num_steps}")
         with self.lock:
-            image = generate(self.pipe, prompt, seed=int(seed), num_steps=int(num_steps),
+            image = generate(self.family, prompt, seed=int(seed), num_steps=int(num_steps),
                              guidance_scale=guidance_scale, size=size, progress=progress)
         path = self.out / "generated" / f"{slugify(prompt, 48, 'image')}-seed{int(seed)}.png"
         _save_png_atomically(image, path)
@@ -250,7 +246,8 @@ def check_upload(image: str | Path) -> Path:
     """An uploaded file the page accepts: at most 50 MB, an image Pillow reads, at most 10,000 px a side.
 
     Checked from the file's size and header before any pixel is decoded, so a huge or hostile upload costs
-    nothing; the messages are what the page shows.
+    nothing; the messages are what the page shows. Decoding it (:func:`~nonrigid.images.open_image`) then finds a
+    truncated file.
     """
     path = Path(image)
     if not path.is_file():
@@ -266,7 +263,6 @@ def check_upload(image: str | Path) -> Path:
                          "opens)") from None
     if max(width, height) > MAX_SIDE:
         raise UsageError(f"that image is {width} x {height} px; images up to {MAX_SIDE:,} px a side are accepted")
-    load_image(path, 64)  # decodes it whole: a truncated file fails here, with its own message
     return path
 
 
