@@ -289,6 +289,46 @@ def test_outside_edits_are_scored_into_the_same_kind_of_database(runs, tedbench,
     shutil.rmtree(outside)
 
 
+def test_a_decompression_bomb_among_the_images_is_refused_in_one_line_before_any_job(tmp_path, capsys):
+    """In a TEdBench folder, a PIE-Bench folder or a folder of edits to score: exit 2, the project's size message,
+    and nothing run or written (no model, no metrics, no run folder)."""
+    from conftest import write_bomb_png
+
+    tedbench_like = tmp_path / "tedbench"
+    (tedbench_like / "originals").mkdir(parents=True)
+    for name in ("cat.png", "dog.png"):
+        Image.new("RGB", (64, 64)).save(tedbench_like / "originals" / name)
+    listing = [{"img_name": "cat.png", "target_text": "a photo of a sitting cat"},
+               {"img_name": "dog.png", "target_text": "a photo of a jumping dog"}]
+    (tedbench_like / "input_list.json").write_text(json.dumps(listing))
+    with_bomb = tmp_path / "with-bomb"
+    shutil.copytree(tedbench_like, with_bomb)
+    write_bomb_png(with_bomb / "originals" / "dog.png")  # its header claims 20,000 x 20,000 px
+    pie_like = tmp_path / "piebench"
+    (pie_like / "annotation_images" / "5_pose").mkdir(parents=True)
+    write_bomb_png(pie_like / "annotation_images" / "5_pose" / "1.png")
+    (pie_like / "mapping_file.json").write_text(json.dumps({"1": {
+        "image_path": "5_pose/1.png", "original_prompt": "a dog", "editing_prompt": "a [jumping] dog",
+        "editing_type_id": "5", "mask": [0, 10]}}))
+    edits = tmp_path / "edits"
+    edits.mkdir()
+    write_bomb_png(edits / "dog.png-a photo of a jumping dog.png")
+
+    commands = {
+        "bench": ["bench", "--data", str(with_bomb), "--out", str(tmp_path / "run"), "--model", "tiny"],
+        "piebench": ["bench", "--data", str(pie_like), "--out", str(tmp_path / "pie-run"), "--model", "tiny"],
+        "score": ["score", str(edits), "--data", str(tedbench_like), "--out", str(tmp_path / "scored"),
+                  "--metrics", "tiny"],
+    }
+    for name, args in commands.items():
+        assert main([*args, "--quiet"]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("nonrigid: error: image ") and err.endswith(
+            ".png is over 10,000 px a side; images up to 10,000 px a side are accepted"), (name, err)
+        assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edits", "piebench", "tedbench", "with-bomb"]
+
+
 # --------------------------------------------------------------------------------------------------- flags
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEDBENCH
+from conftest import TEDBENCH, write_bomb_png
 
 from nonrigid.models.tiny import build_tiny_pipeline
 
@@ -98,6 +98,10 @@ def write_truncated_jpeg(work: Path) -> None:
     (work / "half.jpeg").write_bytes(data[: len(data) // 2])
 
 
+def write_bomb(work: Path) -> None:
+    write_bomb_png(work / "bomb.png")  # the header claims 20,000 x 20,000 px
+
+
 def write_pickle_checkpoint(work: Path) -> None:
     (work / "weights.ckpt").write_bytes(b"\x80\x04 any bytes: it must not even be opened")
 
@@ -129,6 +133,7 @@ CASES = [
     Case("missing-image", ("missing.png", "a dog"), ("missing.png", "does not exist")),
     Case("not-an-image", ("notes.png", "a dog"), ("notes.png",), setup=write_text_as_png),
     Case("truncated-image", ("half.jpeg", "a dog"), ("half.jpeg",), setup=write_truncated_jpeg),
+    Case("decompression-bomb", ("bomb.png", "a dog"), ("bomb.png", "over 10,000 px a side"), setup=write_bomb),
     Case("unknown-model-path", (IMG, "a dog", "--model", "./no/such/model"), ("no/such/model",)),
     Case("unknown-hub-id-offline", (IMG, "a dog", "--model", "someone/not-a-model"), ("someone/not-a-model",)),
     Case("pickle-without-opt-in", (IMG, "a dog", "--model", "weights.ckpt"), ("weights.ckpt", "--allow-pickle"),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, write_bomb_png
 from PIL import Image
 
 from nonrigid.errors import Cancelled, UsageError
@@ -79,7 +79,7 @@ def test_a_changed_control_becomes_the_parameter_the_cli_would_set():
 def test_uploads_that_are_not_images_too_large_or_too_wide_are_refused_before_decoding(tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(UsageError, match="not an image this page can read"):
+    with pytest.raises(UsageError, match=r"notes\.png is not an image Pillow can read"):
         check_upload(text)
     big = tmp_path / "big.png"
     with open(big, "wb") as f:  # a sparse 51 MB file: refused by its size, never read
@@ -90,10 +90,14 @@ def test_uploads_that_are_not_images_too_large_or_too_wide_are_refused_before_de
     Image.new("L", (10_001, 2)).save(wide)
     with pytest.raises(UsageError, match="10001 x 2 px; images up to 10,000 px"):
         check_upload(wide)
+    bomb = write_bomb_png(tmp_path / "bomb.png")  # its header claims 20,000 x 20,000 px: never decoded
+    with pytest.raises(UsageError, match=r"^image bomb\.png is over 10,000 px a side; images up to 10,000 px"):
+        check_upload(bomb)
     cut = tmp_path / "cut.png"
     cut.write_bytes(EXAMPLE.read_bytes()[:300])
-    with pytest.raises(UsageError, match="damaged or truncated"):
+    with pytest.raises(UsageError, match=r"^image cut\.png is damaged or truncated") as caught:
         check_upload(cut)
+    assert str(tmp_path) not in str(caught.value)  # the file's name, not where the server keeps it
     assert check_upload(EXAMPLE) == EXAMPLE
 
 
@@ -245,10 +249,13 @@ def test_a_bad_upload_gets_a_message_and_nothing_is_written(server, tmp_path):
     before = sorted(server["editor"].out.glob("*"))
     bad = tmp_path / "holiday.png"
     bad.write_text("this is a text file")
-    with pytest.raises(Exception, match=r"holiday\.png is not an image this page can read"):
+    with pytest.raises(Exception, match=r"holiday\.png is not an image Pillow can read"):
         client.predict(image=handle_file(str(bad)), target=TARGET, source="", api_name="/edit")
     with pytest.raises(Exception, match="write a target prompt"):
         client.predict(image=handle_file(str(EXAMPLE)), target="  ", source="", api_name="/edit")
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(Exception, match=r"image bomb\.png is over 10,000 px a side; images up to 10,000 px"):
+        client.predict(image=handle_file(str(bomb)), target=TARGET, source="", api_name="/edit")
     assert sorted(server["editor"].out.glob("*")) == before
     # the server is still up and editing
     assert "variants" in page_edit(client)[2]

@@ -375,6 +375,7 @@ def run_score(args: argparse.Namespace) -> int:
     from ..evaluation.data import read_pairs
     from ..evaluation.runfolder import opened
     from ..evaluation.score import match_edits, outside_files, score_folder, score_identity
+    from ..images import check_image
     from ..methods.output import slugify
 
     if args.size <= 0:
@@ -386,6 +387,8 @@ def run_score(args: argparse.Namespace) -> int:
     if not edits:
         raise UsageError(f"no image in {args.folder} matches a pair of {args.data / 'input_list.json'}; name them "
                          "<image name>-<target text>.png")
+    for edit in edits:  # a decompression bomb or an over-size edit: refused before the metrics load
+        check_image(edit.file)
     method = args.method_name or args.folder.resolve().name
     out = args.out or Path("runs") / slugify(method)
     identity = score_identity(args.folder, args.data, method, args.size, metric_options(args))
