@@ -253,6 +253,9 @@ def test_a_bad_upload_gets_a_message_and_nothing_is_written(server, tmp_path):
         client.predict(image=handle_file(str(bad)), target=TARGET, source="", api_name="/edit")
     with pytest.raises(Exception, match="write a target prompt"):
         client.predict(image=handle_file(str(EXAMPLE)), target="  ", source="", api_name="/edit")
+    # no image: nothing uploaded, or an upload the server refused (over 50 MB) leaves the box empty
+    with pytest.raises(Exception, match=r"upload an image first \(or pick an example\)"):
+        client.predict(image=None, target=TARGET, source="", api_name="/edit")
     bomb = write_bomb_png(tmp_path / "bomb.png")
     with pytest.raises(Exception, match=r"image bomb\.png is over 10,000 px a side; images up to 10,000 px"):
         client.predict(image=handle_file(str(bomb)), target=TARGET, source="", api_name="/edit")

@@ -245,15 +245,16 @@ class Editor:
         return folder
 
 
-def check_upload(image: str | Path) -> Path:
+def check_upload(image: str | Path | None) -> Path:
     """An uploaded file the page accepts: at most 50 MB, an image Pillow reads, at most 10,000 px a side.
 
     Checked from the file's size and header before any pixel is decoded, so a huge or hostile upload costs
     nothing; the messages are what the page shows, and name the file as uploaded, not where the server keeps it.
+    No file (nothing uploaded, or an upload the server refused: over 50 MB) asks for one.
     """
-    path = Path(image)
-    if not path.is_file():
+    if not image or not Path(image).is_file():
         raise UsageError("upload an image first (or pick an example)")
+    path = Path(image)
     megabytes = path.stat().st_size / 1024 / 1024
     if megabytes > MAX_UPLOAD_BYTES / 1024 / 1024:
         raise UsageError(f"that file is {megabytes:.0f} MB; images up to 50 MB are accepted")
