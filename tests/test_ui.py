@@ -244,6 +244,34 @@ def test_cancel_in_the_page_stops_the_running_edit_between_steps(server):
     assert "variants" in page_edit(client)[2]  # and the next edit runs
 
 
+def test_closing_the_page_cancels_its_running_edit_at_the_next_step(server, monkeypatch):
+    """The page gone (here its client closed, as a closed tab closes its connections), its edit stops at the next
+    step as Cancel stops it: the finished stage A stays cached, nothing is written, the next user's edit runs."""
+    import time
+
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.5")  # how soon a client notices it should hang up
+    editor = server["editor"]
+    cache = StageCache(server["root"] / "cache").root
+
+    def entries(kind: str) -> int:
+        return sum(1 for p in cache.rglob("*.safetensors") if p.parent.name == kind)
+
+    before = sorted(editor.out.glob("*")), entries("text"), entries("inversion")
+    client = Client(server["url"], verbose=False)
+    job = client.submit(image=handle_file(str(EXAMPLE)), target="a photo of a brown dog rolling on sand", source="",
+                        **{**FAST, "ours_inner_steps": 10000}, api_name="/edit")  # minutes, unless stopped
+    while not any(u.desc == "null-text inversion" for u in (job.status().progress_data or [])):
+        time.sleep(0.05)
+    client.close()
+    tick = time.perf_counter()
+    while editor.lock.locked() and time.perf_counter() - tick < 30:  # let go of the model at its next step
+        time.sleep(0.05)
+    assert time.perf_counter() - tick < 10
+    assert (sorted(editor.out.glob("*")), entries("text"), entries("inversion")) == (before[0], before[1] + 1,
+                                                                                      before[2])
+    assert "variants" in page_edit(Client(server["url"], verbose=False))[2]  # the queue is free
+
+
 def test_a_bad_upload_gets_a_message_and_nothing_is_written(server, tmp_path):
     client = Client(server["url"], verbose=False)
     before = sorted(server["editor"].out.glob("*"))

@@ -111,3 +111,32 @@ def test_a_decompression_bomb_gets_the_size_message_on_upload_and_on_edit(page_u
     assert page.get_by_text("could be decompression bomb").count() == 0  # never Pillow's own words
     assert sorted(editor.out.glob("2*")) == before
     page.close()
+
+
+def test_closing_the_tab_cancels_its_running_edit(page_url, browser):
+    import time
+
+    from nonrigid.ui.session import EXAMPLES
+
+    url, editor = page_url
+    before = sorted(editor.out.glob("2*"))
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    page.goto(url)
+    page.wait_for_selector("#edit-button")
+    page.locator("#upload input[type=file]").set_input_files(str(EXAMPLES / "brown-dog-standing-on-sand.png"))
+    page.wait_for_selector("#preview img")
+    page.locator("#target textarea").fill("a photo of a brown dog jumping on sand")
+    page.locator("#ours-num_steps input").fill("8")
+    page.get_by_text("More settings").first.click()
+    page.locator("#ours-opt_steps input").fill("3")
+    page.locator("#ours-inner_steps input").fill("10000")  # minutes of null-text inversion, if nothing stops it
+    page.locator("#edit-button").click()
+    progress = page.locator(".progress-level-inner").filter(has_text="null-text inversion")  # the bar names the stage
+    progress.first.wait_for(timeout=60_000)
+    assert editor.lock.locked()  # the edit runs
+    page.close()
+    tick = time.perf_counter()
+    while editor.lock.locked() and time.perf_counter() - tick < 60:
+        time.sleep(0.05)
+    assert time.perf_counter() - tick < 20  # the server hears of the closed tab, then the next step stops the job
+    assert sorted(editor.out.glob("2*")) == before

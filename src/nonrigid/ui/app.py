@@ -225,6 +225,9 @@ def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, e
     def cancel(request: gr.Request = None):
         editor.cancel(_session(request))
 
+    def page_closed(request: gr.Request = None):
+        editor.close_page(_session(request))
+
     inputs = [page["upload"], page["target"], page["source"], page["method"], page["seeds"], page["size"],
               *page["knobs"]]
     outputs = [page["gallery"], page["files"], page["status"], edit_key, page["slider_box"], page["slider_seed"],
@@ -247,6 +250,9 @@ def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, e
                      [page["upload"], page["source"], tabs], api_name=False, queue=False)
     load_button.click(load, model_box, [model_info, page["size"], edit_key, page["slider_box"]], api_name="load_model",
                       **QUEUE)
+    # a closed tab (its heartbeat connection gone) stops its job at the next step: the queue is not held for
+    # results nobody will see; Gradio itself only drops the jobs still waiting
+    app.unload(page_closed)
 
 
 EDIT_INPUTS = ("image", "target", "source", "method", "seeds", "size")

@@ -26,6 +26,7 @@ from ..progress import Reporter
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 KEPT_EDITS = 16  # edits whose stages stay in memory for slider moves
+CLOSED_KEPT = 1024  # closed pages remembered, so that a job one of them left in the queue stops at once
 EXAMPLES = Path(__file__).parent / "examples"
 
 
@@ -90,6 +91,7 @@ class Editor:
     lock: threading.Lock = field(default_factory=threading.Lock)
     _kept: OrderedDict[str, _Kept] = field(default_factory=OrderedDict)
     _cancelled: set[str] = field(default_factory=set)
+    _closed: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).resolve()
@@ -130,12 +132,21 @@ class Editor:
         """Ask ``session``'s running job to stop at its next step."""
         self._cancelled.add(session)
 
+    def close_page(self, session: str) -> None:
+        """``session``'s page is gone (its tab closed or reloaded): nobody will see its jobs' results, so its running
+        job stops at its next step, as Cancel stops it, and a job it left in the queue stops at its first."""
+        self._closed[session] = None
+        while len(self._closed) > CLOSED_KEPT:
+            self._closed.popitem(last=False)
+
     def reporter(self, session: str, show: Callable[[str, int, int], None] | None = None) -> Reporter:
         """A progress reporter for ``session``'s job: passes progress to ``show`` and raises
-        :class:`~nonrigid.errors.Cancelled` once the session asked to cancel."""
+        :class:`~nonrigid.errors.Cancelled` once the session asked to cancel, or its page was closed."""
         self._cancelled.discard(session)  # a new job starts uncancelled
 
         def report(stage: str, done: int, total: int) -> None:
+            if session in self._closed:
+                raise Cancelled("the page was closed; nothing of the unfinished stage was kept")
             if session in self._cancelled:
                 self._cancelled.discard(session)
                 raise Cancelled("cancelled; nothing of the unfinished stage was kept")
