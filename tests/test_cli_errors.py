@@ -287,3 +287,24 @@ def test_mini_commands_fail_in_one_line(name, mini_runs):
     assert run.proc.returncode == 2, run.proc.stderr
     assert_one_error_line(run.proc, *MINI_CASES[name][1])
     assert list(run.work.iterdir()) == [], "nothing written"
+
+
+# ------------------------------------------------------------------------------------------------ model names
+
+
+@pytest.mark.parametrize("command", [
+    ("edit", str(IMAGE), "a dog"),
+    ("bench", "--data", str(TEDBENCH), "--out", "run"),
+    ("ui",),
+])
+def test_a_mistyped_model_name_is_told_with_the_closest_built_in_before_torch_is_imported(command, tmp_path):
+    script = ("import sys; from nonrigid.cli import main; code = main(sys.argv[1:]); "
+              "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", script, *command, "--model", "mini-xll"], cwd=tmp_path,
+                          env=cli_env(tmp_path / "cache", tmp_path / "hf"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    line = assert_one_error_line(proc, "mini-xll", "did you mean mini-xl?", "built in: mini, mini-v, mini-xl")
+    assert "tiny-flux-schnell" in line  # every built-in name is listed
+    assert proc.stdout.strip() == "torch not imported"
+    assert list(tmp_path.iterdir()) == []

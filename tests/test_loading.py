@@ -174,6 +174,18 @@ def test_nonexistent_path_is_a_one_line_usage_error(tmp_path, monkeypatch):
     assert "\n" not in message
 
 
+def test_a_mistyped_built_in_name_names_the_closest_one_and_every_built_in_name_loads(tmp_path, monkeypatch):
+    from nonrigid.models import BUILT_IN_NAMES
+    from nonrigid.models.loading import MINI_MODELS
+    from nonrigid.models.tiny import TINY_KINDS
+
+    assert set(BUILT_IN_NAMES) == set(MINI_MODELS) | set(TINY_KINDS)  # the torch-free list is the loaders' list
+    monkeypatch.chdir(tmp_path)
+    for typed, meant in (("mini-xll", "mini-xl"), ("tiny-sdx", "tiny-sdxl"), ("Mini", "mini")):
+        with pytest.raises(UsageError, match=f"^model {typed} is not built in .*; did you mean {meant}\\? "):
+            load_cpu(typed)
+
+
 def test_corrupt_safetensors_is_a_one_line_usage_error(diffusers_folder, tmp_path):
     path = tmp_path / "broken.safetensors"
     path.write_bytes(random.Random(1).randbytes(4096))

@@ -179,10 +179,12 @@ def run_bench(args: argparse.Namespace) -> int:
     from ..evaluation.piebench import parse_types, read_dataset
     from ..evaluation.plan import PRESETS, BenchSpec, plan_settings, uses_source_captions
     from ..evaluation.runfolder import opened
+    from ..models import check_model_name
 
     if args.preset and args.method:
         raise UsageError(f"--preset {args.preset} runs {PRESETS[args.preset].method} itself; leave out --method")
     check_bench_args(args)
+    check_model_name(args.model)  # a mistyped name, told before torch is imported
     check_ray(args)
     methods = [PRESETS[args.preset].method] if args.preset else (args.method or [DEFAULT_METHOD])
     settings = plan_settings(methods, args.sweep, with_knobs(args, methods), args.preset)

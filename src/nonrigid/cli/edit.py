@@ -117,6 +117,7 @@ def method_params(args: argparse.Namespace) -> dict[str, object]:
 def run_edit(args: argparse.Namespace) -> int:
     from ..images import load_image
     from ..methods.output import check_output_dir
+    from ..models import check_model_name
 
     load_image(args.image, 64)  # a missing or broken image, or an unusable --out, fails before torch is imported
     out = args.out or default_out(Path(args.image), args.prompt, args.method)
@@ -125,6 +126,7 @@ def run_edit(args: argparse.Namespace) -> int:
         raise UsageError(f"--size must be positive, got {args.size}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_model_name(args.model)  # a mistyped name, told before torch is imported
     params = method_params(args)  # validates before anything slow happens
 
     from ..methods.output import save_result  # the heavy imports (torch, diffusers) once the input is known good

@@ -24,7 +24,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ..errors import UsageError, first_line
-from . import DEFAULT_MODEL
+from . import DEFAULT_MODEL, check_model_name
 from . import single_file as sf
 from .registry import family_of
 from .tiny import TINY_KINDS, build_tiny_pipeline
@@ -199,8 +199,7 @@ def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None,
             return cls.from_pretrained(str(path), use_safetensors=None if allow_pickle else True, **_extras(cls, t5))
         except Exception as err:
             raise UsageError(f"could not load diffusers folder {name}: {first_line(err)}") from err
-    if _looks_like_path(name):
-        raise UsageError(f"model path {name} does not exist")
+    check_model_name(name)  # a path that does not exist (a mistyped built-in name too) ends here
     try:
         cls = _pipeline_class(name, _hub_class_name(name))
         return cls.from_pretrained(name, use_safetensors=None if allow_pickle else True, **_extras(cls, t5))
@@ -464,11 +463,6 @@ def _require_safetensors_or_opt_in(folder: Path, allow_pickle: bool) -> None:
             f"{folder} holds only pickle (.bin) weights, which can run arbitrary code when loaded; "
             "pass allow_pickle=True if you trust them"
         )
-
-
-def _looks_like_path(name: str) -> bool:
-    suffixes = (*PICKLE_SUFFIXES, ".safetensors")
-    return name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith(suffixes)
 
 
 def describe_device(pipe) -> dict[str, str]:
