@@ -308,3 +308,21 @@ def test_a_mistyped_model_name_is_told_with_the_closest_built_in_before_torch_is
     assert "tiny-flux-schnell" in line  # every built-in name is listed
     assert proc.stdout.strip() == "torch not imported"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hub_id_with_the_hub_unreachable_is_one_line_that_says_so(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: every connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {**cli_env(tmp_path / "cache", tmp_path / "hf"), "HF_ENDPOINT": closed}
+    env.pop("HF_HUB_OFFLINE")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_cli([str(IMAGE), "a dog", "--model", "someone/not-a-model"], work, env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Retrying" not in proc.stderr  # huggingface_hub's retries (23 s) are never reached
+    assert_one_error_line(proc, f"the Hugging Face hub ({closed}) cannot be reached to download model "
+                          "someone/not-a-model", "local diffusers folder", "HF_HUB_OFFLINE=1")
+    assert list(work.iterdir()) == []

@@ -200,9 +200,11 @@ def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None,
         except Exception as err:
             raise UsageError(f"could not load diffusers folder {name}: {first_line(err)}") from err
     check_model_name(name)  # a path that does not exist (a mistyped built-in name too) ends here
+    access = _hub_access(name)
     try:
-        cls = _pipeline_class(name, _hub_class_name(name))
-        return cls.from_pretrained(name, use_safetensors=None if allow_pickle else True, **_extras(cls, t5))
+        cls = _pipeline_class(name, _hub_class_name(name, **access))
+        return cls.from_pretrained(name, use_safetensors=None if allow_pickle else True, **access,
+                                   **_extras(cls, t5))
     except UsageError:
         raise
     except Exception as err:
@@ -310,7 +312,7 @@ def _index_has(index: Path, component: str) -> bool:
     return bool(entry) and entry[0] is not None
 
 
-def _hub_class_name(repo: str) -> str | None:
+def _hub_class_name(repo: str, local_files_only: bool = False) -> str | None:
     """The pipeline class named by a hub repository's ``model_index.json`` (fetched into the hub cache)."""
     import warnings
 
@@ -318,7 +320,44 @@ def _hub_class_name(repo: str) -> str | None:
 
     with warnings.catch_warnings():  # huggingface_hub deprecation chatter from diffusers' call, not the user's
         warnings.simplefilter("ignore")
-        return DiffusionPipeline.load_config(repo).get("_class_name")
+        return DiffusionPipeline.load_config(repo, local_files_only=local_files_only).get("_class_name")
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+def _hub_access(repo: str) -> dict[str, bool]:
+    """How to read hub repository ``repo`` (keyword arguments for diffusers' loaders): over the network, or from the
+    hub cache alone when the hub cannot be reached or ``HF_HUB_OFFLINE`` is set; refused in one line when the cache
+    lacks it.
+
+    One short probe of the hub tells an offline machine at once: without it, huggingface_hub retries each file for
+    half a minute and diffusers then says the repository lacks ``model_index.json``, hiding the cause.
+    """
+    from huggingface_hub import constants, is_offline_mode, try_to_load_from_cache
+
+    offline = is_offline_mode()
+    if not offline and _hub_answers(constants.ENDPOINT):
+        return {}
+    if isinstance(try_to_load_from_cache(repo, "model_index.json"), str):
+        return {"local_files_only": True}
+    if offline:
+        raise UsageError(f"HF_HUB_OFFLINE is set and model {repo} is not in the hub cache; unset it and connect once "
+                         "to download the model, or give a local diffusers folder or .safetensors file")
+    raise UsageError(f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached to download model {repo}; "
+                     "connect once, or give a local diffusers folder or .safetensors file (HF_HUB_OFFLINE=1 loads "
+                     "models already in the hub cache without trying the network)")
+
+
+def _hub_answers(endpoint: str) -> bool:
+    """Whether the hub answers within :data:`HUB_PROBE_SECONDS` (any answer counts, an error page too)."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_SECONDS)
+    except Exception:  # refused, no route, no name, timed out, a proxy's refusal: whatever the HTTP client raises
+        return False
+    return True
 
 
 def _index_class(index: Path) -> str | None:
