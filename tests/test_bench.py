@@ -389,6 +389,26 @@ def test_the_knob_flags_of_edit_are_set_assignments_in_bench(tedbench, tmp_path,
     assert "--eta does not apply to dds" in capsys.readouterr().err
 
 
+def test_bench_works_at_the_models_native_size_as_edit_does(tedbench, tmp_path, capsys):
+    """Without --size both commands take the model's native size (96 px for tiny-sd2-v), not a fixed 512."""
+    out = tmp_path / "run"
+    assert main(["bench", "--data", str(tedbench), "--limit", "1", "--method", "nti", "--model", "tiny-sd2-v",
+                 "--set", "num_steps=2", "--set", "inner_steps=1", "--metrics", "tiny", "--out", str(out),
+                 "--quiet"]) == 0, capsys.readouterr().err
+    (row,) = read_rows(out)
+    assert Image.open(out / row["image"]).size == Image.open(out / row["record"]["input"]).size == (96, 96)
+    assert json.loads((out / "run.json").read_text())["config"]["size"] is None  # the model's own, whatever it is
+    # a run folder resumed with another size (e.g. one made when 512 was the default) says which size it holds
+    assert main(["bench", "--data", str(tedbench), "--limit", "1", "--method", "nti", "--model", "tiny-sd2-v",
+                 "--set", "num_steps=2", "--set", "inner_steps=1", "--metrics", "tiny", "--out", str(out),
+                 "--size", "512", "--quiet"]) == 2
+    assert "differs in: size (unset in the run, 512 now)" in capsys.readouterr().err
+    pair = read_pairs(tedbench)[0]
+    assert main(["edit", str(pair.image), pair.target_text, "--method", "nti", "--model", "tiny-sd2-v", "--steps", "2",
+                 "--inner-steps", "1", "--out", str(tmp_path / "edit"), "--no-cache", "--quiet"]) == 0
+    assert Image.open(tmp_path / "edit" / "input.png").size == (96, 96)
+
+
 def test_low_memory_batch_size_reaches_the_jobs(tedbench, tmp_path, monkeypatch):
     """``--low-memory`` without ``--batch-size`` samples LOW_MEMORY_BATCH_SIZE variants at a time in every job (the
     spec the jobs read, and the run's stored identity); an explicit ``--batch-size`` wins."""

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UsageError
-from ..evaluation.protocol import DEFAULT_CLIP, DEFAULT_DINO
+from ..evaluation.protocol import DEFAULT_CLIP, DEFAULT_DINO, PROTOCOL_SIZES
 from ..methods.catalogue import METHODS
 from .common import (
     PARAM_FLAGS,
@@ -85,7 +85,10 @@ def add_bench_parser(commands) -> None:
                    "the inversion preset's NTI-src); default: the source_text of input_list.json's entries, else "
                    "one made from the file name")
     add_model_flags(p)
-    p.add_argument("--size", type=int, default=512, help="working resolution in pixels")
+    p.add_argument("--size", type=int, default=None,
+                   help="working resolution in pixels (default: as in `nonrigid edit`, the model's native size: 512 "
+                   "for SD 1.x, 768 for SD 2.x v models, 1024 for SDXL, 64 for the miniature models; on PIE-Bench "
+                   "512, its protocol's)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="most variants per UNet batch (default: all of a job at once)")
     p.add_argument("--pairs-per-batch", type=int, default=1, metavar="N",
@@ -196,7 +199,8 @@ def run_bench(args: argparse.Namespace) -> int:
                        f"file name (e.g. {guessed[0].source_text!r}); give --sources FILE for real captions")
     runtime = {"device": args.device, "dtype": args.dtype, "batch_size": effective_batch_size(args),
                **{k: getattr(args, k) for k in ("low_memory", "compile") if getattr(args, k, False)}}
-    spec = BenchSpec(args.data, pairs, settings, tuple(range(args.seeds)), model=args.model, size=args.size,
+    size = PROTOCOL_SIZES.get(dataset) if args.size is None else args.size  # None: the model's native size
+    spec = BenchSpec(args.data, pairs, settings, tuple(range(args.seeds)), model=args.model, size=size,
                      runtime=runtime, metrics=metric_options(args, dataset == "piebench"), preset=args.preset,
                      dataset=dataset, types=parse_types(args.types) if dataset == "piebench" else ())
     jobs = spec.jobs()
@@ -264,7 +268,7 @@ def check_bench_args(args: argparse.Namespace) -> None:
     parameters, without the flags)."""
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1 (seeds 0..N-1), got {args.seeds}")
-    if args.size <= 0:
+    if args.size is not None and args.size <= 0:
         raise UsageError(f"--size must be positive, got {args.size}")
     for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--steps", args.steps),
                         ("--pairs-per-batch", args.pairs_per_batch)):
