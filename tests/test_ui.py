@@ -9,8 +9,10 @@ only the last N - K UNet calls.
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -186,6 +188,9 @@ def test_an_edit_in_the_page_returns_the_grid_and_equals_the_library(server):
     assert gallery[0]["caption"] == "grid"
     np.testing.assert_array_equal(pixels(gallery[0]["image"]), pixels(folder / "grid.png"))
     assert "2 variants" in status and str(folder) in status
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # as readable as any new folder, not 0700
     library = run_method(editor.pipe, EXAMPLE, TARGET, "ours", FAST_PARAMS, size=64)
     for shown, variant in zip(gallery[1:], library.variants, strict=True):
         np.testing.assert_array_equal(pixels(shown["image"]), np.asarray(variant.image))
@@ -284,6 +289,11 @@ def test_a_bad_upload_gets_a_message_and_nothing_is_written(server, tmp_path):
     # no image: nothing uploaded, or an upload the server refused (over 50 MB) leaves the box empty
     with pytest.raises(Exception, match=r"upload an image first \(or pick an example\)"):
         client.predict(image=None, target=TARGET, source="", api_name="/edit")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(EXAMPLE.read_bytes()[:300])
+    with pytest.raises(Exception, match=r"image cut\.png is damaged or truncated") as caught:
+        client.predict(image=handle_file(str(cut)), target=TARGET, source="", api_name="/edit")
+    assert ".uploads" not in str(caught.value) and str(server["root"]) not in str(caught.value)  # the name only
     bomb = write_bomb_png(tmp_path / "bomb.png")
     with pytest.raises(Exception, match=r"image bomb\.png is over 10,000 px a side; images up to 10,000 px"):
         client.predict(image=handle_file(str(bomb)), target=TARGET, source="", api_name="/edit")
@@ -385,6 +395,8 @@ def test_ui_command_serves_on_localhost_only(tmp_path):
             if f"127.0.0.1:{port}" in line:
                 break
         assert any(f"http://127.0.0.1:{port}" in line for line in lines), lines
+        assert not any("share=True" in line for line in lines), lines  # Gradio's advice to a Python caller
+        assert "nonrigid: no public link; --share also makes a gradio.live one\n" in lines  # the flag, named
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=30).status_code == 200
         listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
         assert {line.split()[3] for line in listening.splitlines()} == {f"127.0.0.1:{port}"}  # local address

@@ -60,5 +60,7 @@ def run_ui(args: argparse.Namespace) -> int:
     say(args, f"loading model {args.model}")
     editor.load()
     say(args, f"edits are written to {editor.out}")
+    if not args.share:
+        say(args, "no public link; --share also makes a gradio.live one")
     launch(editor, host=args.host, port=args.port, share=args.share, quiet=args.quiet)
     return 0

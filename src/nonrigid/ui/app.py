@@ -329,9 +329,15 @@ def launch(editor: Editor, *, host: str = "127.0.0.1", port: int | None = None, 
     os.environ.setdefault("GRADIO_TEMP_DIR", str(editor.out / ".uploads"))
     app = build_app(editor)
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=quiet,
+    # Gradio's own lines would tell a user of this page to "set `share=True` in `launch()`"; the address is said
+    # here, and the caller says how to ask for a public link
+    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
                allowed_paths=[str(editor.out), str(EXAMPLES)], max_file_size=MAX_UPLOAD_BYTES,
                footer_links=["api"], show_error=True, css=CSS)
+    if not quiet:
+        print(f"* Running on local URL:  {app.local_url}", flush=True)
+    if block:
+        app.block_thread()
     return app
 
 
