@@ -54,6 +54,7 @@ import diffusers  # noqa: E402
 import numpy as np  # noqa: E402
 import straightforward  # noqa: E402
 import torch  # noqa: E402
+from docblocks import replace_block  # noqa: E402
 from measure import Recorder, UNetCounter  # noqa: E402
 from PIL import Image  # noqa: E402
 from random_models import build_random_pipeline, parameter_count  # noqa: E402
@@ -737,13 +738,7 @@ def update_doc(doc: Path, results: Path) -> None:
         if run.environment.get("quick") and doc.resolve() == DOC.resolve():
             print(f"not rendering {path} into {doc}: it is a --quick check, not a measurement")
             continue
-        block = render_block(run)
-        start, end = f"<!-- bench:{config}:start -->", f"<!-- bench:{config}:end -->"
-        if start in text and end in text:
-            head, rest = text.split(start, 1)
-            text = head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1]
-        else:
-            text = text.rstrip() + f"\n\n{start}\n{block}\n{end}\n"
+        text = replace_block(text, f"bench:{config}", render_block(run))
     doc.write_text(text)
 
 

@@ -87,3 +87,19 @@ def weight_differences(expected, actual, modules: Iterable[str]) -> list[str]:
             elif not torch.equal(a, b.to(a.device)):
                 problems.append(f"{module}.{key} (values differ)")
     return problems
+
+
+def write_bomb_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
+    """A 69-byte PNG whose header claims ``width`` x ``height`` px, as a decompression bomb's does. Its few pixel
+    bytes fill no such image: decoding it ends in a "truncated" error, so only a check of the header itself gives
+    the size message."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64)))
+                     + chunk(b"IEND", b""))
+    return path

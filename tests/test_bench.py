@@ -289,6 +289,46 @@ def test_outside_edits_are_scored_into_the_same_kind_of_database(runs, tedbench,
     shutil.rmtree(outside)
 
 
+def test_a_decompression_bomb_among_the_images_is_refused_in_one_line_before_any_job(tmp_path, capsys):
+    """In a TEdBench folder, a PIE-Bench folder or a folder of edits to score: exit 2, the project's size message,
+    and nothing run or written (no model, no metrics, no run folder)."""
+    from conftest import write_bomb_png
+
+    tedbench_like = tmp_path / "tedbench"
+    (tedbench_like / "originals").mkdir(parents=True)
+    for name in ("cat.png", "dog.png"):
+        Image.new("RGB", (64, 64)).save(tedbench_like / "originals" / name)
+    listing = [{"img_name": "cat.png", "target_text": "a photo of a sitting cat"},
+               {"img_name": "dog.png", "target_text": "a photo of a jumping dog"}]
+    (tedbench_like / "input_list.json").write_text(json.dumps(listing))
+    with_bomb = tmp_path / "with-bomb"
+    shutil.copytree(tedbench_like, with_bomb)
+    write_bomb_png(with_bomb / "originals" / "dog.png")  # its header claims 20,000 x 20,000 px
+    pie_like = tmp_path / "piebench"
+    (pie_like / "annotation_images" / "5_pose").mkdir(parents=True)
+    write_bomb_png(pie_like / "annotation_images" / "5_pose" / "1.png")
+    (pie_like / "mapping_file.json").write_text(json.dumps({"1": {
+        "image_path": "5_pose/1.png", "original_prompt": "a dog", "editing_prompt": "a [jumping] dog",
+        "editing_type_id": "5", "mask": [0, 10]}}))
+    edits = tmp_path / "edits"
+    edits.mkdir()
+    write_bomb_png(edits / "dog.png-a photo of a jumping dog.png")
+
+    commands = {
+        "bench": ["bench", "--data", str(with_bomb), "--out", str(tmp_path / "run"), "--model", "tiny"],
+        "piebench": ["bench", "--data", str(pie_like), "--out", str(tmp_path / "pie-run"), "--model", "tiny"],
+        "score": ["score", str(edits), "--data", str(tedbench_like), "--out", str(tmp_path / "scored"),
+                  "--metrics", "tiny"],
+    }
+    for name, args in commands.items():
+        assert main([*args, "--quiet"]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("nonrigid: error: image ") and err.endswith(
+            ".png is over 10,000 px a side; images up to 10,000 px a side are accepted"), (name, err)
+        assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edits", "piebench", "tedbench", "with-bomb"]
+
+
 # --------------------------------------------------------------------------------------------------- flags
 
 
@@ -347,6 +387,26 @@ def test_the_knob_flags_of_edit_are_set_assignments_in_bench(tedbench, tmp_path,
     assert "--eta and --sweep eta both set etas" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "d"), "--method", "dds", "--eta", "0"]) == 2
     assert "--eta does not apply to dds" in capsys.readouterr().err
+
+
+def test_bench_works_at_the_models_native_size_as_edit_does(tedbench, tmp_path, capsys):
+    """Without --size both commands take the model's native size (96 px for tiny-sd2-v), not a fixed 512."""
+    out = tmp_path / "run"
+    assert main(["bench", "--data", str(tedbench), "--limit", "1", "--method", "nti", "--model", "tiny-sd2-v",
+                 "--set", "num_steps=2", "--set", "inner_steps=1", "--metrics", "tiny", "--out", str(out),
+                 "--quiet"]) == 0, capsys.readouterr().err
+    (row,) = read_rows(out)
+    assert Image.open(out / row["image"]).size == Image.open(out / row["record"]["input"]).size == (96, 96)
+    assert json.loads((out / "run.json").read_text())["config"]["size"] is None  # the model's own, whatever it is
+    # a run folder resumed with another size (e.g. one made when 512 was the default) says which size it holds
+    assert main(["bench", "--data", str(tedbench), "--limit", "1", "--method", "nti", "--model", "tiny-sd2-v",
+                 "--set", "num_steps=2", "--set", "inner_steps=1", "--metrics", "tiny", "--out", str(out),
+                 "--size", "512", "--quiet"]) == 2
+    assert "differs in: size (unset in the run, 512 now)" in capsys.readouterr().err
+    pair = read_pairs(tedbench)[0]
+    assert main(["edit", str(pair.image), pair.target_text, "--method", "nti", "--model", "tiny-sd2-v", "--steps", "2",
+                 "--inner-steps", "1", "--out", str(tmp_path / "edit"), "--no-cache", "--quiet"]) == 0
+    assert Image.open(tmp_path / "edit" / "input.png").size == (96, 96)
 
 
 def test_low_memory_batch_size_reaches_the_jobs(tedbench, tmp_path, monkeypatch):

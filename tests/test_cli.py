@@ -80,3 +80,23 @@ def test_help_explains_every_flag_with_its_default(workdir):
     assert "(default: 0.2)" in text and "(default: 0 0.1 0.2 0.3 0.4 0.5)" in text
     top = run_cli(["--help"], workdir, workdir / "cache")
     assert top.returncode == 0 and "edit" in top.stdout
+
+
+def test_bench_help_groups_its_options():
+    """``bench --help`` (some 60 options) in sections a reader can skip: every option in exactly one, in the
+    order data, methods, knobs, model and runtime, metrics, output, scale-out."""
+    import argparse
+
+    from nonrigid.cli.main import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bench = commands.choices["bench"]
+    groups = {g.title: [a for a in g._group_actions if a.option_strings] for g in bench._action_groups}
+    assert [t for t in groups if groups[t]] == ["options", "data", "methods", "knobs", "model and runtime",
+                                               "metrics", "output", "scale-out"]
+    assert [a.dest for a in groups["options"]] == ["help"]  # nothing left in the flat list
+    where = {flag: title for title, actions in groups.items() for a in actions for flag in a.option_strings}
+    assert [where[f] for f in ("--data", "--sweep", "--eta", "--size", "--clip-model", "--out", "--ray")] == [
+        "data", "methods", "knobs", "model and runtime", "metrics", "output", "scale-out"]
+    text = bench.format_help()
+    assert text.index("\ndata:\n") < text.index("\nmethods:\n") < text.index("\nscale-out:\n")

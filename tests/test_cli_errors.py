@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEDBENCH
+from conftest import TEDBENCH, write_bomb_png
 
 from nonrigid.models.registry import build_tiny_pipeline
 
@@ -98,6 +98,10 @@ def write_truncated_jpeg(work: Path) -> None:
     (work / "half.jpeg").write_bytes(data[: len(data) // 2])
 
 
+def write_bomb(work: Path) -> None:
+    write_bomb_png(work / "bomb.png")  # the header claims 20,000 x 20,000 px
+
+
 def write_pickle_checkpoint(work: Path) -> None:
     (work / "weights.ckpt").write_bytes(b"\x80\x04 any bytes: it must not even be opened")
 
@@ -129,6 +133,7 @@ CASES = [
     Case("missing-image", ("missing.png", "a dog"), ("missing.png", "does not exist")),
     Case("not-an-image", ("notes.png", "a dog"), ("notes.png",), setup=write_text_as_png),
     Case("truncated-image", ("half.jpeg", "a dog"), ("half.jpeg",), setup=write_truncated_jpeg),
+    Case("decompression-bomb", ("bomb.png", "a dog"), ("bomb.png", "over 10,000 px a side"), setup=write_bomb),
     Case("unknown-model-path", (IMG, "a dog", "--model", "./no/such/model"), ("no/such/model",)),
     Case("unknown-hub-id-offline", (IMG, "a dog", "--model", "someone/not-a-model"), ("someone/not-a-model",)),
     Case("pickle-without-opt-in", (IMG, "a dog", "--model", "weights.ckpt"), ("weights.ckpt", "--allow-pickle"),
@@ -282,3 +287,42 @@ def test_mini_commands_fail_in_one_line(name, mini_runs):
     assert run.proc.returncode == 2, run.proc.stderr
     assert_one_error_line(run.proc, *MINI_CASES[name][1])
     assert list(run.work.iterdir()) == [], "nothing written"
+
+
+# ------------------------------------------------------------------------------------------------ model names
+
+
+@pytest.mark.parametrize("command", [
+    ("edit", str(IMAGE), "a dog"),
+    ("bench", "--data", str(TEDBENCH), "--out", "run"),
+    ("ui",),
+])
+def test_a_mistyped_model_name_is_told_with_the_closest_built_in_before_torch_is_imported(command, tmp_path):
+    script = ("import sys; from nonrigid.cli import main; code = main(sys.argv[1:]); "
+              "print('torch imported' if 'torch' in sys.modules else 'torch not imported'); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", script, *command, "--model", "mini-xll"], cwd=tmp_path,
+                          env=cli_env(tmp_path / "cache", tmp_path / "hf"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    line = assert_one_error_line(proc, "mini-xll", "did you mean mini-xl?", "built in: mini, mini-v, mini-xl")
+    assert "tiny-flux-schnell" in line  # every built-in name is listed
+    assert proc.stdout.strip() == "torch not imported"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hub_id_with_the_hub_unreachable_is_one_line_that_says_so(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: every connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {**cli_env(tmp_path / "cache", tmp_path / "hf"), "HF_ENDPOINT": closed}
+    env.pop("HF_HUB_OFFLINE")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_cli([str(IMAGE), "a dog", "--model", "someone/not-a-model"], work, env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Retrying" not in proc.stderr  # huggingface_hub's retries (23 s) are never reached
+    assert_one_error_line(proc, f"the Hugging Face hub ({closed}) cannot be reached to download model "
+                          "someone/not-a-model", "local diffusers folder", "HF_HUB_OFFLINE=1")
+    assert list(work.iterdir()) == []

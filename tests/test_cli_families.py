@@ -85,3 +85,34 @@ def test_every_method_edits_with_the_family_defaults(models, family, method, ted
     with Image.open(out / "grid.png") as grid:
         assert grid.width >= (1 + variants) * size and grid.height >= size  # the input, then the variants
 
+
+
+@pytest.fixture(scope="module")
+def euler_default_folders(tmp_path_factory) -> dict[str, str]:
+    """SD 1.x and SDXL folders in diffusers' layout saved with a default ``EulerDiscreteScheduler`` (as a pipeline
+    assembled outside this project gets one): "linspace" spacing, ``steps_offset`` 0."""
+    from diffusers import EulerDiscreteScheduler
+
+    root = tmp_path_factory.mktemp("euler-default")
+    folders = {}
+    for kind in ("tiny", "tiny-sdxl"):
+        pipe = build_tiny_pipeline(kind=kind)
+        pipe.scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        assert (pipe.scheduler.config.timestep_spacing, pipe.scheduler.config.steps_offset) == ("linspace", 0)
+        pipe.save_pretrained(root / kind, safe_serialization=True)
+        folders[kind] = str(root / kind)
+    return folders
+
+
+@pytest.mark.parametrize("kind", ["tiny", "tiny-sdxl"])
+@pytest.mark.parametrize("method", ["ours", "nti", "masactrl"])
+def test_methods_that_invert_run_on_a_model_saved_with_a_default_euler_scheduler(euler_default_folders, kind, method,
+                                                                                tedbench, tmp_path, capsys,
+                                                                                nonrigid_logger):
+    out = tmp_path / "out"
+    flags, variants = METHOD_ARGS[method]
+    code = main(["edit", str(tedbench / "originals" / "dog_01.jpeg"), PROMPT, "--method", method, "--model",
+                 euler_default_folders[kind], *flags, "--size", "64", "--device", "cpu", "--dtype", "fp32",
+                 "--out", str(out), "--no-cache", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert len(json.loads((out / "edit.json").read_text())["variants"]) == variants

@@ -197,3 +197,36 @@ def test_masactrl_counts_sdxl_self_attention_layers_as_the_reference():
     assert parts == sorted(parts, key=["down_blocks", "mid_block", "up_blocks"].index)
     assert scaled_start_layer(unets["sdxl"]) == 44 and layers[44].startswith("up_blocks.0")
     assert len(self_attention_layers(unets["sd1"])) == 16 and scaled_start_layer(unets["sd1"]) == 10
+
+
+# ---- schedules from any scheduler config (a default EulerDiscreteScheduler says "linspace", steps_offset 0)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "tiny-sd2-v", "tiny-sdxl"])
+@pytest.mark.parametrize(("spacing", "offset"), [("leading", 1), ("leading", 0), ("trailing", 0), ("trailing", 1),
+                                                  ("linspace", 0), ("linspace", 1)])
+def test_the_inverse_walk_is_the_sampling_walk_reversed_whatever_the_spacing(kind, spacing, offset):
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = load_pipeline(kind, device="cpu", dtype="fp32")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing,
+                                                        steps_offset=offset)
+    family = family_of(pipe)
+    family.adopt_scheduler(kind)  # what loading does with the model's own scheduler
+    for steps in (STEPS, 50):
+        sampling, inverse = family.sampling_scheduler(steps), family.inversion_scheduler(steps)
+        assert sampling.config.timestep_spacing == spacing
+        torch.testing.assert_close(inverse.timesteps, sampling.timesteps.flip(0), rtol=0, atol=0)
+        if spacing != "linspace":  # diffusers' inverse scheduler has these spacings itself: the same walk
+            own = DDIMInverseScheduler.from_config(inverse.config, timestep_spacing=spacing)
+            own.set_timesteps(steps)
+            torch.testing.assert_close(inverse.timesteps, own.timesteps, rtol=0, atol=0)
+        if family.prediction_type != "epsilon":
+            continue  # (a v output means another noise estimate at another x_t: no exact round trip to check)
+        # each inverse step undoes the sampling step of its timestep (same noise estimate): the same pair of
+        # noise levels in both directions, the final one included
+        g = torch.Generator().manual_seed(0)
+        x, eps = torch.randn(2, 1, 4, 8, 8, generator=g)
+        for t in sampling.timesteps:
+            back = inverse.step(eps, t, sampling.step(eps, t, x).prev_sample).prev_sample
+            torch.testing.assert_close(back, x, rtol=0, atol=1e-4)

@@ -348,3 +348,27 @@ def test_long_prompt_warns_with_the_dropped_words(tiny, nonrigid_log):
 def test_short_prompt_does_not_warn(tiny, nonrigid_log):
     family_of(tiny).encode_prompt("a photo of a dog")
     assert not [r for r in nonrigid_log.records if r.levelno >= logging.WARNING and r.name == "nonrigid"]
+
+
+# ---- images too large to read
+
+
+@pytest.mark.parametrize("size", [(20_000, 20_000), (12_000, 12_000), (10_001, 2)],
+                         ids=["bomb-pillow-refuses", "bomb-pillow-warns", "one-px-too-wide"])
+def test_an_over_size_image_is_refused_from_its_header_in_one_line(tmp_path, size):
+    from conftest import write_bomb_png
+
+    from nonrigid.errors import UsageError
+    from nonrigid.images import check_image
+
+    bomb = write_bomb_png(tmp_path / "bomb.png", *size)
+    shown = f"{size[0]} x {size[1]} px" if max(size) < 15_000 else "over 10,000 px a side"
+    for read in (lambda: load_image(bomb, 64), lambda: check_image(bomb)):
+        with pytest.raises(UsageError) as caught:
+            read()
+        assert str(caught.value) == f"image {bomb} is {shown}; images up to 10,000 px a side are accepted"
+    # at the limit the header passes (these few bytes then fail as the truncated file they are)
+    at_limit = write_bomb_png(tmp_path / "at-limit.png", 10_000, 2)
+    assert check_image(at_limit) == (10_000, 2)
+    with pytest.raises(UsageError, match="damaged or truncated"):
+        load_image(at_limit, 64)

@@ -174,6 +174,64 @@ def test_nonexistent_path_is_a_one_line_usage_error(tmp_path, monkeypatch):
     assert "\n" not in message
 
 
+def test_a_mistyped_built_in_name_names_the_closest_one_and_every_built_in_name_loads(tmp_path, monkeypatch):
+    from nonrigid.models import BUILT_IN_NAMES
+    from nonrigid.models.loading import MINI_MODELS
+    from nonrigid.models.registry import tiny_model_names
+
+    assert set(BUILT_IN_NAMES) == set(MINI_MODELS) | set(tiny_model_names())  # the torch-free list: the loaders'
+
+    monkeypatch.chdir(tmp_path)
+    for typed, meant in (("mini-xll", "mini-xl"), ("tiny-sdx", "tiny-sdxl"), ("Mini", "mini")):
+        with pytest.raises(UsageError, match=f"^model {typed} is not built in .*; did you mean {meant}\\? "):
+            load_cpu(typed)
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """The hub at a port nothing listens on (a connection is refused at once), an empty hub cache, and offline mode
+    off, so that loading tries the hub."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", closed)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_an_unreachable_hub_is_said_in_one_line_without_waiting_for_retries(unreachable_hub, monkeypatch):
+    import time
+
+    tick = time.perf_counter()
+    with pytest.raises(UsageError) as caught:
+        load_cpu("someone/not-a-model")
+    assert time.perf_counter() - tick < 2  # huggingface_hub's retries alone wait 23 s
+    message = str(caught.value)
+    assert message.startswith(f"the Hugging Face hub ({huggingface_hub.constants.ENDPOINT}) cannot be reached to "
+                              "download model someone/not-a-model; ")
+    assert "local diffusers folder" in message and "HF_HUB_OFFLINE=1" in message and "\n" not in message
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError, match=r"^HF_HUB_OFFLINE is set and model someone/not-a-model is not in the hub "):
+        load_cpu("someone/not-a-model")
+
+
+def test_a_model_in_the_hub_cache_loads_with_the_hub_unreachable(tiny, diffusers_folder, unreachable_hub):
+    import shutil
+    import time
+
+    snapshot = unreachable_hub / "models--someone--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(diffusers_folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    tick = time.perf_counter()
+    pipe = load_cpu("someone/tiny")
+    assert time.perf_counter() - tick < 10  # no retries
+    assert weight_differences(tiny, pipe, MODULES) == []
+
+
 def test_corrupt_safetensors_is_a_one_line_usage_error(diffusers_folder, tmp_path):
     path = tmp_path / "broken.safetensors"
     path.write_bytes(random.Random(1).randbytes(4096))

@@ -277,3 +277,21 @@ def test_grid_shows_the_input_first_in_every_row(tiny_pipe, dog_image, tmp_path)
         assert np.array_equal(cells[0], source), f"row {row}: the first cell is not the input"
         assert np.array_equal(cells[1], variants[(seed, 0.0)]) and np.array_equal(cells[2], variants[(seed, 0.5)])
         assert not np.array_equal(cells[1], source)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_an_edit_folder_gets_the_mode_any_new_folder_gets(tmp_path, umask):
+    """Written in a private staging folder and renamed into place, the folder is as readable as a plain mkdir's
+    (not 0700: others on a shared machine, or a web server, could not read the edits)."""
+    import os
+    import stat
+
+    from nonrigid.methods.output import write_folder_atomically
+
+    before = os.umask(umask)
+    try:
+        write_folder_atomically(tmp_path / "edit", {"input.png": Image.new("RGB", (4, 4))})
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "edit").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "edit" / "input.png").stat().st_mode) == 0o666 & ~umask

@@ -1,6 +1,7 @@
 """A new model family is one module plus one registry line: here a renamed copy of SD 1.x, defined in this file
 (its "module") and put into ``models.registry.FAMILIES`` (its line), runs the method and the baselines through
-the command line, by its tiny model's name and from a folder saved in diffusers' layout, touching no other file.
+the command line from a folder saved in diffusers' layout, and through the library by its tiny model's name,
+touching no other file.
 
 The copy has SD 1.x's weights, so its edits must equal SD 1.x's pixel for pixel: the family seam, not a name,
 decides everything.
@@ -59,33 +60,40 @@ def pixels(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("seed*.png"))}
 
 
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    """The new family's tiny model saved in diffusers' layout: its model_index.json names RenamedPipeline."""
+    folder = tmp_path / "renamed-model"
+    Renamed.tiny_models["tiny-renamed"](0).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 @pytest.mark.parametrize("method", ["ours", "masactrl", "dds"])
-def test_a_registered_copy_of_sd_edits_through_the_cli_exactly_as_sd(registered, tmp_path, tedbench, method):
+def test_a_registered_copy_of_sd_edits_through_the_cli_exactly_as_sd(registered, saved, tmp_path, tedbench, method):
+    assert json.loads((saved / "model_index.json").read_text())["_class_name"] == "RenamedPipeline"
     image = tedbench / "originals" / "dog_01.jpeg"
-    copy = edit(tmp_path, image, "tiny-renamed", method, f"renamed-{method}")
+    copy = edit(tmp_path, image, str(saved), method, f"renamed-{method}")
     original = edit(tmp_path, image, "tiny", method, f"sd-{method}")
-    assert json.loads((copy / "edit.json").read_text())["method"] == method
+    record, reference = (json.loads((folder / "edit.json").read_text()) for folder in (copy, original))
+    assert record["method"] == method and record["model_family"] == reference["model_family"]
     assert pixels(copy) and pixels(copy).keys() == pixels(original).keys()
     for name, array in pixels(copy).items():
         assert np.array_equal(array, pixels(original)[name]), name
 
 
-def test_a_saved_folder_of_the_new_family_loads_by_its_model_index_class(registered, tmp_path, tedbench):
-    folder = tmp_path / "renamed-model"
-    Renamed.tiny_models["tiny-renamed"](0).save_pretrained(folder, safe_serialization=True)
-    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "RenamedPipeline"
-    image = tedbench / "originals" / "dog_01.jpeg"
-    saved = edit(tmp_path, image, str(folder), "ours", "from-folder")
-    built = edit(tmp_path, image, "tiny-renamed", "ours", "built")
-    for name, array in pixels(saved).items():
-        assert np.array_equal(array, pixels(built)[name]), name
+def test_its_tiny_model_loads_by_name_as_its_own_family(registered, tedbench):
+    from nonrigid import run_method
+    from nonrigid.models.loading import load_model
+
+    model = load_model("tiny-renamed", device="cpu", dtype="fp32")
+    assert isinstance(model, Renamed) and isinstance(model.pipe, RenamedPipeline)
+    result = run_method(model, tedbench / "originals" / "dog_01.jpeg", "a dog", "nti", {"num_steps": 2}, size=64)
+    assert result.variants[0].image.size == (64, 64)
 
 
-def test_without_its_registry_line_the_family_is_unknown(tmp_path, capsys, monkeypatch):
+def test_without_its_registry_line_the_family_is_unknown(saved, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    folder = tmp_path / "renamed-model"
-    Renamed.tiny_models["tiny-renamed"](0).save_pretrained(folder, safe_serialization=True)
     image = tmp_path / "in.png"
     Image.new("RGB", (64, 64), "gray").save(image)
-    assert main(["edit", str(image), "a dog", "--model", str(folder), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert main(["edit", str(image), "a dog", "--model", str(saved), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "RenamedPipeline" in capsys.readouterr().err

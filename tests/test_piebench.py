@@ -282,6 +282,17 @@ def test_bench_types_5_and_the_report_table(piedir, tmp_path, monkeypatch):
     assert "<h2>PIE-Bench</h2>" in (report / "gallery.html").read_text()
 
 
+def test_bench_on_piebench_works_at_its_protocols_512_px_whatever_the_model(piedir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = tmp_path / "run"
+    assert main(["bench", "--data", str(piedir), "--types", "5", "--limit", "1", "--method", "nti", "--model", "tiny",
+                 "--set", "num_steps=2", "--set", "inner_steps=1", "--metrics", "tiny", "--out", str(run),
+                 "--quiet"]) == 0  # tiny's own size is 64 px
+    assert read_config(run)["size"] == 512
+    (row,) = read_rows(run)
+    assert Image.open(run / row["image"]).size == (512, 512)
+
+
 def test_bench_refuses_types_on_tedbench_in_one_line(tmp_path, capsys):
     (tmp_path / "originals").mkdir()
     (tmp_path / "input_list.json").write_text(json.dumps([{"img_name": "a.png", "target_text": "x"}]))

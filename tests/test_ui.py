@@ -9,8 +9,10 @@ only the last N - K UNet calls.
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, write_bomb_png
 from PIL import Image
 
 from nonrigid import run_method
@@ -81,7 +83,7 @@ def test_a_changed_control_becomes_the_parameter_the_cli_would_set():
 def test_uploads_that_are_not_images_too_large_or_too_wide_are_refused_before_decoding(tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(UsageError, match="not an image this page can read"):
+    with pytest.raises(UsageError, match=r"notes\.png is not an image Pillow can read"):
         check_upload(text)
     big = tmp_path / "big.png"
     with open(big, "wb") as f:  # a sparse 51 MB file: refused by its size, never read
@@ -92,10 +94,15 @@ def test_uploads_that_are_not_images_too_large_or_too_wide_are_refused_before_de
     Image.new("L", (10_001, 2)).save(wide)
     with pytest.raises(UsageError, match="10001 x 2 px; images up to 10,000 px"):
         check_upload(wide)
+    bomb = write_bomb_png(tmp_path / "bomb.png")  # its header claims 20,000 x 20,000 px: never decoded
+    with pytest.raises(UsageError, match=r"^image bomb\.png is over 10,000 px a side; images up to 10,000 px"):
+        check_upload(bomb)
     cut = tmp_path / "cut.png"
     cut.write_bytes(EXAMPLE.read_bytes()[:300])
-    with pytest.raises(UsageError, match="damaged or truncated"):  # the header passes; decoding it finds the cut
-        open_image(check_upload(cut))
+    path = check_upload(cut)  # the header passes; decoding it, as Editor.edit does, finds the cut
+    with pytest.raises(UsageError, match=r"^image cut\.png is damaged or truncated") as caught:
+        open_image(path, name=path.name)
+    assert str(tmp_path) not in str(caught.value)  # the file's name, not where the server keeps it
     assert check_upload(EXAMPLE) == EXAMPLE
 
 
@@ -184,6 +191,9 @@ def test_an_edit_in_the_page_returns_the_grid_and_equals_the_library(server):
     assert gallery[0]["caption"] == "grid"
     np.testing.assert_array_equal(pixels(gallery[0]["image"]), pixels(folder / "grid.png"))
     assert "2 variants" in status and str(folder) in status
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask  # as readable as any new folder, not 0700
     library = run_method(editor.family, EXAMPLE, TARGET, "ours", FAST_PARAMS, size=64)
     for shown, variant in zip(gallery[1:], library.variants, strict=True):
         np.testing.assert_array_equal(pixels(shown["image"]), np.asarray(variant.image))
@@ -242,15 +252,54 @@ def test_cancel_in_the_page_stops_the_running_edit_between_steps(server):
     assert "variants" in page_edit(client)[2]  # and the next edit runs
 
 
+def test_closing_the_page_cancels_its_running_edit_at_the_next_step(server, monkeypatch):
+    """The page gone (here its client closed, as a closed tab closes its connections), its edit stops at the next
+    step as Cancel stops it: the finished stage A stays cached, nothing is written, the next user's edit runs."""
+    import time
+
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.5")  # how soon a client notices it should hang up
+    editor = server["editor"]
+    cache = StageCache(server["root"] / "cache").root
+
+    def entries(kind: str) -> int:
+        return sum(1 for p in cache.rglob("*.safetensors") if p.parent.name == kind)
+
+    before = sorted(editor.out.glob("*")), entries("text"), entries("inversion")
+    client = Client(server["url"], verbose=False)
+    job = client.submit(image=handle_file(str(EXAMPLE)), target="a photo of a brown dog rolling on sand", source="",
+                        **{**FAST, "ours_inner_steps": 10000}, api_name="/edit")  # minutes, unless stopped
+    while not any(u.desc == "null-text inversion" for u in (job.status().progress_data or [])):
+        time.sleep(0.05)
+    client.close()
+    tick = time.perf_counter()
+    while editor.lock.locked() and time.perf_counter() - tick < 30:  # let go of the model at its next step
+        time.sleep(0.05)
+    assert time.perf_counter() - tick < 10
+    assert (sorted(editor.out.glob("*")), entries("text"), entries("inversion")) == (before[0], before[1] + 1,
+                                                                                      before[2])
+    assert "variants" in page_edit(Client(server["url"], verbose=False))[2]  # the queue is free
+
+
 def test_a_bad_upload_gets_a_message_and_nothing_is_written(server, tmp_path):
     client = Client(server["url"], verbose=False)
     before = sorted(server["editor"].out.glob("*"))
     bad = tmp_path / "holiday.png"
     bad.write_text("this is a text file")
-    with pytest.raises(Exception, match=r"holiday\.png is not an image this page can read"):
+    with pytest.raises(Exception, match=r"holiday\.png is not an image Pillow can read"):
         client.predict(image=handle_file(str(bad)), target=TARGET, source="", api_name="/edit")
     with pytest.raises(Exception, match="write a target prompt"):
         client.predict(image=handle_file(str(EXAMPLE)), target="  ", source="", api_name="/edit")
+    # no image: nothing uploaded, or an upload the server refused (over 50 MB) leaves the box empty
+    with pytest.raises(Exception, match=r"upload an image first \(or pick an example\)"):
+        client.predict(image=None, target=TARGET, source="", api_name="/edit")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(EXAMPLE.read_bytes()[:300])
+    with pytest.raises(Exception, match=r"image cut\.png is damaged or truncated") as caught:
+        client.predict(image=handle_file(str(cut)), target=TARGET, source="", api_name="/edit")
+    assert ".uploads" not in str(caught.value) and str(server["root"]) not in str(caught.value)  # the name only
+    bomb = write_bomb_png(tmp_path / "bomb.png")
+    with pytest.raises(Exception, match=r"image bomb\.png is over 10,000 px a side; images up to 10,000 px"):
+        client.predict(image=handle_file(str(bomb)), target=TARGET, source="", api_name="/edit")
     assert sorted(server["editor"].out.glob("*")) == before
     # the server is still up and editing
     assert "variants" in page_edit(client)[2]
@@ -349,6 +398,8 @@ def test_ui_command_serves_on_localhost_only(tmp_path):
             if f"127.0.0.1:{port}" in line:
                 break
         assert any(f"http://127.0.0.1:{port}" in line for line in lines), lines
+        assert not any("share=True" in line for line in lines), lines  # Gradio's advice to a Python caller
+        assert "nonrigid: no public link; --share also makes a gradio.live one\n" in lines  # the flag, named
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=30).status_code == 200
         listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
         assert {line.split()[3] for line in listening.splitlines()} == {f"127.0.0.1:{port}"}  # local address

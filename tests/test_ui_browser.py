@@ -91,3 +91,52 @@ def test_upload_edit_and_move_the_eta_slider_in_a_real_browser(page_url, browser
     slider_files = list(folders[0].glob("slider/*.png"))
     assert len(slider_files) == 1 and f"eta{eta:.2f}" in slider_files[0].name
     page.screenshot(path=str(shots / "ui-3-slider.png"), full_page=True)
+
+
+def test_a_decompression_bomb_gets_the_size_message_on_upload_and_on_edit(page_url, browser, tmp_path):
+    from conftest import write_bomb_png
+
+    url, editor = page_url
+    bomb = write_bomb_png(tmp_path / "bomb.png")  # its header claims 20,000 x 20,000 px
+    message = "image bomb.png is over 10,000 px a side; images up to 10,000 px a side are accepted"
+    before = sorted(editor.out.glob("2*"))
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    page.goto(url)
+    page.wait_for_selector("#edit-button")
+    page.locator("#upload input[type=file]").set_input_files(str(bomb))
+    page.wait_for_function(f"document.querySelector('#status').innerText.includes({message!r})", timeout=30_000)
+    page.locator("#target textarea").fill("A photo of a jumping dog.")
+    page.locator("#edit-button").click()
+    page.locator("[data-testid=toast-body]").filter(has_text=message).wait_for(timeout=30_000)  # Edit's error
+    assert page.get_by_text("could be decompression bomb").count() == 0  # never Pillow's own words
+    assert sorted(editor.out.glob("2*")) == before
+    page.close()
+
+
+def test_closing_the_tab_cancels_its_running_edit(page_url, browser):
+    import time
+
+    from nonrigid.ui.session import EXAMPLES
+
+    url, editor = page_url
+    before = sorted(editor.out.glob("2*"))
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    page.goto(url)
+    page.wait_for_selector("#edit-button")
+    page.locator("#upload input[type=file]").set_input_files(str(EXAMPLES / "brown-dog-standing-on-sand.png"))
+    page.wait_for_selector("#preview img")
+    page.locator("#target textarea").fill("a photo of a brown dog jumping on sand")
+    page.locator("#ours-num_steps input").fill("8")
+    page.get_by_text("More settings").first.click()
+    page.locator("#ours-opt_steps input").fill("3")
+    page.locator("#ours-inner_steps input").fill("10000")  # minutes of null-text inversion, if nothing stops it
+    page.locator("#edit-button").click()
+    progress = page.locator(".progress-level-inner").filter(has_text="null-text inversion")  # the bar names the stage
+    progress.first.wait_for(timeout=60_000)
+    assert editor.lock.locked()  # the edit runs
+    page.close()
+    tick = time.perf_counter()
+    while editor.lock.locked() and time.perf_counter() - tick < 60:
+        time.sleep(0.05)
+    assert time.perf_counter() - tick < 20  # the server hears of the closed tab, then the next step stops the job
+    assert sorted(editor.out.glob("2*")) == before

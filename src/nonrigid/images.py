@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UsageError, first_line
+
+# The widest image read, in px a side (10,000 x 10,000 RGB is 300 MB decoded): checked from the file's header, so a
+# decompression bomb (a few bytes whose header claims 20,000 x 20,000 px) is refused before a pixel is decoded.
+MAX_SIDE = 10_000
 
 
 def load_image(image: str | os.PathLike | Image.Image, size: int = 512) -> Image.Image:
@@ -32,22 +37,60 @@ def load_image(image: str | os.PathLike | Image.Image, size: int = 512) -> Image
     return img.resize((size, size), Image.Resampling.BICUBIC)
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """The image file decoded whole (a missing, unreadable or truncated file is a one-line error): read once, it
-    can be prepared at any size later."""
+def open_image(path: str | os.PathLike, name: str | None = None) -> Image.Image:
+    """The image file at ``path``, decoded whole; a missing, unreadable, damaged or over-size file is a one-line
+    :class:`~nonrigid.errors.UsageError`.
+
+    The size is read from the header and checked against :data:`MAX_SIDE` before any pixel is decoded. ``name`` is
+    how messages call the file (default: its path; the page names the uploaded file, not where the server keeps it).
+    """
     path = Path(path)
+    shown = name or str(path)
     if not path.exists():
-        raise UsageError(f"image {path} does not exist")
+        raise UsageError(f"image {shown} does not exist")
     if path.is_dir():
-        raise UsageError(f"image {path} is a folder, not an image file")
+        raise UsageError(f"image {shown} is a folder, not an image file")
+    img = _open_header(path, shown)
     try:
-        img = Image.open(path)
         img.load()
-    except UnidentifiedImageError as err:
-        raise UsageError(f"{path} is not an image Pillow can read") from err
     except (OSError, SyntaxError, ValueError) as err:
-        raise UsageError(f"image {path} is damaged or truncated ({first_line(err)})") from err
+        raise UsageError(f"image {shown} is damaged or truncated ({first_line(err)})") from err
     return img
+
+
+def check_image(path: str | os.PathLike, name: str | None = None) -> tuple[int, int]:
+    """The size of the image file at ``path`` from its header alone (no pixel decoded), refused in one line as
+    :func:`open_image` refuses it: for checking a whole benchmark's images before its first job."""
+    with _open_header(Path(path), name or str(path)) as img:
+        return img.size
+
+
+def _open_header(path: Path, shown: str) -> Image.Image:
+    """The file opened (its header read, no pixel decoded) and its size checked against :data:`MAX_SIDE`.
+
+    Pillow's own decompression-bomb check stops at about 179 million pixels with a message of its own; any image
+    it refuses is over :data:`MAX_SIDE` a side, so both cases end in this project's message.
+    """
+    try:
+        with warnings.catch_warnings():  # Pillow's warning above 89 million pixels: the check below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError:
+        raise UsageError(too_large(shown)) from None
+    except UnidentifiedImageError as err:
+        raise UsageError(f"{shown} is not an image Pillow can read (PNG, JPEG, WebP, ...)") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UsageError(f"image {shown} is damaged or truncated ({first_line(err)})") from err
+    if max(img.size) > MAX_SIDE:
+        img.close()
+        raise UsageError(too_large(shown, img.size))
+    return img
+
+
+def too_large(shown: str, size: tuple[int, int] | None = None) -> str:
+    """The message for an image over :data:`MAX_SIDE` a side (``size`` None: Pillow refused even to open it)."""
+    found = f"{size[0]} x {size[1]} px" if size else f"over {MAX_SIDE:,} px a side"
+    return f"image {shown} is {found}; images up to {MAX_SIDE:,} px a side are accepted"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

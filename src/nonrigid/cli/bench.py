@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UsageError
-from ..evaluation.protocol import DEFAULT_CLIP, DEFAULT_DINO
+from ..evaluation.protocol import DEFAULT_CLIP, DEFAULT_DINO, PROTOCOL_SIZES
 from ..methods.catalogue import METHODS
 from .common import (
     PARAM_FLAGS,
@@ -57,53 +57,64 @@ def add_bench_parser(commands) -> None:
         epilog=f"presets: {presets}",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--data", type=Path, required=True, help="TEdBench-layout folder (input_list.json, originals/) "
-                   "or PIE-Bench's (mapping_file.json, annotation_images/)")
-    p.add_argument("--out", type=Path, required=True, help="run folder (created, or resumed if it exists)")
-    p.add_argument("--method", action="append", choices=list(METHODS), default=None,
-                   help="method to run; repeatable (default: ours); `nonrigid methods` lists their parameters")
-    p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="a paper ablation (Sec. 5.4) with the method ours: inversion type or injection ratio")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per edit (the paper: 5); deterministic "
-                   "methods run once")
-    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                   help="values of a parameter, by name or label (eta, inject, opt_steps, ...), applied to every "
-                   "method that has it (or METHOD.KEY); source=none,pair sweeps the source prompt; repeatable")
-    p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
-                   help="fix a parameter of every method that has it, e.g. --set opt_steps=100; source=pair uses "
-                   "each pair's caption as the source prompt (default: empty, the paper's choice); repeatable")
-    add_knob_flags(p)  # as in `nonrigid edit`; each sets that parameter of every method that has it
-    p.add_argument("--pairs", default=None, metavar="LIST",
-                   help="only these pairs: indices into input_list.json or mapping_file.json (0-based), ranges "
-                   "3-7, image names or stems (PIE-Bench: ids)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N (selected) pairs")
-    p.add_argument("--types", default=None, metavar="LIST",
-                   help="PIE-Bench only: editing types by id (5: change pose), range (4-7) or name (pose, color, "
-                   "attribute = 4-7, ...), comma-separated; default: all ten")
-    p.add_argument("--sources", type=Path, default=None,
-                   help="JSON object image name -> caption, the source prompt of settings with source=pair (e.g. "
-                   "the inversion preset's NTI-src); default: the source_text of input_list.json's entries, else "
-                   "one made from the file name")
-    add_model_flags(p)
-    p.add_argument("--size", type=int, default=512, help="working resolution in pixels")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="most variants per UNet batch (default: all of a job at once)")
-    p.add_argument("--pairs-per-batch", type=int, default=1, metavar="N",
-                   help="run N pairs' jobs of a method that batches across images (ours, dds, edit-friendly) as "
-                   "one UNet batch, same setting; results equal to one pair at a time up to float rounding")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="stage cache folder of the run (default: OUT/cache); a resumed run only reads the entries "
-                   "its own finished jobs wrote there")
-    add_runtime_flags(p)
-    add_metric_flags(p)
-    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="run the jobs on Ray workers, one per GPU (or per --ray-cpus cores without GPUs), each "
-                   "loading the model once; alone: a local Ray instance; 'auto' or an address: join that cluster "
-                   "(needs pip install 'nonrigid[ray]'). Rows and images are a serial run's")
-    p.add_argument("--ray-cpus", type=int, default=1, metavar="N",
-                   help="cores per Ray worker on a cluster without GPUs")
-    p.add_argument("--dry-run", action="store_true", help="list what would run (jobs, edits, done) and stop")
-    add_output_flags(p)
+    data = p.add_argument_group("data", "the benchmark and its pairs")
+    data.add_argument("--data", type=Path, required=True, help="TEdBench-layout folder (input_list.json, originals/) "
+                      "or PIE-Bench's (mapping_file.json, annotation_images/)")
+    data.add_argument("--pairs", default=None, metavar="LIST",
+                      help="only these pairs: indices into input_list.json or mapping_file.json (0-based), ranges "
+                      "3-7, image names or stems (PIE-Bench: ids)")
+    data.add_argument("--limit", type=int, default=None, help="only the first N (selected) pairs")
+    data.add_argument("--types", default=None, metavar="LIST",
+                      help="PIE-Bench only: editing types by id (5: change pose), range (4-7) or name (pose, color, "
+                      "attribute = 4-7, ...), comma-separated; default: all ten")
+    data.add_argument("--sources", type=Path, default=None,
+                      help="JSON object image name -> caption, the source prompt of settings with source=pair (e.g. "
+                      "the inversion preset's NTI-src); default: the source_text of input_list.json's entries, else "
+                      "one made from the file name")
+    methods = p.add_argument_group("methods", "what runs on every pair")
+    methods.add_argument("--method", action="append", choices=list(METHODS), default=None,
+                         help="method to run; repeatable (default: ours); `nonrigid methods` lists their parameters")
+    methods.add_argument("--preset", choices=list(PRESETS), default=None,
+                         help="a paper ablation (Sec. 5.4) with the method ours: inversion type or injection ratio")
+    methods.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per edit (the paper: 5); deterministic "
+                         "methods run once")
+    methods.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                         help="values of a parameter, by name or label (eta, inject, opt_steps, ...), applied to every "
+                         "method that has it (or METHOD.KEY); source=none,pair sweeps the source prompt; repeatable")
+    methods.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                         help="fix a parameter of every method that has it, e.g. --set opt_steps=100; source=pair uses "
+                         "each pair's caption as the source prompt (default: empty, the paper's choice); repeatable")
+    knobs = p.add_argument_group("knobs", "as in `nonrigid edit`; each sets that parameter of every method "
+                                 "that has it, like --set")
+    add_knob_flags(knobs)
+    model = p.add_argument_group("model and runtime")
+    add_model_flags(model)
+    model.add_argument("--size", type=int, default=None,
+                       help="working resolution in pixels (default: as in `nonrigid edit`, the model's native size: "
+                       "512 for SD 1.x, 768 for SD 2.x v models, 1024 for SDXL, 64 for the miniature models; on "
+                       "PIE-Bench 512, its protocol's)")
+    model.add_argument("--batch-size", type=int, default=None,
+                       help="most variants per UNet batch (default: all of a job at once)")
+    add_runtime_flags(model)
+    metrics = p.add_argument_group("metrics", "the networks every edit is scored with")
+    add_metric_flags(metrics)
+    output = p.add_argument_group("output", "the run folder")
+    output.add_argument("--out", type=Path, required=True, help="run folder (created, or resumed if it exists)")
+    output.add_argument("--cache-dir", type=Path, default=None,
+                        help="stage cache folder of the run (default: OUT/cache); a resumed run only reads the entries "
+                        "its own finished jobs wrote there")
+    output.add_argument("--dry-run", action="store_true", help="list what would run (jobs, edits, done) and stop")
+    add_output_flags(output)
+    scale = p.add_argument_group("scale-out", "several pairs per batch, or Ray workers")
+    scale.add_argument("--pairs-per-batch", type=int, default=1, metavar="N",
+                       help="run N pairs' jobs of a method that batches across images (ours, dds, edit-friendly) as "
+                       "one UNet batch, same setting; results equal to one pair at a time up to float rounding")
+    scale.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run the jobs on Ray workers, one per GPU (or per --ray-cpus cores without GPUs), each "
+                       "loading the model once; alone: a local Ray instance; 'auto' or an address: join that cluster "
+                       "(needs pip install 'nonrigid[ray]'). Rows and images are a serial run's")
+    scale.add_argument("--ray-cpus", type=int, default=1, metavar="N",
+                       help="cores per Ray worker on a cluster without GPUs")
     p.set_defaults(func=run_bench)
 
 
@@ -179,10 +190,12 @@ def run_bench(args: argparse.Namespace) -> int:
     from ..evaluation.piebench import parse_types, read_dataset
     from ..evaluation.plan import PRESETS, BenchSpec, plan_settings, uses_source_captions
     from ..evaluation.runfolder import opened
+    from ..models import check_model_name
 
     if args.preset and args.method:
         raise UsageError(f"--preset {args.preset} runs {PRESETS[args.preset].method} itself; leave out --method")
     check_bench_args(args)
+    check_model_name(args.model)  # a mistyped name, told before torch is imported
     check_ray(args)
     methods = [PRESETS[args.preset].method] if args.preset else (args.method or [DEFAULT_METHOD])
     settings = plan_settings(methods, args.sweep, with_knobs(args, methods), args.preset)
@@ -194,7 +207,8 @@ def run_bench(args: argparse.Namespace) -> int:
                        f"file name (e.g. {guessed[0].source_text!r}); give --sources FILE for real captions")
     runtime = {"device": args.device, "dtype": args.dtype, "batch_size": effective_batch_size(args),
                **{k: getattr(args, k) for k in ("low_memory", "compile") if getattr(args, k, False)}}
-    spec = BenchSpec(args.data, pairs, settings, tuple(range(args.seeds)), model=args.model, size=args.size,
+    size = PROTOCOL_SIZES.get(dataset) if args.size is None else args.size  # None: the model's native size
+    spec = BenchSpec(args.data, pairs, settings, tuple(range(args.seeds)), model=args.model, size=size,
                      runtime=runtime, metrics=metric_options(args, dataset == "piebench"), preset=args.preset,
                      dataset=dataset, types=parse_types(args.types) if dataset == "piebench" else ())
     jobs = spec.jobs()
@@ -262,7 +276,7 @@ def check_bench_args(args: argparse.Namespace) -> None:
     parameters, without the flags)."""
     if args.seeds < 1:
         raise UsageError(f"--seeds must be >= 1 (seeds 0..N-1), got {args.seeds}")
-    if args.size <= 0:
+    if args.size is not None and args.size <= 0:
         raise UsageError(f"--size must be positive, got {args.size}")
     for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--steps", args.steps),
                         ("--pairs-per-batch", args.pairs_per_batch)):
@@ -375,6 +389,7 @@ def run_score(args: argparse.Namespace) -> int:
     from ..evaluation.data import read_pairs
     from ..evaluation.runfolder import opened
     from ..evaluation.score import match_edits, outside_files, score_folder, score_identity
+    from ..images import check_image
     from ..methods.output import slugify
 
     if args.size <= 0:
@@ -386,6 +401,8 @@ def run_score(args: argparse.Namespace) -> int:
     if not edits:
         raise UsageError(f"no image in {args.folder} matches a pair of {args.data / 'input_list.json'}; name them "
                          "<image name>-<target text>.png")
+    for edit in edits:  # a decompression bomb or an over-size edit: refused before the metrics load
+        check_image(edit.file)
     method = args.method_name or args.folder.resolve().name
     out = args.out or Path("runs") / slugify(method)
     identity = score_identity(args.folder, args.data, method, args.size, metric_options(args))

@@ -114,6 +114,7 @@ def method_params(args: argparse.Namespace) -> dict[str, object]:
 def run_edit(args: argparse.Namespace) -> int:
     from ..images import open_image
     from ..methods.output import check_output_dir
+    from ..models import check_model_name
 
     image = open_image(args.image)  # read once; a missing or broken image fails before torch is imported
     out = args.out or default_out(Path(args.image), args.prompt, args.method)
@@ -124,6 +125,7 @@ def run_edit(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not args.seed:
         raise UsageError("--seed needs at least one seed")
+    check_model_name(args.model)  # a mistyped name, told before torch is imported
     params = method_params(args)  # validates before anything slow happens
 
     from ..methods.output import save_result  # the heavy imports (torch, diffusers) once the input is known good

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import UsageError
+from ..models import check_model_name
 from .common import HelpFormatter, add_model_flags, add_output_flags, add_runtime_flags, quiet_libraries, say
 
 
@@ -42,6 +43,7 @@ def run_ui(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; give a folder")
+    check_model_name(args.model)  # a mistyped name, told before torch is imported
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -58,5 +60,7 @@ def run_ui(args: argparse.Namespace) -> int:
     say(args, f"loading model {args.model}")
     editor.load()
     say(args, f"edits are written to {editor.out}")
+    if not args.share:
+        say(args, "no public link; --share also makes a gradio.live one")
     launch(editor, host=args.host, port=args.port, share=args.share, quiet=args.quiet)
     return 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from ..images import check_image
 from ..methods.output import slugify
 
 LISTING = "input_list.json"
@@ -77,6 +78,7 @@ def read_pairs(data: str | os.PathLike, sources: str | os.PathLike | None = None
         image = data / "originals" / img_name
         if not image.is_file():
             raise UsageError(f"{listing} names {img_name}, which is not in {data / 'originals'}")
+        check_image(image)  # a decompression bomb or an over-size image: refused before any job runs
         found = [("sources", captions.get(img_name) or captions.get(Path(img_name).stem)), ("input list", source),
                  ("file name", caption_from_filename(img_name))]
         origin, caption = next((origin, text) for origin, text in found if text)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
+from ..images import check_image
 from .data import LISTING, Pair, read_pairs
 
 MAPPING = "mapping_file.json"
@@ -122,6 +123,7 @@ def read_piebench(data: str | os.PathLike, types: str | None = None) -> list[Pai
         image = data / IMAGES / item["image_path"]
         if not image.is_file():
             raise UsageError(f"{mapping_path} item {key} names {item['image_path']}, which is not in {data / IMAGES}")
+        check_image(image)  # a decompression bomb or an over-size image: refused before any job runs
         mask = item["mask"]
         if not isinstance(mask, list) or len(mask) % 2 or not all(isinstance(v, int) and v >= 0 for v in mask):
             raise UsageError(f"{mapping_path} item {key}: mask must be a list of (start, length) integer pairs")

@@ -245,7 +245,7 @@ class BenchSpec:
     settings: dict[str, tuple[Setting, ...]]
     seeds: tuple[int, ...] = (0,)
     model: str = DEFAULT_MODEL
-    size: int = 512
+    size: int | None = None  # None: the model's native size
     runtime: dict[str, Any] = field(default_factory=dict)  # device, dtype, batch_size, low_memory, compile
     metrics: dict[str, Any] = field(default_factory=dict)  # kind and weights of the metrics' networks
     preset: str | None = None
@@ -253,7 +253,7 @@ class BenchSpec:
     types: tuple[str, ...] = ()  # PIE-Bench: the editing types selected (ids)
 
     def __post_init__(self) -> None:
-        if self.size <= 0:
+        if self.size is not None and self.size <= 0:
             raise UsageError(f"size must be positive, got {self.size}")
         if not self.seeds:
             raise UsageError("give at least one seed")

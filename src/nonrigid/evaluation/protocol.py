@@ -9,3 +9,7 @@ PIE_METRIC_NAMES = ("structure_distance", "psnr_unedit_part", "lpips_unedit_part
                     "ssim_unedit_part", "clip_similarity_target_image", "clip_similarity_target_image_edit_part")
 PIE_UNEDITED = PIE_METRIC_NAMES[1:5]  # NaN when the mask covers the whole image
 DEFAULT_DINO = "facebook/dino-vitb8"
+
+# The working size a benchmark's protocol fixes, where it fixes one (else edits take the model's native size):
+# PIE-Bench's images and masks are 512 px, and its evaluation compares edits at that size.
+PROTOCOL_SIZES = {"piebench": 512}

@@ -240,8 +240,22 @@ def check_identity(path: Path, identity: dict[str, Any]) -> None:
     current = json.loads(json.dumps(identity))
     if stored != current:
         keys = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-        raise UsageError(f"{path} holds a run of a different command (it differs in: {', '.join(keys)}); rerun the "
+        shown = ", ".join(_difference(k, stored.get(k), current.get(k)) for k in keys)
+        raise UsageError(f"{path} holds a run of a different command (it differs in: {shown}); rerun the "
                          "original command to resume it, or choose a new folder for the run")
+
+
+def _difference(key: str, stored: Any, current: Any) -> str:
+    """``size (512 in the run, unset now)`` for a value that fits in a few words (a run made before a default
+    changed says which value to give); the bare key for lists and tables."""
+    simple = (str, int, float, bool, type(None))
+    if not (isinstance(stored, simple) and isinstance(current, simple)):
+        return key
+
+    def shown(value: Any) -> str:
+        return "unset" if value is None else str(value)
+
+    return f"{key} ({shown(stored)} in the run, {shown(current)} now)"
 
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -48,7 +49,7 @@ def write_folder_atomically(out: Path, files: dict[str, bytes | Image.Image]) ->
     """Write ``files`` (name -> PNG image or bytes) as the folder ``out``, replacing an earlier edit there."""
     check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    staging = _staging_folder(out)
     try:
         for name, content in files.items():
             if isinstance(content, Image.Image):
@@ -65,6 +66,18 @@ def write_folder_atomically(out: Path, files: dict[str, bytes | Image.Image]) ->
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new hidden sibling of ``out`` to write into, with the mode a plain mkdir gives (the umask's), since it
+    becomes ``out``: ``tempfile.mkdtemp``'s would be 0700, an edit nobody else could read."""
+    while True:
+        staging = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir()
+        except FileExistsError:
+            continue
+        return staging
 
 
 def make_grid(

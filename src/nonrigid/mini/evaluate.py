@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..errors import UsageError
+from ..images import open_image
 from ..methods.catalogue import DEFAULT_INJECT, INJECT_ABLATION
 from ..methods.run import EditRequest, run_edits
 from ..stages.cache import StageCache, write_atomic
@@ -132,7 +133,7 @@ def _evaluate_baseline(model, judge, items: list[tuple[int, Pair]], method: str,
     params = dict({**BASELINES, **FLOW_BASELINES}[method])
     if method == "imagic":
         params["opt_steps"] = protocol.opt_steps  # the same stage A as ours: shared through the cache
-    images = [Image.open(pair.image).convert("RGB") for _, pair in items]
+    images = [open_image(pair.image).convert("RGB") for _, pair in items]
     requests = [EditRequest(image, pair.target_text, pair.source_text) for image, (_, pair) in zip(images, items,
                                                                                                    strict=True)]
     results = run_edits(model, requests, method, params, seeds=protocol.seeds[:1], size=images[0].size[0],
@@ -155,7 +156,7 @@ def _evaluate_pairs(model, judge, chunk: list[tuple[int, Pair]], cache, protocol
                     ) -> list[tuple[list[dict], Image.Image]]:
     """Every setting of ours, its ablations and NTI-only on several pairs, each setting one batch over the pairs:
     each pair's rows and strip."""
-    images = [Image.open(pair.image).convert("RGB") for _, pair in chunk]
+    images = [open_image(pair.image).convert("RGB") for _, pair in chunk]
     rows: list[list[dict]] = [[] for _ in chunk]
     galleries: list[dict[str, Image.Image]] = [{} for _ in chunk]
 

@@ -24,9 +24,10 @@ import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ..errors import UsageError, first_line
-from . import DEFAULT_MODEL
+from . import DEFAULT_MODEL, check_model_name
 from . import single_file as sf
 from .family import ModelFamily
+from .hub import component_class, hub_access, hub_class_name, index_class, index_has, model_index
 from .registry import build_tiny_pipeline, family_for_class, family_for_file_type, family_of, pipeline_class, supported
 from .registry import tiny_model_names as tiny_model_names
 
@@ -200,17 +201,18 @@ def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None,
         return _load_single_file(path, allow_pickle=allow_pickle, config=config, t5=t5)
     if path.is_dir():
         _require_safetensors_or_opt_in(path, allow_pickle)
-        cls = _pipeline_class(path, _index_class(path / "model_index.json"))
+        cls = _pipeline_class(path, index_class(path / "model_index.json"))
         try:
-            t5 = t5 and _index_has(path / "model_index.json", "text_encoder_3")
+            t5 = t5 and index_has(path / "model_index.json", "text_encoder_3")
             return cls.from_pretrained(str(path), use_safetensors=None if allow_pickle else True, **_extras(cls, t5))
         except Exception as err:
             raise UsageError(f"could not load diffusers folder {name}: {first_line(err)}") from err
-    if _looks_like_path(name):
-        raise UsageError(f"model path {name} does not exist")
+    check_model_name(name)  # a path that does not exist (a mistyped built-in name too) ends here
+    access = hub_access(name)
     try:
-        cls = _pipeline_class(name, _hub_class_name(name))
-        return cls.from_pretrained(name, use_safetensors=None if allow_pickle else True, **_extras(cls, t5))
+        cls = _pipeline_class(name, hub_class_name(name, **access))
+        return cls.from_pretrained(name, use_safetensors=None if allow_pickle else True, **access,
+                                   **_extras(cls, t5))
     except UsageError:
         raise
     except Exception as err:
@@ -255,79 +257,22 @@ def _load_flow_file(path: Path, cls, shapes: dict, source: str, t5: bool):
     text encoders. A denoiser diffusers' converter cannot read is converted by the family (``file_denoiser``).
     """
     family = family_for_class(cls.__name__)
-    index = _model_index(source)
+    index = model_index(source)
     family.check_file(path, shapes, source)
     passed = dict(family.pipeline_kwargs(t5 and bool((index.get("text_encoder_3") or [None])[0])))
     for name in family.absent_from_file(shapes):
         if name not in passed and (index.get(name) or [None])[0]:
-            passed[name] = _component_class(index[name]).from_pretrained(source, subfolder=name)
+            passed[name] = component_class(index[name]).from_pretrained(source, subfolder=name)
     denoiser = family.file_denoiser(path, shapes, source)
     if denoiser is not None:
         passed[family.network_name] = denoiser
     return cls.from_single_file(str(path), config=source, **passed)
 
 
-def _model_index(source: str) -> dict:
-    """A config folder's or hub id's ``model_index.json`` (component name -> [library, class])."""
-    import json
-    import warnings
-
-    from diffusers import DiffusionPipeline
-
-    folder = Path(source).expanduser()
-    try:
-        if folder.is_dir():
-            return json.loads((folder / "model_index.json").read_text())
-        with warnings.catch_warnings():  # huggingface_hub deprecation chatter from diffusers' call
-            warnings.simplefilter("ignore")
-            return DiffusionPipeline.load_config(source)
-    except Exception as err:
-        raise UsageError(f"could not read the config {source!r} ({first_line(err)}); connect once to download it, "
-                         "or pass a local diffusers folder of the same model as config") from err
-
-
-def _component_class(entry: list):
-    """The class a ``model_index.json`` entry ([library, class]) names."""
-    import importlib
-
-    return getattr(importlib.import_module(entry[0]), entry[1])
-
-
 def _extras(cls, t5: bool = True) -> dict:
     """Constructor arguments of the family's pipeline class (no safety checker for SD; SD3 without T5 when asked
     or saved so)."""
     return family_for_class(cls.__name__).pipeline_kwargs(t5)
-
-
-def _index_has(index: Path, component: str) -> bool:
-    """Whether a folder's ``model_index.json`` names ``component`` (a pipeline saved without T5 does not)."""
-    import json
-
-    try:
-        entry = json.loads(index.read_text()).get(component)
-    except (OSError, ValueError):
-        return True  # from_pretrained says what is wrong with the folder
-    return bool(entry) and entry[0] is not None
-
-
-def _hub_class_name(repo: str) -> str | None:
-    """The pipeline class named by a hub repository's ``model_index.json`` (fetched into the hub cache)."""
-    import warnings
-
-    from diffusers import DiffusionPipeline
-
-    with warnings.catch_warnings():  # huggingface_hub deprecation chatter from diffusers' call, not the user's
-        warnings.simplefilter("ignore")
-        return DiffusionPipeline.load_config(repo).get("_class_name")
-
-
-def _index_class(index: Path) -> str | None:
-    import json
-
-    try:
-        return json.loads(index.read_text()).get("_class_name")
-    except (OSError, ValueError):
-        return None  # from_pretrained says what is wrong with the folder
 
 
 def _pipeline_class(name: str | Path, class_name: str | None):
@@ -382,9 +327,9 @@ def _single_file_kind(path: Path, config: str | None) -> tuple[type, dict]:
 def _config_class(config: str):
     folder = Path(config).expanduser()
     if folder.is_dir():
-        return _pipeline_class(config, _index_class(folder / "model_index.json"))
+        return _pipeline_class(config, index_class(folder / "model_index.json"))
     try:
-        return _pipeline_class(config, _hub_class_name(config))
+        return _pipeline_class(config, hub_class_name(config))
     except UsageError:
         raise
     except Exception as err:
@@ -466,11 +411,6 @@ def _require_safetensors_or_opt_in(folder: Path, allow_pickle: bool) -> None:
             f"{folder} holds only pickle (.bin) weights, which can run arbitrary code when loaded; "
             "pass allow_pickle=True if you trust them"
         )
-
-
-def _looks_like_path(name: str) -> bool:
-    suffixes = (*PICKLE_SUFFIXES, ".safetensors")
-    return name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith(suffixes)
 
 
 def describe_device(family: ModelFamily) -> dict[str, str]:

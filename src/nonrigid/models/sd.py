@@ -50,6 +50,7 @@ def warn_if_clip_truncates(tokenizer, prompt: str) -> None:
 # final alpha from abar_0 rather than 1.
 DDIM_OVERRIDES = {"clip_sample": False, "set_alpha_to_one": False}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+INVERSE_SPACINGS = ("leading", "trailing")  # the timestep spacings DDIMInverseScheduler.set_timesteps knows
 
 
 def ddim_scheduler_for(config) -> DDIMScheduler:
@@ -167,12 +168,22 @@ class StableDiffusion(ModelFamily):
         return scheduler
 
     def inversion_scheduler(self, num_steps: int, latents: torch.Tensor | None = None) -> DDIMInverseScheduler:
-        """diffusers' inverse DDIM: ascending timesteps, the UNet queried at the timestep being stepped to,
-        ``alpha`` of step 0 from ``set_alpha_to_one`` (off for SD: ``abar_0``)."""
+        """diffusers' inverse DDIM walking the sampling timesteps backwards: ascending timesteps, the UNet queried at
+        the timestep being stepped to, ``alpha`` of step 0 from ``set_alpha_to_one`` (off for SD: ``abar_0``).
+
+        The inverse scheduler knows "leading" and "trailing" spacing, where it gives exactly the sampler's timesteps
+        reversed, but not "linspace" (the default of diffusers' ``EulerDiscreteScheduler``, so of any SDXL
+        pipeline saved with a default Euler scheduler), which ``DDIMScheduler`` samples with. So it is built with
+        "leading" and given the sampler's timesteps reversed, whatever the spacing: both schedulers' steps pair a
+        timestep ``t`` with ``t - T // N``, so each inverse step undoes the sampling step of its timestep.
+        """
         accepted = inspect.signature(DDIMInverseScheduler.__init__).parameters  # others (Euler's) only earn warnings
         config = {k: v for k, v in self.pipe.scheduler.config.items() if k in accepted}
+        if config.get("timestep_spacing") not in INVERSE_SPACINGS:
+            config["timestep_spacing"] = "leading"  # its timesteps are replaced below
         scheduler = DDIMInverseScheduler.from_config(config)
         scheduler.set_timesteps(num_steps)
+        scheduler.timesteps = self.sampling_scheduler(num_steps).timesteps.flip(0)
         return scheduler
 
     def draw_training_timestep(self, generator: torch.Generator) -> torch.Tensor:

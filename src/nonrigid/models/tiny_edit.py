@@ -36,7 +36,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from .tiny import build_tiny_pipeline
+from .flux import build_tiny_flux
 
 # black-forest-labs/FLUX.1-Kontext-dev, scheduler/scheduler_config.json. Kontext [dev] is fine-tuned from FLUX.1 [dev]
 # and its diffusers folder ships FLUX.1-dev's scheduler config (shift 3 with dynamic shifting between 256 and 4096
@@ -118,7 +118,7 @@ def build_tiny_kontext(seed: int = 0) -> FluxKontextPipeline:
     reference image to one of Kontext's preferred resolutions unless ``_auto_resize=False``; tests pass a small
     ``max_area`` and ``_auto_resize=False``.
     """
-    flux = build_tiny_pipeline(seed, "tiny-flux")
+    flux = build_tiny_flux(seed)
     return _evaluating(FluxKontextPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**KONTEXT_DEV_SCHEDULER_CONFIG),
         vae=flux.vae,

@@ -211,7 +211,8 @@ def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, e
         if not image:
             return None, ""
         try:
-            return load_image(open_image(check_upload(image)), _size(size) or editor.native_size), ""
+            path = check_upload(image)
+            return load_image(open_image(path, name=path.name), _size(size) or editor.native_size), ""
         except NonrigidError as err:
             return None, f"**{first_line(err)}**"
 
@@ -224,6 +225,9 @@ def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, e
 
     def cancel(request: gr.Request = None):
         editor.cancel(_session(request))
+
+    def page_closed(request: gr.Request = None):
+        editor.close_page(_session(request))
 
     inputs = [page["upload"], page["target"], page["source"], page["method"], page["seeds"], page["size"],
               *page["knobs"]]
@@ -247,6 +251,9 @@ def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, e
                      [page["upload"], page["source"], tabs], api_name=False, queue=False)
     load_button.click(load, model_box, [model_info, page["size"], edit_key, page["slider_box"]], api_name="load_model",
                       **QUEUE)
+    # a closed tab (its heartbeat connection gone) stops its job at the next step: the queue is not held for
+    # results nobody will see; Gradio itself only drops the jobs still waiting
+    app.unload(page_closed)
 
 
 EDIT_INPUTS = ("image", "target", "source", "method", "seeds", "size")
@@ -323,9 +330,15 @@ def launch(editor: Editor, *, host: str = "127.0.0.1", port: int | None = None, 
     os.environ.setdefault("GRADIO_TEMP_DIR", str(editor.out / ".uploads"))
     app = build_app(editor)
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=quiet,
+    # Gradio's own lines would tell a user of this page to "set `share=True` in `launch()`"; the address is said
+    # here, and the caller says how to ask for a public link
+    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
                allowed_paths=[str(editor.out), str(EXAMPLES)], max_file_size=MAX_UPLOAD_BYTES,
                footer_links=["api"], show_error=True, css=CSS)
+    if not quiet:
+        print(f"* Running on local URL:  {app.local_url}", flush=True)
+    if block:
+        app.block_thread()
     return app
 
 

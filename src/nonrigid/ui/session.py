@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..errors import Cancelled, UsageError
-from ..images import open_image
+from ..images import check_image, open_image
 from ..methods.output import slugify, variant_filename
 from ..progress import Reporter
 
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
-MAX_SIDE = 10_000
 KEPT_EDITS = 16  # edits whose stages stay in memory for slider moves
+CLOSED_KEPT = 1024  # closed pages remembered, so that a job one of them left in the queue stops at once
 EXAMPLES = Path(__file__).parent / "examples"
 
 
@@ -91,6 +91,7 @@ class Editor:
     lock: threading.Lock = field(default_factory=threading.Lock)
     _kept: OrderedDict[str, _Kept] = field(default_factory=OrderedDict)
     _cancelled: set[str] = field(default_factory=set)
+    _closed: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).resolve()
@@ -127,12 +128,21 @@ class Editor:
         """Ask ``session``'s running job to stop at its next step."""
         self._cancelled.add(session)
 
+    def close_page(self, session: str) -> None:
+        """``session``'s page is gone (its tab closed or reloaded): nobody will see its jobs' results, so its running
+        job stops at its next step, as Cancel stops it, and a job it left in the queue stops at its first."""
+        self._closed[session] = None
+        while len(self._closed) > CLOSED_KEPT:
+            self._closed.popitem(last=False)
+
     def reporter(self, session: str, show: Callable[[str, int, int], None] | None = None) -> Reporter:
         """A progress reporter for ``session``'s job: passes progress to ``show`` and raises
-        :class:`~nonrigid.errors.Cancelled` once the session asked to cancel."""
+        :class:`~nonrigid.errors.Cancelled` once the session asked to cancel, or its page was closed."""
         self._cancelled.discard(session)  # a new job starts uncancelled
 
         def report(stage: str, done: int, total: int) -> None:
+            if session in self._closed:
+                raise Cancelled("the page was closed; nothing of the unfinished stage was kept")
             if session in self._cancelled:
                 self._cancelled.discard(session)
                 raise Cancelled("cancelled; nothing of the unfinished stage was kept")
@@ -161,7 +171,7 @@ class Editor:
         from ..stages.cache import StageCache
 
         path = check_upload(image)
-        picture = open_image(path)  # decoded once: a truncated file fails here, with its own message
+        picture = open_image(path, name=path.name)  # decoded once: a truncated file fails here
         target_prompt = target_prompt.strip()
         if not target_prompt:
             raise UsageError("write a target prompt: what the picture should show, e.g. a photo of a jumping dog")
@@ -242,27 +252,20 @@ class Editor:
         return folder
 
 
-def check_upload(image: str | Path) -> Path:
+def check_upload(image: str | Path | None) -> Path:
     """An uploaded file the page accepts: at most 50 MB, an image Pillow reads, at most 10,000 px a side.
 
     Checked from the file's size and header before any pixel is decoded, so a huge or hostile upload costs
-    nothing; the messages are what the page shows. Decoding it (:func:`~nonrigid.images.open_image`) then finds a
-    truncated file.
+    nothing; the messages are what the page shows, and name the file as uploaded, not where the server keeps it.
+    No file (nothing uploaded, or an upload the server refused: over 50 MB) asks for one.
     """
-    path = Path(image)
-    if not path.is_file():
+    if not image or not Path(image).is_file():
         raise UsageError("upload an image first (or pick an example)")
+    path = Path(image)
     megabytes = path.stat().st_size / 1024 / 1024
     if megabytes > MAX_UPLOAD_BYTES / 1024 / 1024:
         raise UsageError(f"that file is {megabytes:.0f} MB; images up to 50 MB are accepted")
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise UsageError(f"{path.name} is not an image this page can read (PNG, JPEG, WebP, ... anything Pillow "
-                         "opens)") from None
-    if max(width, height) > MAX_SIDE:
-        raise UsageError(f"that image is {width} x {height} px; images up to {MAX_SIDE:,} px a side are accepted")
+    check_image(path, name=path.name)  # the header alone; decoding it (open_image) then finds a truncated file
     return path
 
 
