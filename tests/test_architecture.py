@@ -292,7 +292,7 @@ def same(a, b) -> bool:
 # The README's API with the signatures it had before the restructuring (issue 12: add, don't break).
 PUBLIC_API = {
     "load_pipeline": ["model", "device", "dtype", "allow_pickle", "config", "t5"],
-    "load_image": ["image", "size"],
+    "load_image": ["image", "size", "crop", "multiple"],  # crop and multiple added (issue 28)
     "optimize_text": ["pipe", "image", "target_prompt", "steps", "lr", "seed", "progress"],
     "optimize_text_batch": ["pipe", "image", "target_prompt", "steps", "lr", "seeds", "progress"],
     "invert": ["pipe", "image", "source_prompt", "method", "num_steps", "guidance_scale", "inner_steps",

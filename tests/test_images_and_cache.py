@@ -53,7 +53,7 @@ def assert_colour(region: np.ndarray, colour: tuple[int, int, int], tol: int = 2
 @pytest.mark.skipif(not ORIGINALS.is_dir(), reason="TEdBench originals not present")
 @pytest.mark.parametrize("name", sorted(p.name for p in ORIGINALS.iterdir()) if ORIGINALS.is_dir() else [])
 def test_every_tedbench_original_loads_as_a_square_rgb(name):
-    img = load_image(ORIGINALS / name, S)
+    img = load_image(ORIGINALS / name, S, crop="square")
     assert img.mode == "RGB"
     assert img.size == (S, S)
 
@@ -76,39 +76,39 @@ def check_halves(img: Image.Image, left: tuple[int, int, int], right: tuple[int,
 
 def test_rgba_transparent_pixels_become_white():
     img = halves("RGBA", (255, 0, 0, 0), (0, 0, 255, 255))  # invisible red | opaque blue
-    check_halves(load_image(img, S), WHITE, (0, 0, 255))
+    check_halves(load_image(img, S, crop="square"), WHITE, (0, 0, 255))
 
 
 def test_rgba_half_transparent_pixels_are_composited_on_white():
     img = Image.new("RGBA", (80, 80), (0, 0, 0, 128))
-    assert_colour(pixels(load_image(img, S)), (127, 127, 127), tol=1)
+    assert_colour(pixels(load_image(img, S, crop="square")), (127, 127, 127), tol=1)
 
 
 def test_la_transparent_pixels_become_white():
     img = halves("LA", (0, 0), (100, 255))
-    check_halves(load_image(img, S), WHITE, (100, 100, 100))
+    check_halves(load_image(img, S, crop="square"), WHITE, (100, 100, 100))
 
 
 def test_palette_transparency_becomes_white():
     img = halves("P", 0, 1)
     img.putpalette([255, 0, 0, 0, 255, 0])  # 0: red, 1: green
     img.info["transparency"] = 0
-    check_halves(load_image(img, S), WHITE, (0, 255, 0))
+    check_halves(load_image(img, S, crop="square"), WHITE, (0, 255, 0))
 
 
 def test_palette_without_transparency_keeps_its_colours():
     img = halves("P", 0, 1)
     img.putpalette([255, 0, 0, 0, 255, 0])
-    check_halves(load_image(img, S), (255, 0, 0), (0, 255, 0))
+    check_halves(load_image(img, S, crop="square"), (255, 0, 0), (0, 255, 0))
 
 
 def test_greyscale_becomes_grey_rgb():
-    assert_colour(pixels(load_image(Image.new("L", (80, 80), 77), S)), (77, 77, 77), tol=0)
+    assert_colour(pixels(load_image(Image.new("L", (80, 80), 77), S, crop="square")), (77, 77, 77), tol=0)
 
 
 def test_cmyk_is_converted():
     red = Image.new("CMYK", (80, 80), (0, 255, 255, 0))
-    assert_colour(pixels(load_image(red, S)), (255, 0, 0))
+    assert_colour(pixels(load_image(red, S, crop="square")), (255, 0, 0))
 
 
 def gradient(dtype, top: float) -> np.ndarray:
@@ -132,7 +132,7 @@ def test_wide_formats_are_rescaled_not_clipped(tmp_path, mode, values):
     if mode == "I;16":  # the common case: a 16-bit PNG on disk
         img.save(tmp_path / "deep.png")
         img = tmp_path / "deep.png"
-    p = pixels(load_image(img, S))
+    p = pixels(load_image(img, S, crop="square"))
     assert p.min() <= 10, "the dark end became grey"
     assert p.max() >= 245, "the bright end is missing"
     columns = p[..., 0].mean(axis=0)
@@ -152,9 +152,12 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6
     img.save(tmp_path / "phone.png", exif=exif)
     assert Image.open(tmp_path / "phone.png").getexif().get(0x0112) == 6
-    p = pixels(load_image(tmp_path / "phone.png", S))
+    p = pixels(load_image(tmp_path / "phone.png", S, crop="square"))
     assert_colour(p[:, S // 2 + 4 :], marker)
     assert_colour(p[:, : S // 2 - 4], background)
+    # Without the square crop the displayed picture keeps its portrait shape.
+    width, height = load_image(tmp_path / "phone.png", S).size
+    assert height > width
 
 
 # ------------------------------------------------------------------------------------------------ (c) crop
@@ -168,7 +171,7 @@ def test_center_crop_keeps_the_middle(size):
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     img.paste(middle, (left, top, left + side, top + side))
-    assert_colour(pixels(load_image(img, S)), middle, tol=0)
+    assert_colour(pixels(load_image(img, S, crop="square")), middle, tol=0)
 
 
 # ------------------------------------------------------------------------------------------------ (d) cache
@@ -323,8 +326,12 @@ def test_edit_reuses_cached_stages_and_recomputes_a_corrupt_one(tiny, tmp_path, 
         for r in nonrigid_log.records
         if r.levelno == logging.WARNING and r.name == "nonrigid"
     )
-    assert same(third.stages.inversion.latent, first.stages.inversion.latent)
-    assert same(third.stages.inversion.null_embeddings, first.stages.inversion.null_embeddings)
+    # The first run inverted alongside the text optimization (its conditional predictions rode in A's batches);
+    # this one inverts alone, so the two agree to float rounding, not bit for bit (tests/test_programs.py bounds it).
+    for name in ("latent", "null_embeddings"):
+        recomputed, original = getattr(third.stages.inversion, name), getattr(first.stages.inversion, name)
+        assert recomputed.shape == original.shape and recomputed.dtype == original.dtype
+        torch.testing.assert_close(recomputed, original, rtol=0, atol=1e-3)
     # The recomputed entry replaced the damaged one and reads back cleanly.
     assert entry_files(cache, "inversion") == [inversion_file]
     assert cache.load("inversion", inversion_file.stem) is not None

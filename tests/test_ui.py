@@ -145,11 +145,12 @@ def test_cancel_stops_between_steps_writes_nothing_and_keeps_the_cache_whole(edi
     cache = StageCache(tmp_path / "cache")
     kinds = sorted(p.parent.name for p in cache.root.rglob("*.safetensors"))
     assert kinds == ["text"]  # the finished stage A is kept, the interrupted stage B is not
-    # the next edit finishes and equals an edit that was never interrupted (no cache)
+    # the next edit finishes and equals an edit that was never interrupted (no cache), to a grey level: it inverts
+    # alone where the uninterrupted edit inverted alongside the text optimization (the same sums, batched otherwise)
     outcome = editor.edit(EXAMPLE, TARGET, params=FAST_PARAMS, progress=editor.reporter("me"))
     fresh = run_method(editor.family, EXAMPLE, TARGET, "ours", FAST_PARAMS, size=64)
     for (path, _), variant in zip(outcome.variants, fresh.variants, strict=True):
-        np.testing.assert_array_equal(pixels(path), np.asarray(variant.image))
+        np.testing.assert_allclose(pixels(path), np.asarray(variant.image), rtol=0, atol=1)
 
 
 # ---- the page's API, as a client drives it
@@ -317,10 +318,15 @@ def test_two_clients_at_once_both_get_their_own_result(server):
         t.start()
     for t in threads:
         t.join(timeout=300)
-    for prompt in prompts:
-        library = run_method(server["editor"].family, EXAMPLE, prompt, "ours", FAST_PARAMS, size=64)
-        for shown, variant in zip(results[prompt][1:], library.variants, strict=True):
-            np.testing.assert_array_equal(pixels(shown["image"]), np.asarray(variant.image))
+    # The second edit finds the shared inversion cached and optimizes its text alone, where the library run below
+    # optimizes it alongside the inversion: the same computation batched differently, equal to a grey level. The
+    # two prompts' edits differ by far more, so a mix-up still fails.
+    library = {p: run_method(server["editor"].family, EXAMPLE, p, "ours", FAST_PARAMS, size=64) for p in prompts}
+    for prompt, other in (prompts, prompts[::-1]):
+        for shown, mine, theirs in zip(results[prompt][1:], library[prompt].variants, library[other].variants,
+                                       strict=True):
+            np.testing.assert_allclose(pixels(shown["image"]), np.asarray(mine.image), rtol=0, atol=1)
+            assert np.abs(pixels(shown["image"]) - np.asarray(theirs.image).astype(int)).max() > 8
 
 
 def test_generate_then_edit_makes_the_input_with_the_loaded_model(server):

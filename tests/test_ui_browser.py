@@ -140,3 +140,54 @@ def test_closing_the_tab_cancels_its_running_edit(page_url, browser):
         time.sleep(0.05)
     assert time.perf_counter() - tick < 20  # the server hears of the closed tab, then the next step stops the job
     assert sorted(editor.out.glob("2*")) == before
+
+
+def test_paint_a_region_edit_and_the_rest_stays_in_a_real_browser(page_url, browser, tmp_path):
+    """Issue 28: a brush on the input marks where the edit may change the picture; outside the stroke the variants
+    keep the reconstruction's pixels (what an all-black mask gives), inside it they are edited."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from nonrigid.ui.session import examples
+
+    url, editor = page_url
+    shots = Path(os.environ.get("NONRIGID_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    page.goto(url)
+    page.wait_for_selector("#edit-button")
+    page.locator("#upload input[type=file]").set_input_files(examples()[0]["image"])
+    page.wait_for_selector("#preview img")
+    canvas = page.locator("#mask canvas").first
+    page.wait_for_function("document.querySelectorAll('#mask canvas').length > 0")
+    page.locator("#mask button[aria-label='Brush']").click()
+    box = canvas.bounding_box()
+    x, y, w, h = box["x"], box["y"], box["width"], box["height"]
+    page.mouse.move(x + 0.35 * w, y + 0.55 * h)
+    page.mouse.down()
+    for step in range(12):  # a thick stroke across the middle of the picture
+        page.mouse.move(x + (0.35 + 0.3 * step / 11) * w, y + 0.55 * h, steps=2)
+    page.mouse.up()
+    page.locator("#target textarea").fill("a photo of a brown dog jumping on sand")
+    page.locator("#ours-num_steps input").fill("6")
+    page.get_by_text("More settings").first.click()
+    page.locator("#ours-opt_steps input").fill("2")
+    page.locator("#ours-inner_steps input").fill("1")
+    page.locator("#ours-etas textarea, #ours-etas input").first.fill("0,1")
+    page.screenshot(path=str(shots / "ui-mask-1-painted.png"), full_page=True)
+    before = {p.name for p in editor.out.iterdir()}
+    page.locator("#edit-button").click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('2 variants')", timeout=120_000)
+    page.screenshot(path=str(shots / "ui-mask-2-edited.png"), full_page=True)
+    (folder,) = [p for p in editor.out.iterdir() if p.is_dir() and p.name not in before and not p.name.startswith(".")]
+    record = json.loads((folder / "edit.json").read_text())
+    assert record["mask"]  # the mask's digest, as the CLI records it
+    edited = np.asarray(Image.open(folder / record["variants"][0]["file"]), dtype=int)
+    kept = editor.edit(examples()[0]["image"], "a photo of a brown dog jumping on sand", seeds=(0,),
+                       params={"num_steps": 6, "opt_steps": 2, "inner_steps": 1, "etas": (0.0, 1.0)},
+                       mask=np.zeros((64, 64), np.uint8))  # nothing may change: the reconstruction
+    reconstruction = np.asarray(Image.open(kept.variants[0][0]), dtype=int)
+    assert np.abs(edited[:12] - reconstruction[:12]).max() <= 1  # the sky above the stroke: kept
+    assert np.abs(edited[30:40, 24:40] - reconstruction[30:40, 24:40]).max() > 10  # under the stroke: edited

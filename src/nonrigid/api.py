@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image
 
+from .images import MaskLike
 from .methods.base import EditResult
 from .methods.run import EditRequest, run_edits
 from .models.family import ModelFamily
@@ -91,11 +92,16 @@ def run_method(
     cache: StageCache | None = None,
     batch_size: int | None = None,
     progress: Progress = False,
+    crop: str | None = None,
+    mask: MaskLike | None = None,
+    preset: str | None = None,
 ) -> EditResult:
     """Edit ``image`` toward ``target_prompt`` with ``method``; ``params`` override the method's defaults (see
-    :func:`~nonrigid.methods.run.run_edits`)."""
-    return only(run_edits(family_of(pipe), [EditRequest(image, target_prompt, source_prompt)], method, params,
-                          seeds=seeds, size=size, cache=cache, batch_size=batch_size, progress=progress))
+    :func:`~nonrigid.methods.run.run_edits`). The picture keeps its aspect ratio unless ``crop="square"``;
+    ``mask`` (white: may change) limits the edit; ``preset`` (``"fast"``) sets what ``params`` leave unset."""
+    request = EditRequest(image, target_prompt, source_prompt, mask)
+    return only(run_edits(family_of(pipe), [request], method, params, seeds=seeds, size=size, crop=crop, cache=cache,
+                          batch_size=batch_size, preset=preset, progress=progress))
 
 
 def edit(
@@ -110,15 +116,15 @@ def edit(
 ) -> EditResult:
     """The paper's method on ``image``: text optimization per seed, one inversion, every variant.
 
-    Keyword ``settings`` are ``source_prompt``, ``seeds``, ``batch_size`` and the parameters of ``ours`` (``etas``,
-    ``inject`` ratios, ``num_steps``, ``opt_steps``, ``inversion``, ``guidance_scale`` …; ``nonrigid methods ours``
-    lists them). With a ``cache``, stage results are read from and written to it; ``result.stages`` holds them
-    (text optimizations and inversion)."""
-    source_prompt = settings.pop("source_prompt", "")
-    seeds = settings.pop("seeds", (0,))
-    batch_size = settings.pop("batch_size", None)
-    return run_method(pipe, image, target_prompt, "ours", settings, seeds=seeds, source_prompt=source_prompt,
-                      size=size, cache=cache, batch_size=batch_size, progress=progress)
+    Keyword ``settings`` are ``source_prompt``, ``seeds``, ``batch_size``, ``crop``, ``mask``, ``preset`` (as
+    :func:`run_method` takes them) and the parameters of ``ours`` (``etas``, ``inject`` ratios, ``num_steps``,
+    ``opt_steps``, ``inversion``, ``guidance_scale`` …; ``nonrigid methods ours`` lists them). With a ``cache``,
+    stage results are read from and written to it; ``result.stages`` holds them (text optimizations and
+    inversion)."""
+    options = {name: settings.pop(name) for name in ("source_prompt", "seeds", "batch_size", "crop", "mask", "preset")
+               if name in settings}
+    return run_method(pipe, image, target_prompt, "ours", settings, size=size, cache=cache, progress=progress,
+                      **options)
 
 
 __all__ = ["ModelFamily", "edit", "invert", "only", "optimize_text", "optimize_text_batch", "run_method", "sample"]

@@ -1,4 +1,5 @@
-"""Reading images the way the stages expect them: any Pillow mode to RGB, center crop to a square, resize.
+"""Reading images the way the stages expect them: any Pillow mode to RGB, at the working size (the picture's own
+aspect ratio at about ``size`` x ``size`` pixels, or center-cropped to a square), and masks alike.
 
 Torch-free, so that the command line can reject a bad image before it loads a model.
 """
@@ -20,21 +21,118 @@ from .errors import UsageError, first_line
 MAX_SIDE = 10_000
 
 
-def load_image(image: str | os.PathLike | Image.Image, size: int = 512) -> Image.Image:
-    """Read an image the way the stages expect it: RGB, center-cropped to a square, resized to ``size``.
+CROPS = ("square",)  # besides None: the whole picture at its own aspect ratio
+
+
+def load_image(image: str | os.PathLike | Image.Image, size: int = 512, crop: str | None = None,
+               multiple: int = 8) -> Image.Image:
+    """Read an image the way the stages expect it: RGB at the working size.
+
+    ``crop=None`` keeps the whole picture at its own aspect ratio with about ``size`` x ``size`` pixels (the
+    *pixel budget* a model of native side ``size`` was trained at: SDXL's and FLUX's aspect buckets keep the area,
+    not the long side), each side rounded to ``multiple`` (the model's latent grid). ``crop="square"`` is the
+    reference implementations' way: center-cropped to a square, resized to ``size`` x ``size``.
 
     Any mode Pillow reads is handled: EXIF rotation is applied, transparency is composited on white, 16-bit
     and float images are rescaled rather than clipped, CMYK and palettes are converted.
     """
-    if size <= 0:
-        raise UsageError(f"size must be positive, got {size}")
     img = open_image(image) if not isinstance(image, Image.Image) else image
     img = to_rgb(ImageOps.exif_transpose(img))
-    width, height = img.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    img = img.crop((left, top, left + side, top + side))
-    return img.resize((size, size), Image.Resampling.BICUBIC)
+    box, shape = geometry(img.size, size, crop, multiple)
+    return img.crop(box).resize(shape, Image.Resampling.BICUBIC)
+
+
+def geometry(image_size: tuple[int, int], size: int, crop: str | None = None, multiple: int = 8
+             ) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """Which part of a ``image_size`` (width, height) picture is kept, and the (width, height) it is resized to
+    (:func:`load_image`'s rule; masks follow the same)."""
+    if size <= 0:
+        raise UsageError(f"size must be positive, got {size}")
+    if crop is not None and crop not in CROPS:
+        raise UsageError(f"crop must be one of {', '.join(CROPS)} or none (the whole picture), got {crop!r}")
+    width, height = image_size
+    if crop == "square":
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return (left, top, left + side, top + side), (size, size)
+    scale = size / (width * height) ** 0.5  # the same area as a size x size square
+
+    def side(length: int) -> int:
+        return max(multiple, round(length * scale / multiple) * multiple)
+
+    return (0, 0, width, height), (side(width), side(height))
+
+
+MaskLike = str | os.PathLike | Image.Image | np.ndarray
+
+
+def load_mask(mask: MaskLike, image_size: tuple[int, int], size: int, crop: str | None = None, multiple: int = 8,
+              name: str | None = None) -> tuple[np.ndarray, str | None]:
+    """A mask of where an edit may change the picture, prepared as :func:`load_image` prepares the picture: a float
+    array (height, width) in [0, 1] at the working size (white, 1: may change; black, 0: keep), and a note when it
+    had to be resized to the picture (``None`` otherwise).
+
+    ``image_size`` is the original picture's (width, height): a mask of another size is resized to it first, and
+    the note says so. Refused in one line: a file that is no image (an empty one too), a mask with NaN values, and
+    one that is all grey (no white or black to tell the regions apart; all white and all black are fine).
+    """
+    values, note = read_mask(mask, image_size, name)
+    box, shape = geometry(tuple(image_size), size, crop, multiple)
+    return np.clip(_resize(values[box[1] : box[3], box[0] : box[2]], shape), 0.0, 1.0).astype(np.float32), note
+
+
+def read_mask(mask: MaskLike, image_size: tuple[int, int], name: str | None = None
+              ) -> tuple[np.ndarray, str | None]:
+    """The mask as floats in [0, 1] at the picture's size (``image_size``: width, height), checked, and a note
+    when it had to be resized to it (torch-free: the command line checks a mask before loading a model)."""
+    shown = name or (str(mask) if not isinstance(mask, Image.Image | np.ndarray) else "given")
+    values = _mask_values(mask, shown)
+    note = None
+    if (values.shape[1], values.shape[0]) != tuple(image_size):
+        note = (f"the mask {shown} is {values.shape[1]} x {values.shape[0]} px and the image {image_size[0]} x "
+                f"{image_size[1]}: resized to the image")
+        values = _resize(values, tuple(image_size))
+    if values.max() - values.min() < 0.5 and 0.01 < values.mean() < 0.99:
+        raise UsageError(f"the mask {shown} is all grey: paint white where the edit may change the picture and black "
+                         "where it must stay")
+    return values.astype(np.float32), note
+
+
+def _mask_values(mask: MaskLike, shown: str) -> np.ndarray:
+    """The mask as floats in [0, 1]: grey levels of an image (or of an array), float images as they are."""
+    if isinstance(mask, np.ndarray):
+        values = mask.astype(np.float32)
+        values = values / 255.0 if values.max(initial=0) > 1 else values
+    else:
+        img = mask if isinstance(mask, Image.Image) else open_image(mask, name=shown)
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("F", "I", "I;16", "I;16B", "I;16L"):
+            values = np.asarray(img, dtype=np.float32)
+            top = 1.0 if img.mode == "F" and np.nanmax(values, initial=0) <= 1 else \
+                65535.0 if np.nanmax(values, initial=0) > 255 else 255.0
+            values = values / top
+        else:
+            values = np.asarray(to_rgb(img).convert("L"), dtype=np.float32) / 255.0
+    if values.ndim == 3:
+        values = values.mean(axis=-1)
+    if values.ndim != 2 or values.size == 0:
+        raise UsageError(f"mask {shown} is not a 2-D picture")
+    if not np.isfinite(values).all():
+        raise UsageError(f"mask {shown} has NaN or infinite values: give a picture, white where the edit may change")
+    return values
+
+
+def _resize(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A float array resized to (width, height), bilinearly."""
+    if (values.shape[1], values.shape[0]) == tuple(shape):
+        return values
+    return np.asarray(Image.fromarray(values.astype(np.float32)).resize(shape, Image.Resampling.BILINEAR))
+
+
+def mask_digest(values: np.ndarray) -> str:
+    """Hash of a prepared mask: what ``edit.json`` records of it."""
+    return hashlib.sha256(f"{values.shape}".encode() + np.ascontiguousarray(values, np.float32).tobytes()
+                          ).hexdigest()[:16]
 
 
 def open_image(path: str | os.PathLike, name: str | None = None) -> Image.Image:

@@ -67,6 +67,10 @@ def add_bench_parser(commands) -> None:
     data.add_argument("--types", default=None, metavar="LIST",
                       help="PIE-Bench only: editing types by id (5: change pose), range (4-7) or name (pose, color, "
                       "attribute = 4-7, ...), comma-separated; default: all ten")
+    data.add_argument("--masks", default=None, metavar="FOLDER|piebench",
+                      help="edit only inside a mask per pair (for the methods that take one): a folder of masks named "
+                      "like the images (<image stem>.png; white: may change), or piebench for PIE-Bench's own "
+                      "edited-region masks; default: none, the whole picture")
     data.add_argument("--sources", type=Path, default=None,
                       help="JSON object image name -> caption, the source prompt of settings with source=pair (e.g. "
                       "the inversion preset's NTI-src); default: the source_text of input_list.json's entries, else "
@@ -93,6 +97,9 @@ def add_bench_parser(commands) -> None:
                        help="working resolution in pixels (default: as in `nonrigid edit`, the model's native size: "
                        "512 for SD 1.x, 768 for SD 2.x v models, 1024 for SDXL, 64 for the miniature models; on "
                        "PIE-Bench 512, its protocol's)")
+    model.add_argument("--crop", choices=("square", "none"), default="square",
+                       help="square: center-crop every input to a square, the benchmarks' protocol; none: the whole "
+                       "picture at its own aspect ratio")
     model.add_argument("--batch-size", type=int, default=None,
                        help="most variants per UNet batch (default: all of a job at once)")
     add_runtime_flags(model)
@@ -206,11 +213,12 @@ def run_bench(args: argparse.Namespace) -> int:
         logger.warning(f"warning: {len(guessed)} pairs have no caption for a source prompt; using one made from the "
                        f"file name (e.g. {guessed[0].source_text!r}); give --sources FILE for real captions")
     runtime = {"device": args.device, "dtype": args.dtype, "batch_size": effective_batch_size(args),
-               **{k: getattr(args, k) for k in ("low_memory", "compile") if getattr(args, k, False)}}
+               **{k: getattr(args, k) for k in ("low_memory", "compile", "cuda_graphs") if getattr(args, k, False)}}
     size = PROTOCOL_SIZES.get(dataset) if args.size is None else args.size  # None: the model's native size
     spec = BenchSpec(args.data, pairs, settings, tuple(range(args.seeds)), model=args.model, size=size,
                      runtime=runtime, metrics=metric_options(args, dataset == "piebench"), preset=args.preset,
-                     dataset=dataset, types=parse_types(args.types) if dataset == "piebench" else ())
+                     dataset=dataset, types=parse_types(args.types) if dataset == "piebench" else (),
+                     crop=None if args.crop == "none" else args.crop, masks=args.masks)
     jobs = spec.jobs()
     if args.dry_run:
         print(describe_plan(spec, args.out))
@@ -242,7 +250,7 @@ def run_on_ray(args: argparse.Namespace, spec, run, piebench: bool = False):
     from ..evaluation.distributed import WorkerSetup, connect, run_distributed
 
     setup = WorkerSetup(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.config,
-                        low_memory=args.low_memory, compile=args.compile,
+                        low_memory=args.low_memory, compile=args.compile, cuda_graphs=args.cuda_graphs,
                         metrics=metric_options(args, piebench), piebench=piebench)
     where = "starting a local Ray instance" if args.ray == "local" else f"joining the Ray cluster at {args.ray}"
     say(args, f"{where}; each worker loads model {args.model}")

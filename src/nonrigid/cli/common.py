@@ -26,7 +26,7 @@ LOW_MEMORY_BATCH_SIZE = 2
 FLAGS = {"allow_pickle": "--allow-pickle", "batch_size": "--batch-size", "size": "--size", "device": "--device",
          "dtype": "--dtype", "out": "--out", "pairs": "--pairs", "limit": "--limit", "types": "--types",
          "sources": "--sources", "squeezenet_weights": "--squeezenet-weights", "cpus_per_worker": "--ray-cpus",
-         "pairs_per_batch": "--pairs-per-batch"}
+         "pairs_per_batch": "--pairs-per-batch", "cuda_graphs": "--cuda-graphs"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -56,6 +56,9 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    "(unless --batch-size says otherwise): slower, for small GPUs")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (CUDA: faster after a one-time compilation of about a minute)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: capture the denoiser's calls, backward passes included, as CUDA graphs "
+                   "(torch.compile reduce-overhead): fewer launch costs per call after a one-time capture")
 
 
 # flags that set a method parameter (in `edit`: of the chosen method; in `bench`: of every method that has it), and
@@ -128,7 +131,8 @@ def configure_from_args(model, args: argparse.Namespace):
 
     if hasattr(args, "batch_size"):
         args.batch_size = effective_batch_size(args)
-    return configure_model(model, low_memory=args.low_memory, compile=args.compile)
+    return configure_model(model, low_memory=args.low_memory, compile=args.compile,
+                           cuda_graphs=getattr(args, "cuda_graphs", False))
 
 
 def effective_batch_size(args: argparse.Namespace) -> int | None:

@@ -33,7 +33,8 @@ def add_edit_parser(commands) -> None:
         "`nonrigid methods`).",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("image", help="input image (any format Pillow reads); center-cropped to a square")
+    p.add_argument("image", help="input image (any format Pillow reads); the whole picture at its own aspect ratio "
+                   "(--crop square: center-cropped to a square)")
     p.add_argument("prompt", help='target prompt, e.g. "A photo of a jumping dog."')
     p.add_argument("--method", choices=list(METHODS), default="ours",
                    help="editing method; see `nonrigid methods` for what each does and its parameters")
@@ -51,8 +52,16 @@ def add_edit_parser(commands) -> None:
                    help="one or more seeds; each is its own text optimization (deterministic methods use the "
                    "first)")
     p.add_argument("--size", type=int, default=None,
-                   help="working resolution in pixels (default: the model's native size: 512 for SD 1.x and SD 2 "
-                   "base, 768 for SD 2.x v models, 1024 for SDXL, 64 for the miniature models)")
+                   help="working resolution: about SIZE x SIZE pixels at the picture's own aspect ratio, each side "
+                   "rounded to the model's latent grid (with --crop square: the square's side); default: the "
+                   "model's native size: 512 for SD 1.x and SD 2 base, 768 for SD 2.x v models, 1024 for SDXL, SD3 "
+                   "and FLUX, 64 for the miniature models")
+    p.add_argument("--crop", choices=("square",), default=None,
+                   help="square: center-crop to a square, as the reference implementations do (default: keep the "
+                   "whole picture)")
+    p.add_argument("--mask", type=Path, default=None,
+                   help="a picture of the image's size: white where the edit may change it, black where it must "
+                   "stay (ours, nti, masactrl, edit-friendly, dds, flowedit; a mask of another size is resized)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="most variants per UNet batch (default: all at once; lower it to save memory)")
     add_runtime_flags(p)
@@ -127,6 +136,7 @@ def run_edit(args: argparse.Namespace) -> int:
         raise UsageError("--seed needs at least one seed")
     check_model_name(args.model)  # a mistyped name, told before torch is imported
     params = method_params(args)  # validates before anything slow happens
+    mask = read_cli_mask(args, image)
 
     from ..methods.output import save_result  # the heavy imports (torch, diffusers) once the input is known good
     from ..methods.run import EditRequest, run_edits
@@ -135,17 +145,18 @@ def run_edit(args: argparse.Namespace) -> int:
 
     model = load_model(args)
     cache = None if args.no_cache else StageCache(args.cache_dir)
-    (result,) = run_edits(model, [EditRequest(image, args.prompt, args.source)], args.method, params,
-                          seeds=args.seed, size=args.size, cache=cache, batch_size=args.batch_size,
+    (result,) = run_edits(model, [EditRequest(image, args.prompt, args.source, mask)], args.method, params,
+                          seeds=args.seed, size=args.size, crop=args.crop, cache=cache, batch_size=args.batch_size,
                           progress=not args.quiet)
     record = {
         "image": str(args.image),
+        **({"mask_file": str(args.mask)} if args.mask else {}),
         "model": args.model,
         "model_family": model.describe(),
-        "size": result.input_image.width,
         **describe_device(model),
         "low_memory": args.low_memory,
         "compile": args.compile,
+        **({"cuda_graphs": True} if args.cuda_graphs else {}),
         "cache_dir": None if cache is None else str(cache.root),
     }
     save_result(result, out, record=record)
@@ -153,6 +164,25 @@ def run_edit(args: argparse.Namespace) -> int:
     say(args, f"{args.method}: {len(result.variants)} variants in {result.timings['total']:.1f} s ({stages})")
     print(out)
     return 0
+
+
+def read_cli_mask(args: argparse.Namespace, image):
+    """The --mask as floats at the upright image's size, checked before torch is imported (None without one); a
+    method that takes no mask is refused here too."""
+    if args.mask is None:
+        return None
+    from PIL import ImageOps
+
+    from ..images import read_mask
+    from ..methods.catalogue import method_info
+
+    info = method_info(args.method)
+    if not info.masks:
+        raise UsageError(f"--mask does not apply to --method {args.method}: {info.why_no_mask}")
+    values, note = read_mask(args.mask, ImageOps.exif_transpose(image).size)
+    if note:
+        say(args, note)
+    return values
 
 
 def describe_methods(names: list[str] | None = None) -> str:

@@ -100,6 +100,11 @@ def add_mini_parser(commands) -> None:
     ev.add_argument("--no-ablations", action="store_true",
                     help="run ours and NTI-only editing only, not the inversion and injection ablations (the "
                     "comparisons made for the further families, and the presets' and masks' runs)")
+    ev.add_argument("--set", dest="ours", action="append", default=[], metavar="KEY=VALUE",
+                    help="a parameter of ours that differs from the paper's (e.g. --set inversion=npi --set "
+                    "opt_steps=100): a candidate preset, whose rows a comparison pairs with a run at the defaults")
+    ev.add_argument("--ours-only", action="store_true",
+                    help="with --no-ablations: ours alone, without NTI-only editing")
     ev.add_argument("--pairs-per-batch", type=int, default=8, metavar="N",
                     help="pairs whose stages run as one UNet batch (ours, its ablations, NTI-only, DDS, "
                     "Edit-friendly); results equal "
@@ -235,10 +240,27 @@ def evaluation_protocol(args: argparse.Namespace, world: int | None, family_run:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     etas = args.etas or ETAS
+    ablations = not (family_run or getattr(args, "no_ablations", False))
+    ours = ours_overrides(getattr(args, "ours", []))
+    if (ours or getattr(args, "ours_only", False)) and ablations:
+        raise UsageError("--set and --ours-only change ours alone: give --no-ablations too")
     return Protocol(num_steps=args.steps, opt_steps=args.opt_steps, seeds=tuple(range(args.seeds)), etas=etas,
                     ablation_etas=args.ablation_etas or etas, ablation_seeds=args.ablation_seeds,
-                    ablations=not (family_run or getattr(args, "no_ablations", False)),
-                    world=world)
+                    ablations=ablations, world=world, ours=ours, nti_only=not getattr(args, "ours_only", False))
+
+
+def ours_overrides(assignments: list[str]) -> tuple:
+    """``--set`` values of ours' parameters, checked against its table (torch-free); the protocol's own knobs
+    (steps, text-optimization steps, etas) have flags of their own."""
+    from ..methods.base import check_overrides, parse_key_values
+    from ..methods.catalogue import OURS
+
+    given = dict(parse_key_values(assignments, "--set"))
+    own = {"num_steps": "--steps", "opt_steps": "--opt-steps", "etas": "--etas", "inject": "the protocol"}
+    for name in given:
+        if name in own:
+            raise UsageError(f"--set {name}: use {own[name]}")
+    return tuple(check_overrides(OURS, given).items())
 
 
 def run_mini_evaluate(args: argparse.Namespace) -> int:

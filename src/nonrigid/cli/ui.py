@@ -55,6 +55,7 @@ def run_ui(args: argparse.Namespace) -> int:
 
     quiet_libraries(args.quiet)
     options = ModelOptions(device=args.device, dtype=args.dtype, low_memory=args.low_memory, compile=args.compile,
+                           cuda_graphs=args.cuda_graphs,
                            allow_pickle=args.allow_pickle, config=args.config, t5=not args.no_t5)
     editor = Editor(args.model, args.out, options, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     say(args, f"loading model {args.model}")

@@ -114,9 +114,10 @@ def edit_jobs(group: list[Job], spec: BenchSpec, model: Any, cache: Any) -> list
     from ..methods.run import EditRequest, run_edits
 
     first = group[0]
-    requests = [EditRequest(job.pair.image, job.pair.target_text, job.source_prompt) for job in group]
+    requests = [EditRequest(job.pair.image, job.pair.target_text, job.source_prompt, spec.mask_of(job.pair))
+                for job in group]
     return run_edits(model, requests, first.method, first.setting.params, seeds=first.seeds, size=spec.size,
-                     cache=cache, batch_size=spec.runtime.get("batch_size"))
+                     crop=spec.crop, cache=cache, batch_size=spec.runtime.get("batch_size"))
 
 
 @dataclass

@@ -98,6 +98,7 @@ class WorkerSetup:
     config: str | None = None
     low_memory: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
     piebench: bool = False  # PIE-Bench's metrics too
@@ -112,7 +113,8 @@ class WorkerSetup:
             torch.set_num_threads(self.threads)
         _quiet_libraries()
         model = load_model(self.model, self.device, self.dtype, allow_pickle=self.allow_pickle, config=self.config)
-        model = configure_model(model, low_memory=self.low_memory, compile=self.compile)
+        model = configure_model(model, low_memory=self.low_memory, compile=self.compile,
+                                cuda_graphs=self.cuda_graphs)
         options = {k: v for k, v in self.metrics.items() if k != "kind"}
         return model, load_metrics(self.metrics.get("kind", "default"), device=model.device, piebench=self.piebench,
                                    **options)

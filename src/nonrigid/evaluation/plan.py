@@ -251,6 +251,8 @@ class BenchSpec:
     preset: str | None = None
     dataset: str = "tedbench"  # the folder's layout: "tedbench" or "piebench"
     types: tuple[str, ...] = ()  # PIE-Bench: the editing types selected (ids)
+    crop: str | None = "square"  # the benchmarks' protocol; None: each picture at its own aspect ratio
+    masks: str | None = None  # None, "piebench" (its own masks) or a folder of <image stem>.png masks
 
     def __post_init__(self) -> None:
         if self.size is not None and self.size <= 0:
@@ -260,6 +262,35 @@ class BenchSpec:
         batch = self.runtime.get("batch_size")
         if batch is not None and batch < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch}")
+        if self.masks is not None:
+            self._check_masks()
+
+    def _check_masks(self) -> None:
+        """Every pair has its mask, and every method takes one, before any job runs."""
+        for method in self.settings:
+            if not METHODS[method].masks:
+                raise UsageError(f"masks: method {method!r} takes no mask ({METHODS[method].why_no_mask})")
+        if self.masks == "piebench":
+            missing = [p.img_name for p in self.pairs if p.mask is None]
+            if missing:
+                raise UsageError(f"masks piebench: {missing[0]} has no PIE-Bench mask (a TEdBench pair?)")
+            return
+        folder = Path(self.masks)
+        if not folder.is_dir():
+            raise UsageError(f"masks: {folder} is not a folder of masks (or piebench)")
+        missing = [p.img_name for p in self.pairs if not (folder / f"{Path(p.img_name).stem}.png").is_file()]
+        if missing:
+            raise UsageError(f"masks: {folder} has no {Path(missing[0]).stem}.png (one mask per image, named like it)")
+
+    def mask_of(self, pair: Pair):
+        """A pair's mask as an edit request takes it (None without masks)."""
+        if self.masks is None:
+            return None
+        if self.masks == "piebench":
+            from .piebench import decode_mask
+
+            return decode_mask(pair.mask, border=False)  # the reference's border rows count for scoring, not here
+        return Path(self.masks) / f"{Path(pair.img_name).stem}.png"
 
     def jobs(self) -> list[Job]:
         """Pair by pair (methods that share a pair's stages run back to back), then method, then setting."""
@@ -284,4 +315,8 @@ class BenchSpec:
             "preset": self.preset,
             # PIE-Bench runs only, so that TEdBench run folders written before PIE-Bench existed still resume
             **({"dataset": self.dataset, "types": list(self.types)} if self.dataset != "tedbench" else {}),
+            # likewise only where not the protocol's square crop without masks
+            **({"crop": self.crop} if self.crop != "square" else {}),
+            **({"masks": str(Path(self.masks).resolve()) if self.masks != "piebench" else self.masks}
+               if self.masks is not None else {}),
         }

@@ -153,6 +153,21 @@ class MethodInfo:
     # whether ``run`` edits several images as one model batch (the benchmark groups such jobs); the others get
     # one image per call
     batches_images: bool = False
+    # named sets of parameter values (``fast``), applied under the caller's own values; each chosen by evidence
+    # that the page says where it is (docs/MINIATURE.md)
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # whether the method takes a mask of where the edit may change the picture (``why_no_mask``: why not)
+    masks: bool = False
+    why_no_mask: str = ""
+
+    def preset(self, name: str | None) -> dict[str, Any]:
+        """The values of preset ``name`` (none for None), or a one-line refusal naming the method's presets."""
+        if name is None:
+            return {}
+        if name not in self.presets:
+            offered = f"its presets: {', '.join(self.presets)}" if self.presets else "it has none"
+            raise UsageError(f"method {self.name!r} has no preset {name!r} ({offered})")
+        return dict(self.presets[name])
 
     def check_family(self, family) -> None:
         """Refuse, in one line with the reason, a model this method cannot run on."""
@@ -210,16 +225,16 @@ def check_overrides(
 
 def resolve_params(
     info: MethodInfo, overrides: Mapping[str, Any] | None = None, family: Any = None,
-    shown_as: Mapping[str, str] | None = None,
+    shown_as: Mapping[str, str] | None = None, preset: str | None = None,
 ) -> dict[str, Any]:
-    """Every parameter of the method, resolved once: its defaults, then the model family's where the caller left a
-    value unset (:func:`family_defaults`), then the caller's ``overrides`` (values or command-line strings), every
-    value checked.
+    """Every parameter of the method, resolved once: its defaults, then a ``preset``'s values, then the model
+    family's where neither the caller nor the preset set a value (:func:`family_defaults`), then the caller's
+    ``overrides`` (values or command-line strings), every value checked.
 
     ``shown_as`` maps parameter names to what the user typed (``{"etas": "--eta"}``) for error messages. A default
     that counts steps (``Param.per_steps``) follows ``num_steps``: Edit-friendly's skips (24, 36, 48) of the
     reference's 100 steps become (5, 7, 10) at 20 steps."""
-    overrides = dict(overrides or {})
+    overrides = {**info.preset(preset), **(overrides or {})}
     if family is not None:
         overrides = family_defaults(info, family, overrides)
     params = info.defaults()
@@ -306,6 +321,8 @@ class EditInput:
     target_prompt: str
     source_prompt: str = ""
     cache_fields: dict[str, str] = field(default_factory=dict)
+    mask: Any = None  # where the edit may change the image: (height, width) floats in [0, 1], or None
+    record: dict[str, Any] = field(default_factory=dict)  # what edit.json says of the input (working size, mask)
 
 
 @dataclass

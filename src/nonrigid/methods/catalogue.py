@@ -49,6 +49,7 @@ OURS = MethodInfo(
     seeded=True,
     reference="Latent Inversion with Timestep-aware Sampling (method.md section 1)",
     batches_images=True,
+    masks=True,
 )
 
 NTI = MethodInfo(
@@ -61,6 +62,7 @@ NTI = MethodInfo(
     why_not="it optimises the null text of classifier-free guidance, and this model has no unconditional branch "
             "(its guidance is distilled)",
     reference="Mokady et al., Null-text Inversion (CVPR 2023)",
+    masks=True,
 )
 
 IMAGIC = MethodInfo(
@@ -82,6 +84,8 @@ IMAGIC = MethodInfo(
     reference="Kawar et al., Imagic (CVPR 2023); SD re-implementation defaults",
     memory="fine-tunes a full fp32 copy of the UNet with Adam (about 14 GB on CUDA for SD 1.x and 2.x, over 41 GB "
     "for SDXL's 2.6 B-parameter UNet; the original weights wait on the CPU meanwhile)",
+    why_no_mask="it samples from fresh noise with a fine-tuned UNet, so there is no path of the input to keep "
+                "outside a mask",
 )
 
 MASACTRL = MethodInfo(
@@ -103,6 +107,7 @@ MASACTRL = MethodInfo(
     reference="Cao et al., MasaCtrl (ICCV 2023), on a null-text inversion as in the paper",
     requires=(UNET,),
     why_not="it rewires a UNet's self-attention layers, and a flow transformer (MMDiT) has joint attention only",
+    masks=True,
 )
 
 EDIT_FRIENDLY = MethodInfo(
@@ -123,6 +128,7 @@ EDIT_FRIENDLY = MethodInfo(
     batches_images=True,
     why_not="its noise maps belong to DDPM's stochastic sampler, and a flow model samples a deterministic ODE "
     "(on flow models use flowedit)",
+    masks=True,
 )
 
 DDS = MethodInfo(
@@ -144,6 +150,7 @@ DDS = MethodInfo(
     requires=(DDPM,),
     batches_images=True,
     why_not="it distils noise estimates at DDPM timesteps; its flow-model counterpart is flowedit",
+    masks=True,
 )
 
 LEDITS = MethodInfo(
@@ -166,6 +173,8 @@ LEDITS = MethodInfo(
     reference="Brack et al., LEDITS++ (CVPR 2024), as shipped by diffusers",
     requires=(LEDITS,),
     why_not="diffusers ships LEDITS++ for SD and SDXL UNets only",
+    why_no_mask="diffusers' LEDITS++ masks its edit itself (its intersect mask of attention and noise); use "
+                "its threshold and mask parameters",
 )
 
 _FLOWEDIT_FLUX = {"num_steps": 28, "n_max": (24,), "source_guidance": 1.5, "target_guidance": 5.5}
@@ -194,6 +203,7 @@ FLOWEDIT = MethodInfo(
     # schnell: none, where the guidance values go unused and n_max scales to its 4 steps)
     settings_by_guidance={DISTILLED: _FLOWEDIT_FLUX, NO_GUIDANCE: _FLOWEDIT_FLUX},
     why_not="it integrates a rectified-flow velocity field over sigmas, and this model predicts DDPM noise",
+    masks=True,
 )
 
 METHODS: dict[str, MethodInfo] = {m.name: m for m in (OURS, NTI, IMAGIC, MASACTRL, EDIT_FRIENDLY, DDS, LEDITS,

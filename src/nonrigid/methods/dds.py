@@ -47,6 +47,8 @@ import torch
 from ..errors import UsageError, check_finite
 from ..models.family import Conditioning, ModelFamily
 from ..progress import Progress, track
+from ..stages.masks import blend, latent_mask
+from ..stages.sampling import decoded
 from ..timing import Stopwatch
 from .base import EditInput, EditResult, MethodContext, Variant
 from .catalogue import DDS as INFO
@@ -154,6 +156,7 @@ class DDSJob:
     source: Conditioning
     target: Conditioning
     seed: int
+    mask: torch.Tensor | None = None  # a latent-resolution weight: outside it z stays the source latent
 
 
 def dds_optimize(
@@ -191,6 +194,8 @@ def dds_optimize(
     results = [DDSResult(job.seed, {0: sources[i : i + 1].clone()} if 0 in wanted else {})
                for i, job in enumerate(jobs)]
     gradient_scale = loss_scale / REFERENCE_LATENT_AREA
+    weights = None if all(job.mask is None for job in jobs) else torch.cat(
+        [torch.ones_like(sources[:1, :1]) if job.mask is None else job.mask for job in jobs])
     for step in track(range(1, max(wanted) + 1), "DDS", progress):
         draws = [dds_draws(g, job.source_latent.shape, t_min, t_max, 1, sources.device)[0]
                  for g, job in zip(generators, jobs, strict=True)]
@@ -200,6 +205,9 @@ def dds_optimize(
         optimizer.zero_grad(set_to_none=True)
         latents.grad = gradient_scale * delta
         optimizer.step()
+        if weights is not None:  # outside a mask, z stays the input latent
+            with torch.no_grad():
+                latents.copy_(blend(latents, sources, weights))
         for i, (result, draw) in enumerate(zip(results, draws, strict=True)):
             result.losses.append(delta[i : i + 1].pow(2).mean().item())
             result.timesteps.append(draw.timestep)
@@ -223,7 +231,8 @@ def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> l
     by_seed = []
     with watch("optimization"):
         for seed in ctx.seeds:
-            jobs = [DDSJob(latent, source, target, seed) for latent, source, target in inputs]
+            jobs = [DDSJob(latent, source, target, seed, None if e.mask is None else latent_mask(e.mask, latent))
+                    for (latent, source, target), e in zip(inputs, edits, strict=True)]
             by_seed.append(dds_optimize(model, jobs, p["iterations"], lr=p["lr"], guidance_scale=p["guidance_scale"],
                                         t_min=p["t_min"], t_max=p["t_max"], loss_scale=p["loss_scale"],
                                         uncond=uncond, progress=ctx.progress))
@@ -231,17 +240,19 @@ def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> l
     with watch("decoding"):
         for k, (source_latent, _, _) in enumerate(inputs):
             mine = [results[k] for results in by_seed]
-            variants.append(_variants(model, p["iterations"], source_latent, mine, ctx.batch_size))
+            weight = None if edits[k].mask is None else latent_mask(edits[k].mask, source_latent)
+            variants.append(_variants(model, p["iterations"], source_latent, mine, ctx.batch_size, weight))
     timings = {name: seconds / len(edits) for name, seconds in watch.seconds.items()}
     return [ctx.result(edit, mine, timings, record=_record(p, results_of))
             for edit, (mine, results_of) in zip(edits, variants, strict=True)]
 
 
 def _variants(family: ModelFamily, iterations: Sequence[int], source_latent: torch.Tensor, results: list[DDSResult],
-              batch_size: int | None) -> tuple[list[Variant], list[DDSResult]]:
+              batch_size: int | None, weight: torch.Tensor | None = None) -> tuple[list[Variant], list[DDSResult]]:
     """One picture's variants (seed, iterations), decoded together, and its runs."""
     order = [(result, n) for result in results for n in iterations]
-    images = family.decode(torch.cat([result.snapshots[n] for result, n in order]), batch_size=batch_size or 8)
+    images = decoded(family, torch.cat([result.snapshots[n] for result, n in order]), source_latent, weight,
+                     batch_size=batch_size or 8)
     variants = [
         Variant(result.seed, {"iter": n}, image,
                       {"latent_change": float((result.snapshots[n] - source_latent).abs().mean())})

@@ -32,6 +32,8 @@ from diffusers import DDIMScheduler
 from ..errors import UsageError, check_finite
 from ..models.family import Conditioning, ModelFamily
 from ..progress import Progress, track
+from ..stages.masks import blend, latent_mask
+from ..stages.sampling import decoded
 from ..timing import Stopwatch
 from .base import EditInput, EditResult, MethodContext, Variant
 from .catalogue import EDIT_FRIENDLY as INFO
@@ -138,6 +140,7 @@ def edit_friendly_sample(
     *,
     uncond_embedding: torch.Tensor | None = None,
     batch_size: int | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
     progress: Progress = False,
 ) -> torch.Tensor:
     """DDPM sampling with the stored noise maps: one row per (inversion, skip), in that order; final latents.
@@ -171,9 +174,22 @@ def edit_friendly_sample(
             x = latents[part]
             noise = torch.stack([inversions[rows[r][0]].zs[i] for r in part.tolist()])
             eps = model.predict(x, t, conds.rows(part), uncond_embedding, guidance_scale)
-            latents[part] = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+            stepped = scheduler.step(eps, t, x, eta=1.0, variance_noise=noise).prev_sample
+            latents[part] = _kept(stepped, part.tolist(), rows, inversions, masks, i + 1)
     check_finite(latents, "edit-friendly sampling")
     return latents
+
+
+def _kept(stepped: torch.Tensor, part: list[int], rows: list[tuple[int, int]],
+          inversions: Sequence[EditFriendlyInversion], masks: Sequence[torch.Tensor | None] | None,
+          step: int) -> torch.Tensor:
+    """The rows ``part`` after a step, each outside its image's mask back on its inversion's own path (the noisy
+    latents ``xs``: ``xs[N]`` is the image latent itself)."""
+    if masks is None:
+        return stepped
+    kept = [blend(stepped[k : k + 1], inversions[rows[r][0]].xs[step : step + 1], masks[rows[r][0]])
+            for k, r in enumerate(part)]
+    return torch.cat(kept)
 
 
 def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> list[EditResult]:
@@ -196,15 +212,18 @@ def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> l
     with watch("sampling"):
         targets = [model.encode_prompt(e.target_prompt) for e in edits]
         flat = [inv for mine in inversions for inv in mine]
+        masks = [None if e.mask is None else latent_mask(e.mask, latent)
+                 for e, latent, mine in zip(edits, latents, inversions, strict=True) for _ in mine]
         finals = edit_friendly_sample(model, flat, [t for t, mine in zip(targets, inversions, strict=True)
                                                     for _ in mine],
                                       p["target_guidance"], skips, uncond_embedding=uncond,
-                                      batch_size=ctx.batch_size, progress=ctx.progress)
+                                      batch_size=ctx.batch_size, masks=masks, progress=ctx.progress)
         finals = finals.split([len(mine) * len(skips) for mine in inversions])
     outputs = []
-    for mine, latents_of in zip(inversions, finals, strict=True):
+    for mine, latents_of, latent, edit in zip(inversions, finals, latents, edits, strict=True):
         with watch("decoding"):
-            images = model.decode(latents_of, batch_size=ctx.batch_size or 8)
+            weight = None if edit.mask is None else latent_mask(edit.mask, latent)
+            images = decoded(model, latents_of, latent, weight, batch_size=ctx.batch_size or 8)
         variants = [
             Variant(inv.seed, {"skip": skip}, img, {"start_timestep": _start_timestep(inv, skip)})
             for (inv, skip), img in zip(((inv, s) for inv in mine for s in skips), images, strict=True)

@@ -32,6 +32,8 @@ import torch
 from ..errors import UsageError, check_finite
 from ..models.family import Conditioning, ModelFamily
 from ..progress import Progress, track
+from ..stages.masks import blend, latent_mask
+from ..stages.sampling import decoded
 from ..timing import Stopwatch
 from .base import EditInput, EditResult, MethodContext, Variant
 from .catalogue import FLOWEDIT as INFO
@@ -60,6 +62,7 @@ def flowedit_latents(
     source_guidance: float = 3.5,
     target_guidance: float = 13.5,
     seed: int = 0,
+    mask: torch.Tensor | None = None,
     progress: Progress = False,
 ) -> torch.Tensor:
     """The edited latents, one row per ``n_max`` (1, C, h, w each), from the source latent ``x_src`` of a flow
@@ -84,7 +87,7 @@ def flowedit_latents(
                 v_src = model.predict(zt_src, t, source, uncond, source_guidance)
                 v_tar = model.predict(zt_tar, t, target, uncond, target_guidance)
                 delta += (v_tar - v_src) / n_avg
-            z[active] = z[active] + (s_next - s) * delta
+            z[active] = blend(z[active] + (s_next - s) * delta, x_src, mask)  # outside a mask: the input latent
         else:
             if tail is None:  # SDEdit-style phase: z noised to this level, then sampled with the target
                 tail = z + (1 - s) * x_src + s * noise[i, 0:1] - x_src
@@ -106,6 +109,9 @@ def _edit(model: ModelFamily, edit: EditInput, ctx: MethodContext) -> EditResult
     n_maxes = tuple(min(n, steps) for n in p["n_max"])
     if p["n_min"] > min(n_maxes):
         raise UsageError(f"n_min ({p['n_min']}) must not exceed n_max ({min(n_maxes)})")
+    if edit.mask is not None and p["n_min"]:
+        raise UsageError("a mask keeps the input outside it along the edit's ODE; n_min's plain sampling of the "
+                         "last steps has no such path: set n_min to 0 with a mask")
     watch = Stopwatch()
     with watch("encoding"):
         x_src = model.encode_image(edit.image)
@@ -114,11 +120,13 @@ def _edit(model: ModelFamily, edit: EditInput, ctx: MethodContext) -> EditResult
         latents = torch.cat([
             flowedit_latents(model, x_src, source, target, n_maxes, num_steps=steps, n_min=p["n_min"],
                              n_avg=p["n_avg"], source_guidance=p["source_guidance"],
-                             target_guidance=p["target_guidance"], seed=seed, progress=ctx.progress)
+                             target_guidance=p["target_guidance"], seed=seed,
+                             mask=None if edit.mask is None else latent_mask(edit.mask, x_src), progress=ctx.progress)
             for seed in ctx.seeds
         ])
     with watch("decoding"):
-        images = model.decode(latents, batch_size=ctx.batch_size or 8)
+        weight = None if edit.mask is None else latent_mask(edit.mask, x_src)
+        images = decoded(model, latents, x_src, weight, batch_size=ctx.batch_size or 8)
     order = [(seed, n) for seed in ctx.seeds for n in p["n_max"]]
     variants = [
         Variant(seed, {"nmax": n}, image, {"latent_change": float((latent - x_src[0]).abs().mean())})

@@ -36,7 +36,7 @@ from PIL import Image
 from ..errors import check_finite
 from ..models.family import Conditioning, ModelFamily
 from ..progress import Progress, track
-from ..stages.cached import TextRequest, text_stages
+from ..stages.cached import TextRequest, TextSettings, text_stages
 from ..stages.sampling import interpolate
 from ..stages.text_optimization import TextOptimization
 from ..timing import Stopwatch
@@ -280,7 +280,7 @@ def _edit(model: ModelFamily, edit: EditInput, ctx: MethodContext) -> EditResult
     with watch("text_optimization"):
         ((texts, reused),) = text_stages(model, [TextRequest(edit.image, edit.target_prompt, ctx.seeds,
                                                              edit.cache_fields)],
-                                         p["opt_steps"], p["opt_lr"], ctx.cache, ctx.progress)
+                                         TextSettings(p["opt_steps"], p["opt_lr"]), ctx.cache, ctx.progress)
     variants: list[Variant] = []
     finetune_losses: dict[int, list[float]] = {}
     for text in texts:

@@ -27,6 +27,8 @@ from ..errors import UsageError, check_finite
 from ..models.family import Conditioning, ModelFamily
 from ..progress import Progress, track
 from ..stages.inversion import Inversion
+from ..stages.masks import blend, latent_mask
+from ..stages.sampling import decoded, reference_path
 from ..timing import Stopwatch
 from .base import EditInput, EditResult, MethodContext, Variant
 from .catalogue import MASACTRL as INFO
@@ -185,6 +187,7 @@ def masactrl_latents(
     start_layer: int,
     *,
     batch_size: int | None = None,
+    mask: torch.Tensor | None = None,
     progress: Progress = False,
 ) -> torch.Tensor:
     """Final latents of the source branch (row 0) and one target branch per ``start_steps`` value (rows 1..).
@@ -193,6 +196,8 @@ def masactrl_latents(
     and guidance scale; the source is conditioned on ``inversion.source_embedding``, the targets on ``target``
     (tau(target prompt), (1, 77, D)). A ``start_step`` at or past the number of steps leaves that target plain.
     ``batch_size`` bounds the branches per UNet call (the source is recomputed with each chunk of targets).
+    ``mask`` (a latent-resolution weight): outside it the targets follow the inversion's reconstruction
+    (:mod:`nonrigid.stages.masks`).
     """
     if not start_steps:
         raise ValueError("give at least one start step")
@@ -200,7 +205,7 @@ def masactrl_latents(
     targets = []
     for first in range(0, len(start_steps), per_call):
         chunk = tuple(int(s) for s in start_steps[first : first + per_call])
-        latents = _sample_branches(model, inversion, target, chunk, start_layer, progress)
+        latents = _sample_branches(model, inversion, target, chunk, start_layer, mask, progress)
         source = latents[:1]  # the same in every chunk
         targets.append(latents[1:])
     return torch.cat([source, *targets])
@@ -212,11 +217,13 @@ def _sample_branches(
     target: torch.Tensor,
     start_steps: tuple[int, ...],
     start_layer: int,
+    mask: torch.Tensor | None,
     progress: Progress,
 ) -> torch.Tensor:
     """One batch: the source branch and the targets ``start_steps``, sampled together under mutual attention."""
     scheduler = model.sampling_scheduler(inversion.num_steps, inversion.latent)
     state = MutualAttentionState(start_steps)
+    reference = reference_path(inversion)
     conds = Conditioning.cat([inversion.source, Conditioning.of(target).expand(len(start_steps))])
     latents = inversion.latent.expand(state.num_branches, -1, -1, -1).clone()
     with mutual_self_attention(model.network, state, start_layer):
@@ -224,6 +231,8 @@ def _sample_branches(
             state.step = i
             eps = model.predict(latents, t, conds, inversion.uncond_at(i), inversion.guidance_scale)
             latents = scheduler.step(eps, t, latents).prev_sample
+            if mask is not None:  # the targets outside the mask: back on the reconstruction
+                latents[1:] = blend(latents[1:], reference[i + 1 : i + 2], mask)
     check_finite(latents, "MasaCtrl sampling")
     return latents
 
@@ -244,9 +253,10 @@ def _edit(model: ModelFamily, edit: EditInput, ctx: MethodContext) -> EditResult
         ((inversion, hit),) = nti_inversions(model, [edit], ctx)
     with watch("sampling"):
         start_steps = p["start_step"]
+        mask = None if edit.mask is None else latent_mask(edit.mask, inversion.latent)
         latents = masactrl_latents(model, inversion, model.encode_prompt(edit.target_prompt), start_steps,
-                                   start_layer, batch_size=ctx.batch_size, progress=ctx.progress)
-        images = model.decode(latents[1:])
+                                   start_layer, batch_size=ctx.batch_size, mask=mask, progress=ctx.progress)
+        images = decoded(model, latents[1:], reference_path(inversion)[-1:], mask)
     variants = [Variant(ctx.seeds[0], {"step": step}, image) for step, image in zip(start_steps, images, strict=True)]
     record = {
         "self_attention_layers": layers,

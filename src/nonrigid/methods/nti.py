@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..models.family import Conditioning, ModelFamily
-from ..stages.cached import InversionRequest, inversion_stages
+from ..stages.cached import InversionRequest, InversionSettings, inversion_stages
 from ..stages.inversion import Inversion
-from ..stages.sampling import sample_latents
+from ..stages.masks import latent_mask
+from ..stages.sampling import decoded, reference_path, sample_latents
 from ..timing import Stopwatch
 from .base import EditInput, EditResult, MethodContext, Variant
 from .catalogue import NTI as INFO
@@ -23,9 +24,9 @@ def nti_inversions(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodCo
     """The NTI inversion of each image for its source prompt, from the stage cache when ``ours`` (or MasaCtrl) made
     it already, with whether it was cached."""
     p = ctx.params
+    settings = InversionSettings("nti", p["num_steps"], p["guidance_scale"], p["inner_steps"], p["early_stop"])
     return inversion_stages(model, [InversionRequest(e.image, e.source_prompt, e.cache_fields) for e in edits],
-                            "nti", p["num_steps"], p["guidance_scale"], p["inner_steps"], p["early_stop"], ctx.cache,
-                            ctx.progress)
+                            settings, ctx.cache, ctx.progress)
 
 
 def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> list[EditResult]:
@@ -35,9 +36,13 @@ def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> l
         found = nti_inversions(model, edits, ctx)
     with watch("sampling"):
         targets = Conditioning.cat([model.encode_prompt(e.target_prompt) for e in edits])
-        latents = sample_latents(model, [inv for inv, _ in found], targets, [0] * len(edits), list(range(len(edits))),
+        inversions = [inv for inv, _ in found]
+        masks = [None if e.mask is None else latent_mask(e.mask, inv.latent) for e, inv in zip(edits, inversions,
+                                                                                               strict=True)]
+        latents = sample_latents(model, inversions, targets, [0] * len(edits), list(range(len(edits))), masks=masks,
                                  progress=ctx.progress)
-        images = [model.decode(latents[i : i + 1])[0] for i in range(len(edits))]
+        images = [decoded(model, latents[i : i + 1], reference_path(inv)[-1:], mask)[0]
+                  for i, (inv, mask) in enumerate(zip(inversions, masks, strict=True))]
     timings = {name: seconds / len(edits) for name, seconds in watch.seconds.items()}
     return [ctx.result(edit, [Variant(ctx.seeds[0], {}, image)], timings, cache={"inversion": hit})
             for edit, image, (_, hit) in zip(edits, images, found, strict=True)]

@@ -16,8 +16,9 @@ from ..errors import UsageError
 from ..models.family import ModelFamily
 from ..progress import Progress
 from ..stages import DEFAULT_GUIDANCE
-from ..stages.cached import InversionRequest, TextRequest, inversion_stages, text_stages
+from ..stages.cached import InversionRequest, InversionSettings, TextRequest, TextSettings, stages_a_and_b
 from ..stages.inversion import Inversion
+from ..stages.masks import latent_mask
 from ..stages.sampling import sample_variants, variant_grid
 from ..stages.text_optimization import TextOptimization
 from ..timing import Stopwatch
@@ -34,6 +35,7 @@ class EditStages:
 
     text_optimizations: tuple[TextOptimization, ...]
     inversion: Inversion
+    mask: Any = None  # the edit's mask at the working size (None: the whole picture may change)
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -44,6 +46,15 @@ def guidance_of(params: Mapping[str, Any]) -> float:
     """The guidance scale used: the given one, else the inversion's (7.5 for NTI and NPI, 1 for DDIM)."""
     given = params["guidance_scale"]
     return DEFAULT_GUIDANCE[params["inversion"]] if given is None else float(given)
+
+
+def text_settings(params: Mapping[str, Any]) -> TextSettings:
+    return TextSettings(params["opt_steps"], params["opt_lr"])
+
+
+def inversion_settings(params: Mapping[str, Any]) -> InversionSettings:
+    return InversionSettings(params["inversion"], params["num_steps"], guidance_of(params), params["inner_steps"],
+                             params["early_stop"])
 
 
 def inject_steps_of(params: Mapping[str, Any]) -> tuple[int, ...]:
@@ -57,15 +68,14 @@ def run(model: ModelFamily, edits: Sequence[EditInput], ctx: MethodContext) -> l
     its timings its share of the batch."""
     p = ctx.params
     watch = Stopwatch()
-    with watch("text_optimization"):
-        texts = text_stages(model, [TextRequest(e.image, e.target_prompt, ctx.seeds, e.cache_fields) for e in edits],
-                            p["opt_steps"], p["opt_lr"], ctx.cache, ctx.progress)
-    with watch("inversion"):
-        inversions = inversion_stages(model, [InversionRequest(e.image, e.source_prompt, e.cache_fields)
-                                              for e in edits], p["inversion"], p["num_steps"], guidance_of(p),
-                                      p["inner_steps"], p["early_stop"], ctx.cache, ctx.progress)
+    with watch("text_optimization_and_inversion"):  # A rides along B's model calls: one time for both
+        texts, inversions = stages_a_and_b(
+            model, [TextRequest(e.image, e.target_prompt, ctx.seeds, e.cache_fields) for e in edits],
+            text_settings(p), [InversionRequest(e.image, e.source_prompt, e.cache_fields) for e in edits],
+            inversion_settings(p), ctx.cache, ctx.progress)
     with watch("sampling"):
-        stages = [EditStages(tuple(t), inv) for (t, _), (inv, _) in zip(texts, inversions, strict=True)]
+        stages = [EditStages(tuple(t), inv, e.mask) for (t, _), (inv, _), e in zip(texts, inversions, edits,
+                                                                                     strict=True)]
         variants = resample(model, stages, p["etas"], p["inject"], batch_size=ctx.batch_size, progress=ctx.progress)
     timings = {name: seconds / len(edits) for name, seconds in watch.seconds.items()}
     record = {"guidance_scale_used": guidance_of(p), "inject_steps": list(inject_steps_of(p))}
@@ -99,8 +109,9 @@ def resample(
     num_steps = stages[0].inversion.num_steps
     steps = tuple(dict.fromkeys(round(r * num_steps) for r in inject))
     ratio_of = {round(r * num_steps): r for r in reversed(inject)}
+    masks = [None if s.mask is None else latent_mask(s.mask, s.inversion.latent) for s in stages]
     images = sample_variants(model, [s.inversion for s in stages], chosen, etas, steps, batch_size=batch_size,
-                             progress=progress)
+                             masks=masks, progress=progress)
     return [
         [Variant(texts[s.text_index].seed, {"K": s.inject_steps, "eta": s.eta}, img,
                  {"inject_ratio": ratio_of[s.inject_steps]}, params={"etas": s.eta, "inject": ratio_of[s.inject_steps]})

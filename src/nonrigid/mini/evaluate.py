@@ -187,7 +187,7 @@ def _evaluate_pairs(model, judge, chunk: list[tuple[int, Pair]], cache, protocol
         injected, _ = _sweep(model, images, chunk, cache, protocol, "NTI-w/o-src", ablation_etas, others,
                              ablation_seeds)
         add(injected, "NTI-w/o-src", lambda v: [("injection", f"inject {round(v.params['inject'] * 100)}%")])
-    for name in ("DDIM", "NTI-src") if protocol.ablations else ("NTI-src",):
+    for name in ("DDIM", "NTI-src") if protocol.ablations else ("NTI-src",) if protocol.nti_only else ():
         found, results = _sweep(model, images, chunk, cache, protocol, name, ablation_etas, DEFAULT_INJECT,
                                 ablation_seeds)
         add(found, name, lambda v, name=name: [("inversion", name)])
@@ -217,10 +217,11 @@ def _sweep(model, images, chunk, cache, protocol: Protocol, name: str, etas, inj
             continue
         requests = [EditRequest(image, pair.target_text, pair.source_text if with_source else "")
                     for image, (_, pair) in zip(images, chunk, strict=True)]
-        results = run_edits(model, requests, "ours", {"etas": these_etas, "inject": injects,
-                                                     "num_steps": protocol.num_steps, "opt_steps": protocol.opt_steps,
-                                                     "inversion": method},
-                            seeds=these_seeds, size=images[0].size[0], cache=cache)
+        params = {"etas": these_etas, "inject": injects, "num_steps": protocol.num_steps,
+                  "opt_steps": protocol.opt_steps, "inversion": method}
+        if name == "NTI-w/o-src":  # ours: a candidate preset's parameters replace the paper's
+            params.update(protocol.ours)
+        results = run_edits(model, requests, "ours", params, seeds=these_seeds, size=images[0].size[0], cache=cache)
         for mine, result in zip(variants, results, strict=True):
             mine.extend(result.variants)
     return variants, results

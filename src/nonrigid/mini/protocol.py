@@ -4,6 +4,7 @@ etas, the baselines' settings on the miniature models and the :class:`Protocol` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import UsageError
 
@@ -43,6 +44,10 @@ class Protocol:
     ablation_seeds: int | None = None  # how many of ``seeds`` the ablations sample (None: all)
     ablations: bool = True
     world: int | None = None
+    # ours' parameters where they differ from the paper's (a candidate preset: ``(("inversion", "npi"), ...)``),
+    # and whether NTI-only editing runs beside it
+    ours: tuple[tuple[str, Any], ...] = ()
+    nti_only: bool = True
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -62,4 +67,7 @@ class Protocol:
         return {"num_steps": self.num_steps, "opt_steps": self.opt_steps, "seeds": list(self.seeds),
                 "etas": list(self.etas), "ablation_etas": list(self.ablation_etas),
                 **({"ablation_seeds": self.ablation_seeds} if self.ablation_seeds is not None else {}),
-                "ablations": self.ablations, "world": self.world}
+                "ablations": self.ablations, "world": self.world,
+                # only where set, so that the runs made before these existed resume
+                **({"ours": {k: list(v) if isinstance(v, tuple) else v for k, v in self.ours}} if self.ours else {}),
+                **({"nti_only": False} if not self.nti_only else {})}

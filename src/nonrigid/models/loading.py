@@ -144,6 +144,7 @@ def configure_model(
     *,
     low_memory: bool = False,
     compile: bool = False,
+    cuda_graphs: bool = False,
     channels_last: bool | None = None,
 ) -> ModelFamily:
     """Speed and memory settings of the frozen networks, applied to ``model``'s pipeline in place (and returned).
@@ -161,6 +162,12 @@ def configure_model(
     - ``compile``: ``torch.compile`` the UNet in place (its default mode: "reduce-overhead" CUDA graphs suit
       neither the changing batch sizes of the stages nor their backward passes). The first call of each batch
       shape compiles (tens of seconds), so it pays off for long runs only. It cannot be undone.
+    - ``cuda_graphs`` (CUDA only): ``torch.compile(mode="reduce-overhead")``, which captures each call shape, its
+      backward pass included, as a CUDA graph and replays it: a call then costs its kernels' time without the
+      launch overhead that dominates the stages' many small calls. A single-image edit makes calls of a handful of
+      shapes (the shared A + B calls, NTI's inner calls, sampling), each captured once. Off by default: captured
+      graphs hold their own memory, and a model whose shapes vary a lot (many images at once with early stops)
+      captures many graphs. It cannot be undone.
 
     Deliberately not used: attention slicing (diffusers' default attention already runs PyTorch's SDPA, which never
     holds the whole attention matrix; slicing would hold slices of it: more memory, slower) and model CPU offload
@@ -190,7 +197,12 @@ def configure_model(
             encoder.to(home)
     for module in family.modules().values():
         module.requires_grad_(False)  # backward passes compute input gradients only
-    if compile:
+    if cuda_graphs and device.type != "cuda":
+        raise UsageError(f"cuda_graphs must run on a CUDA device (CUDA graphs), and this model runs on {device.type}"
+                         "; leave it off here")
+    if cuda_graphs:
+        network.compile(mode="reduce-overhead")
+    elif compile:
         network.compile()
     return family
 

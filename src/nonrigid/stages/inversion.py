@@ -29,6 +29,7 @@ from ..models.family import Conditioning, ModelFamily, guided
 from ..progress import Bar, Progress, track
 from . import DEFAULT_GUIDANCE
 from . import INVERSION_METHODS as METHODS
+from .programs import Call, Loss, Program, run_program
 
 
 @dataclass
@@ -128,9 +129,27 @@ def invert_images(
     is below ``early_stop + i * 2e-5`` (the reference's rule), per image; NPI ignores both (it optimises nothing).
     Each image's result equals its run alone up to the last bits of batched convolutions.
 
-    Model cost at batch 1: DDIM N; NPI 2N (inversion + its reconstruction), no backward pass; NTI N + N * (2 + 2 *
-    inner iterations), counting a forward and backward pass as 2.
+    Sequential model calls: DDIM N; NPI 2N (inversion + its reconstruction), no backward pass; NTI N + N * (1 +
+    inner iterations) (the step's conditional prediction rides along its first call), each inner iteration a forward
+    and a backward pass.
     """
+    return run_program(family, inversion_program(family, images, source_prompts, method, num_steps, guidance_scale,
+                                                 inner_steps, early_stop, progress=progress))
+
+
+def inversion_program(
+    family: ModelFamily,
+    images: Sequence[Image.Image],
+    source_prompts: Sequence[str],
+    method: str = "nti",
+    num_steps: int = 50,
+    guidance_scale: float | None = None,
+    inner_steps: int = 10,
+    early_stop: float = 1e-5,
+    *,
+    progress: Progress = False,
+) -> Program[list[Inversion]]:
+    """:func:`invert_images` as a program (:mod:`.programs`), so that stage A can ride along its model calls."""
     if method not in METHODS:
         raise ValueError(f"unknown inversion method {method!r}; choose one of {', '.join(METHODS)}")
     if num_steps < 1:
@@ -141,26 +160,27 @@ def invert_images(
         raise UsageError(f"{method} inversion works on the unconditional branch of classifier-free guidance, which "
                          f"this model has none of ({family.describe()}); use ddim inversion")
     guidance_scale = DEFAULT_GUIDANCE[method] if guidance_scale is None else float(guidance_scale)
-    encoded = {p: family.encode_prompt(p) for p in dict.fromkeys(source_prompts)}
-    sources = [encoded[p] for p in source_prompts]
-    # the unconditional conditioning (NTI's starting point, DDIM's negative): the family's (SD: tau(""); SDXL:
-    # zeros, as its pipeline does without a negative prompt), or the source for NPI
-    empties = sources if method == "npi" else [family.unconditional()] * len(images)
-    x0 = torch.cat([family.encode_image(image) for image in images])
-    walks = _walk(family, family.inversion_scheduler(num_steps, x0), x0, Conditioning.cat(sources), "DDIM inversion",
-                  progress)
+    with torch.no_grad():  # the encoders are never trained: no graph, whatever their weights' requires_grad says
+        encoded = {p: family.encode_prompt(p) for p in dict.fromkeys(source_prompts)}
+        sources = [encoded[p] for p in source_prompts]
+        # the unconditional conditioning (NTI's starting point, DDIM's negative): the family's (SD: tau(""); SDXL:
+        # zeros, as its pipeline does without a negative prompt), or the source for NPI
+        empties = sources if method == "npi" else [family.unconditional()] * len(images)
+        x0 = torch.cat([family.encode_image(image) for image in images])
+    walks = yield from walk_program(family, family.inversion_scheduler(num_steps, x0), x0, Conditioning.cat(sources),
+                                    "DDIM inversion", progress)
     results = [Inversion(method, prompt, num_steps, guidance_scale, walk[-1:].clone(), walk.clone(), source,
                          empty)
                for prompt, walk, source, empty in zip(source_prompts, walks, sources, empties, strict=True)]
     if method == "nti":
-        optimized = null_text_optimization(family, list(walks), sources, empties, guidance_scale, inner_steps,
-                                                early_stop, progress=progress)
+        optimized = yield from null_text_program(family, list(walks), sources, empties, guidance_scale, inner_steps,
+                                                 early_stop, progress=progress)
         for result, (nulls, reconstruction, losses) in zip(results, optimized, strict=True):
             result.nulls, result.reconstruction, result.losses = nulls, reconstruction, losses
     elif method == "npi":
         latents = torch.cat([result.latent for result in results])
-        paths = _walk(family, family.sampling_scheduler(num_steps, latents), latents, Conditioning.cat(sources),
-                      "negative-prompt inversion", progress)
+        paths = yield from walk_program(family, family.sampling_scheduler(num_steps, latents), latents,
+                                        Conditioning.cat(sources), "negative-prompt inversion", progress)
         for result, path in zip(results, paths, strict=True):
             result.reconstruction = path.clone()
     return results
@@ -172,25 +192,27 @@ def invert_latents(
 ) -> torch.Tensor:
     """The DDIM inversion paths x*_0 .. x*_N of the latents ``x0`` (B, C, h, w) at guidance 1 with ``cond`` (one
     row per latent, or one for all): shape (B, N + 1, C, h, w)."""
-    return _walk(family, family.inversion_scheduler(num_steps, x0), x0, cond, "DDIM inversion", progress)
+    return run_program(family, walk_program(family, family.inversion_scheduler(num_steps, x0), x0,
+                                            Conditioning.of(cond), "DDIM inversion", progress))
 
 
-@torch.no_grad()
-def _walk(
-    family: ModelFamily, scheduler, x: torch.Tensor, cond: Conditioning | torch.Tensor, stage: str, progress: bool
-) -> torch.Tensor:
+def walk_program(
+    family: ModelFamily, scheduler, x: torch.Tensor, cond: Conditioning, stage: str, progress: Progress
+) -> Program[torch.Tensor]:
     """Every latent of a walk along ``scheduler``'s timesteps at guidance 1 with ``cond`` (one row per latent of
     ``x``, or one for all), the start included: shape (B, N + 1, C, h, w)."""
     path = [x]
     for t in track(scheduler.timesteps, stage, progress):
-        x = scheduler.step(family.predict(x, t, cond), t, x).prev_sample
+        output = yield Call(x, t, cond)
+        with torch.no_grad():
+            x = scheduler.step(output, t, x).prev_sample
         path.append(x)
     latents = torch.stack(path, dim=1)
     check_finite(latents, stage)
     return latents
 
 
-def null_text_optimization(
+def null_text_program(
     family: ModelFamily,
     trajectories: Sequence[torch.Tensor],
     conds: Sequence[Conditioning],
@@ -200,20 +222,23 @@ def null_text_optimization(
     early_stop: float = 1e-5,
     *,
     progress: Progress = False,
-) -> list[tuple[Conditioning, torch.Tensor, list[float]]]:
+) -> Program[list[tuple[Conditioning, torch.Tensor, list[float]]]]:
     """Optimise one unconditional conditioning per sampling step and image so that guided sampling retraces each
-    image's ``trajectories`` (its DDIM inversion path), as one model batch per inner step.
+    image's ``trajectories`` (its DDIM inversion path), as one model batch per inner step (a program,
+    :mod:`.programs`).
 
     Returns, per image, the conditionings (batch N), the guided reconstruction path in sampling order
     (N + 1, C, h, w) and the last inner loss of each step. ``u`` starts at ``empties`` (tau("")) and each step
-    starts from the previous step's result; Adam's learning rate decays as 1e-2 * (1 - i / 100); the conditional
-    prediction is computed once per step.
+    starts from the previous step's result; Adam's learning rate decays as 1e-2 * (1 - i / 100).
 
     Each image has its own leaves (one per tensor of its conditioning) in one Adam optimiser, and its own loss
     term (its own mean, summed). The early stop is per image: an image whose loss is low enough leaves the batch
     for the rest of that sampling step, so it gets no gradient and Adam skips it (its moments untouched), exactly
     as its run alone breaks out of the inner loop. Results in input order.
-    """
+
+    The conditional prediction of step i does not get a call of its own: it rides along the step's first call as
+    rows after the unconditional ones (the first inner iteration's, or with no inner iteration the call that
+    advances x), as classifier-free guidance batches its two branches."""
     count = len(trajectories)
     cond = Conditioning.cat([Conditioning.of(c) for c in conds])
     unconds = [Conditioning.of(e).clone() for e in empties]
@@ -226,33 +251,34 @@ def null_text_optimization(
     bar = Bar("null-text inversion", num_steps * inner_steps * count, progress)
     for i, t in enumerate(scheduler.timesteps):
         target = torch.cat([trajectory[num_steps - 1 - i : num_steps - i] for trajectory in trajectories])
-        with torch.no_grad():
-            out_cond = family.predict(x, t, cond)
         leaves = [u.leaves() for u in unconds]  # nulls[i - 1] must not move with them
         optimizer = torch.optim.Adam([p for u in leaves for p in u.parameters()], lr=1e-2 * (1.0 - i / 100.0))
         values = [float("nan")] * count
         active = list(range(count))
+        out_cond = None
         for j in range(inner_steps):
             if not active:
                 break
             rows = _rows(active, count)
-            out = guided(family.predict(x[rows], t, Conditioning.cat([leaves[r] for r in active])), out_cond[rows],
-                         guidance_scale)
+            out_uncond, out_cond = yield from _unconditional_and_conditional(
+                x[rows], t, Conditioning.cat([leaves[r] for r in active]), x, cond, out_cond, grad=True)
+            out = guided(out_uncond, out_cond[rows], guidance_scale)
             stepped = scheduler.step(out, t, x[rows]).prev_sample
-            per_image = [F.mse_loss(stepped[k : k + 1], target[r : r + 1]) for k, r in enumerate(active)]
+            per_image = torch.stack([F.mse_loss(stepped[k : k + 1], target[r : r + 1]) for k, r in enumerate(active)])
             optimizer.zero_grad(set_to_none=True)
-            (torch.stack(per_image).sum() * loss_scale).backward()
+            yield Loss(per_image.sum() * loss_scale)
             optimizer.step()
             bar.update(len(active))
-            for k, r in enumerate(list(active)):
-                values[r] = per_image[k].item()
-                if values[r] < early_stop + i * 2e-5:
+            for r, value in zip(list(active), per_image.detach().cpu().tolist(), strict=True):  # one read per call
+                values[r] = value
+                if value < early_stop + i * 2e-5:
                     bar.update(inner_steps - j - 1)
                     active.remove(r)
         unconds = [u.detach() for u in leaves]
+        out_uncond, out_cond = yield from _unconditional_and_conditional(x, t, Conditioning.cat(unconds), x, cond,
+                                                                          out_cond)
         with torch.no_grad():
-            out = guided(family.predict(x, t, Conditioning.cat(unconds)), out_cond, guidance_scale)
-            x = scheduler.step(out, t, x).prev_sample
+            x = scheduler.step(guided(out_uncond, out_cond, guidance_scale), t, x).prev_sample
         for r in range(count):
             nulls[r].append(unconds[r])
             losses[r].append(values[r])
@@ -267,6 +293,19 @@ def null_text_optimization(
         check_finite(reconstruction, "null-text inversion")
         results.append((null_conditionings, reconstruction, losses[r]))
     return results
+
+
+def _unconditional_and_conditional(
+    x_uncond: torch.Tensor, t, uncond: Conditioning, x: torch.Tensor, cond: Conditioning,
+    out_cond: torch.Tensor | None, grad: bool = False,
+) -> Program[tuple[torch.Tensor, torch.Tensor]]:
+    """The unconditional prediction for ``x_uncond`` and the step's conditional one for ``x``: one call, the
+    conditional rows after the unconditional ones when the step has not computed them yet (``out_cond`` None)."""
+    if out_cond is not None:
+        return (yield Call(x_uncond, t, uncond, grad=grad)), out_cond
+    both = yield Call(torch.cat([x_uncond, x]), t, Conditioning.cat([uncond.expand(x_uncond.shape[0]),
+                                                                     cond.expand(x.shape[0])]), grad=grad)
+    return both[: x_uncond.shape[0]], both[x_uncond.shape[0] :].detach()
 
 
 def _rows(active: list[int], count: int) -> slice | list[int]:

@@ -23,6 +23,7 @@ from ..errors import check_finite
 from ..models.family import Conditioning, ModelFamily, mix
 from ..progress import Progress, track
 from .inversion import Inversion
+from .masks import blend, composite
 from .text_optimization import TextOptimization
 
 
@@ -57,6 +58,7 @@ def sample_variants(
     *,
     batch_size: int | None = None,
     use_reconstruction: bool = True,
+    masks: Sequence[torch.Tensor | None] | None = None,
     progress: Progress = False,
 ) -> list[list[Image.Image]] | list[torch.Tensor]:
     """Sample every (eta, K) variant of every image's text optimizations: image b's variants come from
@@ -64,7 +66,9 @@ def sample_variants(
     ``batch_size`` rows when memory is short). Returns each image's outputs in :func:`variant_grid` order (text
     optimization, then K, then eta): PIL images, or the final latents (V, C, h, w) with ``output_type="latent"``;
     each image's latents are decoded on their own. ``use_reconstruction=False`` recomputes the shared
-    source-conditioned steps instead of reading them from the inversions (same result; for checking)."""
+    source-conditioned steps instead of reading them from the inversions (same result; for checking). ``masks``:
+    per image a latent-resolution weight (:func:`~nonrigid.stages.masks.latent_mask`) or None; outside it the
+    variants follow the inversion's own path (:func:`sample_latents`)."""
     if output_type not in ("pil", "latent"):
         raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
     conds, steps, owners, counts = [], [], [], []
@@ -75,9 +79,22 @@ def sample_variants(
         owners += [image] * len(specs)
         counts.append(len(specs))
     latents = sample_latents(family, inversions, Conditioning.cat(conds), steps, owners, batch_size=batch_size,
-                             use_reconstruction=use_reconstruction, progress=progress)
+                             use_reconstruction=use_reconstruction, masks=masks, progress=progress)
     parts = list(latents.split(counts))
-    return parts if output_type == "latent" else [family.decode(part) for part in parts]
+    if output_type == "latent":
+        return parts
+    masks = masks or [None] * len(parts)
+    return [decoded(family, part, None if mask is None else reference_path(inversion)[-1:], mask)
+            for part, inversion, mask in zip(parts, inversions, masks, strict=True)]
+
+
+def decoded(family: ModelFamily, latents: torch.Tensor, reference: torch.Tensor | None,
+            weight: torch.Tensor | None, batch_size: int = 8) -> list[Image.Image]:
+    """``latents`` decoded; with a mask, composited with the reference latent's decoding (:mod:`.masks`)."""
+    images = family.decode(latents, batch_size=batch_size)
+    if weight is None:
+        return images
+    return composite(images, family.decode(reference)[0], weight)
 
 
 @torch.no_grad()
@@ -90,11 +107,16 @@ def sample_latents(
     *,
     batch_size: int | None = None,
     use_reconstruction: bool = True,
+    masks: Sequence[torch.Tensor | None] | None = None,
     progress: Progress = False,
 ) -> torch.Tensor:
     """The sampling loop: row r starts from ``inversions[owners[r]]`` (its x_T, source path, unconditional
     conditionings), follows the source path until step ``inject_steps[r]``, then ``conds[r]``. The inversions must
-    share their step count and guidance scale."""
+    share their step count and guidance scale.
+
+    ``masks[b]`` (a (1, 1, h, w) weight, or None) keeps image b's rows on its inversion's own path outside the
+    mask: after every step a row becomes ``m * x + (1 - m) * reference`` (:mod:`.masks`; the reference is the
+    reconstruction, or DDIM's trajectory walked back)."""
     conds = Conditioning.of(conds)
     num_steps = inversions[0].num_steps
     scale = inversions[0].guidance_scale
@@ -113,6 +135,7 @@ def sample_latents(
     latents = torch.zeros((rows, *inversions[0].latent.shape[1:]), device=inversions[0].latent.device)
     chunk = batch_size or rows
     first = min(inject_steps)
+    keep = _Keep(inversions, owners, masks, latents)
     for i in track(range(first, num_steps), "sampling", progress):
         t = scheduler.timesteps[i]
         for r, k in enumerate(inject_steps):
@@ -122,12 +145,42 @@ def sample_latents(
         for part in torch.tensor(active).split(chunk):
             x = latents[part]
             out = family.predict(x, t, conds.expand(rows).rows(part), _uncond(inversions, owners, part, i), scale)
-            latents[part] = scheduler.step(out, t, x).prev_sample
+            latents[part] = keep(part, i + 1, scheduler.step(out, t, x).prev_sample)
     for r, k in enumerate(inject_steps):
         if k == num_steps:  # source for all N steps: the reconstruction itself
-            latents[r] = source_paths[owners[r]][num_steps]
+            latents[r] = keep(torch.tensor([r]), num_steps, source_paths[owners[r]][num_steps : num_steps + 1])[0]
     check_finite(latents, "sampling")
     return latents
+
+
+class _Keep:
+    """The bookkeeping of masks in the sampling loop: each row's weight and reference path (rows of unmasked
+    images pass through untouched)."""
+
+    def __init__(self, inversions: Sequence[Inversion], owners: Sequence[int],
+                 masks: Sequence[torch.Tensor | None] | None, latents: torch.Tensor):
+        self.owners = owners
+        self.masks = masks if masks is not None and any(m is not None for m in masks) else None
+        if self.masks is not None:
+            self.paths = [None if m is None else reference_path(inv) for inv, m in zip(inversions, self.masks,
+                                                                                        strict=True)]
+            self.ones = torch.ones_like(latents[:1, :1])
+
+    def __call__(self, part: torch.Tensor, step: int, latents: torch.Tensor) -> torch.Tensor:
+        """``latents`` (the rows ``part`` after sampling step ``step - 1``) blended with their references."""
+        if self.masks is None:
+            return latents
+        owners = [self.owners[r] for r in part.tolist()]
+        weight = torch.cat([self.ones if self.masks[b] is None else self.masks[b] for b in owners])
+        reference = torch.cat([latents[k : k + 1] if self.paths[b] is None else self.paths[b][step : step + 1]
+                               for k, b in enumerate(owners)])
+        return blend(latents, reference, weight)
+
+
+def reference_path(inversion: Inversion) -> torch.Tensor:
+    """Where the inversion's own path is before each sampling step (index N: the end): NTI's and NPI's guided
+    reconstruction, or DDIM's trajectory in sampling order."""
+    return inversion.reconstruction if inversion.reconstruction is not None else inversion.trajectory.flip(0)
 
 
 def _uncond(inversions: Sequence[Inversion], owners: Sequence[int], part: torch.Tensor, step: int) -> Conditioning:

@@ -24,6 +24,7 @@ from PIL import Image
 from ..errors import NonFiniteError, check_finite
 from ..models.family import Conditioning, ModelFamily
 from ..progress import Progress, track
+from .programs import Call, Loss, Program, run_program
 
 
 @dataclass
@@ -93,35 +94,49 @@ def optimize_texts(
 
     Each row equals its run alone up to the last bits of batched convolutions (~1e-6; see tests/test_batching.py).
     """
+    return run_program(family, text_optimization_program(family, jobs, steps, lr, progress=progress))
+
+
+def text_optimization_program(
+    family: ModelFamily,
+    jobs: Sequence[TextJob],
+    steps: int = 200,
+    lr: float = 1e-3,
+    *,
+    progress: Progress = False,
+) -> Program[list[TextOptimization]]:
+    """:func:`optimize_texts` as a program (:mod:`.programs`): each step one call of its rows and one loss, so it
+    can ride along another stage's model calls."""
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     device = family.device
-    targets = {p: family.encode_prompt(p) for p in dict.fromkeys(job.target_prompt for job in jobs)}
     generators = [torch.Generator().manual_seed(int(job.seed)) for job in jobs]
-    x0 = torch.cat([family.encode_image(job.image, generator=g) for job, g in zip(jobs, generators, strict=True)])
+    with torch.no_grad():  # the encoders are never trained: no graph, whatever their weights' requires_grad says
+        targets = {p: family.encode_prompt(p) for p in dict.fromkeys(job.target_prompt for job in jobs)}
+        x0 = torch.cat([family.encode_image(job.image, generator=g) for job, g in zip(jobs, generators, strict=True)])
     embedding = Conditioning.cat([targets[job.target_prompt] for job in jobs]).leaves()
     optimizer = torch.optim.Adam(embedding.parameters(), lr=lr)
     # Half-precision backward passes underflow on the tiny gradients of a mean loss; Adam is invariant to a
     # constant factor on the loss (up to its eps), so half precision back-propagates the per-element sum instead.
     loss_scale = float(x0[0].numel()) if family.dtype == torch.float16 else 1.0
-    losses: list[list[float]] = [[] for _ in jobs]
+    history: list[torch.Tensor] = []  # each step's per-row losses, read back once at the end (no sync per step)
     for _ in track(range(steps), "text optimization", progress):
         timesteps, noise = _draw(family, generators, x0.shape[1:])
         noisy, wanted = family.training_example(x0, noise.to(device), timesteps.to(device))
-        output = family.predict(noisy, timesteps.to(device), embedding)
+        output = yield Call(noisy, timesteps.to(device), embedding, grad=True)
         per_row = ((output - wanted) ** 2).mean(dim=(1, 2, 3))
-        check_finite(per_row.detach(), "text optimization")
         optimizer.zero_grad(set_to_none=True)
-        (per_row.sum() * loss_scale).backward()
+        yield Loss(per_row.sum() * loss_scale)
         optimizer.step()
-        for row, value in enumerate(per_row.detach().cpu().tolist()):
-            losses[row].append(value)
+        history.append(per_row.detach())
+    losses = torch.stack(history).T.cpu() if history else torch.zeros(len(jobs), 0)
+    check_finite(losses, "text optimization")
     optimized = embedding.detach()
     if not optimized.is_finite():
         raise NonFiniteError("text optimization")
     return [
         TextOptimization(job.target_prompt, targets[job.target_prompt], optimized.rows(slice(row, row + 1)).clone(),
-                         losses[row], int(job.seed), steps, lr)
+                         losses[row].tolist(), int(job.seed), steps, lr)
         for row, job in enumerate(jobs)
     ]
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
+from PIL import ImageOps
 
 from ..errors import Cancelled, NonrigidError, first_line
 from ..images import load_image, open_image
@@ -68,8 +70,13 @@ def _edit_tab(editor: Editor, knobs: list[Knob]) -> dict[str, Any]:
         with gr.Column(scale=1):
             c["upload"] = gr.File(label="Input image (any format Pillow reads, up to 50 MB and 10,000 px a side)",
                                   file_types=["image"], type="filepath", elem_id="upload")
-            c["preview"] = gr.Image(label="As the model sees it (center crop, working size)", interactive=False,
+            c["preview"] = gr.Image(label="As the model sees it (the working size)", interactive=False,
                                     height=220, elem_id="preview")
+            c["mask"] = gr.ImageEditor(label="Region to edit (optional): paint where the edit may change the picture;"
+                                       " what stays unpainted is kept", type="numpy", sources=(), layers=False,
+                                       transforms=(), brush=gr.Brush(colors=["#ffffff"], color_mode="fixed",
+                                                                     default_size=12),
+                                       eraser=gr.Eraser(), height=260, elem_id="mask")
             c["target"] = gr.Textbox(label="Target prompt", placeholder="a photo of a jumping dog", elem_id="target")
             c["source"] = gr.Textbox(label="Source prompt (optional)", placeholder="what the picture shows now; "
                                      "empty is the paper's default", elem_id="source")
@@ -79,7 +86,9 @@ def _edit_tab(editor: Editor, knobs: list[Knob]) -> dict[str, Any]:
             with gr.Row():
                 c["seeds"] = gr.Textbox("0", label="Seeds", info="comma-separated; each its own text optimization")
                 c["size"] = gr.Number(editor.native_size, label="Size (px)", precision=0,
-                                      info="working resolution; the model's native size by default")
+                                      info="about size x size pixels at the picture's own aspect ratio")
+                c["crop"] = gr.Checkbox(False, label="Crop to a square", elem_id="crop",
+                                        info="as the reference implementations do")
             with gr.Row():
                 c["edit"] = gr.Button("Edit", variant="primary", elem_id="edit-button")
                 c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
@@ -160,12 +169,12 @@ def _generate_tab() -> dict[str, Any]:
 
 def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, edit_key, model_box, load_button,
           model_info) -> None:
-    def edit(image, target, source, method, seeds, size, values, progress, request):
+    def edit(image, target, source, method, seeds, size, crop, mask, values, progress, request):
         report = editor.reporter(_session(request), _progress_to(progress))
         try:
             outcome = editor.edit(image, target, method=method, params=params_from(knobs, values, method),
                                   source_prompt=source or "", seeds=_seeds(seeds), size=_size(size),
-                                  progress=report)
+                                  crop="square" if crop else None, mask=painted(mask), progress=report)
         except Cancelled:
             gr.Warning("Cancelled: nothing of the unfinished stage was kept")
             return [gr.skip()] * 11
@@ -207,14 +216,29 @@ def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, e
         except NonrigidError as err:
             raise gr.Error(first_line(err)) from None
 
-    def preview(image, size):
+    def preview(image, size, crop):
         if not image:
             return None, ""
         try:
             path = check_upload(image)
-            return load_image(open_image(path, name=path.name), _size(size) or editor.native_size), ""
+            picture = open_image(path, name=path.name)
+            return load_image(picture, _size(size) or editor.native_size, "square" if crop else None,
+                              editor.family.latent_multiple), ""
         except NonrigidError as err:
             return None, f"**{first_line(err)}**"
+
+    def canvas(image):
+        """The mask's canvas: the whole upright picture (the mask covers it all, whatever the crop), at most 512
+        px a side; nothing painted yet."""
+        if not image:
+            return None
+        try:
+            path = check_upload(image)
+            picture = ImageOps.exif_transpose(open_image(path, name=path.name)).convert("RGB")
+        except NonrigidError:
+            return None
+        picture.thumbnail((512, 512))
+        return {"background": np.asarray(picture), "layers": [], "composite": None}
 
     def load(name):
         try:
@@ -230,7 +254,7 @@ def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, e
         editor.close_page(_session(request))
 
     inputs = [page["upload"], page["target"], page["source"], page["method"], page["seeds"], page["size"],
-              *page["knobs"]]
+              page["crop"], page["mask"], *page["knobs"]]
     outputs = [page["gallery"], page["files"], page["status"], edit_key, page["slider_box"], page["slider_seed"],
                page["eta"], page["inject"], page["slider_image"], page["slider_info"], page["preview"]]
     edit_event = page["edit"].click(_spelled_out(edit, knobs), inputs, outputs, api_name="edit", **QUEUE)
@@ -242,8 +266,11 @@ def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, e
                                 api_name="generate", **QUEUE)
     page["cancel"].click(cancel, None, None, api_name="cancel", queue=False,
                          cancels=[edit_event, eta_event, inject_event, gen_event])
-    page["upload"].change(preview, [page["upload"], page["size"]], [page["preview"], page["status"]],
+    page["upload"].change(preview, [page["upload"], page["size"], page["crop"]], [page["preview"], page["status"]],
                           api_name=False, queue=False)
+    page["upload"].change(canvas, page["upload"], page["mask"], api_name=False, queue=False)
+    page["crop"].change(preview, [page["upload"], page["size"], page["crop"]], [page["preview"], page["status"]],
+                        api_name=False, queue=False)
     page["method"].change(lambda m: [gr.Group(visible=m == name) for name in METHODS]
                           + [gr.Dropdown(info=method_info(m).summary)],
                           page["method"], [*page["groups"].values(), page["method"]], api_name=False, queue=False)
@@ -256,7 +283,21 @@ def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, e
     app.unload(page_closed)
 
 
-EDIT_INPUTS = ("image", "target", "source", "method", "seeds", "size")
+EDIT_INPUTS = ("image", "target", "source", "method", "seeds", "size", "crop", "mask")
+
+
+def painted(value: Any) -> np.ndarray | None:
+    """The mask an editor value holds: white (255) where any stroke was painted, at the canvas's size; None when
+    nothing was painted (the whole picture may change)."""
+    if not isinstance(value, dict) or not value.get("layers"):
+        return None
+    layers = [np.asarray(layer) for layer in value["layers"] if layer is not None]
+    alpha = [layer[..., 3] if layer.ndim == 3 and layer.shape[-1] == 4 else layer.max(axis=-1) if layer.ndim == 3
+             else layer for layer in layers]
+    strokes = np.max(np.stack(alpha), axis=0) > 0 if alpha else None
+    if strokes is None or not strokes.any():
+        return None
+    return np.where(strokes, 255, 0).astype(np.uint8)
 
 
 def _spelled_out(handler: Callable, knobs: list[Knob]) -> Callable:
@@ -269,9 +310,13 @@ def _spelled_out(handler: Callable, knobs: list[Knob]) -> Callable:
         return handler(*args[:fixed], list(args[fixed:-2]), *args[-2:])
 
     positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    # A None default makes a parameter optional for API clients (Gradio's rule): the mask (an empty canvas has no
+    # value) and, since defaults must trail, the knobs after it, whose components' own values are what clients send.
+    optional = EDIT_INPUTS.index("mask")
     call.__signature__ = inspect.Signature([
-        *(inspect.Parameter(name, positional) for name in EDIT_INPUTS),
-        *(inspect.Parameter(k.api_name, positional) for k in knobs),
+        *(inspect.Parameter(name, positional, **({"default": None} if i >= optional else {}))
+          for i, name in enumerate(EDIT_INPUTS)),
+        *(inspect.Parameter(k.api_name, positional, default=None) for k in knobs),
         inspect.Parameter("progress", positional, default=gr.Progress()),  # how Gradio finds its progress tracker
         inspect.Parameter("request", positional, default=None, annotation=gr.Request),
     ])

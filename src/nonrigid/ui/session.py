@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from ..errors import Cancelled, UsageError
 from ..images import check_image, open_image
@@ -38,6 +39,7 @@ class ModelOptions:
     dtype: str | None = None
     low_memory: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
     allow_pickle: bool = False
     config: str | None = None
     t5: bool = True  # SD3: load the T5 encoder
@@ -110,7 +112,8 @@ class Editor:
         with self.lock:
             o = self.options
             loaded = load_model(name, o.device, o.dtype, allow_pickle=o.allow_pickle, config=o.config, t5=o.t5)
-            self.family = configure_model(loaded, low_memory=o.low_memory, compile=o.compile)
+            self.family = configure_model(loaded, low_memory=o.low_memory, compile=o.compile,
+                                          cuda_graphs=o.cuda_graphs)
             self.model = name
             self._kept.clear()  # stages belong to the model that made them
         return self.describe()
@@ -163,9 +166,13 @@ class Editor:
         source_prompt: str = "",
         seeds: tuple[int, ...] = (0,),
         size: int | None = None,
+        crop: str | None = None,
+        mask: Any = None,
         progress: Reporter | bool = False,
     ) -> EditOutcome:
-        """Edit an uploaded image and write it to a new folder under :attr:`out` in the CLI's layout (plus a zip)."""
+        """Edit an uploaded image and write it to a new folder under :attr:`out` in the CLI's layout (plus a zip).
+        ``mask`` (an array of any size: white may change) is painted on the whole picture; a canvas of another
+        size than the picture is resized to it."""
         from ..methods.output import save_result
         from ..methods.run import EditRequest, run_edits
         from ..stages.cache import StageCache
@@ -177,9 +184,9 @@ class Editor:
             raise UsageError("write a target prompt: what the picture should show, e.g. a photo of a jumping dog")
         with self.lock:
             cache = StageCache(self.cache_dir) if self.use_cache else None
-            (result,) = run_edits(self.family, [EditRequest(picture, target_prompt, source_prompt.strip())], method,
-                                  params or {}, seeds=seeds, size=None if size is None else int(size), cache=cache,
-                                  progress=progress)
+            request = EditRequest(picture, target_prompt, source_prompt.strip(), _on_picture(mask, picture))
+            (result,) = run_edits(self.family, [request], method, params or {}, seeds=seeds,
+                                  size=None if size is None else int(size), crop=crop, cache=cache, progress=progress)
             folder = self._new_folder(path, target_prompt, method)
             save_result(result, folder, record={"image": path.name, "model": self.model,
                                                 "size": result.input_image.width, "made_in": "nonrigid ui"})
@@ -296,3 +303,14 @@ def _save_png_atomically(image: Image.Image, path: Path) -> None:
     partial = path.with_name(f".{path.name}.partial")
     image.save(partial, format="PNG")
     partial.replace(path)
+
+
+def _on_picture(mask: Any, picture: Image.Image) -> np.ndarray | None:
+    """A mask painted on a smaller canvas of the whole picture, at the upright picture's size."""
+    if mask is None:
+        return None
+    size = ImageOps.exif_transpose(picture).size
+    values = np.asarray(mask)
+    if values.ndim == 3:
+        values = values.max(axis=-1)
+    return np.asarray(Image.fromarray(values.astype(np.uint8)).resize(size, Image.Resampling.BILINEAR))
