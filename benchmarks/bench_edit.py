@@ -44,7 +44,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ from random_models import build_random_pipeline, parameter_count  # noqa: E402
 from nonrigid import sample  # noqa: E402
 from nonrigid.cli.common import LOW_MEMORY_BATCH_SIZE  # noqa: E402
 from nonrigid.images import load_image  # noqa: E402
-from nonrigid.methods.catalogue import DEFAULT_ETAS  # noqa: E402
+from nonrigid.methods.catalogue import DEFAULT_ETAS, FAST  # noqa: E402
 from nonrigid.models.loading import configure_model, load_pipeline  # noqa: E402
 from nonrigid.models.registry import build_tiny_pipeline, family_of  # noqa: E402
 from nonrigid.stages import DEFAULT_GUIDANCE  # noqa: E402
@@ -108,6 +108,7 @@ SD_LAYOUTS = ("mid", "sd14", "tiny")
 SDXL_LAYOUTS = ("sdxl-mid", "sdxl", "tiny-sdxl")
 SD3_LAYOUTS = ("sd3", "tiny-sd3")
 FLUX_LAYOUTS = ("flux", "tiny-flux")
+DRY_RUN_LAYOUTS = {"sd": "tiny", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
 CONFIGS = {
     "cpu": Config("cpu", "cpu", "sd", "mid", 256, SD_LAYOUTS, "mid-size SD-layout model at 256 px"),
     "cuda": Config("cuda", "cuda", "sd", "sd14", 512, SD_LAYOUTS, "SD v1.4 architecture at 512 px"),
@@ -142,6 +143,13 @@ class EditPlan:
     @property
     def inject_steps(self) -> int:
         return round(self.inject * self.num_steps)
+
+
+def fast_plan(plan: EditPlan, quick: bool) -> EditPlan:
+    """The edit with ours' fast preset (``--fast``: methods.catalogue.FAST); with ``--quick``, a few steps of it."""
+    if quick:
+        return replace(plan, num_steps=4, opt_steps=2, inner_steps=1)
+    return replace(plan, **FAST)
 
 
 # --------------------------------------------------------------------------------------------------- ours
@@ -340,8 +348,8 @@ def run_cuda(args, plan: EditPlan, device: torch.device | None = None, save=None
     a time limit leaves its finished rows. ``device`` only serves smoke checks of this code path on another device
     (default: CUDA)."""
     config = CONFIGS[args.config]
-    device = torch.device("cuda") if device is None else device
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = torch.device("cpu" if getattr(args, "dry_run", False) else "cuda") if device is None else device
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     baseline = config.baseline
     if baseline:
         reference = build_pipeline(args.layout, device, torch.float32)
@@ -367,6 +375,8 @@ def run_cuda(args, plan: EditPlan, device: torch.device | None = None, save=None
         _, latents = rec.measure("ours.C", ours_sampling, pipe, inversion, texts, plan.etas, k)
         rec.total("ours.edit", ["ours.keys", "ours.AB", "ours.C"])
         rec.measure("ours.extra_variant", ours_from_cache, pipe, picture, plan, cache, (plan.extra_eta,))
+        if getattr(args, "fast", False):
+            measure_edit(rec, "ours_fast", pipe, picture, fast_plan(plan, args.quick), common)
 
         configure_model(family_of(pipe), low_memory=True)
         free(device)
@@ -390,6 +400,8 @@ def run_cuda(args, plan: EditPlan, device: torch.device | None = None, save=None
                 rec.measure(f"{name}.C", ours_sampling, pipe, comp_inv, texts, plan.etas, k)
                 rec.total(f"{name}.edit", [f"{name}.AB", f"{name}.C"])
             sections.update(rec.sections)
+    if getattr(args, "cuda_graphs", False):
+        measure_cuda_graphs(args, run, pipe, picture, plan, common, device, after, sections)
     pipe.to("cpu")
     del pipe
     free(device)
@@ -411,6 +423,29 @@ def run_cuda(args, plan: EditPlan, device: torch.device | None = None, save=None
     run.sections = {name: s.as_dict() for name, s in sections.items()}
     run.environment.pop("partial", None)
     return run
+
+
+def measure_edit(rec: Recorder, name: str, pipe, picture, plan: EditPlan, common: dict) -> None:
+    """A whole edit without a cache as the sections ``NAME.AB``, ``NAME.C`` and ``NAME.edit``."""
+    texts, inversion = rec.measure(f"{name}.AB", ours_text_and_inversion, pipe, picture, plan, None, common)
+    rec.measure(f"{name}.C", ours_sampling, pipe, inversion, texts, plan.etas, plan.inject_steps)
+    rec.total(f"{name}.edit", [f"{name}.AB", f"{name}.C"])
+
+
+def measure_cuda_graphs(args, run: Run, pipe, picture, plan: EditPlan, common: dict, device, after, sections) -> None:
+    """The edit (and the fast one) with CUDA graphs (``configure_model(cuda_graphs=True)``), the first run with its
+    captures; on a device without CUDA (a dry run) recorded as not measured."""
+    if device.type != "cuda":
+        run.environment["cuda_graphs"] = "not measured: CUDA graphs need a CUDA device"
+        return
+    configure_model(family_of(pipe), cuda_graphs=True)
+    with UNetCounter(family_of(pipe).network) as counter:
+        rec = Recorder(counter, device, after)
+        for name in ("ours_graphs_first", "ours_graphs"):  # the first run includes capturing the graphs
+            measure_edit(rec, name, pipe, picture, plan, common)
+        if getattr(args, "fast", False):
+            measure_edit(rec, "ours_graphs_fast", pipe, picture, fast_plan(plan, args.quick), common)
+        sections.update(rec.sections)
 
 
 def partial_saver(run: Run, done: dict, save):
@@ -533,6 +568,8 @@ def environment(args, pipe, dtype: str) -> dict:
                 "text_encoder_2_parameters": parameter_count(pipe.text_encoder_2)}
     if args.quick:
         env["quick"] = True
+    if getattr(args, "dry_run", False):
+        env["dry_run"] = True
     return env
 
 
@@ -608,6 +645,7 @@ GPU_TARGETS = {  # config: (family name, edit seconds, variant seconds, peak GB,
     "sd3": ("SD3 default", 20, None, None, None),  # the flow-model issue's SD3-medium target
     "flux": ("FLUX.1-dev default", None, None, None, 24),  # the flow-model issue's FLUX target: 24 GB, low memory
 }
+FAST_TARGETS = {"cuda": 3, "sdxl": 8}  # --fast edit seconds (the first-edit issue)
 
 
 def gpu_targets(config: str, s: dict, size: int, variants: int) -> list[tuple[str, str, bool | str]]:
@@ -640,6 +678,14 @@ def gpu_targets(config: str, s: dict, size: int, variants: int) -> list[tuple[st
                        lambda x: x["peak_bytes"] / gb, peak_gb, "GB", "no target"))
     rows.append(judged(f"peak GPU memory{f' within {low_gb} GB' if low_gb else ' (no target)'} (--low-memory)", low,
                        lambda x: x["peak_bytes"] / gb, low_gb, "GB", "no target"))
+    fast_s = FAST_TARGETS.get(config)
+    for name, how in (("ours_fast.edit", ""), ("ours_graphs.edit", ", CUDA graphs"),
+                      ("ours_graphs_fast.edit", ", CUDA graphs")):
+        bound = fast_s if "fast" in name else edit_s
+        if name in s:
+            what = "--fast edit" if "fast" in name else f"{label} edit"
+            rows.append(judged(f"{what}{how}" + (f" within {bound} s" if bound else " (no target)"), s[name],
+                               lambda x: x["seconds"], bound, "s", "no target"))
     return rows
 
 SECTION_LABELS = {
@@ -685,7 +731,12 @@ def render_block(run: Run) -> str:
     if env.get("partial"):
         lines.insert(0, f"- **Partial: the run stopped (a time limit) after {len(run.sections)} sections; the rows "
                         "below are the ones that finished, and a target whose section is missing is not judged.**")
-    if env.get("quick"):
+    if env.get("cuda_graphs"):
+        lines.append(f"- CUDA graphs: {env['cuda_graphs']}.")
+    if env.get("dry_run"):
+        lines.insert(0, "- **Dry run (`--dry-run`): this GPU configuration's code path on the CPU with a tiny model; "
+                        "it checks the script, it measures nothing.**")
+    elif env.get("quick"):
         lines.insert(0, "- **Quick check (`--quick`): a few steps of everything at the default edit's shapes (so its "
                         "peak memory is the default edit's), to see that the script runs. Not a "
                         "measurement of the default edit; not for docs/PERFORMANCE.md.**")
@@ -779,6 +830,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU threads (1: on shared cores several threads per process wait on each other)")
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="CUDA: precision of ours' networks")
     p.add_argument("--compile", action="store_true", help="CUDA: also measure a torch.compile'd UNet")
+    p.add_argument("--fast", action="store_true", help="CUDA: also measure an edit with ours' fast preset")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: also measure the edit (and with --fast the fast one) with CUDA graphs")
+    p.add_argument("--dry-run", action="store_true",
+                   help="a CUDA configuration's code path on the CPU, with its tiny layout and --quick: checks a GPU "
+                        "run's script without a GPU (CUDA graphs are then recorded as not measured)")
     p.add_argument("--quick", action="store_true",
                    help="a few steps of everything (checks the script runs); results are marked as a check, go to\n"
                         f"{QUICK_RESULTS} unless --results is given and never into {DOC.name}")
@@ -791,7 +848,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.config == "auto":
         args.config = "cuda" if torch.cuda.is_available() else "cpu"
     config = CONFIGS[args.config]
-    if config.device == "cuda" and not torch.cuda.is_available():
+    if args.dry_run:
+        if config.device != "cuda":
+            p.error("--dry-run checks a CUDA configuration (cuda, sdxl, sd3, flux) on the CPU")
+        args.quick, args.mini = True, False
+        args.layout = args.layout or DRY_RUN_LAYOUTS[config.family]
+        args.size = args.size or 64
+        args.dtype = "fp32"  # the CPU's half-precision kernels are slow: the dry run checks paths, not precision
+    elif config.device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"bench_edit.py: --config {config.name} needs a CUDA GPU and torch.cuda.is_available() is False"
                  + f" (on the CPU: --config {CPU_CONFIG[config.family]})")
     args.layout = args.layout or config.layout

@@ -398,3 +398,20 @@ def test_the_flux_benchmark_inverts_with_the_stand_in_for_nti_and_its_cached_sta
     assert s["ours.extra_variant"]["unet_units"] == n
     assert run["checks"]["cached_sweep_latent_max_diff"] == 0
     assert "B inversion (plain, FLUX's stand-in for NTI, alone)" in bench_edit.render_block(bench_edit.Run(**run))
+
+
+def test_the_gpu_script_dry_runs_on_the_cpu_and_plans_every_cuda_block(tmp_path, capsys):
+    """``benchmarks/gpu_all.sh --dry-run`` runs a GPU configuration's code path on the CPU with a tiny model (here
+    FLUX's, the cheapest) and writes its block into a copy of the page; the plan covers every CUDA block the issues
+    ask for within one device call."""
+    import gpu_all
+
+    assert gpu_all.main(["--dry-run", "--only", "flux", "--results", str(tmp_path)]) == 0
+    run = json.loads((tmp_path / "flux.json").read_text())
+    assert run["environment"]["dry_run"] is True and run["environment"]["layout"] == "tiny-flux"
+    assert {"ours.edit", "ours_low_memory.edit", "ours.extra_variant"} <= set(run["sections"])
+    assert "Dry run (`--dry-run`)" in capsys.readouterr().out  # the block, as written into the page's copy
+    plan = {config: flags for config, flags, _ in gpu_all.PLAN}
+    assert set(plan) == {"cuda", "sdxl", "sd3", "flux"}
+    assert {"--fast", "--cuda-graphs"} <= set(plan["cuda"]) and "--fast" in plan["sdxl"]
+    assert sum(limit for _, _, limit in gpu_all.PLAN) <= gpu_all.BUDGET_S <= 600

@@ -105,6 +105,9 @@ def add_mini_parser(commands) -> None:
                     "opt_steps=100): a candidate preset, whose rows a comparison pairs with a run at the defaults")
     ev.add_argument("--ours-only", action="store_true",
                     help="with --no-ablations: ours alone, without NTI-only editing")
+    ev.add_argument("--masked", action="store_true",
+                    help="with --ours-only: ours edits inside a mask of each pair, the box the subject covers in any "
+                    "pose widened by 4 px, as a user would paint it (its rows pair with a run without masks)")
     ev.add_argument("--pairs-per-batch", type=int, default=8, metavar="N",
                     help="pairs whose stages run as one UNet batch (ours, its ablations, NTI-only, DDS, "
                     "Edit-friendly); results equal "
@@ -124,6 +127,24 @@ def add_mini_parser(commands) -> None:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     ev.set_defaults(func=run_mini_evaluate)
+
+    cmp = sub.add_parser(
+        "compare", help="a cheaper preset or masked edits against ours at the defaults, pair by pair",
+        description="Paired 95%% intervals (over pairs; per pair the mean over seeds and etas) of a candidate's "
+        "ours minus the default's, per world: edit success, identity error and sky shift, with the fast preset's "
+        "margins (at most 0.05 less edit success, 0.005 more identity error); with --masks the background error "
+        "too, without margins. The runs come from `nonrigid mini evaluate --no-ablations --ours-only` (with --set "
+        "or --masked for the candidate).")
+    cmp.add_argument("--default", dest="defaults", type=Path, action="append", required=True, metavar="RUN",
+                     help="an evaluation at the paper's defaults (repeat for each world)")
+    cmp.add_argument("--candidate", action="append", required=True, metavar="NAME=RUN",
+                     help="a candidate's evaluation, named (repeat; the same name for several worlds pools them)")
+    cmp.add_argument("--masks", action="store_true", help="the candidates are masked edits: no margins, background "
+                     "error added")
+    cmp.add_argument("--docs", type=Path, default=None,
+                     help="write the table as a section of MINIATURE.md in this folder (the presets' or the masks')")
+    cmp.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    cmp.set_defaults(func=run_mini_compare)
 
 
 def mini_train_config(args: argparse.Namespace):
@@ -244,9 +265,13 @@ def evaluation_protocol(args: argparse.Namespace, world: int | None, family_run:
     ours = ours_overrides(getattr(args, "ours", []))
     if (ours or getattr(args, "ours_only", False)) and ablations:
         raise UsageError("--set and --ours-only change ours alone: give --no-ablations too")
+    masked = getattr(args, "masked", False)
+    if masked and not getattr(args, "ours_only", False):
+        raise UsageError("--masked masks ours alone: give --ours-only (and --no-ablations) too")
     return Protocol(num_steps=args.steps, opt_steps=args.opt_steps, seeds=tuple(range(args.seeds)), etas=etas,
                     ablation_etas=args.ablation_etas or etas, ablation_seeds=args.ablation_seeds,
-                    ablations=ablations, world=world, ours=ours, nti_only=not getattr(args, "ours_only", False))
+                    ablations=ablations, world=world, ours=ours, nti_only=not getattr(args, "ours_only", False),
+                    masked=masked)
 
 
 def ours_overrides(assignments: list[str]) -> tuple:
@@ -324,4 +349,40 @@ def run_mini_evaluate(args: argparse.Namespace) -> int:
     print(args.out)
     return 0
 
+
+def run_mini_compare(args: argparse.Namespace) -> int:
+    """``nonrigid mini compare``: the table, printed and (with --docs) written into MINIATURE.md."""
+    from ..methods.base import parse_key_values
+    from ..mini.evaluate import load_rows
+    from ..mini.studies import MASK_METRICS, METRICS, compare, comparisons_table, run_settings, study_section
+
+    runs = [*args.defaults, *(Path(path) for _, path in parse_key_values(args.candidate, "--candidate"))]
+    for run in runs:
+        if not (run / "results").is_dir():
+            raise UsageError(f"{run} holds no evaluation (no results folder): run `nonrigid mini evaluate` into it")
+    defaults = [row for run in args.defaults for row in load_rows(run)]
+    metrics, margins = (MASK_METRICS, {}) if args.masks else (METRICS, None)
+    comparisons, settings = [], {}
+    candidates: dict[str, list[Path]] = {}
+    for name, path in parse_key_values(args.candidate, "--candidate"):
+        candidates.setdefault(name, []).append(Path(path))
+    for name, paths in candidates.items():
+        rows = [row for path in paths for row in load_rows(path)]
+        comparisons += compare(defaults, rows, name, metrics, margins)
+        settings[name] = run_settings(paths[0])
+    table = comparisons_table(comparisons, settings)
+    print(table)
+    if args.docs:
+        from ..mini.family_doc import replace_block
+
+        kind = "masks" if args.masks else "presets"
+        if args.masks:
+            from ..mini.studies import mask_gallery
+
+            first = parse_key_values(args.candidate, "--candidate")[0][1]
+            mask_gallery(args.defaults[0], Path(first), args.docs / "mini-masks.png")
+        command = "nonrigid " + " ".join(sys.argv[1:])
+        replace_block(args.docs / "MINIATURE.md", f"study:{kind}", study_section(kind, table, command),
+                      "## Cheaper settings and masks, tested")
+    return 0
 

@@ -113,9 +113,11 @@ def plan_settings(
     sweeps: Sequence[str] = (),
     sets: Sequence[str] = (),
     preset: str | None = None,
+    fast: bool = False,
 ) -> dict[str, tuple[Setting, ...]]:
     """Every method's settings from ``KEY=V1,V2`` sweeps and ``KEY=VALUE`` fixed values (the texts of ``--sweep``
-    and ``--set``, which its messages name them by) and a preset's, each validated against its table.
+    and ``--set``, which its messages name them by) and a preset's, each validated against its table. ``fast``:
+    the methods that have a fast preset (ours) take its values where ``--set`` and ``--sweep`` leave them.
 
     A key applies to every method that has that parameter. Sweeping a method's sweep parameter (``eta``) stays
     inside one job; sweeping any other parameter (``opt_steps=100,200``) multiplies the jobs. ``source=none,pair``
@@ -133,7 +135,17 @@ def plan_settings(
             if key != SOURCE_KEY and not any(param_for(info, key) for info in infos):
                 raise UsageError(f"{flag} {key}: no parameter of that name in {', '.join(methods)}; "
                                  f"`nonrigid methods {' '.join(methods)}` lists them")
-    return {info.name: _method_settings(info, swept, fixed, PRESETS[preset] if preset else None) for info in infos}
+    if fast and not any("fast" in info.presets for info in infos):
+        raise UsageError(f"fast is a preset of ours; {', '.join(methods)} has none")
+    return {info.name: _method_settings(info, swept, _with_fast(info, fixed, swept) if fast else fixed,
+                                        PRESETS[preset] if preset else None) for info in infos}
+
+
+def _with_fast(info: MethodInfo, fixed: list[tuple[str, str]], swept: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``fixed`` with the method's fast preset under it (the user's keys win); unchanged for a method without one."""
+    given = {p.name for key, _ in [*fixed, *swept] if (p := param_for(info, key)) is not None}
+    values = info.presets.get("fast", {})
+    return [*((name, format_value(value)) for name, value in values.items() if name not in given), *fixed]
 
 
 def _method_settings(info: MethodInfo, swept: list[tuple[str, str]], fixed: list[tuple[str, str]],

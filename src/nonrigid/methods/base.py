@@ -229,12 +229,16 @@ def resolve_params(
 ) -> dict[str, Any]:
     """Every parameter of the method, resolved once: its defaults, then a ``preset``'s values, then the model
     family's where neither the caller nor the preset set a value (:func:`family_defaults`), then the caller's
-    ``overrides`` (values or command-line strings), every value checked.
+    ``overrides`` (values or command-line strings), every value checked. A family distilled for a few steps keeps
+    them under a preset.
 
     ``shown_as`` maps parameter names to what the user typed (``{"etas": "--eta"}``) for error messages. A default
     that counts steps (``Param.per_steps``) follows ``num_steps``: Edit-friendly's skips (24, 36, 48) of the
     reference's 100 steps become (5, 7, 10) at 20 steps."""
-    overrides = {**info.preset(preset), **(overrides or {})}
+    chosen = info.preset(preset)
+    if family is not None and family.default_steps is not None:
+        chosen.pop("num_steps", None)  # a model distilled for few steps (FLUX schnell) keeps them under a preset
+    overrides = {**chosen, **(overrides or {})}
     if family is not None:
         overrides = family_defaults(info, family, overrides)
     params = info.defaults()

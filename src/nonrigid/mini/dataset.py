@@ -3,7 +3,9 @@ settings on it that survives interruption.
 
 ``write_dataset`` writes ``originals/*.png`` and ``input_list.json`` as TEdBench lays them out (so any TEdBench
 tool reads it; each entry also has the input's caption as ``source_text``, which TEdBench readers ignore) plus
-``ground_truth.json``: every scene's factors and each pair's target pose.
+``ground_truth.json``: every scene's factors and each pair's target pose, and ``masks/*.png``: each scene's
+subject region (the box the animal covers in any pose, widened by 4 px), the mask a user would paint to let it
+move (``nonrigid edit --mask``, ``nonrigid bench --masks``).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from ..errors import UsageError
 from ..stages.cache import write_atomic
-from .world import POSES, Scene, random_scene, render
+from .world import POSES, Scene, random_scene, render, subject_region
 
 GROUND_TRUTH = "ground_truth.json"
 
@@ -25,13 +29,15 @@ def write_dataset(out: Path, count: int = 24, edits_per_image: int = 1, seed: in
     if count < 1 or not 1 <= edits_per_image <= len(POSES) - 1:
         raise UsageError(f"need count >= 1 and 1 <= edits per image <= {len(POSES) - 1}")
     rng = random.Random(seed)
-    originals = out / "originals"
+    originals, masks = out / "originals", out / "masks"
     originals.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(exist_ok=True)
     pairs, scenes = [], {}
     for index in range(count):
         scene = random_scene(rng)
         name = f"scene_{index:03d}.png"
         render(scene).save(originals / name)
+        Image.fromarray(subject_region(scene)).save(masks / name)
         scenes[name] = scene.to_dict()
         targets = rng.sample([p for p in POSES if p != scene.pose], edits_per_image)
         for pose in targets:

@@ -40,6 +40,7 @@ from ..stages.text_optimization import TextOptimization
 from .dataset import Pair
 from .judge import SceneJudge, score_edit
 from .protocol import BASELINES, FLOW_BASELINES, Protocol
+from .world import subject_region
 
 INVERSIONS = {"DDIM": ("ddim", False), "NTI-src": ("nti", True), "NTI-w/o-src": ("nti", False)}
 
@@ -215,7 +216,8 @@ def _sweep(model, images, chunk, cache, protocol: Protocol, name: str, etas, inj
     for these_etas, these_seeds in ((seeded, seeds), ((1.0,) if 1.0 in etas else (), seeds[:1])):
         if not these_etas:
             continue
-        requests = [EditRequest(image, pair.target_text, pair.source_text if with_source else "")
+        requests = [EditRequest(image, pair.target_text, pair.source_text if with_source else "",
+                                subject_region(pair.scene) if protocol.masked else None)
                     for image, (_, pair) in zip(images, chunk, strict=True)]
         params = {"etas": these_etas, "inject": injects, "num_steps": protocol.num_steps,
                   "opt_steps": protocol.opt_steps, "inversion": method}

@@ -181,16 +181,23 @@ def _gallery(run: Path, pairs: list[int], path: Path, flowedit: bool = False) ->
 
 
 def _replace_section(doc: Path, name: str, section: str) -> None:
-    start, end = f"<!-- family:{name}:start -->", f"<!-- family:{name}:end -->"
+    heading = ("## Further model families\n\nThe stages and methods run unchanged on every family behind the model "
+               "seam (docs/FAMILIES.md); each further case has its own miniature model so that quality, not only "
+               "plumbing, is tested.")
+    replace_block(doc, f"family:{name}", section, heading)
+
+
+def replace_block(doc: Path, marker: str, section: str, heading: str) -> None:
+    """Write ``section`` between ``<!-- MARKER:start -->`` and ``<!-- MARKER:end -->`` in ``doc``: in place of the
+    block there, or appended at the end under ``heading`` (added once, if the page lacks it). Everything after
+    MINIATURE.md's "Further model families" heading survives a rewrite of the main page."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     text = doc.read_text() if doc.exists() else ""
     block = f"{start}\n{section}\n{end}"
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
-        heading = "## Further model families"
-        if heading not in text:
-            text = text.rstrip() + f"\n\n{heading}\n\nThe stages and methods run unchanged on every family behind " \
-                "the model seam (docs/FAMILIES.md); each further case has its own miniature model so that quality, " \
-                "not only plumbing, is tested.\n"
+        if heading.splitlines()[0] not in text:
+            text = text.rstrip() + f"\n\n{heading}\n"
         text = text.rstrip() + "\n\n" + block + "\n"
     write_atomic(doc, text.encode())

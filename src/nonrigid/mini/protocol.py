@@ -48,6 +48,8 @@ class Protocol:
     # and whether NTI-only editing runs beside it
     ours: tuple[tuple[str, Any], ...] = ()
     nti_only: bool = True
+    # ours edits inside each pair's subject region (:func:`~nonrigid.mini.world.subject_region`)
+    masked: bool = False
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -70,4 +72,5 @@ class Protocol:
                 "ablations": self.ablations, "world": self.world,
                 # only where set, so that the runs made before these existed resume
                 **({"ours": {k: list(v) if isinstance(v, tuple) else v for k, v in self.ours}} if self.ours else {}),
-                **({"nti_only": False} if not self.nti_only else {})}
+                **({"nti_only": False} if not self.nti_only else {}),
+                **({"masked": True} if self.masked else {})}

@@ -130,6 +130,18 @@ def render_with_mask(scene: Scene) -> tuple[Image.Image, np.ndarray]:
     return image, coverage
 
 
+def subject_region(scene: Scene, margin: int = 4) -> np.ndarray:
+    """The mask a user would paint to let the subject change pose: the box covering the subject in every pose,
+    widened by ``margin`` pixels; uint8, 255 inside (64 x 64)."""
+    covered = np.zeros((SIZE, SIZE), bool)
+    for pose in POSES:
+        covered |= render_with_mask(scene.with_pose(pose))[1] > 0
+    rows, cols = np.flatnonzero(covered.any(axis=1)), np.flatnonzero(covered.any(axis=0))
+    region = np.zeros((SIZE, SIZE), np.uint8)
+    region[max(rows[0] - margin, 0) : rows[-1] + margin + 1, max(cols[0] - margin, 0) : cols[-1] + margin + 1] = 255
+    return region
+
+
 def render_background(scene: Scene) -> Image.Image:
     """The scene without its subject: what every pixel not covered by the animal must look like."""
     big = SIZE * SUPERSAMPLE

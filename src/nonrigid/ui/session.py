@@ -167,12 +167,13 @@ class Editor:
         seeds: tuple[int, ...] = (0,),
         size: int | None = None,
         crop: str | None = None,
+        fast: bool = False,
         mask: Any = None,
         progress: Reporter | bool = False,
     ) -> EditOutcome:
         """Edit an uploaded image and write it to a new folder under :attr:`out` in the CLI's layout (plus a zip).
         ``mask`` (an array of any size: white may change) is painted on the whole picture; a canvas of another
-        size than the picture is resized to it."""
+        size than the picture is resized to it. ``fast``: the method's fast preset (ours'), under ``params``."""
         from ..methods.output import save_result
         from ..methods.run import EditRequest, run_edits
         from ..stages.cache import StageCache
@@ -186,7 +187,8 @@ class Editor:
             cache = StageCache(self.cache_dir) if self.use_cache else None
             request = EditRequest(picture, target_prompt, source_prompt.strip(), _on_picture(mask, picture))
             (result,) = run_edits(self.family, [request], method, params or {}, seeds=seeds,
-                                  size=None if size is None else int(size), crop=crop, cache=cache, progress=progress)
+                                  size=None if size is None else int(size), crop=crop, cache=cache,
+                                  preset="fast" if fast else None, progress=progress)
             folder = self._new_folder(path, target_prompt, method)
             save_result(result, folder, record={"image": path.name, "model": self.model,
                                                 "size": result.input_image.width, "made_in": "nonrigid ui"})
