@@ -341,6 +341,8 @@ def test_bf16_on_cuda_by_default_and_low_memory_is_diffusers_model_offload(konte
             configure_model(family, low_memory=True, channels_last=False)
             assert offloads == [cuda]
         configure_model(family, low_memory=False)  # back to the other tests' settings
+    configure_model(qwen, channels_last=True)  # as on CUDA: its 3-D VAE keeps its layout
+    assert qwen.pipe.vae.decoder.conv_in.weight.is_contiguous()
     flux = load_model("tiny-flux", "cpu")
     with monkeypatch.context() as patch:
         patch.setattr(type(flux), "device", property(lambda self: cuda))
@@ -360,6 +362,12 @@ def test_bench_runs_each_method_on_its_own_model_with_rows_images_and_a_report(t
     assert main([*common, "--method-model", "dds=tiny", "--out", str(run)]) == 2 and not run.exists()
     assert capsys.readouterr().err.strip() == ("nonrigid: error: --method-model dds: dds is not among the run's "
                                                "methods (ours, kontext, qwen-edit)")
+    # an editor left on --model (SD here): refused once its model is loaded, before any job
+    refused = tmp_path / "refused"
+    assert main([*common, "--method-model", "qwen-edit=tiny-qwen-edit", "--out", str(refused)]) == 2
+    assert capsys.readouterr().err.strip().startswith("nonrigid: error: method 'kontext' does not apply to this "
+                                                      "model (SD layout")
+    assert read_rows(refused) == []
     assert main([*common, "--method-model", "kontext=tiny-kontext", "--method-model", "qwen-edit=tiny-qwen-edit",
                  "--set", "num_steps=2", "--set", "opt_steps=1", "--set", "inner_steps=1", "--set", "etas=0",
                  "--out", str(run)]) == 0, capsys.readouterr().err

@@ -327,6 +327,7 @@ def describe_plan(spec, out: Path) -> str:
     for method, settings in spec.settings.items():
         for setting in settings:
             extra = f" (source prompt: {setting.source})" if setting.source != "none" else ""
+            extra += f" (model: {spec.method_models[method]})" if method in spec.method_models else ""
             lines.append(f"  {method} [{setting.label}]{extra}: {_format_overrides(setting.params)}")
     jobs = spec.jobs()
     done = done_job_keys(out) & {job.key for job in jobs}

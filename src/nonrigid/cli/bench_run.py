@@ -46,6 +46,7 @@ def run_serially(args: argparse.Namespace, spec, run, piebench: bool = False):
     """The pending jobs model by model (``--model``, then each ``--method-model``): each model is loaded once,
     runs its methods' jobs, and is let go before the next one loads; the metrics are loaded once."""
     from ..evaluation.bench import BenchStats, pending_jobs, run_benchmark
+    from ..methods.catalogue import method_info, methods_for
 
     metrics = load_metrics_for(args, run, piebench)
     stats = BenchStats()
@@ -55,6 +56,8 @@ def run_serially(args: argparse.Namespace, spec, run, piebench: bool = False):
     fingerprints: dict[str, str] = {}
     for name, methods in by_model.items():
         model = load_model_for(args, run, name, fingerprints, methods)
+        for method in sorted(methods):  # a method this model cannot run: one line before any of its jobs
+            method_info(method).check_family(model, methods_for(model))
         with only_warnings(args.debug):
             done = run_benchmark(spec, run, model, metrics, progress=not args.quiet,
                                  pairs_per_batch=args.pairs_per_batch, methods=methods)

@@ -202,6 +202,9 @@ class ModelFamily(ABC):
     config_file_types: tuple[str, ...] = ()
     # why no single file loads into this family (one line), where diffusers cannot read one; "" when it can
     single_file_refusal: str = ""
+    # whether the denoiser's and VAE's weights can take the channels-last layout (2-D convolutions; not a causal
+    # 3-D VAE such as Qwen-Image's, whose 5-D kernels mixed with 4-D ones have no single such layout)
+    channels_last_layout: bool = True
 
     def __init__(self, pipe: Any, denoiser: Any = None):
         self.pipe = pipe

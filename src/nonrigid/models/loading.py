@@ -155,7 +155,8 @@ def configure_model(
 ) -> ModelFamily:
     """Speed and memory settings of the frozen networks, applied to ``model``'s pipeline in place (and returned).
 
-    - ``channels_last`` (default: on for CUDA, off on the CPU): NHWC layout for the UNet's and VAE's weights, the
+    - ``channels_last`` (default: on for CUDA, off on the CPU; never for a family without
+      ``channels_last_layout``, Qwen-Image-Edit's 3-D VAE): NHWC layout for the UNet's and VAE's weights, the
       layout GPU convolution kernels run fastest in. The weights' values do not change (nor the cache keys).
     - ``low_memory``: VAE slicing (images encoded and decoded one at a time), VAE tiling (only acts on images larger
       than the VAE's own sample size, 512 px for SD), and UNet gradient checkpointing (the backward passes of text
@@ -188,6 +189,7 @@ def configure_model(
     device = family.device
     if channels_last is None:
         channels_last = device.type == "cuda"
+    channels_last = channels_last and family.channels_last_layout
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for module in (network, pipe.vae):
         module.to(memory_format=memory_format)

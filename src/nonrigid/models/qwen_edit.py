@@ -57,6 +57,7 @@ class QwenImageEdit(ModelFamily):
     cuda_dtype = torch.bfloat16
     cpu_offload = True
     single_file_refusal = NO_SINGLE_FILE[QWEN_EDIT]
+    channels_last_layout = False  # its VAE is causal 3-D
 
     @property
     def prediction(self) -> str:
