@@ -225,6 +225,7 @@ def test_a_mask_of_another_size_is_resized_and_the_edit_records_it(wide_file, tm
     assert "is 32 x 18 px and the image 256 x 144: resized to the image" in capsys.readouterr().err
     record = json.loads((out / "edit.json").read_text())
     assert record["mask"] and record["mask_file"] == str(mask) and record["working_size"][0] > record["working_size"][1]
+    assert record["input_size"] == [256, 144] and "crop" not in record  # what was given, and no crop
 
 
 def test_bench_edits_inside_a_folder_of_masks_and_refuses_a_missing_one(tedbench, tmp_path, capsys, monkeypatch):

@@ -13,10 +13,11 @@ import pytest
 from test_cli import FAST as CLI_FAST
 from test_cli import run_cli
 
+from nonrigid import load_pipeline
 from nonrigid.evaluation.plan import plan_settings
 from nonrigid.methods.base import resolve_params
 from nonrigid.methods.catalogue import DEFAULT_INJECT, FAST, NTI, OURS
-from nonrigid.models.registry import build_tiny_pipeline, family_of
+from nonrigid.models.registry import family_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from measure import UNetCounter
@@ -44,7 +45,7 @@ def test_the_callers_values_win_over_the_preset_and_a_few_step_model_keeps_its_s
     mine = resolve_params(OURS, {"num_steps": 8, "opt_steps": 3}, preset="fast")
     assert (mine["num_steps"], mine["opt_steps"]) == (8, 3)
     assert (mine["inner_steps"], mine["opt_lr"]) == (FAST["inner_steps"], FAST["opt_lr"])
-    schnell = family_of(build_tiny_pipeline("tiny-flux-schnell"))
+    schnell = family_of(load_pipeline("tiny-flux-schnell", device="cpu", dtype="fp32"))
     assert resolve_params(OURS, {}, schnell, preset="fast")["num_steps"] == schnell.default_steps
     with pytest.raises(Exception, match=r"method 'nti' has no preset 'fast' \(it has none\)"):
         resolve_params(NTI, {}, preset="fast")
@@ -58,7 +59,7 @@ def test_edit_fast_records_the_preset_and_its_values_under_the_flags(tmp_path, t
     assert done.returncode == 0, done.stderr
     manifest = json.loads((out / "edit.json").read_text())
     assert manifest["preset"] == "fast"
-    params = manifest["params"]
+    params = manifest
     # --steps 5 --opt-steps 3 --inner-steps 2 (the test's quick flags) win; the rest is the preset's
     assert (params["num_steps"], params["opt_steps"], params["inner_steps"]) == (5, 3, 2)
     assert params["opt_lr"] == FAST["opt_lr"]
@@ -93,6 +94,6 @@ def test_the_page_fast_checkbox_applies_the_preset_under_the_knobs(tiny_pipe, tm
     editor = Editor("tiny", tmp_path / "out", cache_dir=tmp_path / "cache")
     editor.family = family_of(tiny_pipe)
     outcome = editor.edit(EXAMPLE, TARGET, params={"num_steps": 4, "opt_steps": 2, "etas": (0.5,)}, fast=True)
-    params = json.loads((outcome.folder / "edit.json").read_text())["params"]
+    params = json.loads((outcome.folder / "edit.json").read_text())
     assert (params["num_steps"], params["opt_steps"]) == (4, 2)
     assert (params["inner_steps"], params["opt_lr"]) == (FAST["inner_steps"], FAST["opt_lr"])

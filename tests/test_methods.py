@@ -38,10 +38,14 @@ FAST = {
     "dds": {"iterations": (1, 2)},
     "ledits": {"num_steps": 4, "edit_guidance": (3.0, 6.0), "mask": "noise"},  # tiny UNet: no maps for the others
     "flowedit": {"num_steps": 4, "n_max": (2, 3)},  # flow models only: tests/test_flow_methods.py runs it
+    # their own models only: tests/test_editors.py runs them
+    "kontext": {"num_steps": 2, "guidances": (2.5, 4.0)},
+    "qwen-edit": {"num_steps": 2, "true_cfg": (1.0, 4.0)},
 }
 # the methods that apply to SD 1.x (the tiny model's family)
 SD_METHODS = [name for name, info in METHODS.items()
-              if set(info.requires) <= {"unet", "epsilon", "ddpm", "classifier-free", "attention-maps", "ledits"}]
+              if set(info.requires) <= {"unet", "epsilon", "ddpm", "classifier-free", "attention-maps", "ledits",
+                                        "text-conditioning"}]
 
 
 def test_every_method_has_fast_settings_and_a_documented_table():

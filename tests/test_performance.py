@@ -412,6 +412,51 @@ def test_the_gpu_script_dry_runs_on_the_cpu_and_plans_every_cuda_block(tmp_path,
     assert {"ours.edit", "ours_low_memory.edit", "ours.extra_variant"} <= set(run["sections"])
     assert "Dry run (`--dry-run`)" in capsys.readouterr().out  # the block, as written into the page's copy
     plan = {config: flags for config, flags, _ in gpu_all.PLAN}
-    assert set(plan) == {"cuda", "sdxl", "sd3", "flux"}
+    assert set(plan) == {"cuda", "sdxl", "sd3", "flux", "editors"}
     assert {"--fast", "--cuda-graphs"} <= set(plan["cuda"]) and "--fast" in plan["sdxl"]
     assert sum(limit for _, _, limit in gpu_all.PLAN) <= gpu_all.BUDGET_S <= 600
+
+
+def test_the_gpu_script_dry_runs_both_instruction_editors_and_plans_them_last(tmp_path, capsys):
+    """``gpu_all.sh --dry-run --only editors``: ``bench_editors.py`` builds the tiny Kontext and Qwen-Image-Edit-2509
+    layouts the way it builds the real ones (meta device, then filled in place), edits through the methods with
+    their defaults but two steps, by default and in low-memory mode, and its block lands in the page's copy with
+    both methods' rows. The plan keeps ``cuda`` first, measures the editors last and fits one device call."""
+    import gpu_all
+
+    assert gpu_all.main(["--dry-run", "--only", "editors", "--results", str(tmp_path)]) == 0
+    run = json.loads((tmp_path / "editors.json").read_text())
+    assert run["environment"]["dry_run"] is True and run["environment"]["partial"] is False and not run["errors"]
+    assert list(run["sections"]) == [f"{editor}.{mode}.{edit}" for mode in ("default", "low_memory")
+                                     for editor in ("kontext", "qwen-edit") for edit in ("first", "warm")]
+    for name, section in run["sections"].items():
+        steps = section["params"]["num_steps"]
+        assert steps == 2 and section["unet_calls"] == (2 * steps if name.startswith("qwen") else steps)  # true CFG
+    assert run["sections"]["kontext.default.first"]["params"]["guidances"] == [2.5]
+    assert run["sections"]["qwen-edit.default.first"]["params"]["true_cfg"] == [4.0]
+    page = capsys.readouterr().out  # the page's copy, as written
+    block = page.split("<!-- bench:editors:start -->")[1].split("<!-- bench:editors:end -->")[0]
+    assert "Dry run (`--dry-run`)" in block and "Random weights" in block
+    assert block.count("| kontext |") == block.count("| qwen-edit |") == 4
+    configs = [config for config, _, _ in gpu_all.PLAN]
+    assert configs[0] == "cuda" and configs[-1] == "editors"
+    limits = [limit for _, _, limit in gpu_all.PLAN]
+    assert sum(limits) <= gpu_all.BUDGET_S and gpu_all.deadlines(limits, gpu_all.BUDGET_S)[-1] == gpu_all.BUDGET_S
+
+
+def test_the_editor_benchmark_builds_the_real_architectures_without_allocating_them():
+    """What a lent GPU would build, built here on the meta device: the real parameter counts of FLUX.1 Kontext
+    [dev] (transformer 11.9 B, T5-XXL 4.76 B with its tied token table, CLIP-L 0.12 B) and Qwen-Image-Edit-2509
+    (transformer 20.4 B, Qwen2.5-VL-7B 8.29 B, VAE 0.13 B), so the configs cannot first fail on the device."""
+    import bench_editors
+
+    counts = {}
+    for name, editor in bench_editors.EDITORS.items():
+        pipe = bench_editors.empty_pipeline(editor)
+        for component, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                assert {p.device.type for p in module.parameters()} == {"meta"}
+                counts[f"{name}.{component}"] = round(bench_editors.parameter_count(module) / 1e7)  # 10 M units
+    assert counts == {"kontext.transformer": 1190, "kontext.text_encoder_2": 476, "kontext.text_encoder": 12,
+                      "kontext.vae": 8, "qwen-edit.transformer": 2043, "qwen-edit.text_encoder": 829,
+                      "qwen-edit.vae": 13}

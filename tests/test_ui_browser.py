@@ -76,6 +76,7 @@ def test_upload_edit_and_move_the_eta_slider_in_a_real_browser(page_url, browser
     page.screenshot(path=str(shots / "ui-2-edited.png"), full_page=True)
 
     slider = page.locator("#eta input[type=range]")
+    slider.scroll_into_view_if_needed()  # the page is taller than the window: drag where the slider is on screen
     box = slider.bounding_box()
     page.mouse.move(box["x"] + 2, box["y"] + box["height"] / 2)
     page.mouse.down()

@@ -10,13 +10,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UsageError
 from ..evaluation.protocol import DEFAULT_CLIP, DEFAULT_DINO, PROTOCOL_SIZES
 from ..methods.catalogue import METHODS
+from .bench_run import (
+    describe_metrics,
+    load_metrics_on,
+    metric_options,
+    only_warnings,
+    read_method_models,
+    run_serially,
+)
 from .common import (
     PARAM_FLAGS,
     HelpFormatter,
@@ -96,6 +102,10 @@ def add_bench_parser(commands) -> None:
     add_knob_flags(knobs)
     model = p.add_argument_group("model and runtime")
     add_model_flags(model)
+    model.add_argument("--method-model", action="append", default=[], metavar="METHOD=MODEL",
+                       help="run METHOD on its own model (the instruction editors: kontext=black-forest-labs/"
+                       "FLUX.1-Kontext-dev, qwen-edit=Qwen/Qwen-Image-Edit-2509), the others on --model; repeatable. "
+                       "Each model is loaded once, its methods' jobs run, and it is let go before the next loads")
     model.add_argument("--size", type=int, default=None,
                        help="working resolution in pixels (default: as in `nonrigid edit`, the model's native size: "
                        "512 for SD 1.x, 768 for SD 2.x v models, 1024 for SDXL, 64 for the miniature models; on "
@@ -208,6 +218,7 @@ def run_bench(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # a mistyped name, told before torch is imported
     check_ray(args)
     methods = [PRESETS[args.preset].method] if args.preset else (args.method or [DEFAULT_METHOD])
+    method_models = read_method_models(args, methods)
     settings = plan_settings(methods, args.sweep, with_knobs(args, methods), args.preset, fast=args.fast)
     dataset, pairs = read_dataset(args.data, args.sources, args.types)
     pairs = select_pairs(pairs, args.pairs, args.limit)
@@ -221,7 +232,7 @@ def run_bench(args: argparse.Namespace) -> int:
     spec = BenchSpec(args.data, pairs, settings, tuple(range(args.seeds)), model=args.model, size=size,
                      runtime=runtime, metrics=metric_options(args, dataset == "piebench"), preset=args.preset,
                      dataset=dataset, types=parse_types(args.types) if dataset == "piebench" else (),
-                     crop=None if args.crop == "none" else args.crop, masks=args.masks)
+                     crop=None if args.crop == "none" else args.crop, masks=args.masks, method_models=method_models)
     jobs = spec.jobs()
     if args.dry_run:
         print(describe_plan(spec, args.out))
@@ -240,14 +251,6 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_serially(args: argparse.Namespace, spec, run, piebench: bool = False):
-    from ..evaluation.bench import run_benchmark
-
-    model, metrics = load_models(args, run, piebench=piebench)
-    with _only_warnings(args.debug):
-        return run_benchmark(spec, run, model, metrics, progress=not args.quiet, pairs_per_batch=args.pairs_per_batch)
-
-
 def run_on_ray(args: argparse.Namespace, spec, run, piebench: bool = False):
     """The jobs on Ray workers that load the model and metrics themselves, from the same flags."""
     from ..evaluation.distributed import WorkerSetup, connect, run_distributed
@@ -259,7 +262,7 @@ def run_on_ray(args: argparse.Namespace, spec, run, piebench: bool = False):
     say(args, f"{where}; each worker loads model {args.model}")
     started = connect(args.ray)
     try:
-        with _only_warnings(args.debug):
+        with only_warnings(args.debug):
             return run_distributed(spec, run, setup, cpus_per_worker=args.ray_cpus, progress=not args.quiet)
     finally:
         if started:
@@ -327,6 +330,7 @@ def describe_plan(spec, out: Path) -> str:
     for method, settings in spec.settings.items():
         for setting in settings:
             extra = f" (source prompt: {setting.source})" if setting.source != "none" else ""
+            extra += f" (model: {spec.method_models[method]})" if method in spec.method_models else ""
             lines.append(f"  {method} [{setting.label}]{extra}: {_format_overrides(setting.params)}")
     jobs = spec.jobs()
     done = done_job_keys(out) & {job.key for job in jobs}
@@ -338,59 +342,6 @@ def _format_overrides(params: dict) -> str:
     if not params:
         return "defaults"
     return " ".join(f"{k}={','.join(f'{x:g}' for x in v) if isinstance(v, tuple) else v}" for k, v in params.items())
-
-
-def metric_options(args: argparse.Namespace, piebench: bool = False) -> dict[str, str | None]:
-    """The metrics' identity in run.json: a run is only continued with the same networks (PIE-Bench's only in
-    PIE-Bench runs, so that older TEdBench runs keep their identity)."""
-    if args.metrics == "tiny":
-        return {"kind": "tiny"}
-
-    def path(p: Path | None) -> str | None:
-        if p is None:
-            return None
-        if not p.is_file():
-            raise UsageError(f"{p} does not exist")
-        return str(p.resolve())
-
-    options = {"kind": "default", "clip_model": args.clip_model or DEFAULT_CLIP,
-               "lpips_weights": path(args.lpips_weights), "vgg_weights": path(args.vgg_weights),
-               "aesthetic_head": path(args.aesthetic_head)}
-    if piebench:
-        options |= {"dino_model": getattr(args, "dino_model", None) or DEFAULT_DINO,
-                    "squeezenet_weights": path(getattr(args, "squeezenet_weights", None))}
-    return options
-
-
-def load_models(args: argparse.Namespace, run, piebench: bool = False):
-    """The model (its family) and the metrics (PIE-Bench's too with ``piebench``; the slow imports happen here,
-    after every check passed); what they are goes into the run's ``meta`` table."""
-    from ..models.fingerprint import model_fingerprint
-    from ..models.loading import describe_device
-    from .common import load_model
-
-    model = load_model(args)
-    metrics = _load_metrics(args, model.device, piebench)
-    run.set_meta(model_fingerprint=model_fingerprint(model), **describe_device(model), metrics=_describe(metrics),
-                 cache_dir=str(run.cache.root))
-    return model, metrics
-
-
-def _describe(metrics) -> dict:
-    describe = getattr(metrics, "describe", None)
-    return describe() if callable(describe) else {}
-
-
-def _load_metrics(args: argparse.Namespace, device, piebench: bool = False):
-    from ..evaluation.bench import load_metrics
-
-    say(args, "loading metrics" + (" (tiny random backbones: numbers are meaningless)" if args.metrics == "tiny"
-                                    else ""))
-    options = metric_options(args, piebench)
-    return load_metrics(args.metrics, clip_model=args.clip_model, lpips_weights=options.get("lpips_weights"),
-                        vgg_weights=options.get("vgg_weights"), aesthetic_head=options.get("aesthetic_head"),
-                        device=device, piebench=piebench, dino_model=options.get("dino_model"),
-                        squeezenet_weights=options.get("squeezenet_weights"))
 
 
 # --------------------------------------------------------------------------------------------------- score
@@ -422,9 +373,9 @@ def run_score(args: argparse.Namespace) -> int:
         from .common import quiet_libraries
 
         quiet_libraries(args.quiet)
-        metrics = _load_metrics(args, resolve_device(args.device))
-        run.set_meta(metrics=_describe(metrics))
-        with _only_warnings(args.debug):
+        metrics = load_metrics_on(args, resolve_device(args.device))
+        run.set_meta(metrics=describe_metrics(metrics))
+        with only_warnings(args.debug):
             stats = score_folder(edits, run, method, args.size, metrics, progress=not args.quiet)
         say(args, f"{method}: {stats.ran} images scored ({stats.done_before} earlier), {len(warnings)} skipped")
     print(out)
@@ -444,18 +395,3 @@ def run_report(args: argparse.Namespace) -> int:
                  gallery_lpips=args.gallery_lpips, log=None if args.quiet else logger.info)
     print(args.out)
     return 0
-
-
-# --------------------------------------------------------------------------------------------------- helpers
-
-
-@contextmanager
-def _only_warnings(debug: bool) -> Iterator[None]:
-    """The stages' per-job messages ("reusing cached ...") would scroll the progress bar away: warnings only."""
-    previous = logger.level
-    if not debug:
-        logger.setLevel(max(previous, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)

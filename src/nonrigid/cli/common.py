@@ -26,7 +26,8 @@ LOW_MEMORY_BATCH_SIZE = 2
 FLAGS = {"allow_pickle": "--allow-pickle", "batch_size": "--batch-size", "size": "--size", "device": "--device",
          "dtype": "--dtype", "out": "--out", "pairs": "--pairs", "limit": "--limit", "types": "--types",
          "sources": "--sources", "squeezenet_weights": "--squeezenet-weights", "cpus_per_worker": "--ray-cpus",
-         "pairs_per_batch": "--pairs-per-batch", "cuda_graphs": "--cuda-graphs"}
+         "pairs_per_batch": "--pairs-per-batch", "cuda_graphs": "--cuda-graphs", "model": "--model",
+         "config": "--config"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -49,11 +50,13 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     """Where and how the networks run: device, precision, memory and compilation."""
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="precision of the frozen networks (default: fp16 on CUDA, fp32 on CPU); embeddings, "
-                   "losses and DDIM arithmetic always stay fp32")
+                   help="precision of the frozen networks (default: fp16 on CUDA, bf16 for FLUX.1 Kontext and "
+                   "Qwen-Image-Edit as their model cards run them, fp32 on CPU); embeddings, losses and DDIM "
+                   "arithmetic always stay fp32")
     p.add_argument("--low-memory", action="store_true",
                    help="VAE slicing and tiling, UNet gradient checkpointing and 2 variants per sampling batch "
-                   "(unless --batch-size says otherwise): slower, for small GPUs")
+                   "(unless --batch-size says otherwise): slower, for small GPUs; on FLUX.1 Kontext and "
+                   "Qwen-Image-Edit (CUDA): diffusers' model CPU offload, each network on the GPU only while it runs")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (CUDA: faster after a one-time compilation of about a minute)")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -97,11 +100,13 @@ def add_knob_flags(p: argparse.ArgumentParser) -> None:
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """Which model to load, and how."""
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="SD 1.x, SD 2.x, SDXL, SD3 / SD3.5 or FLUX.1: hub id, local diffusers folder or single-file "
-                   ".safetensors checkpoint (the family is detected from the model); or built in, offline: 'mini', "
+                   help="SD 1.x, SD 2.x, SDXL, SD3 / SD3.5, FLUX.1, FLUX.1 Kontext or Qwen-Image-Edit (-2509, "
+                   "-2511): hub id, local diffusers folder or single-file .safetensors checkpoint (the family is "
+                   "detected from the model; a Kontext file needs --config); or built in, offline: 'mini', "
                    "'mini-v', 'mini-xl', 'mini-flow' (the trained miniature models, 64 px) or 'tiny', 'tiny-sd2', "
-                   "'tiny-sd2-v', 'tiny-sdxl', 'tiny-sd3', 'tiny-sd35', 'tiny-flux', 'tiny-flux-schnell' (random "
-                   "weights, output is noise, for smoke tests)")
+                   "'tiny-sd2-v', 'tiny-sdxl', 'tiny-sd3', 'tiny-sd35', 'tiny-flux', 'tiny-flux-schnell', "
+                   "'tiny-kontext', 'tiny-qwen-edit', 'tiny-qwen-edit-plus' (random weights, output is noise, for "
+                   "smoke tests)")
     p.add_argument("--config", default=None,
                    help="for a single-file checkpoint: diffusers folder or hub id of the same model to read its "
                         "configs from, and the components the file lacks (a FLUX file holds the transformer only: "

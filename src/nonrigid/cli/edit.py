@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UsageError
-from ..methods.catalogue import METHODS, method_info
+from ..methods.catalogue import INSTRUCTION_TEMPLATE, METHODS, method_info
 from ..models.capabilities import describe
 from .common import (
     PARAM_FLAGS,
@@ -29,8 +29,11 @@ def add_edit_parser(commands) -> None:
         "Every method writes input.png, one PNG per variant, grid.png (rows: seed x inject; columns: the "
         "input, then the method's main sweep, e.g. eta) and edit.json to --out. Stages are cached, so trying "
         "other --eta/--inject values later takes seconds. Baselines: --method "
-        "nti|imagic|masactrl|edit-friendly|dds|ledits, their knobs via --set key=value (list them with "
-        "`nonrigid methods`).",
+        "nti|imagic|masactrl|edit-friendly|dds|ledits|flowedit, their knobs via --set key=value (list them with "
+        "`nonrigid methods`). The instruction editors on their own models: --method kontext (--model "
+        "black-forest-labs/FLUX.1-Kontext-dev) and --method qwen-edit (--model Qwen/Qwen-Image-Edit-2509), which "
+        "follow --instruction, or else the instruction \"Change the picture so that it shows <PROMPT>, keeping "
+        "everything else the same.\"",
         formatter_class=HelpFormatter,
     )
     p.add_argument("image", help="input image (any format Pillow reads); the whole picture at its own aspect ratio "
@@ -46,6 +49,10 @@ def add_edit_parser(commands) -> None:
                    "replaced")
     p.add_argument("--source", default="", help="source prompt describing the input; empty is the paper's "
                    "recommended default (best structure preservation with NTI)")
+    p.add_argument("--instruction", default=None, metavar="TEXT",
+                   help="kontext, qwen-edit: the instruction to follow, e.g. \"Make the dog jump.\" (default: "
+                   "\"Change the picture so that it shows PROMPT, keeping everything else the same.\", with PROMPT's "
+                   "final full stop dropped and its first letter lower-cased); recorded in edit.json")
     add_model_flags(p)
     add_knob_flags(p)
     p.add_argument("--seed", type=int, nargs="+", default=[0], metavar="SEED",
@@ -143,6 +150,8 @@ def run_edit(args: argparse.Namespace) -> int:
     check_model_name(args.model)  # a mistyped name, told before torch is imported
     params = method_params(args)  # validates before anything slow happens
     mask = read_cli_mask(args, image)
+    instruction = read_instruction(args)
+    method_info(args.method).check_model_source(args.model, args.config)
 
     from ..methods.output import save_result  # the heavy imports (torch, diffusers) once the input is known good
     from ..methods.run import EditRequest, run_edits
@@ -151,7 +160,8 @@ def run_edit(args: argparse.Namespace) -> int:
 
     model = load_model(args)
     cache = None if args.no_cache else StageCache(args.cache_dir)
-    (result,) = run_edits(model, [EditRequest(image, args.prompt, args.source, mask)], args.method, params,
+    request = EditRequest(image, args.prompt, args.source, mask, instruction)
+    (result,) = run_edits(model, [request], args.method, params,
                           seeds=args.seed, size=args.size, crop=args.crop, cache=cache, batch_size=args.batch_size,
                           preset="fast" if args.fast else None, progress=not args.quiet)
     record = {
@@ -170,6 +180,21 @@ def run_edit(args: argparse.Namespace) -> int:
     say(args, f"{args.method}: {len(result.variants)} variants in {result.timings['total']:.1f} s ({stages})")
     print(out)
     return 0
+
+
+def read_instruction(args: argparse.Namespace) -> str | None:
+    """``--instruction``, for a method that takes one (None without it); refused in one line for the others, which
+    would ignore it."""
+    if args.instruction is None:
+        return None
+    if not method_info(args.method).instructions:
+        takers = ", ".join(name for name, info in METHODS.items() if info.instructions)
+        raise UsageError(f"--instruction does not apply to --method {args.method}: only {takers} follow an "
+                         "instruction; the other methods edit toward PROMPT")
+    if not args.instruction.strip():
+        raise UsageError("--instruction is empty; give the instruction, or leave the flag out to make one from "
+                         "PROMPT")
+    return args.instruction
 
 
 def read_cli_mask(args: argparse.Namespace, image):
@@ -205,6 +230,9 @@ def describe_methods(names: list[str] | None = None) -> str:
             lines.append(f"  memory: {info.memory}")
         if info.requires:
             lines.append(f"  needs: {describe(info.requires)}")
+        if info.instructions:
+            lines.append("  follows an instruction: --instruction TEXT, else \"" + INSTRUCTION_TEMPLATE.format(
+                target="<PROMPT>") + "\" (benchmarks: PIE-Bench's editing_instruction)")
         for guidance, settings in _distinct(info.settings_by_guidance):
             shown = ", ".join(f"{name}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
                               for name, v in settings.items())

@@ -130,7 +130,7 @@ def add_mini_parser(commands) -> None:
 
     cmp = sub.add_parser(
         "compare", help="a cheaper preset or masked edits against ours at the defaults, pair by pair",
-        description="Paired 95%% intervals (over pairs; per pair the mean over seeds and etas) of a candidate's "
+        description="Paired 95% intervals (over pairs; per pair the mean over seeds and etas) of a candidate's "
         "ours minus the default's, per world: edit success, identity error and sky shift, with the fast preset's "
         "margins (at most 0.05 less edit success, 0.005 more identity error); with --masks the background error "
         "too, without margins. The runs come from `nonrigid mini evaluate --no-ablations --ours-only` (with --set "
@@ -352,20 +352,21 @@ def run_mini_evaluate(args: argparse.Namespace) -> int:
 
 def run_mini_compare(args: argparse.Namespace) -> int:
     """``nonrigid mini compare``: the table, printed and (with --docs) written into MINIATURE.md."""
-    from ..methods.base import parse_key_values
     from ..mini.evaluate import load_rows
     from ..mini.studies import MASK_METRICS, METRICS, compare, comparisons_table, run_settings, study_section
 
-    runs = [*args.defaults, *(Path(path) for _, path in parse_key_values(args.candidate, "--candidate"))]
-    for run in runs:
+    candidates: dict[str, list[Path]] = {}
+    for given in args.candidate:
+        name, sep, path = given.partition("=")
+        if not (sep and name.strip() and path.strip()):
+            raise UsageError(f"--candidate {given!r}: write NAME=RUN, e.g. fast=runs/fast/world-0")
+        candidates.setdefault(name.strip(), []).append(Path(path.strip()))
+    for run in [*args.defaults, *(path for paths in candidates.values() for path in paths)]:
         if not (run / "results").is_dir():
             raise UsageError(f"{run} holds no evaluation (no results folder): run `nonrigid mini evaluate` into it")
     defaults = [row for run in args.defaults for row in load_rows(run)]
     metrics, margins = (MASK_METRICS, {}) if args.masks else (METRICS, None)
     comparisons, settings = [], {}
-    candidates: dict[str, list[Path]] = {}
-    for name, path in parse_key_values(args.candidate, "--candidate"):
-        candidates.setdefault(name, []).append(Path(path))
     for name, paths in candidates.items():
         rows = [row for path in paths for row in load_rows(path)]
         comparisons += compare(defaults, rows, name, metrics, margins)
@@ -379,8 +380,7 @@ def run_mini_compare(args: argparse.Namespace) -> int:
         if args.masks:
             from ..mini.studies import mask_gallery
 
-            first = parse_key_values(args.candidate, "--candidate")[0][1]
-            mask_gallery(args.defaults[0], Path(first), args.docs / "mini-masks.png")
+            mask_gallery(args.defaults[0], next(iter(candidates.values()))[0], args.docs / "mini-masks.png")
         command = "nonrigid " + " ".join(sys.argv[1:])
         replace_block(args.docs / "MINIATURE.md", f"study:{kind}", study_section(kind, table, command),
                       "## Cheaper settings and masks, tested")

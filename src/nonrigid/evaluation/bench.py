@@ -9,7 +9,7 @@ parameters are the job's with the variant's own sweep values (``Variant.params``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,19 +58,23 @@ def run_benchmark(
     *,
     progress: bool = False,
     pairs_per_batch: int = 1,
+    methods: Collection[str] | None = None,
 ) -> BenchStats:
     """Run every job of ``spec`` that ``run`` does not hold yet, committing each when its images are on disk.
 
     ``pairs_per_batch`` > 1: pending jobs of a method that batches across images (ours), with the same setting
     and seeds, run ``pairs_per_batch`` pairs at a time as one model batch (:func:`job_groups`); each job is still
     saved, scored and committed on its own, and its results equal its run alone up to the last bits of batched
-    products. A job's seconds are then its share of its batch."""
+    products. A job's seconds are then its share of its batch.
+
+    ``methods``: only these methods' jobs (those that run on ``model``, where methods have models of their own:
+    ``BenchSpec.method_models``); None: every job."""
     from tqdm.auto import tqdm
 
     if pairs_per_batch < 1:
         raise UsageError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
-    jobs = spec.jobs()
-    todo = pending_jobs(spec, run)
+    jobs = [job for job in spec.jobs() if methods is None or job.method in methods]
+    todo = [job for job in pending_jobs(spec, run) if methods is None or job.method in methods]
     stats = BenchStats(jobs=len(jobs), done_before=len(jobs) - len(todo))
     bar = tqdm(total=len(jobs), initial=stats.done_before, desc="bench", unit="job", disable=not progress)
     with bar:
@@ -114,8 +118,8 @@ def edit_jobs(group: list[Job], spec: BenchSpec, model: Any, cache: Any) -> list
     from ..methods.run import EditRequest, run_edits
 
     first = group[0]
-    requests = [EditRequest(job.pair.image, job.pair.target_text, job.source_prompt, spec.mask_of(job.pair))
-                for job in group]
+    requests = [EditRequest(job.pair.image, job.pair.target_text, job.source_prompt, spec.mask_of(job.pair),
+                            job.pair.instruction or None, "benchmark") for job in group]
     return run_edits(model, requests, first.method, first.setting.params, seeds=first.seeds, size=spec.size,
                      crop=spec.crop, cache=cache, batch_size=spec.runtime.get("batch_size"))
 
@@ -157,6 +161,7 @@ def job_output(job: Job, result: Any, metrics: Any, cache: Any) -> JobOutput:
     files = {input_path: png_bytes(result.input_image)}
     files.update((path, png_bytes(variant.image)) for path, variant in zip(paths, result.variants, strict=True))
     count = len(result.variants)
+    instruction = {k: result.record[k] for k in ("instruction", "instruction_source") if k in result.record}
     watch = Stopwatch()
     masks = {"masks": [job.pair.mask] * count} if job.pair.mask is not None else {}  # a PIE-Bench pair
     with watch("scoring"):
@@ -172,7 +177,7 @@ def job_output(job: Job, result: Any, metrics: Any, cache: Any) -> JobOutput:
             "setting": job.setting.label, "seed": variant.seed, "knobs": variant.knobs,
             "params": edit_params(result.params, variant), **{m: score.get(m) for m in METRIC_NAMES},
             **{m: finite_or_none(score.get(m)) for m in PIE_METRIC_NAMES}, "edit_type": job.pair.edit_type or None,
-            "image": path, "record": {**variant.record, "input": input_path},
+            "image": path, "record": {**instruction, **variant.record, "input": input_path},
             "job_seconds": total, "seconds_per_edit": total / count, "timings": timings, "cache": result.cache,
         })
     job_row = {"job": job.key, "pair": job.pair.index, "method": job.method, "setting": job.setting.label,

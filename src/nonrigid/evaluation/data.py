@@ -33,6 +33,7 @@ class Pair:
     source_origin: str = ""  # where that caption comes from: "sources", "input list", "file name", "mapping file"
     edit_type: str = ""  # PIE-Bench's editing_type_id ("5": change pose); empty for TEdBench
     mask: tuple[int, ...] | None = None  # PIE-Bench's edited region, run-length pairs over the flattened 512 x 512
+    instruction: str = ""  # the dataset's own instruction (PIE-Bench's editing_instruction), for instruction editors
 
     @property
     def slug(self) -> str:

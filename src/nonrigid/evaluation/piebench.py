@@ -128,7 +128,8 @@ def read_piebench(data: str | os.PathLike, types: str | None = None) -> list[Pai
         if not isinstance(mask, list) or len(mask) % 2 or not all(isinstance(v, int) and v >= 0 for v in mask):
             raise UsageError(f"{mapping_path} item {key}: mask must be a list of (start, length) integer pairs")
         pairs.append(Pair(index, str(item["image_path"]), image, strip_markers(str(item["editing_prompt"])),
-                          strip_markers(str(item["original_prompt"])), "mapping file", edit_type, tuple(mask)))
+                          strip_markers(str(item["original_prompt"])), "mapping file", edit_type, tuple(mask),
+                          str(item.get("editing_instruction") or "").strip()))
     if not pairs:
         raise UsageError(f"{mapping_path} has no item of editing type {', '.join(sorted(wanted, key=int))}")
     return pairs

@@ -265,6 +265,8 @@ class BenchSpec:
     types: tuple[str, ...] = ()  # PIE-Bench: the editing types selected (ids)
     crop: str | None = "square"  # the benchmarks' protocol; None: each picture at its own aspect ratio
     masks: str | None = None  # None, "piebench" (its own masks) or a folder of <image stem>.png masks
+    # each method's own model where it is not ``model`` (the instruction editors run on their own models)
+    method_models: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.size is not None and self.size <= 0:
@@ -294,6 +296,10 @@ class BenchSpec:
         if missing:
             raise UsageError(f"masks: {folder} has no {Path(missing[0]).stem}.png (one mask per image, named like it)")
 
+    def model_for(self, method: str) -> str:
+        """The model ``method``'s jobs run on: its own (``method_models``), else the run's."""
+        return self.method_models.get(method, self.model)
+
     def mask_of(self, pair: Pair):
         """A pair's mask as an edit request takes it (None without masks)."""
         if self.masks is None:
@@ -313,11 +319,13 @@ class BenchSpec:
 
     def identity(self) -> dict[str, Any]:
         uses_source = uses_source_captions(self.settings)
+        # the dataset's instructions only where a method follows them, so that other runs keep their identity
+        uses_instructions = any(METHODS[m].instructions for m in self.settings)
         return {
             "kind": "bench",
             "data": str(Path(self.data).resolve()),
-            "pairs": [[p.index, p.img_name, p.target_text, *([p.source_text] if uses_source else [])]
-                      for p in self.pairs],
+            "pairs": [[p.index, p.img_name, p.target_text, *([p.source_text] if uses_source else []),
+                       *([p.instruction] if uses_instructions else [])] for p in self.pairs],
             "methods": {m: [s.to_json() for s in settings] for m, settings in self.settings.items()},
             "seeds": list(self.seeds),
             "model": self.model,
@@ -331,4 +339,5 @@ class BenchSpec:
             **({"crop": self.crop} if self.crop != "square" else {}),
             **({"masks": str(Path(self.masks).resolve()) if self.masks != "piebench" else self.masks}
                if self.masks is not None else {}),
+            **({"method_models": dict(self.method_models)} if self.method_models else {}),
         }

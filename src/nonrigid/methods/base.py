@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from ..errors import UsageError
-from ..models.capabilities import describe
+from ..models.capabilities import TEXT_CONDITIONING, describe
 from ..progress import Progress
 from ..stages import DEFAULT_GUIDANCE
 
@@ -159,6 +161,13 @@ class MethodInfo:
     # whether the method takes a mask of where the edit may change the picture (``why_no_mask``: why not)
     masks: bool = False
     why_no_mask: str = ""
+    # whether the method takes an instruction ("make the dog jump") besides the target prompt (the instruction
+    # editors); others ignore a request's instruction
+    instructions: bool = False
+    # a single-file checkpoint as this method's model: the one-line reason it needs a ``config`` to be read
+    # (``file_needs_config``), or cannot be read at all (``why_no_single_file``); both empty: as any model
+    file_needs_config: str = ""
+    why_no_single_file: str = ""
 
     def preset(self, name: str | None) -> dict[str, Any]:
         """The values of preset ``name`` (none for None), or a one-line refusal naming the method's presets."""
@@ -169,12 +178,29 @@ class MethodInfo:
             raise UsageError(f"method {self.name!r} has no preset {name!r} ({offered})")
         return dict(self.presets[name])
 
-    def check_family(self, family) -> None:
-        """Refuse, in one line with the reason, a model this method cannot run on."""
+    def check_family(self, family, alternatives: Sequence[str] = ()) -> None:
+        """Refuse, in one line with the reason, a model this method cannot run on. A model without a text-only
+        conditioning (an instruction editor whose prompt encoder reads the image) is refused for that reason
+        first, naming the methods that do run on it (``alternatives``)."""
         missing = [c for c in self.requires if c not in family.capabilities()]
+        if TEXT_CONDITIONING in missing:
+            others = f"; methods for this model: {', '.join(alternatives)}" if alternatives else ""
+            raise UsageError(f"method {self.name!r} does not apply to this model ({family.describe()}): its stages "
+                             "need a text-only conditioning of the prompt, and this model's prompt encoder reads "
+                             f"the input image with the text{others}")
         if missing:
             raise UsageError(f"method {self.name!r} does not apply to this model ({family.describe()}): "
                              f"{self.why_not or 'it needs ' + describe(tuple(missing))}")
+
+    def check_model_source(self, model: str | PathLike, config: str | None = None) -> None:
+        """Refuse, before anything loads, a single-file checkpoint this method's model cannot be read from
+        (Qwen-Image-Edit: none; FLUX.1 Kontext: not without a Kontext ``config``)."""
+        if not Path(model).expanduser().is_file():
+            return
+        if self.why_no_single_file:
+            raise UsageError(self.why_no_single_file)
+        if self.file_needs_config and not config:
+            raise UsageError(self.file_needs_config)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -327,6 +353,10 @@ class EditInput:
     cache_fields: dict[str, str] = field(default_factory=dict)
     mask: Any = None  # where the edit may change the image: (height, width) floats in [0, 1], or None
     record: dict[str, Any] = field(default_factory=dict)  # what edit.json says of the input (working size, mask)
+    # the instruction for the methods that take one ("make the dog jump"; None: made from the target prompt) and
+    # where it came from: "given" (the caller's) or "benchmark" (the dataset's own, PIE-Bench's editing_instruction)
+    instruction: str | None = None
+    instruction_source: str = "given"
 
 
 @dataclass

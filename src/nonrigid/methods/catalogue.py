@@ -2,18 +2,32 @@
 
 This module is the catalogue (torch-free, so ``nonrigid methods`` and usage errors answer at once): each method's
 name, summary and parameter table with the reference defaults of method.md section 2. The algorithms live in one
-module each (``ours``, ``nti``, ``imagic``, ``masactrl``, ``edit_friendly``, ``dds``, ``ledits``, ``flowedit``)
-with the signature of :mod:`nonrigid.methods.base`;
-:func:`nonrigid.methods.run.run_edits` dispatches to them. Each table is the one place a method's parameters,
-defaults and bounds are written: the command line, the benchmark and the library all validate against it.
+module each (``ours``, ``nti``, ``imagic``, ``masactrl``, ``edit_friendly``, ``dds``, ``ledits``, ``flowedit``,
+and the instruction editors on their own models, ``kontext`` and ``qwen_edit``) with the signature of
+:mod:`nonrigid.methods.base`; :func:`nonrigid.methods.run.run_edits` dispatches to them. Each table is the one
+place a method's parameters, defaults and bounds are written: the command line, the benchmark and the library all
+validate against it. The instruction editors' template for an instruction made from a target prompt is here too
+(:data:`INSTRUCTION_TEMPLATE`).
 """
 
 from __future__ import annotations
 
 from ..errors import UsageError
-from ..models.capabilities import CLASSIFIER_FREE, DDPM, DISTILLED, FLOW, LEDITS, NO_GUIDANCE, UNET
+from ..models.capabilities import (
+    CLASSIFIER_FREE,
+    DDPM,
+    DISTILLED,
+    FLOW,
+    KONTEXT,
+    LEDITS,
+    NO_GUIDANCE,
+    NO_SINGLE_FILE,
+    QWEN_EDIT,
+    TEXT_CONDITIONING,
+    UNET,
+)
 from ..stages import INVERSION_METHODS
-from .base import MethodInfo, Param
+from .base import EditInput, MethodInfo, Param
 
 DEFAULT_ETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_INJECT = (0.2,)
@@ -53,6 +67,7 @@ OURS = MethodInfo(
     ),
     seeded=True,
     reference="Latent Inversion with Timestep-aware Sampling (method.md section 1)",
+    requires=(TEXT_CONDITIONING,),
     batches_images=True,
     masks=True,
     presets={"fast": FAST},
@@ -64,7 +79,7 @@ NTI = MethodInfo(
     "inverted latent with the optimised null embeddings (no text optimization, no injection).",
     _NTI_PARAMS,
     seeded=False,
-    requires=(CLASSIFIER_FREE,),
+    requires=(TEXT_CONDITIONING, CLASSIFIER_FREE),
     why_not="it optimises the null text of classifier-free guidance, and this model has no unconditional branch "
             "(its guidance is distilled)",
     reference="Mokady et al., Null-text Inversion (CVPR 2023)",
@@ -88,6 +103,7 @@ IMAGIC = MethodInfo(
     ),
     seeded=True,
     reference="Kawar et al., Imagic (CVPR 2023); SD re-implementation defaults",
+    requires=(TEXT_CONDITIONING,),
     memory="fine-tunes a full fp32 copy of the UNet with Adam (about 14 GB on CUDA for SD 1.x and 2.x, over 41 GB "
     "for SDXL's 2.6 B-parameter UNet; the original weights wait on the CPU meanwhile)",
     why_no_mask="it samples from fresh noise with a fine-tuned UNet, so there is no path of the input to keep "
@@ -111,7 +127,7 @@ MASACTRL = MethodInfo(
     ),
     seeded=False,
     reference="Cao et al., MasaCtrl (ICCV 2023), on a null-text inversion as in the paper",
-    requires=(UNET,),
+    requires=(TEXT_CONDITIONING, UNET),
     why_not="it rewires a UNet's self-attention layers, and a flow transformer (MMDiT) has joint attention only",
     masks=True,
 )
@@ -130,7 +146,7 @@ EDIT_FRIENDLY = MethodInfo(
     ),
     seeded=True,
     reference="Huberman-Spiegelglas et al., An Edit Friendly DDPM Noise Space (CVPR 2024)",
-    requires=(DDPM,),
+    requires=(TEXT_CONDITIONING, DDPM),
     batches_images=True,
     why_not="its noise maps belong to DDPM's stochastic sampler, and a flow model samples a deterministic ODE "
     "(on flow models use flowedit)",
@@ -153,7 +169,7 @@ DDS = MethodInfo(
     ),
     seeded=True,
     reference="Hertz et al., Delta Denoising Score (ICCV 2023)",
-    requires=(DDPM,),
+    requires=(TEXT_CONDITIONING, DDPM),
     batches_images=True,
     why_not="it distils noise estimates at DDPM timesteps; its flow-model counterpart is flowedit",
     masks=True,
@@ -177,7 +193,7 @@ LEDITS = MethodInfo(
     ),
     seeded=True,
     reference="Brack et al., LEDITS++ (CVPR 2024), as shipped by diffusers",
-    requires=(LEDITS,),
+    requires=(TEXT_CONDITIONING, LEDITS),
     why_not="diffusers ships LEDITS++ for SD and SDXL UNets only",
     why_no_mask="diffusers' LEDITS++ masks its edit itself (its intersect mask of attention and noise); use "
                 "its threshold and mask parameters",
@@ -204,7 +220,7 @@ FLOWEDIT = MethodInfo(
     ),
     seeded=True,
     reference="Kulikov et al., FlowEdit (ICCV 2025): the authors' SD3 settings, and on FLUX their FLUX settings",
-    requires=(FLOW,),
+    requires=(TEXT_CONDITIONING, FLOW),
     # the authors' FLUX settings, for flow models without an unconditional branch (dev: distilled guidance;
     # schnell: none, where the guidance values go unused and n_max scales to its 4 steps)
     settings_by_guidance={DISTILLED: _FLOWEDIT_FLUX, NO_GUIDANCE: _FLOWEDIT_FLUX},
@@ -212,8 +228,95 @@ FLOWEDIT = MethodInfo(
     masks=True,
 )
 
+# ---- the instruction editors, each on its own model
+
+# How an instruction is made from a target prompt where none is given (``instruction``) and the benchmark has
+# none (TEdBench): the caption, its final full stop dropped and its first letter lower-cased unless it starts an
+# acronym, in one sentence that asks for that picture and nothing else changed.
+INSTRUCTION_TEMPLATE = "Change the picture so that it shows {target}, keeping everything else the same."
+_EDITOR_NO_MASK = ("it regenerates the whole picture from the instruction (the input is a reference it attends to, "
+                   "not a path to keep outside a mask)")
+
+KONTEXT_METHOD = MethodInfo(
+    "kontext",
+    "FLUX.1 Kontext [dev] on its own model: the instruction edits the picture, which the transformer sees in context "
+    "(its latents appended to the noisy ones); distilled guidance, one variant per guidance value and seed, at the "
+    "working size and the picture's aspect ratio.",
+    (
+        Param("guidances", "floats", (2.5,), "distilled guidance (the model card's 2.5; higher follows the "
+              "instruction more closely)", label="guidance", low=1, high=30),
+        Param("num_steps", "int", 28, "Euler steps (diffusers' default 28; BFL's reference CLI 30)", low=1,
+              high=1000),
+    ),
+    seeded=True,
+    reference="Black Forest Labs, FLUX.1 Kontext (arXiv 2506.15742), as diffusers' FluxKontextPipeline runs it",
+    memory="12 B transformer and T5-XXL: about 34 GB in bf16 (the default on CUDA); low-memory mode uses "
+    "diffusers' model CPU offload",
+    requires=(KONTEXT,),
+    why_not="it runs FLUX.1 Kontext's own instruction editing, and this is not a Kontext model; load one, e.g. "
+            "model=black-forest-labs/FLUX.1-Kontext-dev",
+    why_no_mask=_EDITOR_NO_MASK,
+    instructions=True,
+    file_needs_config="a FLUX.1 Kontext single file has FLUX.1-dev's keys, so nothing in it says Kontext: give "
+                      "config=black-forest-labs/FLUX.1-Kontext-dev (or a local Kontext diffusers folder) to read it "
+                      "as Kontext",
+)
+
+QWEN_EDIT_METHOD = MethodInfo(
+    "qwen-edit",
+    "Qwen-Image-Edit (-2509, -2511) on its own model: Qwen2.5-VL reads the picture with the instruction, the "
+    "transformer attends to the picture's latents; true classifier-free guidance against a negative prompt, one "
+    "variant per true CFG value and seed, at the working size and the picture's aspect ratio.",
+    (
+        Param("true_cfg", "floats", (4.0,), "true CFG scale (the model cards' 4; 1: no negative branch, half the "
+              "cost)", label="cfg", low=1, high=30),
+        Param("num_steps", "int", 50, "Euler steps (the model cards': 50 for Qwen-Image-Edit, 40 for 2509 and "
+              "2511, the default on each)", low=2, high=1000),
+        Param("negative_prompt", "str", " ", "the negative prompt of true CFG (the model cards' single space)"),
+        Param("positions_3d", "bool", False, "give the picture's tokens in the VL encoder Qwen2.5-VL's 3D rope "
+              "positions (mm_token_type_ids), as the model was trained; false reproduces diffusers 0.42's "
+              "pipelines, which leave them out (diffusers issue 14194)"),
+    ),
+    seeded=True,
+    reference="Qwen team, Qwen-Image (arXiv 2508.02324), as diffusers' QwenImageEditPipeline and "
+              "QwenImageEditPlusPipeline run it; model-card settings",
+    memory="20 B transformer and the 8 B Qwen2.5-VL encoder: about 58 GB in bf16 (the default on CUDA); "
+    "low-memory mode uses diffusers' model CPU offload",
+    requires=(QWEN_EDIT,),
+    why_not="it runs Qwen-Image-Edit's own instruction editing, and this is not a Qwen-Image-Edit model; load one, "
+            "e.g. model=Qwen/Qwen-Image-Edit-2509",
+    why_no_mask=_EDITOR_NO_MASK,
+    instructions=True,
+    why_no_single_file=NO_SINGLE_FILE[QWEN_EDIT],
+)
+
 METHODS: dict[str, MethodInfo] = {m.name: m for m in (OURS, NTI, IMAGIC, MASACTRL, EDIT_FRIENDLY, DDS, LEDITS,
-                                                        FLOWEDIT)}
+                                                        FLOWEDIT, KONTEXT_METHOD, QWEN_EDIT_METHOD)}
+
+
+def methods_for(family) -> list[str]:
+    """The methods whose needs the model (its family) meets, in the catalogue's order: what the page offers."""
+    capabilities = family.capabilities()
+    return [name for name, info in METHODS.items() if set(info.requires) <= capabilities]
+
+
+def template_instruction(target: str) -> str:
+    """:data:`INSTRUCTION_TEMPLATE` filled with the target prompt: ``"A photo of a jumping dog."`` -> ``"Change the
+    picture so that it shows a photo of a jumping dog, keeping everything else the same."``"""
+    text = target.strip().rstrip(".!").strip()
+    if len(text) > 1 and text[0].isupper() and not text[1].isupper():
+        text = text[0].lower() + text[1:]
+    return INSTRUCTION_TEMPLATE.format(target=text)
+
+
+def instruction_of(edit: EditInput) -> tuple[str, str]:
+    """The instruction an instruction editor follows for ``edit`` and where it came from: the request's own
+    ("given", or "benchmark" for a dataset's), else :func:`template_instruction` of the target prompt
+    ("template")."""
+    if edit.instruction and edit.instruction.strip():
+        return edit.instruction.strip(), edit.instruction_source
+    return template_instruction(edit.target_prompt), "template"
+
 
 def method_info(name: str) -> MethodInfo:
     if name not in METHODS:

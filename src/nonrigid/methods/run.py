@@ -23,9 +23,9 @@ from ..progress import Progress
 from ..stages.cache import StageCache
 from ..stages.cached import cache_fields
 from ..timing import Stopwatch
-from . import dds, edit_friendly, flowedit, imagic, ledits, masactrl, nti, ours
+from . import dds, edit_friendly, flowedit, imagic, kontext, ledits, masactrl, nti, ours, qwen_edit
 from .base import EditInput, EditResult, MethodContext, MethodInfo, Variant, resolve_params
-from .catalogue import method_info
+from .catalogue import method_info, methods_for
 
 logger = logging.getLogger("nonrigid")
 
@@ -33,18 +33,24 @@ logger = logging.getLogger("nonrigid")
 RUNNERS: dict[str, Callable[..., list[EditResult]]] = {
     "ours": ours.run, "nti": nti.run, "imagic": imagic.run, "masactrl": masactrl.run,
     "edit-friendly": edit_friendly.run, "dds": dds.run, "ledits": ledits.run, "flowedit": flowedit.run,
+    "kontext": kontext.run, "qwen-edit": qwen_edit.run,
 }
 
 
 @dataclass(frozen=True)
 class EditRequest:
     """One image to edit: the image (a path or a picture), its prompts and, optionally, a mask of where the edit
-    may change it (white; black is kept: a path, a picture or an array of the image's size)."""
+    may change it (white; black is kept: a path, a picture or an array of the image's size) and an instruction
+    for the methods that take one (``MethodInfo.instructions``: kontext, qwen-edit; None: made from the target
+    prompt by the catalogue's template; the other methods ignore it), with where it came from ("given", or
+    "benchmark" for a dataset's own)."""
 
     image: str | os.PathLike | Image.Image
     target_prompt: str
     source_prompt: str = ""
     mask: MaskLike | None = None
+    instruction: str | None = None
+    instruction_source: str = "given"
 
 
 def run_edits(
@@ -76,7 +82,7 @@ def run_edits(
     batch; the others edit one image per call.
     """
     info = method_info(method)
-    info.check_family(model)
+    info.check_family(model, methods_for(model))
     if not info.masks and any(request.mask is not None for request in requests):
         raise UsageError(f"method {method!r} takes no mask: {info.why_no_mask}")
     resolved = resolve_params(info, params or {}, model, preset=preset)
@@ -118,7 +124,8 @@ def prepare_inputs(model: ModelFamily, requests: Sequence[EditRequest], size: in
         raw = request.image if isinstance(request.image, Image.Image) else open_image(request.image)
         upright = ImageOps.exif_transpose(raw)
         picture = load_image(upright, size, crop, multiple)
-        record = {"size": size, "working_size": list(picture.size), **({"crop": crop} if crop else {})}
+        record = {"size": size, "input_size": list(upright.size), "working_size": list(picture.size),
+                  **({"crop": crop} if crop else {})}
         mask = None
         if request.mask is not None:
             mask, note = load_mask(request.mask, upright.size, size, crop, multiple)
@@ -126,7 +133,8 @@ def prepare_inputs(model: ModelFamily, requests: Sequence[EditRequest], size: in
             if note:
                 logger.warning("%s", note)
         edits.append(EditInput(picture, request.target_prompt, request.source_prompt,
-                               cache_fields(model, picture, fingerprint), mask, record))
+                               cache_fields(model, picture, fingerprint), mask, record, request.instruction,
+                               request.instruction_source))
     return edits
 
 

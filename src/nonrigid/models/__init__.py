@@ -12,7 +12,8 @@ from ..errors import UsageError
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 # the models built in (loading.MINI_MODELS, tiny.TINY_KINDS), named here without importing torch
 BUILT_IN_NAMES = ("mini", "mini-v", "mini-xl", "mini-flow", "tiny", "tiny-sd2", "tiny-sd2-v", "tiny-sdxl", "tiny-sd3",
-                  "tiny-sd35", "tiny-flux", "tiny-flux-schnell")
+                  "tiny-sd35", "tiny-flux", "tiny-flux-schnell", "tiny-kontext", "tiny-qwen-edit",
+                  "tiny-qwen-edit-plus")
 MODEL_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 
 

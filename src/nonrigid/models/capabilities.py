@@ -19,6 +19,17 @@ DISTILLED = "distilled"  # the guidance value is an input of the denoiser (FLUX.
 NO_GUIDANCE = "none"  # distilled for sampling without guidance (FLUX.1-schnell); not a capability
 ATTENTION_MAPS = "attention-maps"  # cross-attention maps of the prompt's words can be read at 1/4 resolution
 LEDITS = "ledits"  # diffusers ships a LEDITS++ pipeline for the family
+# the prompt has a conditioning of its own, without the image: what the stages optimise, interpolate and invert
+# with (every text-to-image family; not Qwen-Image-Edit, whose prompt encoder reads the input image with the text)
+TEXT_CONDITIONING = "text-conditioning"
+KONTEXT = "kontext"  # FLUX.1 Kontext: an instruction editor that attends to the reference image's latents
+QWEN_EDIT = "qwen-edit"  # Qwen-Image-Edit (-2509, -2511): an instruction editor over a vision-language encoding
+
+# why a family with this capability loads from no single file (one line)
+NO_SINGLE_FILE = {
+    QWEN_EDIT: "Qwen-Image-Edit has no single-file loading in diffusers 0.42: pass the hub id (e.g. "
+               "Qwen/Qwen-Image-Edit-2509) or a diffusers folder",
+}
 
 DESCRIPTIONS = {
     UNET: "a UNet denoiser",
@@ -31,6 +42,9 @@ DESCRIPTIONS = {
     DISTILLED: "distilled guidance",
     ATTENTION_MAPS: "readable cross-attention maps",
     LEDITS: "a LEDITS++ pipeline in diffusers (SD and SDXL UNets)",
+    TEXT_CONDITIONING: "a text-only prompt conditioning (a text-to-image model)",
+    KONTEXT: "a FLUX.1 Kontext model",
+    QWEN_EDIT: "a Qwen-Image-Edit model",
 }
 
 

@@ -223,11 +223,11 @@ def kontext_conditioning(pipe: FluxKontextPipeline, prompt: str | list[str], ima
 
 
 def kontext_velocity(transformer, latents: torch.Tensor, timestep, cond: KontextConditioning,
-                     guidance: float | None = 3.5) -> torch.Tensor:
+                     guidance: float | torch.Tensor | None = 3.5) -> torch.Tensor:
     """The velocity for (B, 16, h, w) latents at ``timestep``: the packed latents, followed by the packed reference,
     through the transformer with their ids (noisy (0, row, col), reference (1, row, col)), the distilled
-    ``guidance`` embedded (ignored by a transformer without a guidance embedding), the output cut to the noisy
-    tokens and unpacked."""
+    ``guidance`` embedded (one value, or one per row; ignored by a transformer without a guidance embedding), the
+    output cut to the noisy tokens and unpacked."""
     batch, _, height, width = latents.shape
     dtype, device = transformer.dtype, latents.device
     hidden = pack(latents.to(dtype))
@@ -237,7 +237,7 @@ def kontext_velocity(transformer, latents: torch.Tensor, timestep, cond: Kontext
         ids = torch.cat([ids, cond.reference_ids.to(dtype)], dim=0)
     embedded = None
     if transformer.config.guidance_embeds:
-        embedded = torch.full([batch], float(guidance), device=device, dtype=torch.float32)
+        embedded = torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(batch).to(device)
     out = transformer(hidden_states=hidden, timestep=_timestep_input(timestep, batch, dtype, device),
                       guidance=embedded, pooled_projections=cond.pooled.to(dtype),
                       encoder_hidden_states=cond.tokens.to(dtype), txt_ids=cond.text_ids.to(dtype), img_ids=ids,

@@ -32,7 +32,17 @@ import torch
 from PIL import Image
 
 from ..errors import UsageError
-from .capabilities import ATTENTION_MAPS, CLASSIFIER_FREE, DDPM, FLOW, LEDITS, NO_GUIDANCE, TRANSFORMER, UNET
+from .capabilities import (
+    ATTENTION_MAPS,
+    CLASSIFIER_FREE,
+    DDPM,
+    FLOW,
+    LEDITS,
+    NO_GUIDANCE,
+    TEXT_CONDITIONING,
+    TRANSFORMER,
+    UNET,
+)
 
 
 @dataclass(frozen=True)
@@ -176,6 +186,25 @@ class ModelFamily(ABC):
     # whether ``--low-memory`` parks the text encoders on the CPU between encodings: the flow families' T5-XXL
     # alone is 4.7 B parameters (9.5 GB in half precision), next to a transformer that needs the GPU
     parks_text_encoders: bool = False
+    # whether the prompt has a conditioning of its own, without the image (the stages' currency): every
+    # text-to-image family; not an instruction editor whose prompt encoder reads the image (Qwen-Image-Edit)
+    text_conditioning: bool = True
+    # what the model is for besides the stages' calls (:mod:`~nonrigid.models.capabilities`: "kontext", ...)
+    editor_capabilities: tuple[str, ...] = ()
+    # the precision of the frozen networks on CUDA when none is asked for: fp16, or bf16 where the model cards
+    # run the model in bf16 (the instruction editors)
+    cuda_dtype: torch.dtype = torch.float16
+    # whether ``--low-memory`` hands the pipeline to diffusers' model CPU offload (each network on the GPU only
+    # while it runs), as the large instruction editors' users do, instead of the stages' own memory settings
+    cpu_offload: bool = False
+    # diffusers' single-file model types (``single_file_types`` of another family, whose keys they share) this
+    # family reads when a ``config`` of this family says so: a FLUX.1 Kontext file has FLUX.1-dev's keys
+    config_file_types: tuple[str, ...] = ()
+    # why no single file loads into this family (one line), where diffusers cannot read one; "" when it can
+    single_file_refusal: str = ""
+    # whether the denoiser's and VAE's weights can take the channels-last layout (2-D convolutions; not a causal
+    # 3-D VAE such as Qwen-Image's, whose 5-D kernels mixed with 4-D ones have no single such layout)
+    channels_last_layout: bool = True
 
     def __init__(self, pipe: Any, denoiser: Any = None):
         self.pipe = pipe
@@ -214,7 +243,8 @@ class ModelFamily(ABC):
         found |= {self.guidance} if self.guidance != NO_GUIDANCE else set()
         found |= {ATTENTION_MAPS} if self.attention_maps else set()
         found |= {LEDITS} if self.ledits else set()
-        return frozenset(found)
+        found |= {TEXT_CONDITIONING} if self.text_conditioning else set()
+        return frozenset(found | set(self.editor_capabilities))
 
     @classmethod
     def pipeline_kwargs(cls, t5: bool = True) -> dict[str, Any]:
@@ -252,7 +282,10 @@ class ModelFamily(ABC):
 
     @property
     def device(self) -> torch.device:
-        """Where the denoiser runs (tensors the stages make go there)."""
+        """Where the denoiser runs (tensors the stages make go there): under diffusers' model CPU offload, the
+        device its hooks bring each network to when it runs (the network itself waits on the CPU)."""
+        if hasattr(self.network, "_hf_hook"):
+            return self.pipe._execution_device
         return self.network.device
 
     @property
@@ -284,7 +317,8 @@ class ModelFamily(ABC):
         """Text encoders parked off the denoiser's device (``--low-memory``: on the CPU) come onto it for one
         encoding and go back after it, so the prompt is encoded at the GPU's speed and the encoders hold no GPU
         memory while the denoiser works. Encoders already on the denoiser's device stay where they are."""
-        parked = [(module, module.device) for module in self.text_encoders() if module.device != self.device]
+        parked = [(module, module.device) for module in self.text_encoders()
+                  if module.device != self.device and not hasattr(module, "_hf_hook")]  # offload moves those
         for module, _ in parked:
             module.to(self.device)
         try:

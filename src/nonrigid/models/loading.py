@@ -28,6 +28,7 @@ from . import DEFAULT_MODEL, check_model_name
 from . import single_file as sf
 from .family import ModelFamily
 from .hub import component_class, hub_access, hub_class_name, index_class, index_has, model_index
+from .qwen_edit import QwenImageEdit
 from .registry import build_tiny_pipeline, family_for_class, family_for_file_type, family_of, pipeline_class, supported
 from .registry import tiny_model_names as tiny_model_names
 
@@ -51,12 +52,16 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Precision of the frozen networks. Default: fp32 on CPU, fp16 on CUDA (leaves and DDIM math stay fp32)."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, family: ModelFamily | None = None
+                  ) -> torch.dtype:
+    """Precision of the frozen networks. Default: fp32 on CPU; on CUDA the family's (``cuda_dtype``: fp16, bf16 for
+    the instruction editors, as their model cards run them). Leaves and DDIM math stay fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.float16 if family is None else family.cuda_dtype
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -90,7 +95,7 @@ def load_model(
     config with the reference's settings; flow models keep their own schedule.
     """
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    resolve_dtype(dtype, device)  # an unknown dtype is refused before anything loads
     name = str(model)
     if name in tiny_model_names():
         pipe = build_tiny_pipeline(kind=name)
@@ -99,6 +104,7 @@ def load_model(
     else:
         pipe = _load_from_disk_or_hub(name, allow_pickle=allow_pickle, config=config, t5=t5)
     family = family_of(pipe)
+    dtype = resolve_dtype(dtype, device, family)
     family.adopt_scheduler(name)  # SD: DDIM with the reference's settings; SD3: the model's own flow schedule
     for module_name, module in family.modules().items():
         module.requires_grad_(False)
@@ -149,7 +155,8 @@ def configure_model(
 ) -> ModelFamily:
     """Speed and memory settings of the frozen networks, applied to ``model``'s pipeline in place (and returned).
 
-    - ``channels_last`` (default: on for CUDA, off on the CPU): NHWC layout for the UNet's and VAE's weights, the
+    - ``channels_last`` (default: on for CUDA, off on the CPU; never for a family without
+      ``channels_last_layout``, Qwen-Image-Edit's 3-D VAE): NHWC layout for the UNet's and VAE's weights, the
       layout GPU convolution kernels run fastest in. The weights' values do not change (nor the cache keys).
     - ``low_memory``: VAE slicing (images encoded and decoded one at a time), VAE tiling (only acts on images larger
       than the VAE's own sample size, 512 px for SD), and UNet gradient checkpointing (the backward passes of text
@@ -158,7 +165,9 @@ def configure_model(
       all three off again. (Callers short of memory also sample fewer variants per batch.) On the flow families
       (SD3, FLUX: ``ModelFamily.parks_text_encoders``) it also parks the text encoders on the CPU; each encoding
       brings them to the GPU and back (T5-XXL: 9.5 GB each way, a fraction of a second), so they hold no GPU
-      memory while the transformer works. ``False`` brings them back to the transformer's device.
+      memory while the transformer works. ``False`` brings them back to the transformer's device. On the
+      instruction editors' families (``ModelFamily.cpu_offload``: FLUX.1 Kontext, Qwen-Image-Edit) on CUDA it is
+      diffusers' model CPU offload instead (:func:`uses_cpu_offload`), as their users run them.
     - ``compile``: ``torch.compile`` the UNet in place (its default mode: "reduce-overhead" CUDA graphs suit
       neither the changing batch sizes of the stages nor their backward passes). The first call of each batch
       shape compiles (tens of seconds), so it pays off for long runs only. It cannot be undone.
@@ -170,16 +179,17 @@ def configure_model(
       captures many graphs. It cannot be undone.
 
     Deliberately not used: attention slicing (diffusers' default attention already runs PyTorch's SDPA, which never
-    holds the whole attention matrix; slicing would hold slices of it: more memory, slower) and model CPU offload
-    (every stage is UNet-bound, so the UNet stays on the GPU anyway; moving the 0.4 GB text encoder and VAE off it
-    saves little, and accelerate's hooks move modules only when they run, while the stages read
-    ``pipe.unet.device`` to place their tensors and to key the stage cache).
+    holds the whole attention matrix; slicing would hold slices of it: more memory, slower) and, outside the
+    instruction editors' families, model CPU offload (every stage is UNet-bound, so the UNet stays on the GPU
+    anyway; moving the 0.4 GB text encoder and VAE off it saves little, and accelerate's hooks move modules only
+    when they run).
     """
     family, pipe = model, model.pipe
     network = family.network  # the UNet, or a flow model's transformer
-    device = network.device
+    device = family.device
     if channels_last is None:
         channels_last = device.type == "cuda"
+    channels_last = channels_last and family.channels_last_layout
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for module in (network, pipe.vae):
         module.to(memory_format=memory_format)
@@ -191,7 +201,13 @@ def configure_model(
         pipe.vae.disable_slicing()
         pipe.vae.disable_tiling()
         network.disable_gradient_checkpointing()
-    if family.parks_text_encoders:
+    offload = uses_cpu_offload(family, low_memory)
+    if hasattr(network, "_hf_hook") and not offload:  # offloaded before: every network back on the device
+        pipe.remove_all_hooks()
+        pipe.to(device)
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+    elif family.parks_text_encoders:
         home = torch.device("cpu") if low_memory else device
         for encoder in family.text_encoders():
             encoder.to(home)
@@ -205,6 +221,13 @@ def configure_model(
     elif compile:
         network.compile()
     return family
+
+
+def uses_cpu_offload(family: ModelFamily, low_memory: bool) -> bool:
+    """Whether ``low_memory`` means diffusers' model CPU offload for this model: on CUDA, for the families whose
+    users run them so (``ModelFamily.cpu_offload``: the instruction editors, 34 and 58 GB in bf16). Each network
+    then waits on the CPU and comes to the GPU only while it runs, so the GPU holds the largest one at a time."""
+    return low_memory and family.cpu_offload and family.device.type == "cuda"
 
 
 def _load_from_disk_or_hub(name: str, *, allow_pickle: bool, config: str | None, t5: bool = True):
@@ -313,6 +336,8 @@ def _single_file_kind(path: Path, config: str | None) -> tuple[type, dict]:
         if not config:
             raise UsageError(f"could not read checkpoint {path}: {first_line(err)}") from err
         model_type = None
+    if shapes and sf.is_qwen_image(shapes):
+        raise UsageError(f"{path} holds a Qwen-Image transformer: {QwenImageEdit.single_file_refusal}")
     reader = family_for_file_type(model_type)
     if model_type and model_type.startswith("flux") and reader is None:
         raise UsageError(f"{path} is a {model_type!r} checkpoint; supported FLUX single files are FLUX.1 dev and "
@@ -320,9 +345,11 @@ def _single_file_kind(path: Path, config: str | None) -> tuple[type, dict]:
     layout = reader.pipeline_classes[0] if reader is not None else None
     if config:
         cls = _config_class(config)
-        lacks = family_for_class(cls.__name__).file_lacks_components or (layout is not None and
-                                                                          reader.file_lacks_components)
-        if model_type and lacks and cls is not layout:
+        family = family_for_class(cls.__name__)
+        if family.single_file_refusal:
+            raise UsageError(family.single_file_refusal)
+        lacks = family.file_lacks_components or (layout is not None and reader.file_lacks_components)
+        if model_type and lacks and cls is not layout and model_type not in family.config_file_types:
             raise UsageError(f"checkpoint {path} is a {model_type!r} checkpoint but config {config} is a "
                              f"{cls.__name__}; give a config of the checkpoint's family")
         return cls, shapes

@@ -12,11 +12,14 @@ from typing import Any
 from ..errors import UsageError
 from .family import ModelFamily
 from .flux import Flux
+from .kontext import FluxKontext
+from .qwen_edit import QwenImageEdit
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES: list[type[ModelFamily]] = [StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux]
+FAMILIES: list[type[ModelFamily]] = [StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, FluxKontext,
+                                     QwenImageEdit]
 
 
 def family_of(pipe: Any) -> ModelFamily:

@@ -69,6 +69,17 @@ def model_type_of(shapes: dict[str, tuple[int, ...]]) -> str:
     return model_type
 
 
+# keys only a Qwen-Image transformer (Qwen-Image, -Edit, -2509, -2511) has, with or without ``ORIGINAL_PREFIX``;
+# diffusers' model-type inference calls such a file "v1"
+QWEN_IMAGE_KEYS = ("txt_norm.weight", "img_in.weight", "transformer_blocks.0.img_mod.1.weight")
+
+
+def is_qwen_image(shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether a checkpoint holds a Qwen-Image transformer (diffusers' key names, as ComfyUI's repackaging keeps
+    them, optionally under ``model.diffusion_model.``)."""
+    return all(key in shapes or ORIGINAL_PREFIX + key in shapes for key in QWEN_IMAGE_KEYS)
+
+
 def default_repo(shapes: dict[str, tuple[int, ...]]) -> str:
     """The hub repository diffusers reads a checkpoint's configs from when none is given (by its model type)."""
     from diffusers.loaders.single_file_utils import fetch_diffusers_config

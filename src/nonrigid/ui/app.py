@@ -22,7 +22,7 @@ from PIL import ImageOps
 
 from ..errors import Cancelled, NonrigidError, first_line
 from ..images import load_image, open_image
-from ..methods.catalogue import METHODS, method_info
+from ..methods.catalogue import METHODS, method_info, methods_for
 from ..models import DEFAULT_MODEL
 from .knobs import Knob, all_knobs, params_from
 from .session import MAX_UPLOAD_BYTES, Editor, check_upload, examples
@@ -80,9 +80,12 @@ def _edit_tab(editor: Editor, knobs: list[Knob]) -> dict[str, Any]:
             c["target"] = gr.Textbox(label="Target prompt", placeholder="a photo of a jumping dog", elem_id="target")
             c["source"] = gr.Textbox(label="Source prompt (optional)", placeholder="what the picture shows now; "
                                      "empty is the paper's default", elem_id="source")
-            c["method"] = gr.Dropdown(list(METHODS), value="ours", label="Method", elem_id="method",
-                                      info=method_info("ours").summary)
-            c["knobs"], c["groups"] = _knob_controls(knobs)
+            offered = methods_for(editor.family)
+            c["method"] = gr.Dropdown(offered, value=offered[0], label="Method", elem_id="method",
+                                      info=method_info(offered[0]).summary)
+            c["instruction"] = gr.Textbox(label="Instruction (kontext, qwen-edit; optional)", elem_id="instruction",
+                                          placeholder="make the dog jump; empty: made from the target prompt")
+            c["knobs"], c["groups"] = _knob_controls(knobs, offered[0])
             with gr.Row():
                 c["seeds"] = gr.Textbox("0", label="Seeds", info="comma-separated; each its own text optimization")
                 c["size"] = gr.Number(editor.native_size, label="Size (px)", precision=0,
@@ -122,11 +125,11 @@ def _edit_tab(editor: Editor, knobs: list[Knob]) -> dict[str, Any]:
     return c
 
 
-def _knob_controls(knobs: list[Knob]) -> tuple[list[Any], dict[str, Any]]:
+def _knob_controls(knobs: list[Knob], shown: str) -> tuple[list[Any], dict[str, Any]]:
     controls, groups = [], {}
     for method in METHODS:
         mine = [k for k in knobs if k.method == method]
-        with gr.Group(visible=method == "ours") as groups[method]:
+        with gr.Group(visible=method == shown) as groups[method]:
             for knob in [k for k in mine if not k.folded]:
                 controls.append(_control(knob))
             with gr.Accordion("More settings", open=False):
@@ -172,13 +175,13 @@ def _generate_tab() -> dict[str, Any]:
 
 def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, edit_key, model_box, load_button,
           model_info) -> None:
-    def edit(image, target, source, method, seeds, size, crop, fast, mask, values, progress, request):
+    def edit(image, target, source, method, seeds, size, crop, fast, mask, instruction, values, progress, request):
         report = editor.reporter(_session(request), _progress_to(progress))
         try:
             outcome = editor.edit(image, target, method=method, params=params_from(knobs, values, method),
                                   source_prompt=source or "", seeds=_seeds(seeds), size=_size(size),
                                   crop="square" if crop else None, fast=bool(fast), mask=painted(mask),
-                                  progress=report)
+                                  progress=report, instruction=(instruction or "").strip() or None)
         except Cancelled:
             gr.Warning("Cancelled: nothing of the unfinished stage was kept")
             return [gr.skip()] * 11
@@ -249,7 +252,7 @@ def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, e
             described = editor.load(name)
         except NonrigidError as err:
             raise gr.Error(first_line(err)) from None
-        return f"Loaded: **{described}**", editor.native_size, "", gr.Group(visible=False)
+        return f"Loaded: **{described}**", editor.native_size, "", gr.Group(visible=False), _offered(editor)
 
     def cancel(request: gr.Request = None):
         editor.cancel(_session(request))
@@ -258,7 +261,7 @@ def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, e
         editor.close_page(_session(request))
 
     inputs = [page["upload"], page["target"], page["source"], page["method"], page["seeds"], page["size"],
-              page["crop"], page["fast"], page["mask"], *page["knobs"]]
+              page["crop"], page["fast"], page["mask"], page["instruction"], *page["knobs"]]
     outputs = [page["gallery"], page["files"], page["status"], edit_key, page["slider_box"], page["slider_seed"],
                page["eta"], page["inject"], page["slider_image"], page["slider_info"], page["preview"]]
     edit_event = page["edit"].click(_spelled_out(edit, knobs), inputs, outputs, api_name="edit", **QUEUE)
@@ -280,14 +283,24 @@ def _wire(app, editor: Editor, knobs: list[Knob], page: dict, gen: dict, tabs, e
                           page["method"], [*page["groups"].values(), page["method"]], api_name=False, queue=False)
     gen["use"].click(lambda img, prompt: (img, prompt, gr.Tabs(selected="edit")), [gen["image"], gen["prompt"]],
                      [page["upload"], page["source"], tabs], api_name=False, queue=False)
-    load_button.click(load, model_box, [model_info, page["size"], edit_key, page["slider_box"]], api_name="load_model",
-                      **QUEUE)
+    load_button.click(load, model_box, [model_info, page["size"], edit_key, page["slider_box"], page["method"]],
+                      api_name="load_model", **QUEUE)
+    # a page opened (or reloaded) after a model was loaded from another page shows that model and its methods
+    app.load(lambda: (f"Loaded: **{editor.describe()}**", editor.native_size, _offered(editor)), None,
+             [model_info, page["size"], page["method"]], api_name=False, queue=False)
     # a closed tab (its heartbeat connection gone) stops its job at the next step: the queue is not held for
     # results nobody will see; Gradio itself only drops the jobs still waiting
     app.unload(page_closed)
 
 
-EDIT_INPUTS = ("image", "target", "source", "method", "seeds", "size", "crop", "fast", "mask")
+def _offered(editor: Editor) -> gr.Dropdown:
+    """The method choice offering the methods the loaded model runs (an instruction editor's own only on its
+    model; on Qwen-Image-Edit nothing else), the first selected."""
+    offered = methods_for(editor.family)
+    return gr.Dropdown(choices=offered, value=offered[0], info=method_info(offered[0]).summary)
+
+
+EDIT_INPUTS = ("image", "target", "source", "method", "seeds", "size", "crop", "fast", "mask", "instruction")
 
 
 def painted(value: Any) -> np.ndarray | None:

@@ -66,7 +66,7 @@ class Knob:
         if self.control == "check":
             return None if bool(shown) == self.default else bool(shown)
         text = "" if shown is None else str(shown).strip()
-        return None if text == str(self.default) else text
+        return None if text == str(self.default).strip() else text  # qwen-edit's negative prompt " " shows blank
 
 
 def knobs_of(method: str) -> list[Knob]:

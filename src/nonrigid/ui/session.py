@@ -170,10 +170,13 @@ class Editor:
         fast: bool = False,
         mask: Any = None,
         progress: Reporter | bool = False,
+        instruction: str | None = None,
     ) -> EditOutcome:
         """Edit an uploaded image and write it to a new folder under :attr:`out` in the CLI's layout (plus a zip).
         ``mask`` (an array of any size: white may change) is painted on the whole picture; a canvas of another
-        size than the picture is resized to it. ``fast``: the method's fast preset (ours'), under ``params``."""
+        size than the picture is resized to it. ``fast``: the method's fast preset (ours'), under ``params``.
+        ``instruction``: for the methods that follow one (kontext, qwen-edit; None: made from the target prompt);
+        the others ignore it."""
         from ..methods.output import save_result
         from ..methods.run import EditRequest, run_edits
         from ..stages.cache import StageCache
@@ -185,7 +188,8 @@ class Editor:
             raise UsageError("write a target prompt: what the picture should show, e.g. a photo of a jumping dog")
         with self.lock:
             cache = StageCache(self.cache_dir) if self.use_cache else None
-            request = EditRequest(picture, target_prompt, source_prompt.strip(), _on_picture(mask, picture))
+            request = EditRequest(picture, target_prompt, source_prompt.strip(), _on_picture(mask, picture),
+                                  instruction)
             (result,) = run_edits(self.family, [request], method, params or {}, seeds=seeds,
                                   size=None if size is None else int(size), crop=crop, cache=cache,
                                   preset="fast" if fast else None, progress=progress)
