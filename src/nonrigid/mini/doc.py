@@ -264,6 +264,9 @@ source prompt):
 
 {claims_section}
 
+Two variants of ours are compared with it pair by pair further down, with paired 95% intervals on both worlds: a
+cheaper preset (the fast preset) and edits inside a mask ("Cheaper settings and masks, tested").
+
 ### The curves
 
 {pair_count} pairs (scene, target pose) from {len(runs)} world(s), {seeds} text-optimization seed(s) per pair,
