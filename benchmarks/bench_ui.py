@@ -97,7 +97,9 @@ def browser(model: str, out: Path, path: Path | None) -> list[dict]:
         page.wait_for_selector("#preview img")
         page.locator("#edit-button").click()
         page.wait_for_selector("#eta input[type=range]", timeout=600_000)
-        box = page.locator("#eta input[type=range]").bounding_box()
+        slider = page.locator("#eta input[type=range]")
+        slider.scroll_into_view_if_needed()  # the page is taller than the window: click where it is on screen
+        box = slider.bounding_box()
         for share in (0.3, 0.6, 0.9):
             clock.reset()
             tick = time.perf_counter()

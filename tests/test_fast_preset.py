@@ -33,7 +33,7 @@ def most_calls(num_steps: int, inner_steps: int, inject: float = DEFAULT_INJECT[
 
 
 def test_a_fast_edit_makes_at_most_a_fifth_of_the_default_edits_calls(tiny_pipe, dog_image):
-    """At most a fifth of the calls the default edit may make (640: 50 steps, 10 inner steps; 860 before stage A
+    """At most a fifth of the calls the default edit may make (640: 50 steps, 10 inner steps; 890 before stage A
     rode along stage B), counted on the same model and picture. The fast edit makes its most here (120); the
     default's early stop saved some inner calls on this picture, so its count is below its most."""
     from nonrigid import run_method

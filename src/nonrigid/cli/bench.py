@@ -88,7 +88,7 @@ def add_bench_parser(commands) -> None:
                          help="a paper ablation (Sec. 5.4) with the method ours: inversion type or injection ratio")
     methods.add_argument("--fast", action="store_true",
                          help="ours' fast preset (25 steps, 2 NTI inner steps, 75 text-optimization steps: 120 "
-                         "sequential UNet calls instead of 616) where --set and --sweep leave its values")
+                         "sequential UNet calls instead of 640) where --set and --sweep leave its values")
     methods.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per edit (the paper: 5); deterministic "
                          "methods run once")
     methods.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",

@@ -65,8 +65,8 @@ def add_edit_parser(commands) -> None:
                    "and FLUX, 64 for the miniature models")
     p.add_argument("--fast", action="store_true",
                    help="ours' fast preset: 25 steps, 2 NTI inner steps, 75 text-optimization steps (120 sequential "
-                   "UNet calls instead of 616; no worse than the default on the miniature world's held-out test, "
-                   "docs/MINIATURE.md); flags you give win over it")
+                   "UNet calls instead of the default's 640; no worse than the default on the miniature world's "
+                   "held-out test, docs/MINIATURE.md); flags you give win over it")
     p.add_argument("--crop", choices=("square",), default=None,
                    help="square: center-crop to a square, as the reference implementations do (default: keep the "
                    "whole picture)")

@@ -36,7 +36,8 @@ INJECT_ABLATION = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # the paper's injection-ratio 
 # ``--fast``: chosen on world 0 of the miniature world among cheaper settings, then tested against the paper's
 # default on world 7919 with paired 95% intervals (docs/MINIATURE.md, "A fast preset"): held out, edit success
 # +0.054 [+0.021, +0.088], identity error -0.004 [-0.010, +0.000]. 120 sequential UNet calls for a default edit
-# instead of 616 (860 before A rode along B). The text optimization's 75 steps ride along NTI's 75 calls.
+# instead of 640 (890 before A rode along B; both counted with NTI's early stop off). The text optimization's 75
+# steps ride along the inversion's calls.
 FAST = {"num_steps": 25, "inner_steps": 2, "opt_steps": 75, "opt_lr": 1e-3}
 
 _NTI_PARAMS = (
