@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..evaluation.protocol import DEFAULT_CLIP, DEFAULT_DINO, PROTOCOL_SIZES
-from ..methods.catalogue import METHODS
+from ..methods.catalogue import METHODS, fast_summary
 from .bench_run import (
     describe_metrics,
     load_metrics_on,
@@ -87,8 +87,7 @@ def add_bench_parser(commands) -> None:
     methods.add_argument("--preset", choices=list(PRESETS), default=None,
                          help="a paper ablation (Sec. 5.4) with the method ours: inversion type or injection ratio")
     methods.add_argument("--fast", action="store_true",
-                         help="ours' fast preset (25 steps, 2 NTI inner steps, 75 text-optimization steps: 120 "
-                         "sequential UNet calls instead of 640) where --set and --sweep leave its values")
+                         help=f"ours' fast preset ({fast_summary()}) where --set and --sweep leave its values")
     methods.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per edit (the paper: 5); deterministic "
                          "methods run once")
     methods.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UsageError
-from ..methods.catalogue import INSTRUCTION_TEMPLATE, METHODS, method_info
+from ..methods.catalogue import INSTRUCTION_TEMPLATE, METHODS, fast_summary, method_info
 from ..models.capabilities import describe
 from .common import (
     PARAM_FLAGS,
@@ -64,8 +64,7 @@ def add_edit_parser(commands) -> None:
                    "model's native size: 512 for SD 1.x and SD 2 base, 768 for SD 2.x v models, 1024 for SDXL, SD3 "
                    "and FLUX, 64 for the miniature models")
     p.add_argument("--fast", action="store_true",
-                   help="ours' fast preset: 25 steps, 2 NTI inner steps, 75 text-optimization steps (120 sequential "
-                   "UNet calls instead of the default's 640; no worse than the default on the miniature world's "
+                   help=f"ours' fast preset ({fast_summary()}; no worse than the default on the miniature world's "
                    "held-out test, docs/MINIATURE.md); flags you give win over it")
     p.add_argument("--crop", choices=("square",), default=None,
                    help="square: center-crop to a square, as the reference implementations do (default: keep the "

@@ -40,6 +40,26 @@ INJECT_ABLATION = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # the paper's injection-ratio 
 # steps ride along the inversion's calls.
 FAST = {"num_steps": 25, "inner_steps": 2, "opt_steps": 75, "opt_lr": 1e-3}
 
+
+def sequential_calls(num_steps: int, inner_steps: int) -> int:
+    """The most sequential UNet calls of ours' edit of one seed (NTI's early stop only skips some): the DDIM walk,
+    NTI's inner calls and advancing call per step, and the sampling steps after the K injected ones; stage A rides
+    along stage B's calls."""
+    return num_steps + num_steps * (inner_steps + 1) + num_steps - round(DEFAULT_INJECT[0] * num_steps)
+
+
+def fast_summary() -> str:
+    """What ``--fast`` is, in one phrase, for the command's help and the page (from :data:`FAST` itself)."""
+    return (f"{FAST['num_steps']} steps, {FAST['inner_steps']} NTI inner steps, {FAST['opt_steps']} "
+            f"text-optimization steps: {sequential_calls(FAST['num_steps'], FAST['inner_steps'])} sequential UNet "
+            f"calls instead of the default's {sequential_calls(*_default_steps())}")
+
+
+def _default_steps() -> tuple[int, int]:
+    """Ours' default (num_steps, inner_steps), from its parameters."""
+    defaults = {param.name: param.default for param in OURS.params}
+    return defaults["num_steps"], defaults["inner_steps"]
+
 _NTI_PARAMS = (
     Param("num_steps", "int", 50, "steps of inversion and sampling (DDIM; Euler on flow models)", low=1, high=1000),
     Param("guidance_scale", "float", 7.5, "classifier-free guidance scale (NTI inverts for this scale)", low=1),
